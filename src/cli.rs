@@ -1,0 +1,71 @@
+//! Command-line definitions (clap). Each command's work lives in `cmd/`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lunafront",
+    version,
+    about = "A declarative front server for HAProxy: desired state in YAML, validated, compiled, planned and applied."
+)]
+pub struct Cli {
+    /// When to colour output: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StateArg {
+    /// A state file, or a directory of *.yaml files (merged).
+    #[arg(env = "LUNAFRONT_STATE", default_value = ".")]
+    pub state: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check the desired state: YAML, schema and semantic rules, all problems in one run.
+    Validate {
+        #[command(flatten)]
+        state: StateArg,
+        /// Print diagnostics as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compile the state into haproxy.cfg, map files and certificates in a folder.
+    Render {
+        #[command(flatten)]
+        state: StateArg,
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Render for this target's paths (runtime socket, maps folder).
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Show what applying the state would change on a target.
+    Plan {
+        #[command(flatten)]
+        state: StateArg,
+        /// The target to compare with (needed when the state has several).
+        #[arg(long)]
+        target: Option<String>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 2 when there are changes, 0 when there are none, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+    },
+    /// Print the JSON Schema of the state format.
+    Schema,
+}

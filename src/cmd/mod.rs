@@ -1,0 +1,81 @@
+//! One small module per command; shared helpers to load, validate and print.
+
+pub mod plan;
+pub mod render;
+pub mod validate;
+
+use crate::cli::ColorChoice;
+use lunafront::model::{Model, validate::validate};
+use lunafront::spec::diagnostics::{Diagnostic, Severity};
+use lunafront::spec::load;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Exit codes, as documented in the README.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const CHANGES: u8 = 2;
+}
+
+pub fn use_color(choice: ColorChoice, stream_is_terminal: bool) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            stream_is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        }
+    }
+}
+
+pub fn stderr_color(choice: ColorChoice) -> bool {
+    use_color(choice, std::io::stderr().is_terminal())
+}
+
+pub fn stdout_color(choice: ColorChoice) -> bool {
+    use_color(choice, std::io::stdout().is_terminal())
+}
+
+pub fn print_diagnostics(diagnostics: &[Diagnostic], color: bool) {
+    for d in diagnostics {
+        let text = d.to_string();
+        if color {
+            let (word, style) = match d.severity {
+                Severity::Error => ("error[", "\x1b[1;31m"),
+                Severity::Warning => ("warning[", "\x1b[1;33m"),
+            };
+            eprintln!(
+                "{}",
+                text.replacen(word, &format!("{style}{word}"), 1)
+                    .replacen("]: ", "]\x1b[0m: ", 1)
+            );
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+/// Loads and validates the state, printing every diagnostic. `Err` is the exit code to use.
+pub fn load_model(path: &Path, color: ColorChoice) -> Result<(Model, Vec<Diagnostic>), ExitCode> {
+    let source = match load::load_path(path) {
+        Ok(source) => source,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(exit::ERROR));
+        }
+    };
+    let validation = validate(&source);
+    print_diagnostics(&validation.diagnostics, stderr_color(color));
+    match validation.model {
+        Some(model) => Ok((model, validation.diagnostics)),
+        None => {
+            let errors = validation.errors().count();
+            eprintln!(
+                "\n{errors} error{} in the state; nothing was changed.",
+                if errors == 1 { "" } else { "s" }
+            );
+            Err(ExitCode::from(exit::ERROR))
+        }
+    }
+}

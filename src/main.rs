@@ -1,0 +1,42 @@
+//! The `lunafront` binary: parses the command line, runs one command, and maps the outcome to
+//! the documented exit codes. anyhow lives here and in `cmd/` only.
+
+mod cli;
+mod cmd;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LUNAFRONT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match &cli.command {
+        Command::Validate { state, json } => cmd::validate::run(&state.state, *json, cli.color),
+        Command::Render { state, out, target } => {
+            cmd::render::run(&state.state, out, target.as_deref(), cli.color)
+        }
+        Command::Plan {
+            state,
+            target,
+            json,
+            detailed_exitcode,
+        } => cmd::plan::run(
+            &state.state,
+            target.as_deref(),
+            *json,
+            *detailed_exitcode,
+            cli.color,
+        ),
+        Command::Schema => {
+            print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
+            ExitCode::SUCCESS
+        }
+    }
+}

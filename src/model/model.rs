@@ -1,0 +1,248 @@
+//! The model: the desired state after `validate`, always valid, normalised (defaults applied)
+//! and ordered (BTreeMaps), so `render` and `plan` are deterministic. Only `validate` builds it.
+
+use super::names::{Bind, Duration};
+use crate::spec::load::CertFile;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub listeners: BTreeMap<String, Listener>,
+    pub agents: BTreeMap<String, Agent>,
+    pub backends: BTreeMap<String, Backend>,
+    pub domains: BTreeMap<String, Domain>,
+    pub targets: BTreeMap<String, Target>,
+    pub groups: BTreeMap<String, Vec<String>>,
+    pub global: Global,
+    /// Settings of the agent API (`api:`), kept as validated JSON for the API layer.
+    pub api: Option<serde_json::Value>,
+    /// The merged state document this model was validated from, recorded with each apply.
+    pub(crate) document: serde_json::Value,
+}
+
+impl Model {
+    /// The state document the model came from (the merged YAML, as JSON).
+    pub fn document(&self) -> &serde_json::Value {
+        &self.document
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub bind: Bind,
+    pub kind: ListenerKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerKind {
+    /// Routes by the Host header; terminates TLS when it has certificates.
+    Http { certificates: Option<Certificates> },
+    /// Routes raw TCP by the TLS server name (SNI).
+    Tcp { tls: TcpTls },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TcpTls {
+    /// Reads SNI from the ClientHello and forwards the TLS stream untouched.
+    Passthrough,
+    /// Terminates TLS here and forwards the plain stream.
+    Terminate(Certificates),
+}
+
+impl Listener {
+    pub fn is_http(&self) -> bool {
+        matches!(self.kind, ListenerKind::Http { .. })
+    }
+
+    pub fn certificates(&self) -> Option<&Certificates> {
+        match &self.kind {
+            ListenerKind::Http { certificates } => certificates.as_ref(),
+            ListenerKind::Tcp {
+                tls: TcpTls::Terminate(c),
+            } => Some(c),
+            ListenerKind::Tcp {
+                tls: TcpTls::Passthrough,
+            } => None,
+        }
+    }
+}
+
+/// The certificate folder of a listener: one PEM file (certificate and key) per name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Certificates {
+    pub dir: PathBuf,
+    pub files: Vec<CertFile>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub address: IpAddr,
+    /// Every server on this agent is put in maintenance.
+    pub maintenance: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub servers: Vec<Server>,
+    pub health_check: Option<HealthCheck>,
+    pub tls: Option<UpstreamTls>,
+    pub balance: Balance,
+    /// HTTP or TCP, from the listeners of the domains that use it.
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    LeastConn,
+    Source,
+}
+
+impl Balance {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "roundrobin",
+            Balance::LeastConn => "leastconn",
+            Balance::Source => "source",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    /// Unique in its backend: explicit, or `<agent>:<port>` / `<address>:<port>`.
+    pub name: String,
+    pub target: ServerTarget,
+    pub port: u16,
+    pub weight: u16,
+    pub maintenance: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerTarget {
+    Agent(String),
+    Address(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// HTTP check of this path; `None` is a TCP connect check.
+    pub path: Option<String>,
+    /// Host header sent with the HTTP check.
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub rise: u8,
+    pub fall: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// Verify the upstream certificate against the system CAs (or `ca_file`).
+    pub verify: bool,
+    pub ca_file: Option<String>,
+    /// Server name sent in the ClientHello.
+    pub sni: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Domain {
+    pub backend: String,
+    /// `None`: served on every HTTP listener.
+    pub listener: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Haproxy(HaproxyTarget),
+    Dataplane(DataplaneTarget),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaproxyTarget {
+    pub config: PathBuf,
+    pub master_socket: PathBuf,
+    pub runtime_socket: PathBuf,
+    pub spawn: bool,
+    pub reload_timeout: Duration,
+    /// Where applied states are recorded (history, last known good).
+    pub state_dir: PathBuf,
+    pub history: usize,
+    /// Path of the haproxy binary used for `haproxy -c` and spawning.
+    pub haproxy_bin: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataplaneTarget {
+    pub url: String,
+    pub username: String,
+    pub password: PasswordSource,
+    pub timeout: Duration,
+    /// Where the Data Plane API keeps map files on its host.
+    pub maps_dir: String,
+    /// Where it keeps SSL certificates on its host.
+    pub certs_dir: String,
+    /// The stats socket HAProxy serves there.
+    pub runtime_socket: String,
+    pub health_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PasswordSource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    pub maxconn: u32,
+    pub hard_stop_after: Duration,
+    pub mworker_max_reloads: u32,
+    pub log: Option<String>,
+    pub timeouts: Timeouts,
+    /// Apply the valid rest of a state when some domains or backends are invalid (daemon).
+    pub isolate_invalid: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub client: Duration,
+    pub server: Duration,
+    pub http_request: Duration,
+    pub http_keep_alive: Duration,
+    /// Idle timeout of WebSocket and TCP (MongoDB) connections once established.
+    pub tunnel: Duration,
+    /// How long a TCP listener waits for the TLS ClientHello.
+    pub tcp_inspect: Duration,
+    pub check: Duration,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            maxconn: 50_000,
+            hard_stop_after: Duration::from_ms(30 * 60_000),
+            mworker_max_reloads: 50,
+            log: None,
+            timeouts: Timeouts {
+                connect: Duration::from_ms(5_000),
+                client: Duration::from_ms(60_000),
+                server: Duration::from_ms(60_000),
+                http_request: Duration::from_ms(10_000),
+                http_keep_alive: Duration::from_ms(10_000),
+                tunnel: Duration::from_ms(3_600_000),
+                tcp_inspect: Duration::from_ms(5_000),
+                check: Duration::from_ms(3_000),
+            },
+            isolate_invalid: false,
+        }
+    }
+}

@@ -1,0 +1,1278 @@
+//! `validate`: Raw (the loaded document) → `Model`. The only constructor of a `Model`. Runs the
+//! JSON Schema, then every semantic rule, and collects all problems in one pass, each at the
+//! position of the user's text.
+
+use super::model::*;
+use super::names::{self, Duration};
+use crate::spec::diagnostics::{Diagnostic, Location, closest, quote};
+use crate::spec::load::{CertDir, Source};
+use crate::spec::schema;
+use crate::spec::spans::escape_pointer_token;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// The outcome of validation: a model when there is no error, and every diagnostic found
+/// (errors and warnings, in file order).
+#[derive(Debug)]
+pub struct Validation {
+    pub model: Option<Model>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Validation {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| d.is_error())
+    }
+}
+
+pub fn validate(source: &Source) -> Validation {
+    let schema_diagnostics = schema::check(source);
+    let mut checker = Checker {
+        source,
+        diagnostics: Vec::new(),
+        // When a file could not be parsed, names it defined are unknown: do not report
+        // references to them as errors of their own.
+        partial: source.has_errors(),
+    };
+    let model = checker.build();
+    let semantic = checker.diagnostics;
+
+    // The semantic rules explain a bad value better than the schema's pattern does: where
+    // both speak of the same value, keep the semantic diagnostic.
+    let explained: HashSet<&str> = semantic.iter().map(|d| d.pointer.as_str()).collect();
+    let mut diagnostics: Vec<Diagnostic> = source.diagnostics.clone();
+    diagnostics.extend(
+        schema_diagnostics
+            .iter()
+            .filter(|d| !explained.contains(d.pointer.as_str()))
+            .cloned(),
+    );
+    diagnostics.extend(semantic.iter().cloned());
+    sort_diagnostics(&mut diagnostics);
+    let has_errors = diagnostics.iter().any(Diagnostic::is_error);
+    Validation {
+        model: if has_errors { None } else { model },
+        diagnostics,
+    }
+}
+
+fn sort_diagnostics(diagnostics: &mut [Diagnostic]) {
+    diagnostics.sort_by(|a, b| {
+        let key = |d: &Diagnostic| {
+            d.location
+                .as_ref()
+                .map(|l| (0, l.file.clone(), l.line, l.column))
+                .unwrap_or((1, PathBuf::new(), 0, 0))
+        };
+        key(a).cmp(&key(b))
+    });
+}
+
+// ---- Raw shapes: lenient, since the schema has already reported wrong types. ----
+
+#[derive(Deserialize)]
+struct RawListener {
+    bind: String,
+    mode: Option<String>,
+    certificates: Option<String>,
+    tls: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawAgent {
+    address: String,
+    #[serde(default)]
+    maintenance: bool,
+}
+
+#[derive(Deserialize)]
+struct RawServer {
+    agent: Option<String>,
+    address: Option<String>,
+    port: i64,
+    name: Option<String>,
+    weight: Option<i64>,
+    #[serde(default)]
+    maintenance: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Toggle<T> {
+    Flag(bool),
+    Settings(T),
+}
+
+#[derive(Deserialize, Default)]
+struct RawHealthCheck {
+    path: Option<String>,
+    host: Option<String>,
+    interval: Option<String>,
+    rise: Option<u8>,
+    fall: Option<u8>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawTls {
+    #[serde(default)]
+    verify: bool,
+    ca_file: Option<String>,
+    sni: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawBackend {
+    servers: Vec<Value>,
+    health_check: Option<Toggle<RawHealthCheck>>,
+    tls: Option<Toggle<RawTls>>,
+    balance: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawDomain {
+    backend: String,
+    listener: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawTarget {
+    #[serde(rename = "type")]
+    kind: String,
+    config: Option<String>,
+    master_socket: Option<String>,
+    runtime_socket: Option<String>,
+    #[serde(default)]
+    spawn: bool,
+    reload_timeout: Option<String>,
+    state_dir: Option<String>,
+    history: Option<usize>,
+    haproxy_bin: Option<String>,
+    url: Option<String>,
+    username: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<String>,
+    timeout: Option<String>,
+    maps_dir: Option<String>,
+    certs_dir: Option<String>,
+    health_url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawGlobal {
+    maxconn: Option<u32>,
+    hard_stop_after: Option<String>,
+    mworker_max_reloads: Option<u32>,
+    log: Option<String>,
+    #[serde(default)]
+    isolate_invalid: bool,
+    #[serde(default)]
+    timeouts: BTreeMap<String, Value>,
+}
+
+struct Checker<'a> {
+    source: &'a Source,
+    diagnostics: Vec<Diagnostic>,
+    partial: bool,
+}
+
+/// The entries of one section: name, JSON pointer, value.
+fn entries<'v>(document: &'v Value, section: &str) -> Vec<(&'v str, String, &'v Value)> {
+    document
+        .get(section)
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str(),
+                        format!("/{section}/{}", escape_pointer_token(k)),
+                        v,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl<'a> Checker<'a> {
+    fn at(&self, pointer: &str, key: bool) -> Option<Location> {
+        self.source.locate(pointer, key)
+    }
+
+    fn error(
+        &mut self,
+        code: &'static str,
+        pointer: &str,
+        key: bool,
+        message: String,
+        hint: impl Into<String>,
+    ) {
+        let d = Diagnostic::error(code, message)
+            .hint(hint)
+            .at(self.at(pointer, key))
+            .pointer(pointer);
+        self.diagnostics.push(d);
+    }
+
+    fn push(&mut self, diagnostic: Diagnostic) {
+        self.diagnostics.push(diagnostic);
+    }
+
+    fn raw<T: for<'de> Deserialize<'de>>(value: &Value) -> Option<T> {
+        T::deserialize(value).ok()
+    }
+
+    /// Reports a reference to a name that is not defined, with a "did you mean".
+    fn unknown(
+        &mut self,
+        code: &'static str,
+        kind: &str,
+        section: &str,
+        name: &str,
+        pointer: &str,
+        known: &BTreeSet<&str>,
+    ) {
+        if self.partial {
+            return;
+        }
+        let hint = match closest(name, known.iter().copied()) {
+            Some(best) => format!(
+                "did you mean `{best}`? or define {kind} {} under `{section}:`",
+                quote(name)
+            ),
+            None => format!("define {kind} {} under `{section}:`", quote(name)),
+        };
+        self.error(
+            code,
+            pointer,
+            false,
+            format!("{kind} {} is not defined", quote(name)),
+            hint,
+        );
+    }
+
+    fn build(&mut self) -> Option<Model> {
+        let doc = &self.source.document;
+        let agent_names: BTreeSet<&str> = entries(doc, "agents").iter().map(|e| e.0).collect();
+        let backend_names: BTreeSet<&str> = entries(doc, "backends").iter().map(|e| e.0).collect();
+        let listener_names: BTreeSet<&str> =
+            entries(doc, "listeners").iter().map(|e| e.0).collect();
+        let target_names: BTreeSet<&str> = entries(doc, "targets").iter().map(|e| e.0).collect();
+
+        let listeners = self.listeners();
+        let agents = self.agents();
+        let backends = self.backends(&agent_names);
+        let domains = self.domains(&listeners, &listener_names, &backend_names);
+        let backends = self.backend_modes(backends, &domains, &listeners);
+        self.name_claims(&domains, &listeners);
+        let targets = self.targets();
+        let groups = self.groups(&target_names);
+        let global = self.global();
+
+        Some(Model {
+            listeners,
+            agents,
+            backends,
+            domains,
+            targets,
+            groups,
+            global,
+            api: doc.get("api").cloned(),
+            document: doc.clone(),
+        })
+    }
+
+    fn listeners(&mut self) -> BTreeMap<String, Listener> {
+        let mut out = BTreeMap::new();
+        let mut binds: Vec<(names::Bind, String, String)> = Vec::new();
+        for (name, pointer, value) in entries(&self.source.document, "listeners") {
+            let Some(raw) = Self::raw::<RawListener>(value) else {
+                continue;
+            };
+            let bind = match names::parse_bind(&raw.bind) {
+                Ok(bind) => bind,
+                Err(message) => {
+                    self.error(
+                        "invalid-bind",
+                        &format!("{pointer}/bind"),
+                        false,
+                        format!(
+                            "listener {} bind {}: {message}",
+                            quote(name),
+                            quote(&raw.bind)
+                        ),
+                        "write `address:port`, such as `127.0.0.1:8080`, `[::1]:8443` or `:80`",
+                    );
+                    continue;
+                }
+            };
+            if let Some((_, other, other_pointer)) =
+                binds.iter().find(|(b, ..)| b.conflicts_with(&bind))
+            {
+                let note = self.at(&format!("{other_pointer}/bind"), false);
+                let d = Diagnostic::error(
+                    "bind-conflict",
+                    format!(
+                        "listener {} binds {}, which listener {} already holds",
+                        quote(name),
+                        quote(&raw.bind),
+                        quote(other)
+                    ),
+                )
+                .hint("give each listener its own address:port")
+                .at(self.at(&format!("{pointer}/bind"), false))
+                .pointer(format!("{pointer}/bind"))
+                .note(note, "the other listener binds here");
+                self.push(d);
+                continue;
+            }
+            binds.push((bind, name.to_string(), pointer.clone()));
+
+            let tcp = match raw.mode.as_deref() {
+                Some("tcp") => true,
+                Some(_) => false,
+                None => raw.tls.is_some(),
+            };
+            let certificates = match &raw.certificates {
+                Some(_) => self.certificates(name, &pointer),
+                None => None,
+            };
+            let kind = if tcp {
+                match raw.tls.as_deref() {
+                    Some("passthrough") => {
+                        if raw.certificates.is_some() {
+                            self.error(
+                                "certificates-unused",
+                                &format!("{pointer}/certificates"),
+                                true,
+                                format!("listener {} passes TLS through untouched, so its certificates would never be used", quote(name)),
+                                "remove `certificates`, or use `tls: terminate` to decrypt here",
+                            );
+                        }
+                        ListenerKind::Tcp {
+                            tls: TcpTls::Passthrough,
+                        }
+                    }
+                    Some(_) => match certificates {
+                        Some(c) => ListenerKind::Tcp {
+                            tls: TcpTls::Terminate(c),
+                        },
+                        None => {
+                            if raw.certificates.is_none() {
+                                self.error(
+                                    "missing-certificates",
+                                    &format!("{pointer}/tls"),
+                                    true,
+                                    format!(
+                                        "listener {} terminates TLS but has no `certificates`",
+                                        quote(name)
+                                    ),
+                                    "add `certificates: <folder of PEM files>`",
+                                );
+                            }
+                            continue;
+                        }
+                    },
+                    None => {
+                        self.error(
+                            "tcp-without-tls",
+                            &pointer,
+                            true,
+                            format!("TCP listener {} has no `tls`: without TLS there is no server name to route on", quote(name)),
+                            "add `tls: passthrough` (route on the ClientHello) or `tls: terminate` with `certificates`",
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                if raw.tls.is_some() {
+                    self.error(
+                        "tls-on-http",
+                        &format!("{pointer}/tls"),
+                        true,
+                        format!("listener {} is an HTTP listener; `tls` applies to TCP listeners", quote(name)),
+                        "an HTTP listener terminates TLS when it has `certificates`; remove `tls` or set `mode: tcp`",
+                    );
+                }
+                if raw.certificates.is_some() && certificates.is_none() {
+                    continue;
+                }
+                ListenerKind::Http { certificates }
+            };
+            out.insert(name.to_string(), Listener { bind, kind });
+        }
+        out
+    }
+
+    fn certificates(&mut self, listener: &str, pointer: &str) -> Option<Certificates> {
+        let field = format!("{pointer}/certificates");
+        let Some(CertDir { path, files }) = self.source.certificates.get(listener).cloned() else {
+            // The path itself is invalid; the schema has said so.
+            return None;
+        };
+        let files = match files {
+            Ok(files) => files,
+            Err(reason) => {
+                self.error(
+                    "certificates-missing",
+                    &field,
+                    false,
+                    format!("certificates folder {} of listener {} cannot be read: {reason}", quote(&path.display().to_string()), quote(listener)),
+                    "create the folder with one PEM file (certificate chain and private key) per name, or fix the path (relative paths start at this state file's folder)",
+                );
+                return None;
+            }
+        };
+        if files.is_empty() {
+            self.error(
+                "certificates-empty",
+                &field,
+                false,
+                format!(
+                    "certificates folder {} has no *.pem files",
+                    quote(&path.display().to_string())
+                ),
+                "add one PEM file (certificate chain and private key) per name",
+            );
+            return None;
+        }
+        let mut ok = true;
+        for file in &files {
+            let bad_name = !names::is_safe_path(&file.name) || file.name.contains('/');
+            let pem = file.pem.as_deref().unwrap_or_default();
+            let text = String::from_utf8_lossy(pem);
+            let problem = if bad_name {
+                Some(format!(
+                    "file name {} has characters HAProxy paths cannot hold",
+                    quote(&file.name)
+                ))
+            } else if file.pem.is_some() && !text.contains("-----BEGIN CERTIFICATE-----") {
+                Some(format!("{} holds no certificate", quote(&file.name)))
+            } else if file.pem.is_some() && !text.contains("PRIVATE KEY-----") {
+                Some(format!("{} holds no private key", quote(&file.name)))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                ok = false;
+                self.error(
+                    "certificate-invalid",
+                    &field,
+                    false,
+                    format!("listener {} certificates: {problem}", quote(listener)),
+                    "each *.pem file holds the certificate, its chain and the private key; name files with letters, digits, `.`, `_`, `-`",
+                );
+            }
+        }
+        ok.then_some(Certificates { dir: path, files })
+    }
+
+    fn agents(&mut self) -> BTreeMap<String, Agent> {
+        let mut out = BTreeMap::new();
+        for (name, pointer, value) in entries(&self.source.document, "agents") {
+            let Some(raw) = Self::raw::<RawAgent>(value) else {
+                continue;
+            };
+            let Some(address) = self.ip(
+                &raw.address,
+                &format!("{pointer}/address"),
+                &format!("agent {}", quote(name)),
+            ) else {
+                continue;
+            };
+            out.insert(
+                name.to_string(),
+                Agent {
+                    address,
+                    maintenance: raw.maintenance,
+                },
+            );
+        }
+        out
+    }
+
+    fn ip(&mut self, text: &str, pointer: &str, owner: &str) -> Option<IpAddr> {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                self.error(
+                    "invalid-address",
+                    pointer,
+                    false,
+                    format!("{owner} address {} cannot be connected to", quote(text)),
+                    "use the unicast IP address the server listens on",
+                );
+                None
+            }
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.error(
+                    "invalid-address",
+                    pointer,
+                    false,
+                    format!("{owner} address {} is not an IP address", quote(text)),
+                    "write an IPv4 (203.0.113.7) or IPv6 (2001:db8::7) address; host names are not resolved",
+                );
+                None
+            }
+        }
+    }
+
+    fn backends(&mut self, agent_names: &BTreeSet<&str>) -> BTreeMap<String, Backend> {
+        let mut out = BTreeMap::new();
+        for (name, pointer, value) in entries(&self.source.document, "backends") {
+            let Some(raw) = Self::raw::<RawBackend>(value) else {
+                continue;
+            };
+            let mut servers = Vec::new();
+            let mut ok = true;
+            let mut seen: BTreeMap<String, String> = BTreeMap::new();
+            for (i, server_value) in raw.servers.iter().enumerate() {
+                let sp = format!("{pointer}/servers/{i}");
+                let Some(server) = Self::raw::<RawServer>(server_value) else {
+                    ok = false;
+                    continue;
+                };
+                match self.server(name, &sp, server, agent_names) {
+                    Some(server) => {
+                        if let Some(first) = seen.get(&server.name) {
+                            let note = self.at(first, false);
+                            let d = Diagnostic::error(
+                                "duplicate-server",
+                                format!(
+                                    "backend {} lists server {} twice",
+                                    quote(name),
+                                    quote(&server.name)
+                                ),
+                            )
+                            .hint("remove the repeated server, or give each a distinct `name:`")
+                            .at(self.at(&sp, false))
+                            .pointer(sp.clone())
+                            .note(note, "first listed here");
+                            self.push(d);
+                            ok = false;
+                        } else {
+                            seen.insert(server.name.clone(), sp);
+                            servers.push(server);
+                        }
+                    }
+                    None => ok = false,
+                }
+            }
+            let health_check = match raw.health_check {
+                None | Some(Toggle::Flag(false)) => None,
+                Some(Toggle::Flag(true)) => Some(RawHealthCheck::default()),
+                Some(Toggle::Settings(h)) => Some(h),
+            };
+            let health_check = match health_check {
+                None => None,
+                Some(h) => match self.health_check(name, &format!("{pointer}/health_check"), h) {
+                    Some(h) => Some(h),
+                    None => {
+                        ok = false;
+                        None
+                    }
+                },
+            };
+            let tls = match raw.tls {
+                None | Some(Toggle::Flag(false)) => None,
+                Some(Toggle::Flag(true)) => Some(UpstreamTls {
+                    verify: false,
+                    ca_file: None,
+                    sni: None,
+                }),
+                Some(Toggle::Settings(t)) => {
+                    let tp = format!("{pointer}/tls");
+                    if let Some(sni) = &t.sni
+                        && let Err(e) = names::check_host(sni)
+                    {
+                        self.error(
+                            "invalid-host",
+                            &format!("{tp}/sni"),
+                            false,
+                            e.message,
+                            e.hint,
+                        );
+                        ok = false;
+                    }
+                    if t.ca_file
+                        .as_deref()
+                        .is_some_and(|c| !names::is_safe_path(c))
+                    {
+                        ok = false; // reported by the schema
+                    }
+                    if t.ca_file.is_some() && !t.verify {
+                        self.error(
+                            "ca-without-verify",
+                            &format!("{tp}/ca_file"),
+                            true,
+                            format!(
+                                "backend {} names a `ca_file` but does not verify",
+                                quote(name)
+                            ),
+                            "add `verify: true`, or remove `ca_file`",
+                        );
+                        ok = false;
+                    }
+                    Some(UpstreamTls {
+                        verify: t.verify,
+                        ca_file: t.ca_file,
+                        sni: t.sni,
+                    })
+                }
+            };
+            let balance = match raw.balance.as_deref() {
+                Some("leastconn") => Balance::LeastConn,
+                Some("source") => Balance::Source,
+                _ => Balance::RoundRobin,
+            };
+            if ok {
+                out.insert(
+                    name.to_string(),
+                    Backend {
+                        servers,
+                        health_check,
+                        tls,
+                        balance,
+                        mode: Mode::Http,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn server(
+        &mut self,
+        backend: &str,
+        pointer: &str,
+        raw: RawServer,
+        agent_names: &BTreeSet<&str>,
+    ) -> Option<Server> {
+        let owner = format!("backend {} server", quote(backend));
+        let target = match (&raw.agent, &raw.address) {
+            (Some(agent), None) => {
+                if !agent_names.contains(agent.as_str()) {
+                    if names::is_identifier(agent) {
+                        self.unknown(
+                            "unknown-agent",
+                            "agent",
+                            "agents",
+                            agent,
+                            &format!("{pointer}/agent"),
+                            agent_names,
+                        );
+                    }
+                    return None;
+                }
+                ServerTarget::Agent(agent.clone())
+            }
+            (None, Some(address)) => {
+                ServerTarget::Address(self.ip(address, &format!("{pointer}/address"), &owner)?)
+            }
+            (Some(_), Some(_)) => {
+                self.error(
+                    "server-target",
+                    pointer,
+                    false,
+                    format!("{owner} has both `agent` and `address`"),
+                    "a server runs on an agent (`agent: agent-7`) or at an address (`address: 10.0.0.5`), not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    "server-target",
+                    pointer,
+                    false,
+                    format!("{owner} has neither `agent` nor `address`"),
+                    "add `agent: <name>` or `address: <ip>`",
+                );
+                return None;
+            }
+        };
+        if !(1..=65535).contains(&raw.port) || raw.weight.is_some_and(|w| !(0..=256).contains(&w)) {
+            return None; // reported by the schema
+        }
+        let port = raw.port as u16;
+        let name = match raw.name {
+            Some(name) if names::is_identifier(&name) => name,
+            Some(_) => return None,
+            None => match &target {
+                ServerTarget::Agent(agent) => format!("{agent}:{port}"),
+                ServerTarget::Address(ip) => format!("{ip}:{port}"),
+            },
+        };
+        Some(Server {
+            name,
+            target,
+            port,
+            weight: raw.weight.unwrap_or(1) as u16,
+            maintenance: raw.maintenance,
+        })
+    }
+
+    fn health_check(
+        &mut self,
+        backend: &str,
+        pointer: &str,
+        raw: RawHealthCheck,
+    ) -> Option<HealthCheck> {
+        let mut ok = true;
+        if let Some(path) = &raw.path
+            && !names::is_http_path(path)
+        {
+            self.error(
+                "invalid-path",
+                &format!("{pointer}/path"),
+                false,
+                format!(
+                    "backend {} health check path {} is not allowed",
+                    quote(backend),
+                    quote(path)
+                ),
+                names::HTTP_PATH_RULE,
+            );
+            ok = false;
+        }
+        if let Some(host) = &raw.host
+            && let Err(e) = names::check_host(host)
+        {
+            self.error(
+                "invalid-host",
+                &format!("{pointer}/host"),
+                false,
+                e.message,
+                e.hint,
+            );
+            ok = false;
+        }
+        if raw.host.is_some() && raw.path.is_none() {
+            self.error(
+                "host-without-path",
+                &format!("{pointer}/host"),
+                true,
+                format!(
+                    "backend {} sets a health check `host` but no `path`",
+                    quote(backend)
+                ),
+                "the Host header is sent by HTTP checks only: add `path:`",
+            );
+            ok = false;
+        }
+        let interval = self.duration(
+            raw.interval.as_deref(),
+            &format!("{pointer}/interval"),
+            Duration::from_ms(2000),
+        )?;
+        ok.then_some(HealthCheck {
+            path: raw.path,
+            host: raw.host,
+            interval,
+            rise: raw.rise.unwrap_or(2),
+            fall: raw.fall.unwrap_or(3),
+        })
+    }
+
+    fn duration(
+        &mut self,
+        text: Option<&str>,
+        pointer: &str,
+        default: Duration,
+    ) -> Option<Duration> {
+        match text {
+            None => Some(default),
+            Some(text) => match names::parse_duration(text) {
+                Ok(d) => Some(d),
+                Err(message) => {
+                    self.error(
+                        "invalid-duration",
+                        pointer,
+                        false,
+                        message,
+                        "write a number and a unit: 250ms, 10s, 5m, 1h, 1d",
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    fn domains(
+        &mut self,
+        listeners: &BTreeMap<String, Listener>,
+        listener_names: &BTreeSet<&str>,
+        backend_names: &BTreeSet<&str>,
+    ) -> BTreeMap<String, Domain> {
+        let mut out = BTreeMap::new();
+        let has_http_listener = listeners.values().any(Listener::is_http);
+        for (host, pointer, value) in entries(&self.source.document, "domains") {
+            let host_ok = match names::check_host(host) {
+                Ok(()) => true,
+                Err(e) => {
+                    self.error("invalid-host", &pointer, true, e.message, e.hint);
+                    false
+                }
+            };
+            let Some(raw) = Self::raw::<RawDomain>(value) else {
+                continue;
+            };
+            let mut ok = host_ok;
+            if !backend_names.contains(raw.backend.as_str()) {
+                if names::is_identifier(&raw.backend) {
+                    self.unknown(
+                        "unknown-backend",
+                        "backend",
+                        "backends",
+                        &raw.backend,
+                        &format!("{pointer}/backend"),
+                        backend_names,
+                    );
+                }
+                ok = false;
+            }
+            match &raw.listener {
+                Some(listener) => match listeners.get(listener) {
+                    Some(_) => {}
+                    None if listener_names.contains(listener.as_str()) => ok = false, // invalid listener, reported
+                    None => {
+                        if names::is_identifier(listener) {
+                            self.unknown(
+                                "unknown-listener",
+                                "listener",
+                                "listeners",
+                                listener,
+                                &format!("{pointer}/listener"),
+                                listener_names,
+                            );
+                        }
+                        ok = false;
+                    }
+                },
+                None if !has_http_listener && !listeners.is_empty() => {
+                    self.error(
+                        "no-http-listener",
+                        &pointer,
+                        true,
+                        format!("domain {} is an HTTP route, but no listener serves HTTP", quote(host)),
+                        "add an HTTP listener (`http: { bind: \":80\" }`), or set `listener:` to a TCP listener to route it by TLS SNI",
+                    );
+                    ok = false;
+                }
+                None if listeners.is_empty() && !listener_names.is_empty() => ok = false,
+                None if listeners.is_empty() => {
+                    self.error(
+                        "no-http-listener",
+                        &pointer,
+                        true,
+                        format!(
+                            "domain {} is an HTTP route, but there are no listeners",
+                            quote(host)
+                        ),
+                        "add `listeners:` with an HTTP listener such as `http: { bind: \":80\" }`",
+                    );
+                    ok = false;
+                }
+                None => {}
+            }
+            // A TCP domain on a listener that was rejected for having no TLS is reported too:
+            // that is the domain the user will look at.
+            if let Some(listener) = &raw.listener
+                && self.listener_lacks_tls(listener)
+            {
+                self.error(
+                    "listener-without-tls",
+                    &format!("{pointer}/listener"),
+                    false,
+                    format!(
+                        "domain {} routes by TLS server name, but listener {} has no TLS",
+                        quote(host),
+                        quote(listener)
+                    ),
+                    "set `tls: passthrough` or `tls: terminate` on the listener",
+                );
+                ok = false;
+            }
+            if ok {
+                out.insert(
+                    host.to_string(),
+                    Domain {
+                        backend: raw.backend,
+                        listener: raw.listener,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn listener_lacks_tls(&self, listener: &str) -> bool {
+        let raw = self
+            .source
+            .document
+            .get("listeners")
+            .and_then(|l| l.get(listener));
+        let Some(raw) = raw.and_then(Self::raw::<RawListener>) else {
+            return false;
+        };
+        raw.mode.as_deref() == Some("tcp") && raw.tls.is_none()
+    }
+
+    /// A backend serves HTTP or TCP, from the listeners of its domains; not both.
+    fn backend_modes(
+        &mut self,
+        mut backends: BTreeMap<String, Backend>,
+        domains: &BTreeMap<String, Domain>,
+        listeners: &BTreeMap<String, Listener>,
+    ) -> BTreeMap<String, Backend> {
+        let mut users: BTreeMap<&str, BTreeMap<Mode, &str>> = BTreeMap::new();
+        for (host, domain) in domains {
+            let mode = match domain.listener.as_ref().and_then(|l| listeners.get(l)) {
+                Some(l) if !l.is_http() => Mode::Tcp,
+                _ => Mode::Http,
+            };
+            users
+                .entry(domain.backend.as_str())
+                .or_default()
+                .entry(mode)
+                .or_insert(host);
+        }
+        let mut rejected = Vec::new();
+        for (name, backend) in backends.iter_mut() {
+            let pointer = format!("/backends/{}", escape_pointer_token(name));
+            let modes = users.get(name.as_str());
+            match modes {
+                None => {
+                    let d = Diagnostic::warning(
+                        "unused-backend",
+                        format!("backend {} is not used by any domain", quote(name)),
+                    )
+                    .hint("route a domain to it, or remove it")
+                    .at(self.at(&pointer, true))
+                    .pointer(pointer);
+                    self.push(d);
+                }
+                Some(modes) if modes.len() > 1 => {
+                    let http = modes[&Mode::Http];
+                    let tcp = modes[&Mode::Tcp];
+                    let d = Diagnostic::error(
+                        "backend-mode-conflict",
+                        format!(
+                            "backend {} is used by an HTTP domain and by a TCP (SNI) domain",
+                            quote(name)
+                        ),
+                    )
+                    .hint("a backend speaks HTTP or raw TCP: define one backend for each")
+                    .at(self.at(&pointer, true))
+                    .pointer(pointer)
+                    .note(
+                        self.at(&format!("/domains/{}", escape_pointer_token(http)), true),
+                        format!("HTTP domain {}", quote(http)),
+                    )
+                    .note(
+                        self.at(&format!("/domains/{}", escape_pointer_token(tcp)), true),
+                        format!("TCP domain {}", quote(tcp)),
+                    );
+                    self.push(d);
+                    rejected.push(name.clone());
+                }
+                Some(modes) => {
+                    backend.mode = *modes.keys().next().expect("one mode");
+                    if backend.mode == Mode::Tcp
+                        && backend
+                            .health_check
+                            .as_ref()
+                            .is_some_and(|h| h.path.is_some())
+                    {
+                        let at = format!("{pointer}/health_check/path");
+                        self.error(
+                            "http-check-on-tcp",
+                            &at,
+                            true,
+                            format!("backend {} serves TCP (SNI) domains, so it cannot be checked over HTTP", quote(name)),
+                            "use `health_check: true` for a TCP connect check",
+                        );
+                        rejected.push(name.clone());
+                    }
+                }
+            }
+        }
+        for name in rejected {
+            backends.remove(&name);
+        }
+        backends
+    }
+
+    /// A name is either a web app (HTTP) or a TCP service; a wildcard of one must not cover an
+    /// exact name of the other. Also warns about exact domains a wildcard already covers.
+    fn name_claims(
+        &mut self,
+        domains: &BTreeMap<String, Domain>,
+        listeners: &BTreeMap<String, Listener>,
+    ) {
+        let protocol = |d: &Domain| match d.listener.as_ref().and_then(|l| listeners.get(l)) {
+            Some(l) if !l.is_http() => "TCP (SNI)",
+            _ => "HTTP",
+        };
+        for (host, domain) in domains {
+            if names::is_wildcard(host) {
+                continue;
+            }
+            let Some(dot) = host.find('.') else { continue };
+            let wildcard = format!("*{}", &host[dot..]);
+            let Some(cover) = domains.get(&wildcard) else {
+                continue;
+            };
+            let pointer = format!("/domains/{}", escape_pointer_token(host));
+            let cover_at = self.at(
+                &format!("/domains/{}", escape_pointer_token(&wildcard)),
+                true,
+            );
+            if protocol(domain) != protocol(cover) {
+                let d = Diagnostic::error(
+                    "name-claimed-twice",
+                    format!(
+                        "{} is claimed as {} by this domain and as {} by wildcard {}",
+                        quote(host),
+                        protocol(domain),
+                        protocol(cover),
+                        quote(&wildcard)
+                    ),
+                )
+                .hint("a name is either a web app (HTTP) or a database/TCP service routed by SNI: rename one of them")
+                .at(self.at(&pointer, true))
+                .pointer(pointer)
+                .note(cover_at, "the wildcard is here");
+                self.push(d);
+            } else if cover.backend == domain.backend && cover.listener == domain.listener {
+                let d = Diagnostic::warning(
+                    "redundant-domain",
+                    format!(
+                        "domain {} routes where wildcard {} already sends it",
+                        quote(host),
+                        quote(&wildcard)
+                    ),
+                )
+                .hint("remove it, unless you mean to keep it when the wildcard changes")
+                .at(self.at(&pointer, true))
+                .pointer(pointer)
+                .note(cover_at, "the wildcard is here");
+                self.push(d);
+            }
+        }
+    }
+
+    fn path(&self, pointer: &str, text: &str) -> PathBuf {
+        let p = Path::new(text);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.source.base_dir(pointer).join(p)
+        }
+    }
+
+    fn targets(&mut self) -> BTreeMap<String, Target> {
+        let mut out = BTreeMap::new();
+        for (name, pointer, value) in entries(&self.source.document, "targets") {
+            let Some(raw) = Self::raw::<RawTarget>(value) else {
+                continue;
+            };
+            let safe = |v: &Option<String>| v.as_deref().is_none_or(names::is_safe_path);
+            if ![
+                &raw.config,
+                &raw.master_socket,
+                &raw.runtime_socket,
+                &raw.state_dir,
+                &raw.haproxy_bin,
+                &raw.maps_dir,
+                &raw.certs_dir,
+                &raw.password_file,
+            ]
+            .into_iter()
+            .all(safe)
+            {
+                continue; // reported by the schema
+            }
+            let state_dir = match &raw.state_dir {
+                Some(dir) => self.path(&pointer, dir),
+                None => PathBuf::from("/var/lib/lunafront").join(name),
+            };
+            let history = raw.history.unwrap_or(20);
+            let target = match raw.kind.as_str() {
+                "haproxy" => {
+                    let Some(config) = &raw.config else { continue };
+                    let Some(reload_timeout) = self.duration(
+                        raw.reload_timeout.as_deref(),
+                        &format!("{pointer}/reload_timeout"),
+                        Duration::from_ms(10_000),
+                    ) else {
+                        continue;
+                    };
+                    // A spawned HAProxy keeps its sockets in the state folder, out of /run.
+                    let (master_default, runtime_default) = if raw.spawn {
+                        (state_dir.join("master.sock"), state_dir.join("admin.sock"))
+                    } else {
+                        (
+                            PathBuf::from("/run/haproxy-master.sock"),
+                            PathBuf::from("/run/haproxy/admin.sock"),
+                        )
+                    };
+                    Target::Haproxy(HaproxyTarget {
+                        config: self.path(&pointer, config),
+                        master_socket: raw
+                            .master_socket
+                            .as_deref()
+                            .map(|p| self.path(&pointer, p))
+                            .unwrap_or(master_default),
+                        runtime_socket: raw
+                            .runtime_socket
+                            .as_deref()
+                            .map(|p| self.path(&pointer, p))
+                            .unwrap_or(runtime_default),
+                        spawn: raw.spawn,
+                        reload_timeout,
+                        state_dir,
+                        history,
+                        haproxy_bin: raw
+                            .haproxy_bin
+                            .as_deref()
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|| PathBuf::from("haproxy")),
+                    })
+                }
+                "dataplane" => {
+                    let (Some(url), Some(username)) = (raw.url.clone(), raw.username.clone())
+                    else {
+                        continue;
+                    };
+                    let password = match (&raw.password_env, &raw.password_file) {
+                        (Some(env), None) => PasswordSource::Env(env.clone()),
+                        (None, Some(file)) => PasswordSource::File(self.path(&pointer, file)),
+                        _ => {
+                            self.error(
+                                "password-source",
+                                &pointer,
+                                true,
+                                format!("target {} needs exactly one of `password_env` and `password_file`", quote(name)),
+                                "the password is never written in the state: name an environment variable or a file that holds it",
+                            );
+                            continue;
+                        }
+                    };
+                    let Some(timeout) = self.duration(
+                        raw.timeout.as_deref(),
+                        &format!("{pointer}/timeout"),
+                        Duration::from_ms(10_000),
+                    ) else {
+                        continue;
+                    };
+                    Target::Dataplane(DataplaneTarget {
+                        url: url.trim_end_matches('/').to_string(),
+                        username,
+                        password,
+                        timeout,
+                        maps_dir: raw.maps_dir.unwrap_or_else(|| "/etc/haproxy/maps".into()),
+                        certs_dir: raw.certs_dir.unwrap_or_else(|| "/etc/haproxy/ssl".into()),
+                        runtime_socket: raw
+                            .runtime_socket
+                            .unwrap_or_else(|| "/run/haproxy/admin.sock".into()),
+                        health_url: raw.health_url,
+                    })
+                }
+                _ => continue,
+            };
+            out.insert(name.to_string(), target);
+        }
+        out
+    }
+
+    fn groups(&mut self, target_names: &BTreeSet<&str>) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for (name, pointer, value) in entries(&self.source.document, "groups") {
+            let Some(members) = Self::raw::<Vec<String>>(value) else {
+                continue;
+            };
+            let mut ok = true;
+            for (i, member) in members.iter().enumerate() {
+                if !target_names.contains(member.as_str()) {
+                    if names::is_identifier(member) {
+                        self.unknown(
+                            "unknown-target",
+                            "target",
+                            "targets",
+                            member,
+                            &format!("{pointer}/{i}"),
+                            target_names,
+                        );
+                    }
+                    ok = false;
+                }
+            }
+            if target_names.contains(name) {
+                self.error(
+                    "group-shadows-target",
+                    &pointer,
+                    true,
+                    format!("group {} has the name of a target", quote(name)),
+                    "`--target NAME` names either a target or a group: rename one",
+                );
+                ok = false;
+            }
+            if ok {
+                out.insert(name.to_string(), members);
+            }
+        }
+        out
+    }
+
+    fn global(&mut self) -> Global {
+        let defaults = Global::default();
+        let Some(raw) = self
+            .source
+            .document
+            .get("global")
+            .and_then(Self::raw::<RawGlobal>)
+        else {
+            return defaults;
+        };
+        let t = &defaults.timeouts;
+        let mut timeout = |key: &str, default: Duration| {
+            let text = raw.timeouts.get(key).and_then(Value::as_str);
+            self.duration(text, &format!("/global/timeouts/{key}"), default)
+                .unwrap_or(default)
+        };
+        let timeouts = Timeouts {
+            connect: timeout("connect", t.connect),
+            client: timeout("client", t.client),
+            server: timeout("server", t.server),
+            http_request: timeout("http_request", t.http_request),
+            http_keep_alive: timeout("http_keep_alive", t.http_keep_alive),
+            tunnel: timeout("tunnel", t.tunnel),
+            tcp_inspect: timeout("tcp_inspect", t.tcp_inspect),
+            check: timeout("check", t.check),
+        };
+        let hard_stop_after = self
+            .duration(
+                raw.hard_stop_after.as_deref(),
+                "/global/hard_stop_after",
+                defaults.hard_stop_after,
+            )
+            .unwrap_or(defaults.hard_stop_after);
+        Global {
+            maxconn: raw.maxconn.unwrap_or(defaults.maxconn),
+            hard_stop_after,
+            mworker_max_reloads: raw
+                .mworker_max_reloads
+                .unwrap_or(defaults.mworker_max_reloads),
+            log: raw.log.filter(|l| {
+                l.bytes().all(|b| {
+                    b.is_ascii_graphic() && !matches!(b, b'#' | b'"' | b'\'' | b'\\' | b'$' | b'%')
+                })
+            }),
+            timeouts,
+            isolate_invalid: raw.isolate_invalid,
+        }
+    }
+}

@@ -1,0 +1,745 @@
+//! `plan`, semantic half: the typed changes between the previously applied model and the new
+//! one (`+ domain`, `~ backend`, `- agent`), each saying whether HAProxy's runtime API can apply
+//! it without a reload, and if not, why. Pure.
+
+use crate::model::{Backend, Domain, Listener, ListenerKind, Model, ServerTarget, TcpTls};
+use crate::render::layout::{self, pool_name};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Display;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn symbol(&self) -> char {
+        match self {
+            Action::Create => '+',
+            Action::Update => '~',
+            Action::Delete => '-',
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Global,
+    Listener,
+    Certificate,
+    Agent,
+    Backend,
+    Server,
+    Domain,
+}
+
+impl Kind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Global => "global",
+            Kind::Listener => "listener",
+            Kind::Certificate => "certificate",
+            Kind::Agent => "agent",
+            Kind::Backend => "backend",
+            Kind::Server => "server",
+            Kind::Domain => "domain",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Applied through HAProxy's runtime API: maps, server address/weight/state, add/del
+    /// server, certificates. No reload, no worker restart.
+    Runtime,
+    /// Needs HAProxy to reload its configuration (seamless, but a new worker).
+    Reload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub action: Action,
+    pub kind: Kind,
+    pub name: String,
+    /// What changes, for people: `→ shop`, `: weight 10 → 20`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    pub mode: Mode,
+    pub reason: String,
+}
+
+impl Change {
+    fn new(
+        action: Action,
+        kind: Kind,
+        name: impl Into<String>,
+        mode: Mode,
+        reason: impl Into<String>,
+    ) -> Change {
+        Change {
+            action,
+            kind,
+            name: name.into(),
+            detail: String::new(),
+            mode,
+            reason: reason.into(),
+        }
+    }
+
+    fn detail(mut self, detail: impl Into<String>) -> Change {
+        self.detail = detail.into();
+        self
+    }
+
+    /// `+ domain shop.apps.example.com → shop`
+    pub fn summary(&self) -> String {
+        format!(
+            "{} {} {}{}",
+            self.action.symbol(),
+            self.kind.as_str(),
+            self.name,
+            self.detail
+        )
+    }
+}
+
+/// What differs between two ordered maps: the sozu-style diff every collection goes through.
+#[derive(Debug)]
+pub struct MapDiff<'a, K, V> {
+    pub added: Vec<(&'a K, &'a V)>,
+    pub removed: Vec<(&'a K, &'a V)>,
+    pub changed: Vec<(&'a K, &'a V, &'a V)>,
+}
+
+pub fn diff_maps<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> MapDiff<'a, K, V> {
+    let mut d = MapDiff {
+        added: Vec::new(),
+        removed: Vec::new(),
+        changed: Vec::new(),
+    };
+    for (k, v) in old {
+        match new.get(k) {
+            None => d.removed.push((k, v)),
+            Some(nv) if nv != v => d.changed.push((k, v, nv)),
+            Some(_) => {}
+        }
+    }
+    for (k, v) in new {
+        if !old.contains_key(k) {
+            d.added.push((k, v));
+        }
+    }
+    d
+}
+
+impl<K: Ord + Clone, V: Clone> MapDiff<'_, K, V> {
+    /// Applies the diff to `old`: replaying `diff(a, b)` on `a` gives `b`.
+    pub fn replay(&self, old: &BTreeMap<K, V>) -> BTreeMap<K, V> {
+        let mut out = old.clone();
+        for (k, _) in &self.removed {
+            out.remove(*k);
+        }
+        for (k, _, v) in &self.changed {
+            out.insert((*k).clone(), (*v).clone());
+        }
+        for (k, v) in &self.added {
+            out.insert((*k).clone(), (*v).clone());
+        }
+        out
+    }
+}
+
+fn arrow(before: impl Display, after: impl Display) -> String {
+    format!("{before} → {after}")
+}
+
+/// Every change from `old` to `new`, in a stable order (global, listeners, certificates,
+/// agents, backends, servers, domains).
+pub fn diff_models(old: &Model, new: &Model) -> Vec<Change> {
+    let mut changes = Vec::new();
+    global_changes(old, new, &mut changes);
+    listener_changes(old, new, &mut changes);
+    agent_changes(old, new, &mut changes);
+    backend_changes(old, new, &mut changes);
+    domain_changes(old, new, &mut changes);
+    changes.sort_by(|a, b| (a.kind, &a.name, a.action).cmp(&(b.kind, &b.name, b.action)));
+    changes
+}
+
+fn global_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let (o, n) = (&old.global, &new.global);
+    let reason = "process-wide settings change with a reload";
+    let mut field = |name: &str, before: String, after: String| {
+        if before != after {
+            out.push(
+                Change::new(Action::Update, Kind::Global, name, Mode::Reload, reason)
+                    .detail(format!(": {}", arrow(before, after))),
+            );
+        }
+    };
+    field("maxconn", o.maxconn.to_string(), n.maxconn.to_string());
+    field(
+        "hard_stop_after",
+        o.hard_stop_after.to_string(),
+        n.hard_stop_after.to_string(),
+    );
+    field(
+        "mworker_max_reloads",
+        o.mworker_max_reloads.to_string(),
+        n.mworker_max_reloads.to_string(),
+    );
+    field(
+        "log",
+        o.log.clone().unwrap_or_else(|| "none".into()),
+        n.log.clone().unwrap_or_else(|| "none".into()),
+    );
+    let (ot, nt) = (&o.timeouts, &n.timeouts);
+    for (name, a, b) in [
+        ("timeouts.connect", ot.connect, nt.connect),
+        ("timeouts.client", ot.client, nt.client),
+        ("timeouts.server", ot.server, nt.server),
+        ("timeouts.http_request", ot.http_request, nt.http_request),
+        (
+            "timeouts.http_keep_alive",
+            ot.http_keep_alive,
+            nt.http_keep_alive,
+        ),
+        ("timeouts.tunnel", ot.tunnel, nt.tunnel),
+        ("timeouts.tcp_inspect", ot.tcp_inspect, nt.tcp_inspect),
+        ("timeouts.check", ot.check, nt.check),
+    ] {
+        field(name, a.to_string(), b.to_string());
+    }
+}
+
+fn describe_listener(l: &Listener) -> String {
+    match &l.kind {
+        ListenerKind::Http { certificates: None } => format!("http on {}", l.bind),
+        ListenerKind::Http {
+            certificates: Some(_),
+        } => format!("https on {}", l.bind),
+        ListenerKind::Tcp {
+            tls: TcpTls::Passthrough,
+        } => format!("tcp (tls passthrough) on {}", l.bind),
+        ListenerKind::Tcp {
+            tls: TcpTls::Terminate(_),
+        } => format!("tcp (tls terminate) on {}", l.bind),
+    }
+}
+
+fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let d = diff_maps(&old.listeners, &new.listeners);
+    for (name, l) in d.added {
+        out.push(
+            Change::new(
+                Action::Create,
+                Kind::Listener,
+                name.as_str(),
+                Mode::Reload,
+                "a new listener (bind and frontend) needs a reload",
+            )
+            .detail(format!(": {}", describe_listener(l))),
+        );
+    }
+    for (name, l) in d.removed {
+        out.push(
+            Change::new(
+                Action::Delete,
+                Kind::Listener,
+                name.as_str(),
+                Mode::Reload,
+                "removing a listener needs a reload",
+            )
+            .detail(format!(": {}", describe_listener(l))),
+        );
+    }
+    for (name, o, n) in d.changed {
+        let shape_changed = o.bind != n.bind
+            || std::mem::discriminant(&o.kind) != std::mem::discriminant(&n.kind)
+            || o.certificates().is_some() != n.certificates().is_some()
+            || matches!((&o.kind, &n.kind), (ListenerKind::Tcp { tls: a }, ListenerKind::Tcp { tls: b }) if std::mem::discriminant(a) != std::mem::discriminant(b));
+        if shape_changed {
+            let reason = if o.certificates().is_none() && n.certificates().is_some() {
+                "turning on TLS (the first certificate) changes the bind line: reload"
+            } else {
+                "a listener's bind or protocol changes with a reload"
+            };
+            out.push(
+                Change::new(
+                    Action::Update,
+                    Kind::Listener,
+                    name.as_str(),
+                    Mode::Reload,
+                    reason,
+                )
+                .detail(format!(
+                    ": {}",
+                    arrow(describe_listener(o), describe_listener(n))
+                )),
+            );
+            continue;
+        }
+        // Same listener shape: only certificate files differ.
+        let files = |l: &Listener| -> BTreeMap<String, String> {
+            l.certificates()
+                .map(|c| {
+                    c.files
+                        .iter()
+                        .map(|f| (f.name.clone(), f.sha256.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (of, nf) = (files(o), files(n));
+        let cd = diff_maps(&of, &nf);
+        let id = |file: &str| format!("{name}/{file}");
+        for (file, _) in cd.added {
+            out.push(Change::new(
+                Action::Create,
+                Kind::Certificate,
+                id(file),
+                Mode::Runtime,
+                "new ssl cert + add ssl crt-list",
+            ));
+        }
+        for (file, _) in cd.removed {
+            out.push(Change::new(
+                Action::Delete,
+                Kind::Certificate,
+                id(file),
+                Mode::Runtime,
+                "del ssl crt-list + del ssl cert",
+            ));
+        }
+        for (file, _, _) in cd.changed {
+            out.push(
+                Change::new(
+                    Action::Update,
+                    Kind::Certificate,
+                    id(file),
+                    Mode::Runtime,
+                    "set ssl cert + commit ssl cert",
+                )
+                .detail(": content changed (not shown)"),
+            );
+        }
+    }
+}
+
+fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let d = diff_maps(&old.agents, &new.agents);
+    for (name, a) in d.added {
+        out.push(
+            Change::new(Action::Create, Kind::Agent, name.as_str(), Mode::Reload, "a new agent gets its pool backends with a reload; its apps are then added at runtime")
+                .detail(format!(": {}", a.address)),
+        );
+    }
+    for (name, a) in d.removed {
+        out.push(
+            Change::new(
+                Action::Delete,
+                Kind::Agent,
+                name.as_str(),
+                Mode::Reload,
+                "removing an agent removes its pool backends: reload",
+            )
+            .detail(format!(": {}", a.address)),
+        );
+    }
+    for (name, o, n) in d.changed {
+        let servers = servers_on_agent(new, name);
+        let mut parts = Vec::new();
+        if o.address != n.address {
+            parts.push(format!("address {}", arrow(o.address, n.address)));
+        }
+        if o.maintenance != n.maintenance {
+            parts.push(format!(
+                "maintenance {}",
+                arrow(o.maintenance, n.maintenance)
+            ));
+        }
+        out.push(
+            Change::new(
+                Action::Update,
+                Kind::Agent,
+                name.as_str(),
+                Mode::Runtime,
+                format!("set server addr/state on its {servers} server(s)"),
+            )
+            .detail(format!(": {}", parts.join(", "))),
+        );
+    }
+}
+
+fn servers_on_agent(model: &Model, agent: &str) -> usize {
+    model
+        .backends
+        .values()
+        .flat_map(|b| &b.servers)
+        .filter(|s| matches!(&s.target, ServerTarget::Agent(a) if a == agent))
+        .count()
+}
+
+fn describe_backend(b: &Backend) -> String {
+    let servers: Vec<String> = b
+        .servers
+        .iter()
+        .map(|s| match &s.target {
+            ServerTarget::Agent(a) => format!("{a}:{}", s.port),
+            ServerTarget::Address(ip) => format!("{}", std::net::SocketAddr::new(*ip, s.port)),
+        })
+        .collect();
+    servers.join(", ")
+}
+
+fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let d = diff_maps(&old.backends, &new.backends);
+    for (name, b) in d.added {
+        let (mode, reason) = match layout::pooled_agent(b) {
+            Some(agent) if old.agents.contains_key(agent) => (
+                Mode::Runtime,
+                format!(
+                    "add server {}/{name}: a new app on a known agent",
+                    pool_name(agent, b.mode)
+                ),
+            ),
+            Some(agent) => (
+                Mode::Reload,
+                format!("agent {agent} is new: its pool backends come with the reload"),
+            ),
+            None => (
+                Mode::Reload,
+                dedicated_reason(b, "a new backend section needs a reload"),
+            ),
+        };
+        out.push(
+            Change::new(Action::Create, Kind::Backend, name.as_str(), mode, reason)
+                .detail(format!(": {}", describe_backend(b))),
+        );
+    }
+    for (name, b) in d.removed {
+        let (mode, reason) = match layout::pooled_agent(b) {
+            Some(agent) if new.agents.contains_key(agent) => (
+                Mode::Runtime,
+                format!("del server {}/{name}", pool_name(agent, b.mode)),
+            ),
+            Some(_) => (
+                Mode::Reload,
+                "its agent is removed with a reload".to_string(),
+            ),
+            None => (
+                Mode::Reload,
+                "removing a backend section needs a reload".to_string(),
+            ),
+        };
+        out.push(
+            Change::new(Action::Delete, Kind::Backend, name.as_str(), mode, reason)
+                .detail(format!(": {}", describe_backend(b))),
+        );
+    }
+    for (name, o, n) in d.changed {
+        backend_update(old, new, name, o, n, out);
+    }
+}
+
+fn dedicated_reason(b: &Backend, base: &str) -> String {
+    let why = if b.servers.len() > 1 {
+        "it has several servers"
+    } else if matches!(
+        b.servers.first().map(|s| &s.target),
+        Some(ServerTarget::Address(_))
+    ) {
+        "its server is an address, not an agent"
+    } else if b.health_check.as_ref().is_some_and(|h| h.path.is_some()) {
+        "it has an HTTP health check"
+    } else {
+        "it sets a balance algorithm"
+    };
+    format!("{base} ({why}, so it cannot live in an agent pool)")
+}
+
+fn backend_update(
+    old: &Model,
+    new: &Model,
+    name: &str,
+    o: &Backend,
+    n: &Backend,
+    out: &mut Vec<Change>,
+) {
+    let (op, np) = (layout::pooled_agent(o), layout::pooled_agent(n));
+    let mut update = |mode: Mode, reason: String, detail: String| {
+        out.push(Change::new(Action::Update, Kind::Backend, name, mode, reason).detail(detail));
+    };
+    match (op, np) {
+        (Some(_), None) => {
+            return update(
+                Mode::Reload,
+                dedicated_reason(
+                    n,
+                    "moves out of its agent pool into a backend section of its own: reload",
+                ),
+                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+            );
+        }
+        (None, Some(agent)) => {
+            return update(
+                Mode::Reload,
+                format!(
+                    "now fits agent {agent}'s pool; its own backend section goes with a reload"
+                ),
+                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+            );
+        }
+        (Some(a), Some(b)) if a != b || o.mode != n.mode => {
+            let mode = if new.agents.contains_key(b) && old.agents.contains_key(b) {
+                Mode::Runtime
+            } else {
+                Mode::Reload
+            };
+            return update(
+                mode,
+                format!(
+                    "del server {}/{name} + add server {}/{name}",
+                    pool_name(a, o.mode),
+                    pool_name(b, n.mode)
+                ),
+                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+            );
+        }
+        _ => {}
+    }
+    let pooled = np.is_some();
+    // Backend-wide settings of a dedicated backend live in its section.
+    if !pooled {
+        if o.mode != n.mode {
+            update(
+                Mode::Reload,
+                "the backend's mode changes with a reload".into(),
+                format!(": mode {:?} → {:?}", o.mode, n.mode).to_lowercase(),
+            );
+        }
+        if o.balance != n.balance {
+            update(
+                Mode::Reload,
+                "the balance algorithm changes with a reload".into(),
+                format!(
+                    ": balance {}",
+                    arrow(o.balance.as_str(), n.balance.as_str())
+                ),
+            );
+        }
+        let path = |b: &Backend| {
+            b.health_check
+                .as_ref()
+                .and_then(|h| h.path.clone().map(|p| (p, h.host.clone())))
+        };
+        if path(o) != path(n) {
+            let show = |b: &Backend| path(b).map(|(p, _)| p).unwrap_or_else(|| "none".into());
+            update(
+                Mode::Reload,
+                "the HTTP health check changes with a reload".into(),
+                format!(": health check {}", arrow(show(o), show(n))),
+            );
+        }
+    }
+    // Server options (checks, TLS) are fixed when a server is created.
+    let check_params = |b: &Backend| {
+        b.health_check
+            .as_ref()
+            .map(|h| (h.interval, h.rise, h.fall))
+    };
+    if check_params(o) != check_params(n) {
+        let show = |b: &Backend| match &b.health_check {
+            None => "off".to_string(),
+            Some(h) => format!("every {}", h.interval),
+        };
+        update(
+            Mode::Reload,
+            "health check settings of servers change with a reload".into(),
+            format!(": health check {}", arrow(show(o), show(n))),
+        );
+    }
+    if o.tls != n.tls {
+        let show = |b: &Backend| match &b.tls {
+            None => "off".to_string(),
+            Some(t) if t.verify => "verified".to_string(),
+            Some(_) => "on (not verified)".to_string(),
+        };
+        update(
+            Mode::Reload,
+            "TLS settings of servers change with a reload".into(),
+            format!(": tls {}", arrow(show(o), show(n))),
+        );
+    }
+    server_changes(name, o, n, pooled, out);
+}
+
+fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &mut Vec<Change>) {
+    let by_name = |b: &Backend| {
+        b.servers
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (os, ns) = (by_name(o), by_name(n));
+    let d = diff_maps(&os, &ns);
+    // A one-server backend speaks of its server as itself: `~ backend legacy: weight 10 → 20`.
+    let single = o.servers.len() == 1 && n.servers.len() == 1;
+    for (server, _) in d.added {
+        out.push(Change::new(
+            Action::Create,
+            Kind::Server,
+            format!("{backend}/{server}"),
+            Mode::Runtime,
+            "add server",
+        ));
+    }
+    for (server, _) in d.removed {
+        out.push(Change::new(
+            Action::Delete,
+            Kind::Server,
+            format!("{backend}/{server}"),
+            Mode::Runtime,
+            "set server state maint + del server",
+        ));
+    }
+    for (server, a, b) in d.changed {
+        let mut parts = Vec::new();
+        let mut commands = Vec::new();
+        if a.target != b.target || a.port != b.port {
+            let show = |s: &crate::model::Server| match &s.target {
+                ServerTarget::Agent(x) => format!("{x}:{}", s.port),
+                ServerTarget::Address(ip) => std::net::SocketAddr::new(*ip, s.port).to_string(),
+            };
+            parts.push(format!("server {}", arrow(show(a), show(b))));
+            commands.push("set server addr");
+        }
+        if a.weight != b.weight {
+            parts.push(format!("weight {}", arrow(a.weight, b.weight)));
+            commands.push(if pooled {
+                "set server state"
+            } else {
+                "set server weight"
+            });
+        }
+        if a.maintenance != b.maintenance {
+            parts.push(format!(
+                "maintenance {}",
+                arrow(a.maintenance, b.maintenance)
+            ));
+            commands.push("set server state");
+        }
+        commands.dedup();
+        let (kind, name) = if single {
+            (Kind::Backend, backend.to_string())
+        } else {
+            (Kind::Server, format!("{backend}/{server}"))
+        };
+        out.push(
+            Change::new(
+                Action::Update,
+                kind,
+                name,
+                Mode::Runtime,
+                commands.join(" + "),
+            )
+            .detail(format!(": {}", parts.join(", "))),
+        );
+    }
+}
+
+fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let d = diff_maps(&old.domains, &new.domains);
+    let placement = |domain: &Domain| -> String {
+        match &domain.listener {
+            Some(l) => format!(" (listener {l})"),
+            None => String::new(),
+        }
+    };
+    let map_of = |domain: &Domain| match &domain.listener {
+        Some(l) => layout::listener_map(l),
+        None => layout::SHARED_HTTP_MAP.to_string(),
+    };
+    // A map entry on a listener that the same plan creates is applied by that reload.
+    let mode_for = |domain: &Domain| match &domain.listener {
+        Some(l) if !old.listeners.contains_key(l) => (Mode::Reload, format!("listener {l} is new")),
+        _ => (Mode::Runtime, format!("map entry in {}", map_of(domain))),
+    };
+    for (host, domain) in d.added {
+        let (mode, reason) = mode_for(domain);
+        out.push(
+            Change::new(
+                Action::Create,
+                Kind::Domain,
+                host.as_str(),
+                mode,
+                format!("add {reason}"),
+            )
+            .detail(format!(" → {}{}", domain.backend, placement(domain))),
+        );
+    }
+    for (host, domain) in d.removed {
+        out.push(
+            Change::new(
+                Action::Delete,
+                Kind::Domain,
+                host.as_str(),
+                Mode::Runtime,
+                format!("del map entry in {}", map_of(domain)),
+            )
+            .detail(format!(" → {}{}", domain.backend, placement(domain))),
+        );
+    }
+    for (host, a, b) in d.changed {
+        let (mode, reason) = mode_for(b);
+        let mut parts = Vec::new();
+        if a.backend != b.backend {
+            parts.push(format!("backend {}", arrow(&a.backend, &b.backend)));
+        }
+        if a.listener != b.listener {
+            let show =
+                |l: &Option<String>| l.clone().unwrap_or_else(|| "every HTTP listener".into());
+            parts.push(format!(
+                "listener {}",
+                arrow(show(&a.listener), show(&b.listener))
+            ));
+        }
+        out.push(
+            Change::new(
+                Action::Update,
+                Kind::Domain,
+                host.as_str(),
+                mode,
+                format!("set {reason}"),
+            )
+            .detail(format!(": {}", parts.join(", "))),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaying_a_diff_rebuilds_the_target() {
+        let a: BTreeMap<u32, &str> = [(1, "a"), (2, "b"), (3, "c")].into();
+        let b: BTreeMap<u32, &str> = [(2, "B"), (3, "c"), (4, "d")].into();
+        let empty = BTreeMap::new();
+        assert_eq!(diff_maps(&a, &b).replay(&a), b);
+        assert_eq!(diff_maps(&b, &a).replay(&b), a);
+        assert_eq!(diff_maps(&empty, &a).replay(&empty), a);
+        assert!(diff_maps(&a, &empty).replay(&a).is_empty());
+        let same = diff_maps(&a, &a);
+        assert!(same.added.is_empty() && same.removed.is_empty() && same.changed.is_empty());
+    }
+}

@@ -1,0 +1,237 @@
+//! `plan`: compares the new rendering with what a target holds (its files, and the state it was
+//! last applied from) and says what changes, whether HAProxy's runtime API can apply it or a
+//! reload is needed and why, and what the files will look like. Pure: targets read the files.
+
+pub mod diff;
+pub mod json;
+pub mod text;
+
+use crate::model::Model;
+use crate::render::{self, MANIFEST, OutputFile, Rendered, readback};
+use diff::{Action, Change, Kind, Mode};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What a target holds now: its files (by path relative to the configuration's folder) and the
+/// model it was last applied from, when it recorded one.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// The model recorded by the last apply (from the manifest), if readable.
+    pub previous: Option<Model>,
+    /// Why the recorded state could not be used, when a manifest exists but is unreadable.
+    pub previous_error: Option<String>,
+}
+
+impl Live {
+    /// A fingerprint of everything the plan was computed against, to refuse a stale saved plan.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = Sha256::new();
+        for (path, bytes) in &self.files {
+            hasher.update(path.as_bytes());
+            hasher.update([0]);
+            hasher.update((bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    pub fn config<'a>(&'a self, rendered: &Rendered) -> Option<&'a [u8]> {
+        self.files
+            .get(&rendered.options.config_name)
+            .map(Vec::as_slice)
+    }
+}
+
+/// One file that differs between the target and the new rendering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChange {
+    pub path: String,
+    pub before: Option<Vec<u8>>,
+    pub after: Option<Vec<u8>>,
+    /// Holds a private key: its content is never shown.
+    pub secret: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: String,
+    /// Semantic changes, in display order.
+    pub changes: Vec<Change>,
+    /// Files that differ (the manifest excluded).
+    pub files: Vec<FileChange>,
+    pub reload_required: bool,
+    /// Fingerprint of the live files the plan was made against.
+    pub live_fingerprint: String,
+    pub rendered: Rendered,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.files.is_empty()
+    }
+
+    pub fn reload_reasons(&self) -> Vec<String> {
+        let mut seen = BTreeSet::new();
+        self.changes
+            .iter()
+            .filter(|c| c.mode == Mode::Reload)
+            .filter(|c| seen.insert(c.reason.clone()))
+            .map(|c| format!("{} {} ({})", c.kind.as_str(), c.name, c.reason))
+            .collect()
+    }
+}
+
+/// The model with nothing in it: what an empty target holds.
+pub fn empty_model() -> Model {
+    let source = crate::spec::load::Source::parse(Vec::new());
+    crate::model::validate(&source)
+        .model
+        .expect("the empty state is valid")
+}
+
+/// Builds the plan for `target` from the new model and its rendering, against `live`.
+pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) -> Plan {
+    let empty = empty_model();
+    let previous = live.previous.as_ref().unwrap_or(&empty);
+    let mut changes = diff::diff_models(previous, model);
+
+    let new_files = rendered.files();
+    let files = file_changes(&new_files, live);
+
+    // What the target holds but the last apply did not write: drift, or a foreign config.
+    let expected = live
+        .previous
+        .as_ref()
+        .and_then(|m| render::render(m, &rendered.options).ok());
+    changes.extend(drift_changes(expected.as_ref(), rendered, live));
+
+    let reload_required = needs_reload(live, rendered);
+    if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
+        // The configuration text changed with no change of the state: a new lunafront version.
+        changes.push(Change {
+            action: Action::Update,
+            kind: Kind::Global,
+            name: rendered.options.config_name.clone(),
+            detail: ": the generated configuration changed".into(),
+            mode: Mode::Reload,
+            reason: "the configuration differs beyond what the runtime API can change".into(),
+        });
+    }
+    Plan {
+        target: target.to_string(),
+        changes,
+        files,
+        reload_required,
+        live_fingerprint: live.fingerprint(),
+        rendered: rendered.clone(),
+    }
+}
+
+fn file_changes(new_files: &[OutputFile], live: &Live) -> Vec<FileChange> {
+    let mut out = Vec::new();
+    let mut written = BTreeSet::new();
+    for file in new_files {
+        written.insert(file.path.as_str());
+        if file.path == MANIFEST {
+            continue;
+        }
+        let before = live.files.get(&file.path);
+        if !before.is_some_and(|b| file.matches(b)) {
+            out.push(FileChange {
+                path: file.path.clone(),
+                before: before.cloned(),
+                after: Some(file.bytes.clone()),
+                secret: file.secret,
+            });
+        }
+    }
+    for (path, bytes) in &live.files {
+        if !written.contains(path.as_str()) && path != MANIFEST {
+            out.push(FileChange {
+                path: path.clone(),
+                before: Some(bytes.clone()),
+                after: None,
+                secret: path.ends_with(".pem"),
+            });
+        }
+    }
+    out
+}
+
+fn drift_changes(expected: Option<&Rendered>, rendered: &Rendered, live: &Live) -> Vec<Change> {
+    let config_name = &rendered.options.config_name;
+    let Some(expected) = expected else {
+        return match (live.config(rendered), &live.previous_error) {
+            (Some(_), Some(error)) => vec![global_change(
+                config_name,
+                format!(
+                    ": the state recorded by the last apply cannot be read ({error}); the configuration is replaced"
+                ),
+                Mode::Reload,
+            )],
+            (Some(_), None) => vec![global_change(
+                config_name,
+                ": not written by lunafront; it is replaced".into(),
+                Mode::Reload,
+            )],
+            (None, _) => Vec::new(),
+        };
+    };
+    let mut out = Vec::new();
+    for file in expected.files() {
+        if file.path == MANIFEST {
+            continue;
+        }
+        let live_bytes = live.files.get(&file.path);
+        if live_bytes.is_some_and(|b| file.matches(b)) {
+            continue;
+        }
+        let detail = match live_bytes {
+            None => ": missing on the target since the last apply (put back)".to_string(),
+            Some(_) => ": changed outside lunafront since the last apply (put back)".to_string(),
+        };
+        let mode = if file.path == *config_name {
+            Mode::Reload
+        } else {
+            Mode::Runtime
+        };
+        out.push(global_change(&file.path, detail, mode));
+    }
+    out
+}
+
+fn global_change(name: &str, detail: String, mode: Mode) -> Change {
+    Change {
+        action: Action::Update,
+        kind: Kind::Global,
+        name: name.to_string(),
+        detail,
+        mode,
+        reason: match mode {
+            Mode::Reload => "drift in the configuration file is corrected with a reload".into(),
+            Mode::Runtime => {
+                "drift in maps and certificates is corrected through the runtime API".into()
+            }
+        },
+    }
+}
+
+/// The ground truth of reload versus runtime: a reload is needed when the configuration on the
+/// target differs from the new one in anything but what the runtime API changes (server
+/// address, port, weight, state; servers added or removed; map and certificate contents).
+pub fn needs_reload(live: &Live, rendered: &Rendered) -> bool {
+    let Some(config) = live.config(rendered) else {
+        return true;
+    };
+    let config = String::from_utf8_lossy(config);
+    if readback::skeleton(&config) != readback::skeleton(&rendered.config) {
+        return true;
+    }
+    // Options fixed at a server's creation (checks, TLS) differ: a reload recreates it.
+    let before = readback::parse_servers(&config);
+    let after = readback::parse_servers(&rendered.config);
+    before
+        .iter()
+        .any(|(key, old)| after.get(key).is_some_and(|new| new.options != old.options))
+}

@@ -1,0 +1,63 @@
+//! The one escaping filter of `render`. Every `{{ value }}` in a template goes through it (it
+//! is the template engine's formatter, so a template cannot forget it), and so does every line
+//! of a map file. It does not escape: it refuses. A value that is not a plain token of safe
+//! characters fails the render, so even a validation bug cannot inject configuration.
+
+use crate::model::names::is_config_token;
+use minijinja::value::ValueKind;
+use minijinja::{Error, ErrorKind, Output, State, Value};
+
+/// The formatter installed in the template environment.
+pub fn format_value(out: &mut Output, _state: &mut State, value: &Value) -> Result<(), Error> {
+    let text = match value.kind() {
+        ValueKind::Number => value.to_string(),
+        ValueKind::String => {
+            let s = value.as_str().unwrap_or_default();
+            check_token(s).map_err(|m| Error::new(ErrorKind::InvalidOperation, m))?;
+            s.to_string()
+        }
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("refusing to write a {other} value into the HAProxy configuration"),
+            ));
+        }
+    };
+    out.write_str(&text).map_err(Error::from)
+}
+
+/// A value that may stand as one word of HAProxy configuration or one field of a map line.
+pub fn check_token(s: &str) -> Result<(), String> {
+    if is_config_token(s) {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to write {} into the HAProxy configuration: it holds characters HAProxy would interpret",
+            crate::spec::diagnostics::quote(s)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_anything_with_syntax() {
+        for bad in [
+            "a b", "a\nb", "x#y", "%[src]", "${HOME}", "a\"b", "a'b", "a\\b", "", "a\0b", "é",
+        ] {
+            assert!(check_token(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "shop",
+            "agent:agent-7/shop",
+            "127.0.0.1:80",
+            "ipv6@::1:80",
+            "*.preview.example.com",
+            "str(a.example.com)",
+        ] {
+            assert!(check_token(good).is_ok(), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! `render`: Model → Rendered {haproxy.cfg, map files, crt-lists, certificates, manifest}.
+//! A pure function: no clock, no file system, no network; the same model always gives the same
+//! bytes. The configuration comes from the templates in `templates/` (embedded in the binary);
+//! every value goes through the one escaping filter (`filters`).
+
+pub mod filters;
+pub mod layout;
+pub mod readback;
+
+use crate::model::{ListenerKind, Model, Target, TcpTls};
+use crate::spec::load::CertFile;
+use layout::ProxyBackend;
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// The file that records the state a configuration was rendered from, beside haproxy.cfg.
+pub const MANIFEST: &str = "lunafront.state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("template error: {0:#}")]
+    Template(#[from] minijinja::Error),
+    #[error("{0}")]
+    Unsafe(String),
+}
+
+/// Where the rendered files refer to each other: depends on the target that will hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// File name of the configuration (`haproxy.cfg`).
+    pub config_name: String,
+    /// The stats socket (runtime API) HAProxy opens.
+    pub runtime_socket: String,
+    /// Folder of the map files as the configuration names it: relative (`maps`, next to the
+    /// configuration) or absolute (the Data Plane API's maps folder).
+    pub maps_dir: String,
+    /// Folder of crt-lists and certificates, likewise.
+    pub certs_dir: String,
+}
+
+impl RenderOptions {
+    /// Options for a target; without one, Debian's paths.
+    pub fn for_target(target: Option<&Target>) -> RenderOptions {
+        match target {
+            Some(Target::Haproxy(t)) => RenderOptions {
+                config_name: t
+                    .config
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "haproxy.cfg".into()),
+                runtime_socket: t.runtime_socket.display().to_string(),
+                maps_dir: "maps".into(),
+                certs_dir: "certs".into(),
+            },
+            Some(Target::Dataplane(t)) => RenderOptions {
+                config_name: "haproxy.cfg".into(),
+                runtime_socket: t.runtime_socket.clone(),
+                maps_dir: t.maps_dir.clone(),
+                certs_dir: t.certs_dir.clone(),
+            },
+            None => RenderOptions {
+                config_name: "haproxy.cfg".into(),
+                runtime_socket: "/run/haproxy/admin.sock".into(),
+                maps_dir: "maps".into(),
+                certs_dir: "certs".into(),
+            },
+        }
+    }
+
+    /// How the configuration names a map file.
+    pub fn map_ref(&self, file: &str) -> String {
+        format!("{}/{file}", self.maps_dir)
+    }
+
+    /// How the configuration names a crt-list or certificate file.
+    pub fn cert_ref(&self, file: &str) -> String {
+        format!("{}/{file}", self.certs_dir)
+    }
+}
+
+/// The compiled output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub options: RenderOptions,
+    pub config: String,
+    /// Map file name → entries (key → route value), in HAProxy's map format once written.
+    pub maps: BTreeMap<String, BTreeMap<String, String>>,
+    /// crt-list file name → the certificate files it lists, as the configuration names them.
+    pub crt_lists: BTreeMap<String, Vec<String>>,
+    /// Certificate file name → the certificate (PEM of certificate and key: secret).
+    pub certs: BTreeMap<String, CertFile>,
+    /// HAProxy backends with their servers, for runtime changes and verification.
+    pub backends: BTreeMap<String, ProxyBackend>,
+    /// The state this was rendered from (JSON), so a later plan can say what changed.
+    pub manifest: String,
+}
+
+/// One file of the output, with its path relative to the configuration's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFile {
+    pub path: String,
+    pub bytes: Vec<u8>,
+    /// Holds a private key: never printed, written 0600.
+    pub secret: bool,
+    /// SHA-256 of the content, for certificates: a rendering from a recorded state knows
+    /// certificates by digest only (its `bytes` are then empty).
+    pub sha256: Option<String>,
+}
+
+impl OutputFile {
+    /// Whether `bytes` (found on a target) is this file's content.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        match &self.sha256 {
+            Some(digest) => hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)) == *digest,
+            None => self.bytes == bytes,
+        }
+    }
+}
+
+impl Rendered {
+    /// Every file to write, configuration first.
+    pub fn files(&self) -> Vec<OutputFile> {
+        let o = &self.options;
+        let mut files = vec![OutputFile {
+            path: o.config_name.clone(),
+            bytes: self.config.clone().into_bytes(),
+            secret: false,
+            sha256: None,
+        }];
+        for (name, entries) in &self.maps {
+            files.push(OutputFile {
+                path: o.map_ref(name),
+                bytes: map_text(entries).into_bytes(),
+                secret: false,
+                sha256: None,
+            });
+        }
+        for (name, lines) in &self.crt_lists {
+            files.push(OutputFile {
+                path: o.cert_ref(name),
+                bytes: lines
+                    .iter()
+                    .map(|l| format!("{l}\n"))
+                    .collect::<String>()
+                    .into_bytes(),
+                secret: false,
+                sha256: None,
+            });
+        }
+        for (name, cert) in &self.certs {
+            files.push(OutputFile {
+                path: o.cert_ref(name),
+                bytes: cert.pem.as_deref().unwrap_or_default().to_vec(),
+                secret: true,
+                sha256: Some(cert.sha256.clone()),
+            });
+        }
+        files.push(OutputFile {
+            path: MANIFEST.into(),
+            bytes: self.manifest.clone().into_bytes(),
+            secret: false,
+            sha256: None,
+        });
+        files
+    }
+}
+
+/// HAProxy's map file format: `key value` per line, sorted.
+pub fn map_text(entries: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(entries.len() * 48);
+    for (key, value) in entries {
+        out.push_str(key);
+        out.push(' ');
+        out.push_str(value);
+        out.push('\n');
+    }
+    out
+}
+
+fn environment() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .keep_trailing_newline(true)
+                .build()
+                .expect("default delimiters"),
+        );
+        env.set_formatter(filters::format_value);
+        for (name, text) in TEMPLATES {
+            env.add_template(name, text)
+                .expect("embedded template parses");
+        }
+        env
+    })
+}
+
+const TEMPLATES: [(&str, &str); 5] = [
+    (
+        "haproxy.cfg.j2",
+        include_str!("../../templates/haproxy.cfg.j2"),
+    ),
+    ("global.j2", include_str!("../../templates/global.j2")),
+    (
+        "frontend_http.j2",
+        include_str!("../../templates/frontend_http.j2"),
+    ),
+    (
+        "frontend_tcp.j2",
+        include_str!("../../templates/frontend_tcp.j2"),
+    ),
+    ("backend.j2", include_str!("../../templates/backend.j2")),
+];
+
+#[derive(Serialize)]
+struct ListenerView {
+    name: String,
+    bind: String,
+    own_map: String,
+    crt_list: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ServerView {
+    name: String,
+    address: String,
+    params: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct CheckView {
+    path: String,
+    host: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BackendView {
+    name: String,
+    mode: &'static str,
+    balance: &'static str,
+    pool_of: Option<String>,
+    http_check: Option<CheckView>,
+    servers: Vec<ServerView>,
+}
+
+#[derive(Serialize)]
+struct GlobalView {
+    maxconn: u32,
+    hard_stop_after: String,
+    mworker_max_reloads: u32,
+    log: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ConfigView {
+    runtime_socket: String,
+    g: GlobalView,
+    t: BTreeMap<&'static str, String>,
+    http_listeners: Vec<ListenerView>,
+    tcp_listeners: Vec<ListenerView>,
+    shared_map: String,
+    not_found: &'static str,
+    reject: &'static str,
+    backends: Vec<BackendView>,
+}
+
+#[derive(Serialize)]
+struct ManifestView<'a> {
+    format_version: u32,
+    document: &'a serde_json::Value,
+    certificates: BTreeMap<&'a str, BTreeMap<&'a str, &'a str>>,
+}
+
+pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, RenderError> {
+    let backends = layout::proxy_backends(model);
+    let maps = layout::route_maps(model);
+    for (file, entries) in &maps {
+        filters::check_token(file).map_err(RenderError::Unsafe)?;
+        for (key, value) in entries {
+            filters::check_token(key).map_err(RenderError::Unsafe)?;
+            filters::check_token(value).map_err(RenderError::Unsafe)?;
+        }
+    }
+
+    let mut crt_lists = BTreeMap::new();
+    let mut certs = BTreeMap::new();
+    let mut http_listeners = Vec::new();
+    let mut tcp_listeners = Vec::new();
+    for (name, listener) in &model.listeners {
+        let crt_list = listener.certificates().map(|c| {
+            let list_name = format!("{name}.crt-list");
+            let mut lines = Vec::new();
+            for file in &c.files {
+                let file_name = format!("{name}.{}", file.name);
+                lines.push(options.cert_ref(&file_name));
+                certs.insert(file_name, file.clone());
+            }
+            crt_lists.insert(list_name.clone(), lines);
+            options.cert_ref(&list_name)
+        });
+        let view = ListenerView {
+            name: name.clone(),
+            bind: listener.bind.to_string(),
+            own_map: options.map_ref(&layout::listener_map(name)),
+            crt_list,
+        };
+        match &listener.kind {
+            ListenerKind::Http { .. } => http_listeners.push(view),
+            ListenerKind::Tcp {
+                tls: TcpTls::Passthrough | TcpTls::Terminate(_),
+            } => tcp_listeners.push(view),
+        }
+    }
+
+    let backend_views: Vec<BackendView> = backends
+        .values()
+        .map(|b| BackendView {
+            name: b.name.clone(),
+            mode: match b.mode {
+                crate::model::Mode::Http => "http",
+                crate::model::Mode::Tcp => "tcp",
+            },
+            balance: b.balance.as_str(),
+            pool_of: b.pool_of.clone(),
+            http_check: b.http_check.as_ref().map(|h| CheckView {
+                path: h.path.clone().unwrap_or_default(),
+                host: h.host.clone(),
+            }),
+            servers: b
+                .servers
+                .iter()
+                .map(|s| ServerView {
+                    name: s.name.clone(),
+                    address: s.address(),
+                    params: s.params(),
+                })
+                .collect(),
+        })
+        .collect();
+
+    let g = &model.global;
+    let t = &g.timeouts;
+    let timeouts: BTreeMap<&str, String> = [
+        ("connect", t.connect),
+        ("client", t.client),
+        ("server", t.server),
+        ("http_request", t.http_request),
+        ("http_keep_alive", t.http_keep_alive),
+        ("tunnel", t.tunnel),
+        ("tcp_inspect", t.tcp_inspect),
+        ("check", t.check),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_string()))
+    .collect();
+    let view = ConfigView {
+        runtime_socket: options.runtime_socket.clone(),
+        g: GlobalView {
+            maxconn: g.maxconn,
+            hard_stop_after: g.hard_stop_after.to_string(),
+            mworker_max_reloads: g.mworker_max_reloads,
+            log: g.log.clone(),
+        },
+        t: timeouts,
+        http_listeners,
+        tcp_listeners,
+        shared_map: options.map_ref(layout::SHARED_HTTP_MAP),
+        not_found: layout::NOT_FOUND_BACKEND,
+        reject: layout::REJECT_BACKEND,
+        backends: backend_views,
+    };
+    let config = environment()
+        .get_template("haproxy.cfg.j2")?
+        .render(minijinja::Value::from(minijinja::value::Serde(view)))?;
+
+    let manifest = ManifestView {
+        format_version: 1,
+        document: model.document(),
+        certificates: model
+            .listeners
+            .iter()
+            .filter_map(|(name, l)| {
+                l.certificates().map(|c| {
+                    (
+                        name.as_str(),
+                        c.files
+                            .iter()
+                            .map(|f| (f.name.as_str(), f.sha256.as_str()))
+                            .collect(),
+                    )
+                })
+            })
+            .collect(),
+    };
+    let mut manifest = serde_json::to_string(&manifest).expect("manifest serializes");
+    manifest.push('\n');
+
+    Ok(Rendered {
+        options: options.clone(),
+        config,
+        maps,
+        crt_lists,
+        certs,
+        backends,
+        manifest,
+    })
+}

@@ -1,0 +1,626 @@
+//! `load`: the first step of the pipeline and the only code that knows YAML. Reads one state
+//! file or a directory of `*.yaml` files, merges them into one JSON document (a key defined
+//! twice is an error naming both places), reads the certificate folders the state names, and
+//! keeps each file's text so any later diagnostic can point at the user's line and column.
+
+use super::diagnostics::{Diagnostic, Location};
+use super::spans::{SpanIndex, escape_pointer_token};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the state at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no state files (*.yaml, *.yml) under {0}")]
+    NoStateFiles(PathBuf),
+}
+
+#[derive(Debug)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+    spans: OnceLock<SpanIndex>,
+}
+
+impl SourceFile {
+    pub fn new(path: PathBuf, text: String) -> SourceFile {
+        SourceFile {
+            path,
+            text,
+            spans: OnceLock::new(),
+        }
+    }
+}
+
+/// One certificate file of a listener's `certificates` folder, as read from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFile {
+    pub name: String,
+    pub sha256: String,
+    /// The PEM bytes; `None` when the certificate is known only by its digest (a state
+    /// recorded by a previous apply).
+    pub pem: Option<Arc<[u8]>>,
+}
+
+impl CertFile {
+    pub fn from_pem(name: String, pem: Vec<u8>) -> CertFile {
+        CertFile {
+            name,
+            sha256: hex::encode(Sha256::digest(&pem)),
+            pem: Some(pem.into()),
+        }
+    }
+}
+
+/// A listener's certificate folder: where it resolved to, and its `*.pem` files or why they
+/// could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertDir {
+    pub path: PathBuf,
+    pub files: Result<Vec<CertFile>, String>,
+}
+
+/// The loaded, merged desired state with everything needed to point back at the user's text.
+#[derive(Debug)]
+pub struct Source {
+    pub files: Vec<SourceFile>,
+    pub document: Value,
+    /// `/section/entry` (and `/section`) → index of the file that defined it.
+    origins: BTreeMap<String, usize>,
+    /// Listener name → its certificate folder.
+    pub certificates: BTreeMap<String, CertDir>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Reads the state at `path` (a file or a directory) and the certificate folders it names.
+pub fn load_path(path: &Path) -> Result<Source, LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let paths = if meta.is_dir() {
+        let mut found = Vec::new();
+        collect_yaml(path, &mut found).map_err(io)?;
+        found.sort();
+        if found.is_empty() {
+            return Err(LoadError::NoStateFiles(path.to_path_buf()));
+        }
+        found
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        files.push(SourceFile::new(p, text));
+    }
+    let mut source = Source::parse(files);
+    source.read_certificates();
+    Ok(source)
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Hidden entries (.git, editors' swap files) are never state.
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let meta = std::fs::metadata(&path)?;
+        if meta.is_dir() {
+            collect_yaml(&path, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl Source {
+    /// Parses and merges in-memory files. Certificate folders are not read: see `load_path`.
+    pub fn parse(files: Vec<SourceFile>) -> Source {
+        let mut source = Source {
+            files,
+            document: Value::Object(Map::new()),
+            origins: BTreeMap::new(),
+            certificates: BTreeMap::new(),
+            diagnostics: Vec::new(),
+        };
+        for index in 0..source.files.len() {
+            match parse_yaml(&source.files[index].text) {
+                Ok(Value::Null) => {}
+                Ok(Value::Object(sections)) => source.merge(index, sections),
+                Ok(_) => {
+                    let location = source.file_location(index, 1, 1);
+                    source.diagnostics.push(
+                        Diagnostic::error("not-a-mapping", "a state file must be a mapping of sections")
+                            .hint("start with `version: 1` and sections such as `listeners:`, `agents:`, `backends:`, `domains:`")
+                            .at(Some(location)),
+                    );
+                }
+                Err((message, line, column)) => {
+                    let location = source.file_location(index, line, column);
+                    source.diagnostics.push(
+                        Diagnostic::error("yaml-syntax", message)
+                            .hint("fix the YAML syntax; the rest of this file was not read")
+                            .at(Some(location)),
+                    );
+                }
+            }
+        }
+        source
+    }
+
+    fn file_location(&self, index: usize, line: usize, column: usize) -> Location {
+        Location {
+            file: self.files[index].path.clone(),
+            line,
+            column,
+        }
+    }
+
+    fn merge(&mut self, index: usize, sections: Map<String, Value>) {
+        let document = self
+            .document
+            .as_object_mut()
+            .expect("document is an object");
+        let mut duplicates = Vec::new();
+        for (section, value) in sections {
+            let section_pointer = format!("/{}", escape_pointer_token(&section));
+            if section == "version" {
+                match document.get("version") {
+                    Some(existing) if *existing != value => duplicates.push((
+                        section_pointer.clone(),
+                        self.origins[&section_pointer],
+                        "version-mismatch",
+                        format!("`version` is {value} here but {existing} in another file"),
+                    )),
+                    Some(_) => {}
+                    None => {
+                        document.insert(section, value);
+                        self.origins.insert(section_pointer, index);
+                    }
+                }
+                continue;
+            }
+            let value = if value.is_null() {
+                Value::Object(Map::new())
+            } else {
+                value
+            };
+            match (document.get_mut(&section), value) {
+                (Some(Value::Object(existing)), Value::Object(entries)) => {
+                    for (name, entry) in entries {
+                        let pointer = format!("{section_pointer}/{}", escape_pointer_token(&name));
+                        if existing.contains_key(&name) {
+                            duplicates.push((
+                                pointer.clone(),
+                                self.origins[&pointer],
+                                "duplicate-key",
+                                format!(
+                                    "{} {} is defined twice",
+                                    singular(&section),
+                                    super::diagnostics::quote(&name)
+                                ),
+                            ));
+                        } else {
+                            existing.insert(name, entry);
+                            self.origins.insert(pointer, index);
+                        }
+                    }
+                }
+                (Some(_), _) => duplicates.push((
+                    section_pointer.clone(),
+                    self.origins[&section_pointer],
+                    "duplicate-key",
+                    format!("section `{section}` is defined twice"),
+                )),
+                (None, value) => {
+                    if let Value::Object(entries) = &value {
+                        for name in entries.keys() {
+                            let pointer =
+                                format!("{section_pointer}/{}", escape_pointer_token(name));
+                            self.origins.insert(pointer, index);
+                        }
+                    }
+                    document.insert(section, value);
+                    self.origins.insert(section_pointer, index);
+                }
+            }
+        }
+        for (pointer, first, code, message) in duplicates {
+            let here = self.locate_in(index, &pointer, true);
+            let there = self.locate_in(first, &pointer, true);
+            self.diagnostics.push(
+                Diagnostic::error(code, message)
+                    .hint("keep one definition: state files in a directory are merged, and each name may appear once")
+                    .at(here)
+                    .pointer(pointer)
+                    .note(there, "first defined here"),
+            );
+        }
+    }
+
+    /// Reads the `certificates` folder of every listener, relative to the file declaring it.
+    fn read_certificates(&mut self) {
+        let Some(listeners) = self.document.get("listeners").and_then(Value::as_object) else {
+            return;
+        };
+        let mut dirs = BTreeMap::new();
+        for (name, listener) in listeners {
+            let Some(dir) = listener.get("certificates").and_then(Value::as_str) else {
+                continue;
+            };
+            // Paths that validation will reject are never touched.
+            if !crate::model::names::is_safe_path(dir) {
+                continue;
+            }
+            let pointer = format!("/listeners/{}", escape_pointer_token(name));
+            let path = self.base_dir(&pointer).join(dir);
+            let files = read_cert_dir(&path);
+            dirs.insert(name.clone(), CertDir { path, files });
+        }
+        self.certificates = dirs;
+    }
+
+    /// The state recorded by a previous apply (the manifest written beside haproxy.cfg):
+    /// its document, and its certificates known by digest only.
+    pub fn from_manifest(text: &str, origin: &Path) -> Result<Source, String> {
+        #[derive(serde::Deserialize)]
+        struct Manifest {
+            format_version: u32,
+            document: Value,
+            #[serde(default)]
+            certificates: BTreeMap<String, BTreeMap<String, String>>,
+        }
+        let manifest: Manifest =
+            serde_json::from_str(text).map_err(|e| format!("{}: {e}", origin.display()))?;
+        if manifest.format_version != 1 {
+            return Err(format!(
+                "{}: unknown format_version {}",
+                origin.display(),
+                manifest.format_version
+            ));
+        }
+        let certificates = manifest
+            .certificates
+            .into_iter()
+            .map(|(listener, files)| {
+                let files = files
+                    .into_iter()
+                    .map(|(name, sha256)| CertFile {
+                        name,
+                        sha256,
+                        pem: None,
+                    })
+                    .collect();
+                (
+                    listener,
+                    CertDir {
+                        path: PathBuf::new(),
+                        files: Ok(files),
+                    },
+                )
+            })
+            .collect();
+        Ok(Source {
+            files: vec![SourceFile::new(origin.to_path_buf(), String::new())],
+            document: manifest.document,
+            origins: BTreeMap::new(),
+            certificates,
+            diagnostics: Vec::new(),
+        })
+    }
+
+    /// The directory relative paths in the entry at `pointer` resolve against: the folder of
+    /// the file that declared it.
+    pub fn base_dir(&self, pointer: &str) -> PathBuf {
+        self.origin(pointer)
+            .and_then(|index| self.files[index].path.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
+    fn origin(&self, pointer: &str) -> Option<usize> {
+        let mut current = pointer;
+        loop {
+            if let Some(index) = self.origins.get(current) {
+                return Some(*index);
+            }
+            match current.rfind('/') {
+                Some(idx) if idx > 0 => current = &current[..idx],
+                _ => return if self.files.len() == 1 { Some(0) } else { None },
+            }
+        }
+    }
+
+    /// The position of the key (`key: true`) or value at `pointer` in the file that defined it.
+    pub fn locate(&self, pointer: &str, key: bool) -> Option<Location> {
+        let index = self.origin(pointer)?;
+        self.locate_in(index, pointer, key)
+    }
+
+    fn locate_in(&self, index: usize, pointer: &str, key: bool) -> Option<Location> {
+        let file = &self.files[index];
+        let spans = file.spans.get_or_init(|| SpanIndex::build(&file.text));
+        let (span, exact) = spans.find(pointer)?;
+        // For a missing child (say, a required field), point at its parent's key.
+        let position = if key || !exact {
+            span.key.unwrap_or(span.value)
+        } else {
+            span.value
+        };
+        Some(Location {
+            file: file.path.clone(),
+            line: position.line,
+            column: position.column,
+        })
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+fn singular(section: &str) -> String {
+    match section {
+        "listeners" => "listener".into(),
+        "agents" => "agent".into(),
+        "backends" => "backend".into(),
+        "domains" => "domain".into(),
+        "targets" => "target".into(),
+        "groups" => "group".into(),
+        other => format!("`{other}` entry"),
+    }
+}
+
+fn read_cert_dir(path: &Path) -> Result<Vec<CertFile>, String> {
+    let entries = std::fs::read_dir(path).map_err(|e| e.to_string())?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".pem") {
+            continue;
+        }
+        let pem = std::fs::read(entry.path()).map_err(|e| format!("{name}: {e}"))?;
+        files.push(CertFile::from_pem(name, pem));
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// Parses one YAML document into JSON, refusing duplicate keys and tags. On error returns the
+/// message and its 1-based line and column.
+fn parse_yaml(text: &str) -> Result<Value, (String, usize, usize)> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    match StrictValue::deserialize(deserializer) {
+        Ok(StrictValue(value)) => Ok(value),
+        Err(error) => {
+            let (line, column) = error
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            let mut message = error.to_string();
+            // serde_yaml appends " at line X column Y"; the location prefix says it already.
+            if let Some(idx) = message.find(" at line ") {
+                message.truncate(idx);
+            }
+            // serde_yaml places a duplicate key at its mapping; point at the repeated key.
+            if message.contains("defined twice")
+                && let Some((_, pos)) = SpanIndex::build(text).duplicates.first()
+            {
+                return Err((message, pos.line, pos.column));
+            }
+            Err((message, line, column))
+        }
+    }
+}
+
+/// A JSON value built straight from YAML events, rejecting what JSON cannot say and what a
+/// plain map would silently drop (a key written twice: the second would win).
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a YAML value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("numbers must be finite"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        StrictValue::deserialize(d).map(|v| v.0)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(KeyString(key)) = map.next_key()? {
+            let StrictValue(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format!(
+                    "{} is defined twice in the same mapping",
+                    super::diagnostics::quote(&key)
+                )));
+            }
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, _data: A) -> Result<Value, A::Error> {
+        Err(de::Error::custom(
+            "YAML tags (`!name`) are not supported in a state file",
+        ))
+    }
+}
+
+/// A mapping key: strings as they are, plain numbers and booleans as their text.
+struct KeyString(String);
+
+impl<'de> Deserialize<'de> for KeyString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<String, E> {
+                Ok(v.to_owned())
+            }
+            fn visit_string<E>(self, v: String) -> Result<String, E> {
+                Ok(v)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<String, E> {
+                Err(E::custom("a mapping key cannot be empty (null)"))
+            }
+        }
+        deserializer.deserialize_any(KeyVisitor).map(KeyString)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(files: &[(&str, &str)]) -> Source {
+        Source::parse(
+            files
+                .iter()
+                .map(|(p, t)| SourceFile::new(PathBuf::from(p), t.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn merges_files_by_entry() {
+        let s = parse(&[
+            (
+                "a.yaml",
+                "version: 1\ndomains:\n  a.example.com: { backend: x }\n",
+            ),
+            (
+                "b.yaml",
+                "version: 1\ndomains:\n  b.example.com: { backend: y }\n",
+            ),
+        ]);
+        assert!(s.diagnostics.is_empty(), "{:?}", s.diagnostics);
+        assert_eq!(s.document["domains"].as_object().unwrap().len(), 2);
+        let loc = s.locate("/domains/b.example.com/backend", false).unwrap();
+        assert_eq!(loc.file, PathBuf::from("b.yaml"));
+        assert_eq!((loc.line, loc.column), (3, 29));
+    }
+
+    #[test]
+    fn duplicate_across_files_names_both_places() {
+        let s = parse(&[
+            ("a.yaml", "domains:\n  a.example.com: { backend: x }\n"),
+            ("b.yaml", "\n\ndomains:\n  a.example.com: { backend: y }\n"),
+        ]);
+        assert_eq!(s.diagnostics.len(), 1);
+        let d = &s.diagnostics[0];
+        assert_eq!(d.code, "duplicate-key");
+        assert_eq!(d.location.as_ref().unwrap().file, PathBuf::from("b.yaml"));
+        assert_eq!(d.location.as_ref().unwrap().line, 4);
+        let first = d.notes[0].location.as_ref().unwrap();
+        assert_eq!((first.file.to_str().unwrap(), first.line), ("a.yaml", 2));
+    }
+
+    #[test]
+    fn duplicate_in_one_mapping_is_a_syntax_error_with_position() {
+        let s = parse(&[(
+            "a.yaml",
+            "agents:\n  a: { address: 10.0.0.1 }\n  a: { address: 10.0.0.2 }\n",
+        )]);
+        assert_eq!(s.diagnostics.len(), 1, "{:?}", s.diagnostics);
+        let d = &s.diagnostics[0];
+        assert_eq!(d.code, "yaml-syntax");
+        assert!(d.message.contains("defined twice"), "{}", d.message);
+        assert_eq!(d.location.as_ref().unwrap().line, 3);
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let s = parse(&[("a.yaml", "domains:\n  a: [unclosed\n")]);
+        assert_eq!(s.diagnostics[0].code, "yaml-syntax");
+        assert!(s.diagnostics[0].location.as_ref().unwrap().line >= 2);
+    }
+
+    #[test]
+    fn tags_are_refused() {
+        let s = parse(&[("a.yaml", "agents: !custom { a: 1 }\n")]);
+        assert_eq!(s.diagnostics[0].code, "yaml-syntax");
+    }
+
+    #[test]
+    fn version_must_agree() {
+        let s = parse(&[("a.yaml", "version: 1\n"), ("b.yaml", "version: 2\n")]);
+        assert_eq!(s.diagnostics[0].code, "version-mismatch");
+    }
+}

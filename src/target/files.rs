@@ -1,0 +1,170 @@
+//! File I/O of the targets: atomic writes (temporary file, fsync, rename) with the right
+//! modes, and reading back what a rendering consists of.
+
+use crate::plan::Live;
+use crate::render::{self, MANIFEST, OutputFile, Rendered};
+use crate::spec::load::Source;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Mode of files HAProxy reads (root and the haproxy group).
+pub const FILE_MODE: u32 = 0o640;
+/// Mode of files holding private keys.
+pub const SECRET_MODE: u32 = 0o600;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct FileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn err(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    move |source| FileError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.lunafront-tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        // The mode given at creation is filtered by the umask: set it exactly.
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err(path))
+}
+
+pub fn mode_of(file: &OutputFile) -> u32 {
+    if file.secret { SECRET_MODE } else { FILE_MODE }
+}
+
+/// Reads the files at `paths` (relative to `dir`); missing files are simply absent.
+pub fn read_files(
+    dir: &Path,
+    paths: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Vec<u8>>, FileError> {
+    let mut out = BTreeMap::new();
+    for rel in paths {
+        let path = dir.join(rel);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                out.insert(rel.clone(), bytes);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&path)(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the model recorded in `dir`'s manifest: `Ok(None)` when there is none.
+pub fn read_previous(dir: &Path) -> Result<Option<crate::model::Model>, String> {
+    let path = dir.join(MANIFEST);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let source = Source::from_manifest(&text, &path)?;
+    let validation = crate::model::validate(&source);
+    match validation.model {
+        Some(model) => Ok(Some(model)),
+        None => Err(format!(
+            "{}: the recorded state no longer validates ({})",
+            path.display(),
+            validation
+                .errors()
+                .next()
+                .map(|d| d.message.clone())
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// What a folder holding a rendering has now: the files the new rendering would write and
+/// those the recorded previous rendering wrote, plus the recorded model.
+pub fn observe_dir(dir: &Path, rendered: &Rendered) -> Result<Live, FileError> {
+    let (previous, previous_error) = match read_previous(dir) {
+        Ok(model) => (model, None),
+        Err(e) => (None, Some(e)),
+    };
+    let mut paths: BTreeSet<String> = rendered.files().into_iter().map(|f| f.path).collect();
+    if let Some(model) = &previous
+        && let Ok(old) = render::render(model, &rendered.options)
+    {
+        paths.extend(old.files().into_iter().map(|f| f.path));
+    }
+    let files = read_files(dir, &paths)?;
+    Ok(Live {
+        files,
+        previous,
+        previous_error,
+    })
+}
+
+/// Writes a rendering into `dir` (each file atomically, configuration last so it never names a
+/// map that is not there yet) and removes files the previous rendering wrote that this one
+/// does not. Returns the paths written.
+pub fn write_rendered(
+    dir: &Path,
+    rendered: &Rendered,
+    live: &Live,
+) -> Result<Vec<String>, FileError> {
+    let files = rendered.files();
+    let mut written = Vec::new();
+    let config_name = &rendered.options.config_name;
+    let (config, rest): (Vec<&OutputFile>, Vec<&OutputFile>) =
+        files.iter().partition(|f| &f.path == config_name);
+    for file in rest.iter().chain(config.iter()) {
+        let path = dir.join(&file.path);
+        if live.files.get(&file.path).map(Vec::as_slice) == Some(file.bytes.as_slice())
+            && has_mode(&path, mode_of(file))
+        {
+            continue;
+        }
+        write_atomic(&path, &file.bytes, mode_of(file))?;
+        written.push(file.path.clone());
+    }
+    let keep: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    for stale in live.files.keys().filter(|p| !keep.contains(p.as_str())) {
+        let path = dir.join(stale);
+        match fs::remove_file(&path) {
+            Ok(()) => written.push(stale.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&path)(e)),
+        }
+    }
+    Ok(written)
+}
+
+fn has_mode(path: &Path, mode: u32) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o777 == mode)
+}

@@ -1,0 +1,67 @@
+//! Targets: the I/O edge of the pipeline. A target observes what an HAProxy holds (`Live`) and
+//! applies a plan to it. `haproxy` is a local HAProxy (files, master CLI, runtime socket).
+
+pub mod files;
+pub mod haproxy;
+
+use crate::model::{Model, Target};
+use crate::plan::Live;
+use crate::render::{RenderOptions, Rendered};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{0}")]
+    Select(String),
+    #[error(transparent)]
+    Files(#[from] files::FileError),
+    #[error("target {target}: {message}")]
+    Unsupported { target: String, message: String },
+}
+
+/// A target chosen from the state: by `--target NAME`, or the only one there is.
+pub fn select<'m>(
+    model: &'m Model,
+    name: Option<&str>,
+) -> Result<(String, &'m Target), TargetError> {
+    match name {
+        Some(name) => model
+            .targets
+            .get(name)
+            .map(|t| (name.to_string(), t))
+            .ok_or_else(|| {
+                let known: Vec<&str> = model.targets.keys().map(String::as_str).collect();
+                TargetError::Select(format!(
+                    "no target named `{name}` in the state (targets: {})",
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ))
+            }),
+        None => match model.targets.len() {
+            1 => {
+                let (name, target) = model.targets.iter().next().expect("one target");
+                Ok((name.clone(), target))
+            }
+            0 => Err(TargetError::Select(
+                "the state has no `targets:`; add one, such as `targets: { local: { type: haproxy, config: /etc/haproxy/haproxy.cfg } }`".into(),
+            )),
+            _ => Err(TargetError::Select(format!(
+                "the state has several targets ({}); choose one with --target",
+                model.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        },
+    }
+}
+
+pub fn render_options(target: &Target) -> RenderOptions {
+    RenderOptions::for_target(Some(target))
+}
+
+/// Reads what the target holds now.
+pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
+    match target {
+        Target::Haproxy(t) => haproxy::observe(t, rendered),
+        Target::Dataplane(_) => Err(TargetError::Unsupported {
+            target: name.to_string(),
+            message: "the dataplane target type is not available in this build yet".into(),
+        }),
+    }
+}
