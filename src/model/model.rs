@@ -202,7 +202,8 @@ pub enum PasswordSource {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Global {
-    pub maxconn: u32,
+    /// `None`: HAProxy derives it from the file-descriptor limit it runs with.
+    pub maxconn: Option<u32>,
     pub hard_stop_after: Duration,
     pub mworker_max_reloads: u32,
     pub log: Option<String>,
@@ -228,7 +229,7 @@ pub struct Timeouts {
 impl Default for Global {
     fn default() -> Self {
         Global {
-            maxconn: 50_000,
+            maxconn: None,
             hard_stop_after: Duration::from_ms(30 * 60_000),
             mworker_max_reloads: 50,
             log: None,

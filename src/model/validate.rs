@@ -42,7 +42,11 @@ pub fn validate(source: &Source) -> Validation {
 
     // The semantic rules explain a bad value better than the schema's pattern does: where
     // both speak of the same value, keep the semantic diagnostic.
-    let explained: HashSet<&str> = semantic.iter().map(|d| d.pointer.as_str()).collect();
+    let explained: HashSet<&str> = semantic
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.pointer.as_str())
+        .collect();
     let mut diagnostics: Vec<Diagnostic> = source.diagnostics.clone();
     diagnostics.extend(
         schema_diagnostics
@@ -180,6 +184,14 @@ struct Checker<'a> {
 
 /// The entries of one section: name, JSON pointer, value.
 fn entries<'v>(document: &'v Value, section: &str) -> Vec<(&'v str, String, &'v Value)> {
+    all_entries(document, section)
+        .into_iter()
+        .filter(|(name, ..)| section == "domains" || names::is_identifier(name))
+        .collect()
+}
+
+/// Like `entries`, including entries whose names are invalid.
+fn all_entries<'v>(document: &'v Value, section: &str) -> Vec<(&'v str, String, &'v Value)> {
     document
         .get(section)
         .and_then(Value::as_object)
@@ -254,7 +266,29 @@ impl<'a> Checker<'a> {
         );
     }
 
+    /// Every entry name of the named sections must be an identifier; entries with other
+    /// names are reported here and never reach the model.
+    fn check_names(&mut self) {
+        for section in ["listeners", "agents", "backends", "targets", "groups"] {
+            for (name, pointer, _) in all_entries(&self.source.document, section) {
+                if !names::is_identifier(name) {
+                    self.error(
+                        "invalid-name",
+                        &pointer,
+                        true,
+                        format!(
+                            "{} is not a valid name for an entry of `{section}`",
+                            quote(name)
+                        ),
+                        names::IDENTIFIER_RULE,
+                    );
+                }
+            }
+        }
+    }
+
     fn build(&mut self) -> Option<Model> {
+        self.check_names();
         let doc = &self.source.document;
         let agent_names: BTreeSet<&str> = entries(doc, "agents").iter().map(|e| e.0).collect();
         let backend_names: BTreeSet<&str> = entries(doc, "backends").iter().map(|e| e.0).collect();
@@ -1261,7 +1295,7 @@ impl<'a> Checker<'a> {
             )
             .unwrap_or(defaults.hard_stop_after);
         Global {
-            maxconn: raw.maxconn.unwrap_or(defaults.maxconn),
+            maxconn: raw.maxconn,
             hard_stop_after,
             mworker_max_reloads: raw
                 .mworker_max_reloads

@@ -186,7 +186,8 @@ fn global_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
             );
         }
     };
-    field("maxconn", o.maxconn.to_string(), n.maxconn.to_string());
+    let show = |m: Option<u32>| m.map(|m| m.to_string()).unwrap_or_else(|| "auto".into());
+    field("maxconn", show(o.maxconn), show(n.maxconn));
     field(
         "hard_stop_after",
         o.hard_stop_after.to_string(),

@@ -251,7 +251,7 @@ struct BackendView {
 
 #[derive(Serialize)]
 struct GlobalView {
-    maxconn: u32,
+    maxconn: Option<u32>,
     hard_stop_after: String,
     mworker_max_reloads: u32,
     log: Option<String>,

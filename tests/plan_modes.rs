@@ -1,0 +1,480 @@
+//! The plan's promise, checked for every kind of change: a change marked `runtime` really needs
+//! no reload (the configuration differs only in what the runtime API changes), and whenever a
+//! reload is needed some change says so and why. Pure: no HAProxy here (the apply tests prove
+//! the runtime path on a live one).
+
+use lunafront::model::{Model, validate};
+use lunafront::plan::diff::{Action, Kind, Mode};
+use lunafront::plan::{Live, make_plan};
+use lunafront::render::{RenderOptions, Rendered, render};
+use lunafront::spec::load::{Source, SourceFile};
+use serde_json::{Value, json};
+
+fn base() -> Value {
+    json!({
+        "version": 1,
+        "listeners": {
+            "http": { "bind": "127.0.0.1:8080" },
+            "mongodb": { "bind": "127.0.0.1:27017", "tls": "passthrough" }
+        },
+        "agents": {
+            "agent-7": { "address": "203.0.113.7" },
+            "agent-8": { "address": "203.0.113.8" }
+        },
+        "backends": {
+            "shop": { "servers": [ { "agent": "agent-7", "port": 9001 } ] },
+            "blog": { "servers": [ { "agent": "agent-8", "port": 9002 } ], "health_check": true },
+            "api": { "servers": [ { "agent": "agent-7", "port": 8000, "weight": 2 }, { "agent": "agent-8", "port": 8000 } ], "health_check": { "path": "/health" } },
+            "legacy": { "servers": [ { "address": "10.0.0.5", "port": 80, "weight": 10 } ] },
+            "db7": { "servers": [ { "agent": "agent-7", "port": 27017 } ] },
+            "duo": { "servers": [ { "agent": "agent-7", "port": 7000 }, { "agent": "agent-8", "port": 7000 } ] }
+        },
+        "domains": {
+            "shop.apps.example.com": { "backend": "shop" },
+            "blog.apps.example.com": { "backend": "blog" },
+            "api.example.com": { "backend": "api" },
+            "legacy.example.com": { "backend": "legacy" },
+            "duo.example.com": { "backend": "duo" },
+            "*.preview.example.com": { "backend": "shop" },
+            "agent-7.mongodb.example.com": { "backend": "db7", "listener": "mongodb" }
+        }
+    })
+}
+
+fn model(doc: &Value) -> Model {
+    let source = Source::parse(vec![SourceFile::new(
+        "state.yaml".into(),
+        serde_json::to_string(doc).unwrap(),
+    )]);
+    let v = validate(&source);
+    v.model.unwrap_or_else(|| panic!("{:#?}", v.diagnostics))
+}
+
+fn rendered(m: &Model) -> Rendered {
+    render(m, &RenderOptions::for_target(None)).unwrap()
+}
+
+/// The target as the last apply of `old` left it.
+fn live_after(old: &Model) -> Live {
+    let r = rendered(old);
+    Live {
+        files: r.files().into_iter().map(|f| (f.path, f.bytes)).collect(),
+        previous: Some(old.clone()),
+        previous_error: None,
+    }
+}
+
+fn plan_between(old: &Value, new: &Value) -> lunafront::plan::Plan {
+    let (old, new) = (model(old), model(new));
+    make_plan("t", &new, &rendered(&new), &live_after(&old))
+}
+
+fn set(doc: &mut Value, pointer: &str, value: Value) {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    match doc.pointer_mut(parent).unwrap() {
+        Value::Array(items) => items[key.parse::<usize>().unwrap()] = value,
+        parent => {
+            parent
+                .as_object_mut()
+                .unwrap()
+                .insert(key.replace("~1", "/"), value);
+        }
+    }
+}
+
+fn remove(doc: &mut Value, pointer: &str) {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    doc.pointer_mut(parent)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove(&key.replace("~1", "/"));
+}
+
+type Edit = fn(&mut Value);
+
+/// Every route change the apply issue names, and the structural ones, with the expected mode.
+fn cases() -> Vec<(&'static str, Edit, Mode)> {
+    vec![
+        (
+            "add a domain to an existing backend",
+            |d| {
+                set(
+                    d,
+                    "/domains/new.apps.example.com",
+                    json!({"backend": "shop"}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add a wildcard domain",
+            |d| set(d, "/domains/*.new.example.com", json!({"backend": "api"})),
+            Mode::Runtime,
+        ),
+        (
+            "move a domain to another backend",
+            |d| {
+                set(
+                    d,
+                    "/domains/shop.apps.example.com",
+                    json!({"backend": "blog"}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "move a domain from a pooled app to a dedicated backend",
+            |d| {
+                set(
+                    d,
+                    "/domains/shop.apps.example.com",
+                    json!({"backend": "api"}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "remove a domain",
+            |d| remove(d, "/domains/legacy.example.com"),
+            Mode::Runtime,
+        ),
+        (
+            "add a MongoDB (SNI) domain",
+            |d| {
+                set(
+                    d,
+                    "/domains/db.mongodb.example.com",
+                    json!({"backend": "db7", "listener": "mongodb"}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add an app on a known agent (backend + domain)",
+            |d| {
+                set(
+                    d,
+                    "/backends/new-app",
+                    json!({"servers": [{"agent": "agent-8", "port": 9100}]}),
+                );
+                set(
+                    d,
+                    "/domains/new-app.apps.example.com",
+                    json!({"backend": "new-app"}),
+                );
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add a MongoDB app on a known agent",
+            |d| {
+                set(
+                    d,
+                    "/backends/db8",
+                    json!({"servers": [{"agent": "agent-8", "port": 27017}]}),
+                );
+                set(
+                    d,
+                    "/domains/agent-8.mongodb.example.com",
+                    json!({"backend": "db8", "listener": "mongodb"}),
+                );
+            },
+            Mode::Runtime,
+        ),
+        (
+            "remove an app (backend + domain)",
+            |d| {
+                remove(d, "/backends/shop");
+                remove(d, "/domains/shop.apps.example.com");
+                remove(d, "/domains/*.preview.example.com");
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add a server of an agent to a backend",
+            |d| {
+                set(
+                    d,
+                    "/backends/api/servers",
+                    json!([{"agent": "agent-7", "port": 8000, "weight": 2}, {"agent": "agent-8", "port": 8000}, {"agent": "agent-8", "port": 8001}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "remove a server of an agent from a backend",
+            |d| {
+                set(
+                    d,
+                    "/backends/api/servers",
+                    json!([{"agent": "agent-7", "port": 8000, "weight": 2}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        // The cost of agent pools: a backend that shrinks to a single agent server (and has
+        // nothing backend-wide) moves into its agent's pool, and one that grows out of it
+        // gets a section of its own. Both need a reload, and the plan says why.
+        (
+            "a backend shrinks to one agent server (moves into the pool)",
+            |d| {
+                set(
+                    d,
+                    "/backends/duo/servers",
+                    json!([{"agent": "agent-7", "port": 7000}]),
+                )
+            },
+            Mode::Reload,
+        ),
+        (
+            "a pooled app gets a second server (moves out of the pool)",
+            |d| {
+                set(
+                    d,
+                    "/backends/shop/servers",
+                    json!([{"agent": "agent-7", "port": 9001}, {"agent": "agent-8", "port": 9001}]),
+                )
+            },
+            Mode::Reload,
+        ),
+        (
+            "an agent changes address",
+            |d| set(d, "/agents/agent-7", json!({"address": "203.0.113.77"})),
+            Mode::Runtime,
+        ),
+        (
+            "change a weight",
+            |d| {
+                set(
+                    d,
+                    "/backends/legacy/servers",
+                    json!([{"address": "10.0.0.5", "port": 80, "weight": 20}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "put a server in maintenance",
+            |d| {
+                set(
+                    d,
+                    "/backends/api/servers/1",
+                    json!({"agent": "agent-8", "port": 8000, "maintenance": true}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "put a pooled app in maintenance",
+            |d| {
+                set(
+                    d,
+                    "/backends/shop/servers",
+                    json!([{"agent": "agent-7", "port": 9001, "maintenance": true}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "put an agent in maintenance",
+            |d| {
+                set(
+                    d,
+                    "/agents/agent-8",
+                    json!({"address": "203.0.113.8", "maintenance": true}),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "change a pooled app's port",
+            |d| {
+                set(
+                    d,
+                    "/backends/shop/servers",
+                    json!([{"agent": "agent-7", "port": 9009}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "move a pooled app to another agent",
+            |d| {
+                set(
+                    d,
+                    "/backends/shop/servers",
+                    json!([{"agent": "agent-8", "port": 9001}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add a new agent",
+            |d| set(d, "/agents/agent-9", json!({"address": "203.0.113.9"})),
+            Mode::Reload,
+        ),
+        (
+            "add a listener",
+            |d| set(d, "/listeners/alt", json!({"bind": "127.0.0.1:8081"})),
+            Mode::Reload,
+        ),
+        (
+            "change a global setting",
+            |d| set(d, "/global", json!({"hard_stop_after": "5m"})),
+            Mode::Reload,
+        ),
+        (
+            "add a backend of its own (address server)",
+            |d| {
+                set(
+                    d,
+                    "/backends/ext",
+                    json!({"servers": [{"address": "10.0.0.9", "port": 80}]}),
+                )
+            },
+            Mode::Reload,
+        ),
+        (
+            "change an HTTP health check path",
+            |d| set(d, "/backends/api/health_check", json!({"path": "/ready"})),
+            Mode::Reload,
+        ),
+        (
+            "turn on TLS to a backend",
+            |d| set(d, "/backends/legacy/tls", json!(true)),
+            Mode::Reload,
+        ),
+    ]
+}
+
+#[test]
+fn each_change_kind_applies_with_the_promised_mode() {
+    let mut report = Vec::new();
+    for (what, edit, expected) in cases() {
+        let mut new = base();
+        edit(&mut new);
+        let plan = plan_between(&base(), &new);
+        assert!(!plan.changes.is_empty(), "{what}: no change found");
+        let claimed = if plan.changes.iter().any(|c| c.mode == Mode::Reload) {
+            Mode::Reload
+        } else {
+            Mode::Runtime
+        };
+        let truth = if plan.reload_required {
+            Mode::Reload
+        } else {
+            Mode::Runtime
+        };
+        assert_eq!(
+            claimed, truth,
+            "{what}: the changes claim {claimed:?} but the configuration needs {truth:?}: {:#?}",
+            plan.changes
+        );
+        assert_eq!(
+            truth, expected,
+            "{what}: expected {expected:?}, got {truth:?}: {:#?}",
+            plan.changes
+        );
+        report.push(format!("{what}: {truth:?}"));
+    }
+    println!("{}", report.join("\n"));
+}
+
+#[test]
+fn an_unchanged_state_plans_nothing_and_an_empty_target_plans_everything() {
+    let plan = plan_between(&base(), &base());
+    assert!(plan.is_empty(), "{:#?}", plan.changes);
+    assert!(!plan.reload_required);
+
+    let m = model(&base());
+    let plan = make_plan("t", &m, &rendered(&m), &Live::default());
+    assert!(plan.reload_required);
+    assert!(plan.changes.iter().all(|c| c.action == Action::Create));
+    let domains = plan
+        .changes
+        .iter()
+        .filter(|c| c.kind == Kind::Domain)
+        .count();
+    assert_eq!(domains, 7);
+    // Tearing down: every entry is deleted.
+    let empty = model(&json!({"version": 1}));
+    let plan = make_plan("t", &empty, &rendered(&empty), &live_after(&m));
+    assert!(
+        plan.changes.iter().all(|c| c.action == Action::Delete),
+        "{:#?}",
+        plan.changes
+    );
+    assert_eq!(
+        plan.changes
+            .iter()
+            .filter(|c| c.kind == Kind::Domain)
+            .count(),
+        7
+    );
+}
+
+#[test]
+fn summaries_read_like_the_examples() {
+    let mut new = base();
+    set(
+        &mut new,
+        "/domains/new.apps.example.com",
+        json!({"backend": "shop"}),
+    );
+    set(
+        &mut new,
+        "/backends/legacy/servers",
+        json!([{"address": "10.0.0.5", "port": 80, "weight": 20}]),
+    );
+    remove(&mut new, "/agents/agent-8");
+    remove(&mut new, "/backends/blog");
+    remove(&mut new, "/backends/duo");
+    remove(&mut new, "/domains/duo.example.com");
+    remove(&mut new, "/domains/blog.apps.example.com");
+    set(
+        &mut new,
+        "/backends/api/servers",
+        json!([{"agent": "agent-7", "port": 8000, "weight": 2}]),
+    );
+    let plan = plan_between(&base(), &new);
+    let lines: Vec<String> = plan.changes.iter().map(|c| c.summary()).collect();
+    assert!(
+        lines.contains(&"+ domain new.apps.example.com → shop".to_string()),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(&"~ backend legacy: weight 10 → 20".to_string()),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.contains(&"- agent agent-8: 203.0.113.8".to_string()),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn drift_on_the_target_is_reported() {
+    let m = model(&base());
+    let mut live = live_after(&m);
+    let cfg = live.files.get_mut("haproxy.cfg").unwrap();
+    cfg.extend_from_slice(b"# edited by hand\n");
+    live.files
+        .get_mut("maps/hosts.map")
+        .unwrap()
+        .extend_from_slice(b"evil.example.com shop\n");
+    let plan = make_plan("t", &m, &rendered(&m), &live);
+    let drift: Vec<&str> = plan
+        .changes
+        .iter()
+        .filter(|c| c.kind == Kind::Global)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        drift,
+        vec!["haproxy.cfg", "maps/hosts.map"],
+        "{:#?}",
+        plan.changes
+    );
+    assert!(plan.reload_required);
+}

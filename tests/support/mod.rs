@@ -1,0 +1,476 @@
+//! Test support: the real things on loopback. Starts HAProxy, HTTP and TLS backends on free
+//! ports, makes certificates at test time (rcgen), and speaks HTTP and TLS as a client. Every
+//! process and thread started here is stopped when its handle is dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// The lunafront binary under test.
+pub fn lunafront() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lunafront"));
+    cmd.env("NO_COLOR", "1").env_remove("LUNAFRONT_STATE");
+    cmd
+}
+
+/// Runs lunafront with `args`; returns (exit code, stdout, stderr).
+pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = lunafront()
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run lunafront");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The haproxy executable. Tests that need it fail (never skip) when it is missing.
+pub fn haproxy_bin() -> &'static str {
+    static CHECK: Once = Once::new();
+    CHECK.call_once(|| {
+        let ok = Command::new("haproxy").arg("-v").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "haproxy is not installed: these tests need a real HAProxy (apt-get install haproxy); .ci/run installs it");
+    });
+    "haproxy"
+}
+
+/// `haproxy -c` on a configuration, run from an unrelated folder so that relative paths must
+/// resolve through `default-path config`.
+pub fn haproxy_check(config: &Path) -> Result<(), String> {
+    let out = Command::new(haproxy_bin())
+        .args(["-c", "-q", "-f"])
+        .arg(config)
+        .current_dir("/")
+        .output()
+        .expect("run haproxy -c");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the kernel will not hand it out again soon).
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed);
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A running HAProxy in master-worker mode, stopped on drop.
+pub struct Haproxy {
+    pub child: Child,
+    pub master_socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Haproxy {
+    /// Starts `haproxy -W -S <master> -f <config>` and waits until `ports` accept connections.
+    pub fn start(config: &Path, master_socket: &Path, ports: &[u16]) -> Haproxy {
+        let log = config.with_extension("log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(haproxy_bin())
+            .arg("-W")
+            .arg("-S")
+            .arg(format!("{},mode,600", master_socket.display()))
+            .arg("-f")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("start haproxy");
+        let haproxy = Haproxy {
+            child,
+            master_socket: master_socket.to_path_buf(),
+            log,
+        };
+        for port in ports {
+            assert!(
+                wait_for_port(*port, Duration::from_secs(10)),
+                "haproxy did not listen on {port}: {}",
+                std::fs::read_to_string(&haproxy.log).unwrap_or_default()
+            );
+        }
+        haproxy
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        // SIGTERM to the master stops the workers too; wait, then make sure.
+        unsafe_kill(self.child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A server on a loopback port that runs `handle` for each connection in its own thread.
+pub struct Server {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub connections: Arc<AtomicU64>,
+}
+
+impl Server {
+    pub fn spawn(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let handle = Arc::new(handle);
+        let (stop2, conns2) = (stop.clone(), connections.clone());
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                conns2.fetch_add(1, Ordering::Relaxed);
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(stream));
+            }
+        });
+        Server {
+            port,
+            stop,
+            thread: Some(thread),
+            connections,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An HTTP/1.1 backend (keep-alive) answering `backend=<name> host=<host> path=<path>`.
+pub fn http_backend(name: &str) -> Server {
+    let name = name.to_string();
+    Server::spawn(move |stream| serve_http(stream, &name))
+}
+
+fn serve_http(stream: TcpStream, name: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_string();
+        let mut host = String::new();
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "host" => host = v.trim().to_string(),
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    "connection" => close = v.trim().eq_ignore_ascii_case("close"),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let text = format!("backend={name} host={host} path={path}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 request through a fresh connection; returns (status, body).
+pub fn http_get(port: u16, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    parse_response(&response)
+}
+
+pub fn parse_response(response: &str) -> std::io::Result<(u16, String)> {
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+// ---- TLS: certificates made at test time, rustls on both sides. ----
+
+pub struct TestCa {
+    pub cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Leaf {
+    /// Certificate and key in one file, as HAProxy's crt-list wants them.
+    pub fn combined(&self) -> String {
+        format!("{}{}", self.cert_pem, self.key_pem)
+    }
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "lunafront test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names`, signed by this CA.
+    pub fn leaf(&self, names: &[&str]) -> Leaf {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_certs(&self.cert_pem) {
+            roots.add(cert).unwrap();
+        }
+        roots
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(self.roots())
+                .with_no_client_auth(),
+        )
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn rustls_pki_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+fn server_config(leaf: &Leaf) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(rustls_pki_certs(&leaf.cert_pem), key)
+            .unwrap(),
+    )
+}
+
+/// A TLS backend (a stand-in for MongoDB with TLS): answers each line with
+/// `tls-backend=<name> sni=<server name it saw> got=<line>`.
+pub fn tls_backend(name: &str, leaf: &Leaf) -> Server {
+    let config = server_config(leaf);
+    let name = name.to_string();
+    Server::spawn(move |stream| {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+            return;
+        };
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        let mut line = String::new();
+        let mut reader = BufReader::new(&mut tls);
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let sni = tls.conn.server_name().unwrap_or("-").to_string();
+        let reply = format!("tls-backend={name} sni={sni} got={}\n", line.trim_end());
+        let _ = tls.write_all(reply.as_bytes());
+        let _ = tls.flush();
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    })
+}
+
+/// A plain TCP backend (behind a TLS-terminating listener): answers
+/// `tcp-backend=<name> got=<line>`.
+pub fn tcp_backend(name: &str) -> Server {
+    let name = name.to_string();
+    Server::spawn(move |stream| {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut stream = stream;
+        let _ =
+            stream.write_all(format!("tcp-backend={name} got={}\n", line.trim_end()).as_bytes());
+        let _ = stream.shutdown(Shutdown::Write);
+    })
+}
+
+/// Opens TLS to 127.0.0.1:`port` with server name `sni`, sends one line, returns the reply
+/// line. Verifies the server certificate against `ca`.
+pub fn tls_exchange(ca: &TestCa, port: u16, sni: &str, line: &str) -> std::io::Result<String> {
+    let server_name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(ca.client_config(), server_name)
+        .map_err(std::io::Error::other)?;
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    tls.write_all(format!("{line}\n").as_bytes())?;
+    tls.flush()?;
+    let mut reply = String::new();
+    BufReader::new(&mut tls).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed without a reply",
+        ));
+    }
+    Ok(reply.trim_end().to_string())
+}
+
+/// An HTTPS GET through a TLS connection with server name `sni`; returns (status, body).
+pub fn https_get(
+    ca: &TestCa,
+    port: u16,
+    sni: &str,
+    host: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let server_name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(ca.client_config(), server_name)
+        .map_err(std::io::Error::other)?;
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, stream);
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        // HAProxy may close without close_notify after Connection: close.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    parse_response(&String::from_utf8_lossy(&response))
+}
+
+/// Writes `text` to `dir/name`, creating folders.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
