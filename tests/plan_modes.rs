@@ -60,6 +60,7 @@ fn live_after(old: &Model) -> Live {
     Live {
         files: r.files().into_iter().map(|f| (f.path, f.bytes)).collect(),
         previous: Some(old.clone()),
+        recorded_files: recorded(&r),
         previous_error: None,
     }
 }
@@ -477,4 +478,13 @@ fn drift_on_the_target_is_reported() {
         plan.changes
     );
     assert!(plan.reload_required);
+}
+
+/// The file digests an apply of `r` records in its manifest.
+fn recorded(r: &Rendered) -> std::collections::BTreeMap<String, String> {
+    r.files()
+        .into_iter()
+        .filter(|f| f.path != lunafront::render::MANIFEST)
+        .map(|f| (f.path, lunafront::plan::sha256_hex(&f.bytes)))
+        .collect()
 }

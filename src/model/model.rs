@@ -19,7 +19,7 @@ pub struct Model {
     /// Settings of the agent API (`api:`), kept as validated JSON for the API layer.
     pub api: Option<serde_json::Value>,
     /// The merged state document this model was validated from, recorded with each apply.
-    pub(crate) document: serde_json::Value,
+    pub(crate) document: std::sync::Arc<serde_json::Value>,
 }
 
 impl Model {

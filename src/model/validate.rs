@@ -129,7 +129,9 @@ struct RawTls {
 
 #[derive(Deserialize)]
 struct RawBackend {
-    servers: Vec<Value>,
+    /// Read from the document by reference (see `backends`): only checked for presence here.
+    #[serde(rename = "servers")]
+    _servers: serde::de::IgnoredAny,
     health_check: Option<Toggle<RawHealthCheck>>,
     tls: Option<Toggle<RawTls>>,
     balance: Option<String>,
@@ -315,7 +317,7 @@ impl<'a> Checker<'a> {
             groups,
             global,
             api: doc.get("api").cloned(),
-            document: doc.clone(),
+            document: self.source.document.clone(),
         })
     }
 
@@ -562,17 +564,22 @@ impl<'a> Checker<'a> {
             };
             let mut servers = Vec::new();
             let mut ok = true;
-            let mut seen: BTreeMap<String, String> = BTreeMap::new();
-            for (i, server_value) in raw.servers.iter().enumerate() {
-                let sp = format!("{pointer}/servers/{i}");
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            let server_values = value
+                .get("servers")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for (i, server_value) in server_values.iter().enumerate() {
                 let Some(server) = Self::raw::<RawServer>(server_value) else {
                     ok = false;
                     continue;
                 };
-                match self.server(name, &sp, server, agent_names) {
+                match self.server(name, &pointer, i, server, agent_names) {
                     Some(server) => {
                         if let Some(first) = seen.get(&server.name) {
-                            let note = self.at(first, false);
+                            let sp = format!("{pointer}/servers/{i}");
+                            let note = self.at(&format!("{pointer}/servers/{first}"), false);
                             let d = Diagnostic::error(
                                 "duplicate-server",
                                 format!(
@@ -588,7 +595,7 @@ impl<'a> Checker<'a> {
                             self.push(d);
                             ok = false;
                         } else {
-                            seen.insert(server.name.clone(), sp);
+                            seen.insert(server.name.clone(), i);
                             servers.push(server);
                         }
                     }
@@ -681,11 +688,14 @@ impl<'a> Checker<'a> {
     fn server(
         &mut self,
         backend: &str,
-        pointer: &str,
+        backend_pointer: &str,
+        index: usize,
         raw: RawServer,
         agent_names: &BTreeSet<&str>,
     ) -> Option<Server> {
-        let owner = format!("backend {} server", quote(backend));
+        // Formatted only when a diagnostic needs them: this runs for every server.
+        let pointer = || format!("{backend_pointer}/servers/{index}");
+        let owner = || format!("backend {} server", quote(backend));
         let target = match (&raw.agent, &raw.address) {
             (Some(agent), None) => {
                 if !agent_names.contains(agent.as_str()) {
@@ -695,7 +705,7 @@ impl<'a> Checker<'a> {
                             "agent",
                             "agents",
                             agent,
-                            &format!("{pointer}/agent"),
+                            &format!("{}/agent", pointer()),
                             agent_names,
                         );
                     }
@@ -703,15 +713,19 @@ impl<'a> Checker<'a> {
                 }
                 ServerTarget::Agent(agent.clone())
             }
-            (None, Some(address)) => {
-                ServerTarget::Address(self.ip(address, &format!("{pointer}/address"), &owner)?)
-            }
+            (None, Some(address)) => match address.parse::<IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => ServerTarget::Address(ip),
+                _ => {
+                    self.ip(address, &format!("{}/address", pointer()), &owner())?;
+                    return None;
+                }
+            },
             (Some(_), Some(_)) => {
                 self.error(
                     "server-target",
-                    pointer,
+                    &pointer(),
                     false,
-                    format!("{owner} has both `agent` and `address`"),
+                    format!("{} has both `agent` and `address`", owner()),
                     "a server runs on an agent (`agent: agent-7`) or at an address (`address: 10.0.0.5`), not both",
                 );
                 return None;
@@ -719,9 +733,9 @@ impl<'a> Checker<'a> {
             (None, None) => {
                 self.error(
                     "server-target",
-                    pointer,
+                    &pointer(),
                     false,
-                    format!("{owner} has neither `agent` nor `address`"),
+                    format!("{} has neither `agent` nor `address`", owner()),
                     "add `agent: <name>` or `address: <ip>`",
                 );
                 return None;

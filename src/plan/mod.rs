@@ -7,7 +7,7 @@ pub mod json;
 pub mod text;
 
 use crate::model::Model;
-use crate::render::{self, MANIFEST, OutputFile, Rendered, readback};
+use crate::render::{MANIFEST, OutputFile, Rendered, readback};
 use diff::{Action, Change, Kind, Mode};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +19,8 @@ pub struct Live {
     pub files: BTreeMap<String, Vec<u8>>,
     /// The model recorded by the last apply (from the manifest), if readable.
     pub previous: Option<Model>,
+    /// SHA-256 of each file the last apply wrote (path → digest), from the manifest.
+    pub recorded_files: BTreeMap<String, String>,
     /// Why the recorded state could not be used, when a manifest exists but is unreadable.
     pub previous_error: Option<String>,
 }
@@ -100,11 +102,7 @@ pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) 
     let files = file_changes(&new_files, live);
 
     // What the target holds but the last apply did not write: drift, or a foreign config.
-    let expected = live
-        .previous
-        .as_ref()
-        .and_then(|m| render::render(m, &rendered.options).ok());
-    changes.extend(drift_changes(expected.as_ref(), rendered, live));
+    changes.extend(drift_changes(rendered, live));
 
     let reload_required = needs_reload(live, rendered);
     if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
@@ -159,9 +157,9 @@ fn file_changes(new_files: &[OutputFile], live: &Live) -> Vec<FileChange> {
     out
 }
 
-fn drift_changes(expected: Option<&Rendered>, rendered: &Rendered, live: &Live) -> Vec<Change> {
+fn drift_changes(rendered: &Rendered, live: &Live) -> Vec<Change> {
     let config_name = &rendered.options.config_name;
-    let Some(expected) = expected else {
+    if live.previous.is_none() {
         return match (live.config(rendered), &live.previous_error) {
             (Some(_), Some(error)) => vec![global_change(
                 config_name,
@@ -177,28 +175,26 @@ fn drift_changes(expected: Option<&Rendered>, rendered: &Rendered, live: &Live) 
             )],
             (None, _) => Vec::new(),
         };
-    };
+    }
     let mut out = Vec::new();
-    for file in expected.files() {
-        if file.path == MANIFEST {
-            continue;
-        }
-        let live_bytes = live.files.get(&file.path);
-        if live_bytes.is_some_and(|b| file.matches(b)) {
-            continue;
-        }
-        let detail = match live_bytes {
-            None => ": missing on the target since the last apply (put back)".to_string(),
-            Some(_) => ": changed outside lunafront since the last apply (put back)".to_string(),
+    for (path, digest) in &live.recorded_files {
+        let detail = match live.files.get(path) {
+            Some(bytes) if sha256_hex(bytes) == *digest => continue,
+            Some(_) => ": changed outside lunafront since the last apply (put back)",
+            None => ": missing on the target since the last apply (put back)",
         };
-        let mode = if file.path == *config_name {
+        let mode = if path == config_name {
             Mode::Reload
         } else {
             Mode::Runtime
         };
-        out.push(global_change(&file.path, detail, mode));
+        out.push(global_change(path, detail.to_string(), mode));
     }
     out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn global_change(name: &str, detail: String, mode: Mode) -> Change {

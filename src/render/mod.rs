@@ -275,6 +275,8 @@ struct ManifestView<'a> {
     format_version: u32,
     document: &'a serde_json::Value,
     certificates: BTreeMap<&'a str, BTreeMap<&'a str, &'a str>>,
+    /// SHA-256 of every other file written, to find drift without rendering again.
+    files: BTreeMap<String, String>,
 }
 
 pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, RenderError> {
@@ -379,6 +381,26 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         .get_template("haproxy.cfg.j2")?
         .render(minijinja::Value::from(minijinja::value::Serde(view)))?;
 
+    let mut rendered = Rendered {
+        options: options.clone(),
+        config,
+        maps,
+        crt_lists,
+        certs,
+        backends,
+        manifest: String::new(),
+    };
+    let files = rendered
+        .files()
+        .into_iter()
+        .filter(|f| f.path != MANIFEST)
+        .map(|f| {
+            let digest = f
+                .sha256
+                .unwrap_or_else(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&f.bytes)));
+            (f.path, digest)
+        })
+        .collect();
     let manifest = ManifestView {
         format_version: 1,
         document: model.document(),
@@ -397,17 +419,8 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
                 })
             })
             .collect(),
+        files,
     };
-    let mut manifest = serde_json::to_string(&manifest).expect("manifest serializes");
-    manifest.push('\n');
-
-    Ok(Rendered {
-        options: options.clone(),
-        config,
-        maps,
-        crt_lists,
-        certs,
-        backends,
-        manifest,
-    })
+    rendered.manifest = serde_json::to_string(&manifest).expect("manifest serializes") + "\n";
+    Ok(rendered)
 }

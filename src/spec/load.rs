@@ -73,7 +73,8 @@ pub struct CertDir {
 #[derive(Debug)]
 pub struct Source {
     pub files: Vec<SourceFile>,
-    pub document: Value,
+    /// The merged document (shared with the model built from it: it is recorded with each apply).
+    pub document: Arc<Value>,
     /// `/section/entry` (and `/section`) → index of the file that defined it.
     origins: BTreeMap<String, usize>,
     /// Listener name → its certificate folder.
@@ -137,7 +138,7 @@ impl Source {
     pub fn parse(files: Vec<SourceFile>) -> Source {
         let mut source = Source {
             files,
-            document: Value::Object(Map::new()),
+            document: Arc::new(Value::Object(Map::new())),
             origins: BTreeMap::new(),
             certificates: BTreeMap::new(),
             diagnostics: Vec::new(),
@@ -176,8 +177,8 @@ impl Source {
     }
 
     fn merge(&mut self, index: usize, sections: Map<String, Value>) {
-        let document = self
-            .document
+        // Parsing is the only writer: the document is not shared yet, so this never copies.
+        let document = Arc::make_mut(&mut self.document)
             .as_object_mut()
             .expect("document is an object");
         let mut duplicates = Vec::new();
@@ -280,14 +281,20 @@ impl Source {
     }
 
     /// The state recorded by a previous apply (the manifest written beside haproxy.cfg):
-    /// its document, and its certificates known by digest only.
-    pub fn from_manifest(text: &str, origin: &Path) -> Result<Source, String> {
+    /// its document, and its certificates known by digest only. Also returns the digests of
+    /// the files that apply wrote (path → SHA-256).
+    pub fn from_manifest(
+        text: &str,
+        origin: &Path,
+    ) -> Result<(Source, BTreeMap<String, String>), String> {
         #[derive(serde::Deserialize)]
         struct Manifest {
             format_version: u32,
             document: Value,
             #[serde(default)]
             certificates: BTreeMap<String, BTreeMap<String, String>>,
+            #[serde(default)]
+            files: BTreeMap<String, String>,
         }
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| format!("{}: {e}", origin.display()))?;
@@ -319,13 +326,14 @@ impl Source {
                 )
             })
             .collect();
-        Ok(Source {
+        let source = Source {
             files: vec![SourceFile::new(origin.to_path_buf(), String::new())],
-            document: manifest.document,
+            document: Arc::new(manifest.document),
             origins: BTreeMap::new(),
             certificates,
             diagnostics: Vec::new(),
-        })
+        };
+        Ok((source, manifest.files))
     }
 
     /// The directory relative paths in the entry at `pointer` resolve against: the folder of

@@ -2,7 +2,7 @@
 //! modes, and reading back what a rendering consists of.
 
 use crate::plan::Live;
-use crate::render::{self, MANIFEST, OutputFile, Rendered};
+use crate::render::{MANIFEST, OutputFile, Rendered};
 use crate::spec::load::Source;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -85,18 +85,25 @@ pub fn read_files(
     Ok(out)
 }
 
-/// Reads the model recorded in `dir`'s manifest: `Ok(None)` when there is none.
-pub fn read_previous(dir: &Path) -> Result<Option<crate::model::Model>, String> {
+/// What the last apply recorded beside the configuration.
+pub struct Recorded {
+    pub model: crate::model::Model,
+    /// Path (relative to the folder) → SHA-256 of each file it wrote.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Reads the manifest in `dir`: `Ok(None)` when there is none.
+pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
     let path = dir.join(MANIFEST);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let source = Source::from_manifest(&text, &path)?;
+    let (source, files) = Source::from_manifest(&text, &path)?;
     let validation = crate::model::validate(&source);
     match validation.model {
-        Some(model) => Ok(Some(model)),
+        Some(model) => Ok(Some(Recorded { model, files })),
         None => Err(format!(
             "{}: the recorded state no longer validates ({})",
             path.display(),
@@ -110,24 +117,38 @@ pub fn read_previous(dir: &Path) -> Result<Option<crate::model::Model>, String> 
 }
 
 /// What a folder holding a rendering has now: the files the new rendering would write and
-/// those the recorded previous rendering wrote, plus the recorded model.
+/// those the last apply wrote, with what that apply recorded.
 pub fn observe_dir(dir: &Path, rendered: &Rendered) -> Result<Live, FileError> {
-    let (previous, previous_error) = match read_previous(dir) {
-        Ok(model) => (model, None),
+    let (recorded, previous_error) = match read_recorded(dir) {
+        Ok(recorded) => (recorded, None),
         Err(e) => (None, Some(e)),
     };
     let mut paths: BTreeSet<String> = rendered.files().into_iter().map(|f| f.path).collect();
-    if let Some(model) = &previous
-        && let Ok(old) = render::render(model, &rendered.options)
-    {
-        paths.extend(old.files().into_iter().map(|f| f.path));
+    if let Some(recorded) = &recorded {
+        paths.extend(
+            recorded
+                .files
+                .keys()
+                .filter(|p| is_relative_inside(p))
+                .cloned(),
+        );
     }
     let files = read_files(dir, &paths)?;
+    let (previous, recorded_files) = match recorded {
+        Some(r) => (Some(r.model), r.files),
+        None => (None, BTreeMap::new()),
+    };
     Ok(Live {
         files,
         previous,
+        recorded_files,
         previous_error,
     })
+}
+
+/// A recorded path stays inside the folder (the manifest could have been edited by hand).
+fn is_relative_inside(path: &str) -> bool {
+    !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
 /// Writes a rendering into `dir` (each file atomically, configuration last so it never names a
