@@ -159,13 +159,7 @@ fn main() {
             "domains:\n",
             "  new-app: { servers: [ { agent: agent-0, port: 9999 } ] }\ndomains:\n",
         );
-        let runs = if quick {
-            3
-        } else if n >= 100_000 {
-            3
-        } else {
-            7
-        };
+        let runs = if quick || n >= 100_000 { 3 } else { 7 };
         let before = rss_kb();
         let mut all = Vec::new();
         for _ in 0..runs {
