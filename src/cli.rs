@@ -65,6 +65,41 @@ pub enum Command {
         /// Exit 2 when there are changes, 0 when there are none, 1 on error.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// Save the plan (with the files it would write) for `apply --plan FILE`.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Apply the state to a target: plan, confirm, then runtime API or reload; rollback on failure.
+    Apply {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: Option<String>,
+        /// Apply without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        auto_approve: bool,
+        /// Apply a plan saved by `plan --out FILE` (refused if the target changed since).
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+    },
+    /// Put back an earlier applied state of a target.
+    Rollback {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: Option<String>,
+        /// How many applies to go back.
+        #[arg(long, default_value_t = 1)]
+        steps: u64,
+        #[arg(long)]
+        auto_approve: bool,
+    },
+    /// List the applied states a target keeps, newest first.
+    History {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Print the JSON Schema of the state format.
     Schema,

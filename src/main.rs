@@ -32,13 +32,40 @@ fn main() -> ExitCode {
             target,
             json,
             detailed_exitcode,
+            out,
         } => cmd::plan::run(
             &state.state,
             target.as_deref(),
             *json,
             *detailed_exitcode,
+            out.as_deref(),
             cli.color,
         ),
+        Command::Apply {
+            state,
+            target,
+            auto_approve,
+            plan,
+        } => cmd::apply::run(cmd::apply::Options {
+            state: &state.state,
+            target: target.as_deref(),
+            auto_approve: *auto_approve,
+            saved: plan.as_deref(),
+            color: cli.color,
+        }),
+        Command::Rollback {
+            state,
+            target,
+            steps,
+            auto_approve,
+        } => cmd::history::rollback(
+            &state.state,
+            target.as_deref(),
+            *steps,
+            *auto_approve,
+            cli.color,
+        ),
+        Command::History { state, target } => cmd::history::list(&state.state, target.as_deref()),
         Command::Schema => {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS

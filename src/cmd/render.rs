@@ -34,13 +34,14 @@ pub fn run(state: &Path, out: &Path, target_name: Option<&str>, color: ColorChoi
             return ExitCode::from(exit::ERROR);
         }
     };
-    let result = files::observe_dir(out, &rendered)
-        .and_then(|live| files::write_rendered(out, &rendered, &live));
+    let new = rendered.file_map();
+    let result = files::observe_dir(out, new.keys().cloned())
+        .and_then(|live| files::write_files(out, &new, &live.files, &rendered.options.config_name));
     match result {
         Ok(written) => {
             println!(
                 "Rendered {} file(s) into {} ({} changed).",
-                rendered.files().len(),
+                new.len(),
                 out.display(),
                 written.len()
             );

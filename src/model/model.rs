@@ -159,13 +159,15 @@ pub struct Domain {
     pub listener: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Where a rendering is applied. Serializable: a saved plan carries its target.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum Target {
     Haproxy(HaproxyTarget),
     Dataplane(DataplaneTarget),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HaproxyTarget {
     pub config: PathBuf,
     pub master_socket: PathBuf,
@@ -179,7 +181,7 @@ pub struct HaproxyTarget {
     pub haproxy_bin: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DataplaneTarget {
     pub url: String,
     pub username: String,
@@ -194,7 +196,8 @@ pub struct DataplaneTarget {
     pub health_url: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PasswordSource {
     Env(String),
     File(PathBuf),

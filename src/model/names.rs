@@ -316,7 +316,9 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 /// A duration, written `250ms`, `10s`, `5m`, `1h` or `1d`, kept in milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Duration {
     pub ms: u64,
 }

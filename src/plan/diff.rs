@@ -4,11 +4,11 @@
 
 use crate::model::{Backend, Domain, Listener, ListenerKind, Model, ServerTarget, TcpTls};
 use crate::render::layout::{self, pool_name};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Display;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Create,
@@ -26,7 +26,7 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Global,
@@ -52,7 +52,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Applied through HAProxy's runtime API: maps, server address/weight/state, add/del
@@ -62,13 +62,13 @@ pub enum Mode {
     Reload,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub action: Action,
     pub kind: Kind,
     pub name: String,
     /// What changes, for people: `→ shop`, `: weight 10 → 20`.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
     pub mode: Mode,
     pub reason: String,
@@ -585,44 +585,73 @@ fn backend_update(
 }
 
 fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &mut Vec<Change>) {
-    let by_name = |b: &Backend| {
-        b.servers
-            .iter()
-            .map(|s| (s.name.clone(), s.clone()))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let (os, ns) = (by_name(o), by_name(n));
-    let d = diff_maps(&os, &ns);
-    // A one-server backend speaks of its server as itself: `~ backend legacy: weight 10 → 20`.
+    use crate::model::Server;
+    // A one-server backend speaks of its server as itself: `~ backend legacy: weight 10 → 20`,
+    // even when the server's derived name (`agent:port`) changes with it.
     let single = o.servers.len() == 1 && n.servers.len() == 1;
-    for (server, _) in d.added {
+    let (added, removed, changed): (Vec<&Server>, Vec<&Server>, Vec<(&Server, &Server)>) = if single
+    {
+        let (a, b) = (&o.servers[0], &n.servers[0]);
+        (
+            Vec::new(),
+            Vec::new(),
+            if a == b { Vec::new() } else { vec![(a, b)] },
+        )
+    } else {
+        let by_name = |b: &Backend| {
+            b.servers
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (os, ns) = (by_name(o), by_name(n));
+        let d = diff_maps(&os, &ns);
+        fn find<'b>(b: &'b Backend, name: &str) -> &'b Server {
+            b.servers.iter().find(|s| s.name == name).expect("listed")
+        }
+        (
+            d.added.iter().map(|(k, _)| find(n, k)).collect(),
+            d.removed.iter().map(|(k, _)| find(o, k)).collect(),
+            d.changed
+                .iter()
+                .map(|(k, _, _)| (find(o, k), find(n, k)))
+                .collect(),
+        )
+    };
+    for server in added {
         out.push(Change::new(
             Action::Create,
             Kind::Server,
-            format!("{backend}/{server}"),
+            format!("{backend}/{}", server.name),
             Mode::Runtime,
             "add server",
         ));
     }
-    for (server, _) in d.removed {
+    for server in removed {
         out.push(Change::new(
             Action::Delete,
             Kind::Server,
-            format!("{backend}/{server}"),
+            format!("{backend}/{}", server.name),
             Mode::Runtime,
             "set server state maint + del server",
         ));
     }
-    for (server, a, b) in d.changed {
+    for (a, b) in changed {
         let mut parts = Vec::new();
         let mut commands = Vec::new();
         if a.target != b.target || a.port != b.port {
-            let show = |s: &crate::model::Server| match &s.target {
+            let show = |s: &Server| match &s.target {
                 ServerTarget::Agent(x) => format!("{x}:{}", s.port),
                 ServerTarget::Address(ip) => std::net::SocketAddr::new(*ip, s.port).to_string(),
             };
             parts.push(format!("server {}", arrow(show(a), show(b))));
-            commands.push("set server addr");
+            // A pooled app's server is named after its backend; a dedicated backend's servers
+            // are named after their address, so a new address is a new server.
+            commands.push(if pooled || a.name == b.name {
+                "set server addr"
+            } else {
+                "add server + del server"
+            });
         }
         if a.weight != b.weight {
             parts.push(format!("weight {}", arrow(a.weight, b.weight)));
@@ -643,7 +672,7 @@ fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &m
         let (kind, name) = if single {
             (Kind::Backend, backend.to_string())
         } else {
-            (Kind::Server, format!("{backend}/{server}"))
+            (Kind::Server, format!("{backend}/{}", a.name))
         };
         out.push(
             Change::new(

@@ -4,10 +4,12 @@
 
 pub mod diff;
 pub mod json;
+pub mod saved;
 pub mod text;
 
 use crate::model::Model;
-use crate::render::{MANIFEST, OutputFile, Rendered, readback};
+use crate::render::{MANIFEST, RenderOptions, Rendered, readback};
+use crate::target::files::Files;
 use diff::{Action, Change, Kind, Mode};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,10 +40,8 @@ impl Live {
         hex::encode(hasher.finalize())
     }
 
-    pub fn config<'a>(&'a self, rendered: &Rendered) -> Option<&'a [u8]> {
-        self.files
-            .get(&rendered.options.config_name)
-            .map(Vec::as_slice)
+    pub fn config<'a>(&'a self, config_name: &str) -> Option<&'a [u8]> {
+        self.files.get(config_name).map(Vec::as_slice)
     }
 }
 
@@ -65,7 +65,9 @@ pub struct Plan {
     pub reload_required: bool,
     /// Fingerprint of the live files the plan was made against.
     pub live_fingerprint: String,
-    pub rendered: Rendered,
+    /// Every file to write (manifest included), and how they name each other.
+    pub new_files: Files,
+    pub options: RenderOptions,
 }
 
 impl Plan {
@@ -94,23 +96,33 @@ pub fn empty_model() -> Model {
 
 /// Builds the plan for `target` from the new model and its rendering, against `live`.
 pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) -> Plan {
+    plan_files(target, model, rendered.file_map(), &rendered.options, live)
+}
+
+/// Builds the plan for files already rendered (a history entry, for a rollback).
+pub fn plan_files(
+    target: &str,
+    model: &Model,
+    new_files: Files,
+    options: &RenderOptions,
+    live: &Live,
+) -> Plan {
     let empty = empty_model();
     let previous = live.previous.as_ref().unwrap_or(&empty);
     let mut changes = diff::diff_models(previous, model);
 
-    let new_files = rendered.files();
     let files = file_changes(&new_files, live);
 
     // What the target holds but the last apply did not write: drift, or a foreign config.
-    changes.extend(drift_changes(rendered, live));
+    changes.extend(drift_changes(&options.config_name, live));
 
-    let reload_required = needs_reload(live, rendered);
+    let reload_required = needs_reload(live, &new_files, &options.config_name);
     if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
         // The configuration text changed with no change of the state: a new lunafront version.
         changes.push(Change {
             action: Action::Update,
             kind: Kind::Global,
-            name: rendered.options.config_name.clone(),
+            name: options.config_name.clone(),
             detail: ": the generated configuration changed".into(),
             mode: Mode::Reload,
             reason: "the configuration differs beyond what the runtime API can change".into(),
@@ -122,30 +134,26 @@ pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) 
         files,
         reload_required,
         live_fingerprint: live.fingerprint(),
-        rendered: rendered.clone(),
+        new_files,
+        options: options.clone(),
     }
 }
 
-fn file_changes(new_files: &[OutputFile], live: &Live) -> Vec<FileChange> {
+fn file_changes(new_files: &Files, live: &Live) -> Vec<FileChange> {
     let mut out = Vec::new();
-    let mut written = BTreeSet::new();
-    for file in new_files {
-        written.insert(file.path.as_str());
-        if file.path == MANIFEST {
-            continue;
-        }
-        let before = live.files.get(&file.path);
-        if !before.is_some_and(|b| file.matches(b)) {
+    for (path, bytes) in new_files {
+        let before = live.files.get(path);
+        if path != MANIFEST && before != Some(bytes) {
             out.push(FileChange {
-                path: file.path.clone(),
+                path: path.clone(),
                 before: before.cloned(),
-                after: Some(file.bytes.clone()),
-                secret: file.secret,
+                after: Some(bytes.clone()),
+                secret: path.ends_with(".pem"),
             });
         }
     }
     for (path, bytes) in &live.files {
-        if !written.contains(path.as_str()) && path != MANIFEST {
+        if !new_files.contains_key(path) && path != MANIFEST {
             out.push(FileChange {
                 path: path.clone(),
                 before: Some(bytes.clone()),
@@ -157,10 +165,9 @@ fn file_changes(new_files: &[OutputFile], live: &Live) -> Vec<FileChange> {
     out
 }
 
-fn drift_changes(rendered: &Rendered, live: &Live) -> Vec<Change> {
-    let config_name = &rendered.options.config_name;
+fn drift_changes(config_name: &str, live: &Live) -> Vec<Change> {
     if live.previous.is_none() {
-        return match (live.config(rendered), &live.previous_error) {
+        return match (live.config(config_name), &live.previous_error) {
             (Some(_), Some(error)) => vec![global_change(
                 config_name,
                 format!(
@@ -216,17 +223,19 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
 /// The ground truth of reload versus runtime: a reload is needed when the configuration on the
 /// target differs from the new one in anything but what the runtime API changes (server
 /// address, port, weight, state; servers added or removed; map and certificate contents).
-pub fn needs_reload(live: &Live, rendered: &Rendered) -> bool {
-    let Some(config) = live.config(rendered) else {
+pub fn needs_reload(live: &Live, new_files: &Files, config_name: &str) -> bool {
+    let (Some(config), Some(new_config)) = (live.config(config_name), new_files.get(config_name))
+    else {
         return true;
     };
+    let new_config = String::from_utf8_lossy(new_config);
     let config = String::from_utf8_lossy(config);
-    if readback::skeleton(&config) != readback::skeleton(&rendered.config) {
+    if readback::skeleton(&config) != readback::skeleton(&new_config) {
         return true;
     }
     // Options fixed at a server's creation (checks, TLS) differ: a reload recreates it.
     let before = readback::parse_servers(&config);
-    let after = readback::parse_servers(&rendered.config);
+    let after = readback::parse_servers(&new_config);
     before
         .iter()
         .any(|(key, old)| after.get(key).is_some_and(|new| new.options != old.options))

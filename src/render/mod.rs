@@ -27,7 +27,7 @@ pub enum RenderError {
 }
 
 /// Where the rendered files refer to each other: depends on the target that will hold them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RenderOptions {
     /// File name of the configuration (`haproxy.cfg`).
     pub config_name: String,
@@ -104,19 +104,6 @@ pub struct OutputFile {
     pub bytes: Vec<u8>,
     /// Holds a private key: never printed, written 0600.
     pub secret: bool,
-    /// SHA-256 of the content, for certificates: a rendering from a recorded state knows
-    /// certificates by digest only (its `bytes` are then empty).
-    pub sha256: Option<String>,
-}
-
-impl OutputFile {
-    /// Whether `bytes` (found on a target) is this file's content.
-    pub fn matches(&self, bytes: &[u8]) -> bool {
-        match &self.sha256 {
-            Some(digest) => hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)) == *digest,
-            None => self.bytes == bytes,
-        }
-    }
 }
 
 impl Rendered {
@@ -127,14 +114,12 @@ impl Rendered {
             path: o.config_name.clone(),
             bytes: self.config.clone().into_bytes(),
             secret: false,
-            sha256: None,
         }];
         for (name, entries) in &self.maps {
             files.push(OutputFile {
                 path: o.map_ref(name),
                 bytes: map_text(entries).into_bytes(),
                 secret: false,
-                sha256: None,
             });
         }
         for (name, lines) in &self.crt_lists {
@@ -146,24 +131,31 @@ impl Rendered {
                     .collect::<String>()
                     .into_bytes(),
                 secret: false,
-                sha256: None,
             });
         }
         for (name, cert) in &self.certs {
             files.push(OutputFile {
                 path: o.cert_ref(name),
-                bytes: cert.pem.as_deref().unwrap_or_default().to_vec(),
+                bytes: cert.pem.as_deref().expect("checked by render").to_vec(),
                 secret: true,
-                sha256: Some(cert.sha256.clone()),
             });
         }
         files.push(OutputFile {
             path: MANIFEST.into(),
             bytes: self.manifest.clone().into_bytes(),
             secret: false,
-            sha256: None,
         });
         files
+    }
+}
+
+impl Rendered {
+    /// The files as a map of path → content.
+    pub fn file_map(&self) -> BTreeMap<String, Vec<u8>> {
+        self.files()
+            .into_iter()
+            .map(|f| (f.path, f.bytes))
+            .collect()
     }
 }
 
@@ -290,6 +282,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         }
     }
 
+    let mut missing_pem = Vec::new();
     let mut crt_lists = BTreeMap::new();
     let mut certs = BTreeMap::new();
     let mut http_listeners = Vec::new();
@@ -299,6 +292,9 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             let list_name = format!("{name}.crt-list");
             let mut lines = Vec::new();
             for file in &c.files {
+                if file.pem.is_none() {
+                    missing_pem.push(file.name.clone());
+                }
                 let file_name = format!("{name}.{}", file.name);
                 lines.push(options.cert_ref(&file_name));
                 certs.insert(file_name, file.clone());
@@ -320,6 +316,13 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         }
     }
 
+    if !missing_pem.is_empty() {
+        // A model recorded by an apply knows certificates by digest only: it cannot be rendered.
+        return Err(RenderError::Unsafe(format!(
+            "certificates known by digest only: {}",
+            missing_pem.join(", ")
+        )));
+    }
     let backend_views: Vec<BackendView> = backends
         .values()
         .map(|b| BackendView {
@@ -395,9 +398,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         .into_iter()
         .filter(|f| f.path != MANIFEST)
         .map(|f| {
-            let digest = f
-                .sha256
-                .unwrap_or_else(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&f.bytes)));
+            let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&f.bytes));
             (f.path, digest)
         })
         .collect();

@@ -336,13 +336,41 @@ impl Source {
         Ok((source, manifest.files))
     }
 
+    /// The same state reduced to some sections (say, `targets` to roll back while the rest of
+    /// the state is broken). Positions still point into the original files.
+    pub fn only(&self, sections: &[&str]) -> Source {
+        let mut document = Map::new();
+        if let Value::Object(all) = self.document.as_ref() {
+            for (key, value) in all {
+                if key == "version" || sections.contains(&key.as_str()) {
+                    document.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        Source {
+            files: self
+                .files
+                .iter()
+                .map(|f| SourceFile::new(f.path.clone(), f.text.clone()))
+                .collect(),
+            document: Arc::new(Value::Object(document)),
+            origins: self.origins.clone(),
+            certificates: BTreeMap::new(),
+            diagnostics: Vec::new(),
+        }
+    }
+
     /// The directory relative paths in the entry at `pointer` resolve against: the folder of
     /// the file that declared it.
     pub fn base_dir(&self, pointer: &str) -> PathBuf {
-        self.origin(pointer)
+        let dir = self
+            .origin(pointer)
             .and_then(|index| self.files[index].path.parent())
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
-            .unwrap_or_default()
+            .unwrap_or_else(|| PathBuf::from("."));
+        // Absolute, so the paths written into haproxy.cfg do not depend on any working folder.
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     fn origin(&self, pointer: &str) -> Option<usize> {

@@ -2,7 +2,10 @@
 //! modes, and reading back what a rendering consists of.
 
 use crate::plan::Live;
-use crate::render::{MANIFEST, OutputFile, Rendered};
+use crate::render::MANIFEST;
+
+/// A set of files: path relative to a folder → content.
+pub type Files = BTreeMap<String, Vec<u8>>;
 use crate::spec::load::Source;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -62,8 +65,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
     result.map_err(err(path))
 }
 
-pub fn mode_of(file: &OutputFile) -> u32 {
-    if file.secret { SECRET_MODE } else { FILE_MODE }
+/// The mode a rendered file is written with: private keys 0600, the rest 0640.
+pub fn mode_for(path: &str) -> u32 {
+    if path.ends_with(".pem") {
+        SECRET_MODE
+    } else {
+        FILE_MODE
+    }
 }
 
 /// Reads the files at `paths` (relative to `dir`); missing files are simply absent.
@@ -116,14 +124,18 @@ pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
     }
 }
 
-/// What a folder holding a rendering has now: the files the new rendering would write and
-/// those the last apply wrote, with what that apply recorded.
-pub fn observe_dir(dir: &Path, rendered: &Rendered) -> Result<Live, FileError> {
+/// What a folder holding a rendering has now: the files at `wanted` and those the last
+/// apply recorded, with what that apply recorded.
+pub fn observe_dir(
+    dir: &Path,
+    wanted: impl IntoIterator<Item = String>,
+) -> Result<Live, FileError> {
     let (recorded, previous_error) = match read_recorded(dir) {
         Ok(recorded) => (recorded, None),
         Err(e) => (None, Some(e)),
     };
-    let mut paths: BTreeSet<String> = rendered.files().into_iter().map(|f| f.path).collect();
+    let mut paths: BTreeSet<String> = wanted.into_iter().collect();
+    paths.insert(MANIFEST.to_string());
     if let Some(recorded) = &recorded {
         paths.extend(
             recorded
@@ -151,31 +163,30 @@ fn is_relative_inside(path: &str) -> bool {
     !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
-/// Writes a rendering into `dir` (each file atomically, configuration last so it never names a
-/// map that is not there yet) and removes files the previous rendering wrote that this one
-/// does not. Returns the paths written.
-pub fn write_rendered(
+/// Writes `new` into `dir`, each file atomically and the configuration (`config_name`) last so
+/// it never names a file that is not there yet, and removes the files of `live` that `new`
+/// does not have. Unchanged files are not touched. Returns the paths written or removed.
+pub fn write_files(
     dir: &Path,
-    rendered: &Rendered,
-    live: &Live,
+    new: &Files,
+    live: &Files,
+    config_name: &str,
 ) -> Result<Vec<String>, FileError> {
-    let files = rendered.files();
     let mut written = Vec::new();
-    let config_name = &rendered.options.config_name;
-    let (config, rest): (Vec<&OutputFile>, Vec<&OutputFile>) =
-        files.iter().partition(|f| &f.path == config_name);
-    for file in rest.iter().chain(config.iter()) {
-        let path = dir.join(&file.path);
-        if live.files.get(&file.path).map(Vec::as_slice) == Some(file.bytes.as_slice())
-            && has_mode(&path, mode_of(file))
-        {
+    let ordered = new
+        .iter()
+        .filter(|(p, _)| *p != config_name)
+        .chain(new.get_key_value(config_name));
+    for (path, bytes) in ordered {
+        let target = dir.join(path);
+        let mode = mode_for(path);
+        if live.get(path) == Some(bytes) && has_mode(&target, mode) {
             continue;
         }
-        write_atomic(&path, &file.bytes, mode_of(file))?;
-        written.push(file.path.clone());
+        write_atomic(&target, bytes, mode)?;
+        written.push(path.clone());
     }
-    let keep: BTreeSet<&str> = files.iter().map(|f| f.path.as_str()).collect();
-    for stale in live.files.keys().filter(|p| !keep.contains(p.as_str())) {
+    for stale in live.keys().filter(|p| !new.contains_key(*p)) {
         let path = dir.join(stale);
         match fs::remove_file(&path) {
             Ok(()) => written.push(stale.clone()),

@@ -1,8 +1,9 @@
 //! Targets: the I/O edge of the pipeline. A target observes what an HAProxy holds (`Live`) and
-//! applies a plan to it. `haproxy` is a local HAProxy (files, master CLI, runtime socket).
+//! applies a rendering to it. `haproxy` is a local HAProxy (files, master CLI, runtime socket).
 
 pub mod files;
 pub mod haproxy;
+pub mod history;
 
 use crate::model::{Model, Target};
 use crate::plan::Live;
@@ -24,17 +25,13 @@ pub fn select<'m>(
     name: Option<&str>,
 ) -> Result<(String, &'m Target), TargetError> {
     match name {
-        Some(name) => model
-            .targets
-            .get(name)
-            .map(|t| (name.to_string(), t))
-            .ok_or_else(|| {
-                let known: Vec<&str> = model.targets.keys().map(String::as_str).collect();
-                TargetError::Select(format!(
-                    "no target named `{name}` in the state (targets: {})",
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                ))
-            }),
+        Some(name) => model.targets.get(name).map(|t| (name.to_string(), t)).ok_or_else(|| {
+            let known: Vec<&str> = model.targets.keys().map(String::as_str).collect();
+            TargetError::Select(format!(
+                "no target named `{name}` in the state (targets: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        }),
         None => match model.targets.len() {
             1 => {
                 let (name, target) = model.targets.iter().next().expect("one target");
@@ -55,13 +52,20 @@ pub fn render_options(target: &Target) -> RenderOptions {
     RenderOptions::for_target(Some(target))
 }
 
-/// Reads what the target holds now.
+fn unsupported(name: &str) -> TargetError {
+    TargetError::Unsupported {
+        target: name.to_string(),
+        message: "the dataplane target type is not available in this build yet".into(),
+    }
+}
+
+/// Reads what the target holds now, for the files of `rendered`.
 pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
     match target {
-        Target::Haproxy(t) => haproxy::observe(t, rendered),
-        Target::Dataplane(_) => Err(TargetError::Unsupported {
-            target: name.to_string(),
-            message: "the dataplane target type is not available in this build yet".into(),
-        }),
+        Target::Haproxy(t) => Ok(haproxy::observe(
+            t,
+            rendered.files().into_iter().map(|f| f.path),
+        )?),
+        Target::Dataplane(_) => Err(unsupported(name)),
     }
 }

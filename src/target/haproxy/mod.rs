@@ -1,0 +1,551 @@
+//! The `haproxy` target: a local HAProxy whose configuration, maps and certificates live in the
+//! folder of its haproxy.cfg (I/O edge).
+//!
+//! An apply: check the plan is not stale → render into a staging folder → `haproxy -c` on it →
+//! swap the files atomically → apply the change through the runtime API, or reload → verify
+//! (maps and servers as HAProxy reports them, or the new worker) → record it in the history.
+//! If anything fails after the swap, the previous files are put back and HAProxy reloads them.
+
+pub mod process;
+pub mod runtime;
+pub mod socket;
+
+use super::files::{self, Files};
+use super::history::{Entry, History};
+use crate::model::HaproxyTarget;
+use crate::plan::Live;
+use crate::render::RenderOptions;
+use runtime::{Op, RuntimeState};
+use socket::{Expect, RuntimeApi, SocketError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The folder holding haproxy.cfg and, beside it, the maps and certificates.
+pub fn config_dir(target: &HaproxyTarget) -> &Path {
+    target.config.parent().unwrap_or(Path::new("."))
+}
+
+pub fn observe(
+    target: &HaproxyTarget,
+    wanted: impl IntoIterator<Item = String>,
+) -> Result<Live, files::FileError> {
+    files::observe_dir(config_dir(target), wanted)
+}
+
+/// What to apply: every file of the new rendering (manifest included), and what it is.
+#[derive(Debug, Clone)]
+pub struct ApplyRequest {
+    pub target_name: String,
+    pub files: Files,
+    pub options: RenderOptions,
+    /// Refuse unless the target still holds what the plan was made against.
+    pub expected_fingerprint: Option<String>,
+    /// The plan's change summaries, for the history.
+    pub changes: Vec<String>,
+    pub rollback_of: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum How {
+    /// The target already held these files.
+    Unchanged,
+    /// Applied through the runtime API with this many commands; no reload.
+    Runtime {
+        commands: usize,
+    },
+    Reloaded {
+        worker: u32,
+    },
+    /// HAProxy was not running (`spawn: true`) and was started on the new files.
+    Started {
+        worker: u32,
+    },
+}
+
+impl How {
+    pub fn label(&self) -> &'static str {
+        match self {
+            How::Unchanged => "unchanged",
+            How::Runtime { .. } => "runtime",
+            How::Reloaded { .. } => "reload",
+            How::Started { .. } => "start",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub how: How,
+    /// History entry recorded for this apply.
+    pub seq: Option<u64>,
+    /// Things worth telling: a runtime change that fell back to a reload, and why.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "target {target}: the plan is stale: the target changed since the plan was made; run `lunafront plan` again"
+    )]
+    Stale { target: String },
+    #[error(
+        "target {target}: HAProxy refused the new configuration (haproxy -c); nothing was changed:\n{detail}"
+    )]
+    Refused { target: String, detail: String },
+    #[error(
+        "target {target}: HAProxy is not running ({detail}); start it (systemctl start haproxy), or set `spawn: true` to let lunafront run it"
+    )]
+    NotRunning { target: String, detail: String },
+    #[error("target {target}: another apply is in progress (lock {lock})")]
+    Busy { target: String, lock: PathBuf },
+    #[error("target {target}: {detail}; nothing was changed")]
+    Prepare { target: String, detail: String },
+    #[error(
+        "target {target}: the apply failed ({reason}); the previous configuration was put back and HAProxy runs it again"
+    )]
+    RolledBack { target: String, reason: String },
+    #[error(
+        "target {target}: the apply failed ({reason}) and putting the previous configuration back failed too ({rollback}); HAProxy needs attention"
+    )]
+    RollbackFailed {
+        target: String,
+        reason: String,
+        rollback: String,
+    },
+}
+
+impl ApplyError {
+    /// The documented exit code: 3 rolled back, 4 rollback failed, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ApplyError::RolledBack { .. } => 3,
+            ApplyError::RollbackFailed { .. } => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// Holds the target's apply lock for its lifetime: one apply at a time, across processes.
+pub struct Lock {
+    _file: fs::File,
+}
+
+pub fn lock(target: &HaproxyTarget, name: &str) -> Result<Lock, ApplyError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let prepare = |detail: String| ApplyError::Prepare {
+        target: name.to_string(),
+        detail,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&target.state_dir)
+        .map_err(|e| {
+            prepare(format!(
+                "cannot create the state folder {}: {e}",
+                target.state_dir.display()
+            ))
+        })?;
+    let path = target.state_dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| prepare(format!("cannot open {}: {e}", path.display())))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Lock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(_) => {
+                return Err(ApplyError::Busy {
+                    target: name.to_string(),
+                    lock: path,
+                });
+            }
+        }
+    }
+}
+
+/// Removes what a process killed in the middle of an apply may have left: staging folders and
+/// temporary files. The files HAProxy reads are only ever replaced by rename, so they are whole.
+pub fn clean_leftovers(dir: &Path) {
+    fn walk(dir: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if name.starts_with(".lunafront-staging-") {
+                let _ = fs::remove_dir_all(&path);
+            } else if name.contains(".lunafront-tmp-") {
+                let _ = fs::remove_file(&path);
+            } else if path.is_dir() && !name.starts_with('.') {
+                walk(&path);
+            }
+        }
+    }
+    walk(dir);
+}
+
+pub fn apply(target: &HaproxyTarget, request: &ApplyRequest) -> Result<Applied, ApplyError> {
+    let name = request.target_name.as_str();
+    let _lock = lock(target, name)?;
+    let dir = config_dir(target);
+    clean_leftovers(dir);
+    let prepare = |detail: String| ApplyError::Prepare {
+        target: name.to_string(),
+        detail,
+    };
+    let live =
+        observe(target, request.files.keys().cloned()).map_err(|e| prepare(e.to_string()))?;
+    if let Some(expected) = &request.expected_fingerprint
+        && *expected != live.fingerprint()
+    {
+        return Err(ApplyError::Stale {
+            target: name.to_string(),
+        });
+    }
+    let running = process::running(target);
+    if running.is_none() && !target.spawn {
+        return Err(ApplyError::NotRunning {
+            target: name.to_string(),
+            detail: format!("no master answers on {}", target.master_socket.display()),
+        });
+    }
+    if running.is_some() && live.files == request.files {
+        return Ok(Applied {
+            how: How::Unchanged,
+            seq: None,
+            notes: Vec::new(),
+        });
+    }
+
+    stage_and_check(target, dir, &request.files, &request.options).map_err(|detail| {
+        ApplyError::Refused {
+            target: name.to_string(),
+            detail,
+        }
+    })?;
+
+    let config_name = &request.options.config_name;
+    if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
+        return Err(rollback(
+            target,
+            request,
+            &live.files,
+            format!("writing the files: {e}"),
+        ));
+    }
+    let mut notes = Vec::new();
+    let how = match activate(target, running.is_some(), &live.files, request, &mut notes) {
+        Ok(how) => how,
+        Err(reason) => return Err(rollback(target, request, &live.files, reason)),
+    };
+    let seq = History::new(&target.state_dir)
+        .record(
+            &request.files,
+            Entry {
+                seq: 0,
+                time: crate::clock::rfc3339_now(),
+                target: name.to_string(),
+                how: how.label().to_string(),
+                changes: request.changes.clone(),
+                rollback_of: request.rollback_of,
+            },
+            target.history,
+        )
+        .map_err(|e| notes.push(format!("the history could not be recorded: {e}")))
+        .ok();
+    Ok(Applied { how, seq, notes })
+}
+
+/// Writes the new files into a staging folder beside the configuration (so relative paths
+/// resolve the same way) and runs `haproxy -c` on it.
+fn stage_and_check(
+    target: &HaproxyTarget,
+    dir: &Path,
+    new: &Files,
+    options: &RenderOptions,
+) -> Result<(), String> {
+    let staging = dir.join(format!(".lunafront-staging-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    let result = (|| {
+        for (path, bytes) in new {
+            files::write_atomic(&staging.join(path), bytes, files::mode_for(path))
+                .map_err(|e| e.to_string())?;
+        }
+        process::check_config(&target.haproxy_bin, &staging.join(&options.config_name))
+    })();
+    let _ = fs::remove_dir_all(&staging);
+    result.map_err(|e| e.replace(&format!("{}/", staging.display()), ""))
+}
+
+/// Makes HAProxy run the files just written: runtime API when it can, else a reload (or a
+/// start). `Err` is the reason it could not.
+fn activate(
+    target: &HaproxyTarget,
+    running: bool,
+    old: &Files,
+    request: &ApplyRequest,
+    notes: &mut Vec<String>,
+) -> Result<How, String> {
+    if !running {
+        let worker = process::start_background(target)?;
+        return Ok(How::Started { worker });
+    }
+    let api = RuntimeApi::new(&target.runtime_socket);
+    match runtime::plan_ops(old, &request.files, &request.options) {
+        Ok(ops) => match execute(&api, &ops).and_then(|commands| {
+            verify(&api, &request.files, &request.options, Some(&ops)).map(|()| commands)
+        }) {
+            Ok(commands) => return Ok(How::Runtime { commands }),
+            Err(e) => notes.push(format!(
+                "the runtime change did not go through ({e}); reloaded instead"
+            )),
+        },
+        Err(reason) => notes.push(format!("reload: {reason}")),
+    }
+    let worker = process::reload(target).map_err(|e| e.to_string())?;
+    Ok(How::Reloaded { worker })
+}
+
+fn rollback(
+    target: &HaproxyTarget,
+    request: &ApplyRequest,
+    old: &Files,
+    reason: String,
+) -> ApplyError {
+    let name = request.target_name.clone();
+    let dir = config_dir(target);
+    let failed = |rollback: String| ApplyError::RollbackFailed {
+        target: name.clone(),
+        reason: reason.clone(),
+        rollback,
+    };
+    if let Err(e) = files::write_files(dir, old, &request.files, &request.options.config_name) {
+        return failed(format!("restoring the files: {e}"));
+    }
+    let restarted = match process::running(target) {
+        Some(_) => process::reload(target)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None if old.contains_key(&request.options.config_name) && target.spawn => {
+            process::start_background(target).map(|_| ())
+        }
+        None if !old.contains_key(&request.options.config_name) => Ok(()),
+        None => Err("HAProxy is not running".to_string()),
+    };
+    match restarted {
+        Ok(()) => ApplyError::RolledBack {
+            target: name,
+            reason,
+        },
+        Err(e) => failed(e),
+    }
+}
+
+/// Runs operations through the runtime API; returns how many commands were sent.
+pub fn execute(api: &RuntimeApi, ops: &[Op]) -> Result<usize, String> {
+    let mut sent = 0;
+    for op in ops {
+        let mut version = String::new();
+        for command in op.commands() {
+            let text = command.text.replace("@VERSION", &format!("@{version}"));
+            let answer = match (op, command.expect) {
+                // A server with connections still attached cannot be deleted yet: they close
+                // once it is in maintenance and no route points to it.
+                (Op::DelServer { .. }, Expect::Prefix(_)) => {
+                    run_patiently(api, &text, command.expect, Duration::from_secs(3))
+                }
+                _ => api.run(&text, command.expect),
+            }
+            .map_err(|e| e.to_string())?;
+            if text.starts_with("prepare map") {
+                version = answer
+                    .trim()
+                    .trim_start_matches("New version created:")
+                    .trim()
+                    .to_string();
+            }
+            if text.starts_with("commit ssl cert") && !answer.contains("Success") {
+                return Err(format!("`{}` answered: {}", text, answer.trim()));
+            }
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+fn run_patiently(
+    api: &RuntimeApi,
+    text: &str,
+    expect: Expect,
+    patience: Duration,
+) -> Result<String, SocketError> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match api.run(text, expect) {
+            Err(SocketError::Refused { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Checks that HAProxy's runtime state (maps and servers) is what `files` say. With `ops`,
+/// only what they touched is read back; without, everything (drift detection).
+pub fn verify(
+    api: &RuntimeApi,
+    files: &Files,
+    options: &RenderOptions,
+    ops: Option<&[Op]>,
+) -> Result<(), String> {
+    let expected = RuntimeState::from_files(files, options);
+    let (maps, backends): (BTreeSet<&str>, BTreeSet<&str>) = match ops {
+        None => (
+            expected.maps.keys().map(String::as_str).collect(),
+            expected.servers.keys().map(|(b, _)| b.as_str()).collect(),
+        ),
+        Some(ops) => {
+            let mut maps = BTreeSet::new();
+            let mut backends = BTreeSet::new();
+            for op in ops {
+                match op {
+                    Op::MapAdd { map, .. }
+                    | Op::MapSet { map, .. }
+                    | Op::MapDel { map, .. }
+                    | Op::MapReplace { map, .. } => {
+                        maps.insert(map.as_str());
+                    }
+                    Op::AddServer { backend, .. }
+                    | Op::SetAddr { backend, .. }
+                    | Op::SetWeight { backend, .. }
+                    | Op::SetState { backend, .. }
+                    | Op::DelServer { backend, .. } => {
+                        backends.insert(backend.as_str());
+                    }
+                    _ => {}
+                }
+            }
+            (maps, backends)
+        }
+    };
+    let mut problems = Vec::new();
+    for map in maps {
+        let live = read_map(api, map).map_err(|e| e.to_string())?;
+        if live != expected.maps[map] {
+            problems.push(format!(
+                "map {map} holds {} entries that differ from the file",
+                differing(&live, &expected.maps[map])
+            ));
+        }
+    }
+    for backend in backends {
+        let live = read_servers(api, backend).map_err(|e| e.to_string())?;
+        let want: BTreeMap<&str, ServerState> = expected
+            .servers
+            .iter()
+            .filter(|((b, _), _)| b == backend)
+            .map(|((_, n), s)| {
+                (
+                    n.as_str(),
+                    ServerState {
+                        addr: s.addr.to_string(),
+                        port: s.port,
+                        weight: s.weight,
+                        maintenance: s.disabled,
+                    },
+                )
+            })
+            .collect();
+        let live: BTreeMap<&str, ServerState> =
+            live.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
+        if live != want {
+            problems.push(format!(
+                "backend {backend}: servers differ from the file (live {live:?}, file {want:?})"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn differing(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> usize {
+    a.iter().filter(|(k, v)| b.get(*k) != Some(v)).count()
+        + b.keys().filter(|k| !a.contains_key(*k)).count()
+}
+
+/// `show map <map>`: `0x55d… key value` per line.
+pub fn read_map(api: &RuntimeApi, map: &str) -> Result<BTreeMap<String, String>, SocketError> {
+    let text = api.run(&format!("show map {map}"), Expect::Any)?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.splitn(3, ' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some(ptr), Some(key), Some(value)) if ptr.starts_with("0x") => {
+                out.insert(key.to_string(), value.trim().to_string());
+            }
+            _ if line.trim().is_empty() => {}
+            _ => {
+                return Err(SocketError::Refused {
+                    command: format!("show map {map}"),
+                    answer: line.to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub addr: String,
+    pub port: u16,
+    pub weight: u16,
+    pub maintenance: bool,
+}
+
+/// `show servers state <backend>`: address, port, weight and maintenance of each server.
+pub fn read_servers(
+    api: &RuntimeApi,
+    backend: &str,
+) -> Result<BTreeMap<String, ServerState>, SocketError> {
+    let text = api.run(&format!("show servers state {backend}"), Expect::Any)?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with('#') || f.len() < 19 {
+            continue;
+        }
+        // srv_admin_state: forced (1), inherited (2), configured (4) or resolution (0x20)
+        // maintenance all mean "in maintenance".
+        let admin: u32 = f[6].parse().unwrap_or(0);
+        out.insert(
+            f[3].to_string(),
+            ServerState {
+                addr: f[4].to_string(),
+                port: f[18].parse().unwrap_or(0),
+                weight: f[7].parse().unwrap_or(0),
+                maintenance: admin & 0x27 != 0,
+            },
+        );
+    }
+    if out.is_empty() && text.contains("Can't find backend") {
+        return Err(SocketError::Refused {
+            command: format!("show servers state {backend}"),
+            answer: text.trim().to_string(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,643 @@
+//! Runtime changes of a local HAProxy, pure part: from the files HAProxy runs and the files it
+//! should run, the runtime API operations that take it there without a reload (or the reason
+//! none can). The same operations replayed on an in-memory copy of the runtime state must give
+//! exactly the new state: that is how they are tested.
+
+use super::socket::Expect;
+use crate::render::RenderOptions;
+use crate::render::layout::ServerLine;
+use crate::render::readback::{self, Servers};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// What HAProxy holds at runtime that the runtime API can change, read from a set of files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeState {
+    /// Map reference (as the configuration names it) → entries.
+    pub maps: BTreeMap<String, BTreeMap<String, String>>,
+    pub servers: Servers,
+    /// crt-list reference → certificate references it lists.
+    pub crt_lists: BTreeMap<String, Vec<String>>,
+    /// Certificate reference → SHA-256 of its PEM.
+    pub certs: BTreeMap<String, String>,
+}
+
+pub use crate::target::files::Files;
+
+impl RuntimeState {
+    pub fn from_files(files: &Files, options: &RenderOptions) -> RuntimeState {
+        let mut state = RuntimeState::default();
+        let maps_prefix = format!("{}/", options.maps_dir);
+        let certs_prefix = format!("{}/", options.certs_dir);
+        for (path, bytes) in files {
+            let text = || String::from_utf8_lossy(bytes);
+            if *path == options.config_name {
+                state.servers = readback::parse_servers(&text());
+            } else if path.starts_with(&maps_prefix) && path.ends_with(".map") {
+                state
+                    .maps
+                    .insert(path.clone(), readback::parse_map(&text()));
+            } else if path.starts_with(&certs_prefix) && path.ends_with(".crt-list") {
+                state.crt_lists.insert(
+                    path.clone(),
+                    text()
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                );
+            } else if path.starts_with(&certs_prefix) && path.ends_with(".pem") {
+                state
+                    .certs
+                    .insert(path.clone(), crate::plan::sha256_hex(bytes));
+            }
+        }
+        state
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    AddServer {
+        backend: String,
+        server: ServerLine,
+    },
+    SetAddr {
+        backend: String,
+        name: String,
+        addr: IpAddr,
+        port: u16,
+    },
+    SetWeight {
+        backend: String,
+        name: String,
+        weight: u16,
+    },
+    SetState {
+        backend: String,
+        name: String,
+        disabled: bool,
+    },
+    DelServer {
+        backend: String,
+        name: String,
+    },
+    MapAdd {
+        map: String,
+        key: String,
+        value: String,
+    },
+    MapSet {
+        map: String,
+        key: String,
+        value: String,
+    },
+    MapDel {
+        map: String,
+        key: String,
+    },
+    /// Atomic replacement of a whole map: prepare, add to the new version, commit.
+    MapReplace {
+        map: String,
+        entries: BTreeMap<String, String>,
+    },
+    /// A certificate new to HAProxy's store (PEM bytes in `pem`).
+    CertNew {
+        cert: String,
+        pem: Vec<u8>,
+    },
+    CertUpdate {
+        cert: String,
+        pem: Vec<u8>,
+    },
+    CrtListAdd {
+        list: String,
+        cert: String,
+    },
+    CrtListDel {
+        list: String,
+        cert: String,
+    },
+    CertDel {
+        cert: String,
+    },
+}
+
+/// Above this many changed entries a map is replaced atomically in one payload instead.
+const MAP_BATCH: usize = 64;
+
+/// The operations that take HAProxy from the `old` files to the `new` ones, or why only a
+/// reload can.
+pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec<Op>, String> {
+    let config = |files: &Files| {
+        files
+            .get(&options.config_name)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let (Some(old_config), Some(new_config)) = (config(old), config(new)) else {
+        return Err("there is no running configuration to change".into());
+    };
+    if readback::skeleton(&old_config) != readback::skeleton(&new_config) {
+        return Err("the configuration changes beyond servers and maps".into());
+    }
+    let before = RuntimeState::from_files(old, options);
+    let after = RuntimeState::from_files(new, options);
+    if before.crt_lists.keys().ne(after.crt_lists.keys()) {
+        return Err("a listener's certificate list appears or disappears".into());
+    }
+    let mut ops = Vec::new();
+
+    // 1. Servers that appear, before any route points at them.
+    for ((backend, name), server) in &after.servers {
+        match before.servers.get(&(backend.clone(), name.clone())) {
+            None => ops.push(Op::AddServer {
+                backend: backend.clone(),
+                server: server.clone(),
+            }),
+            Some(old) if old.options != server.options => {
+                return Err(format!(
+                    "server {backend}/{name} changes settings fixed at its creation (checks, TLS)"
+                ));
+            }
+            Some(old) => {
+                if (old.addr, old.port) != (server.addr, server.port) {
+                    ops.push(Op::SetAddr {
+                        backend: backend.clone(),
+                        name: name.clone(),
+                        addr: server.addr,
+                        port: server.port,
+                    });
+                }
+                if old.weight != server.weight {
+                    ops.push(Op::SetWeight {
+                        backend: backend.clone(),
+                        name: name.clone(),
+                        weight: server.weight,
+                    });
+                }
+                if old.disabled != server.disabled {
+                    ops.push(Op::SetState {
+                        backend: backend.clone(),
+                        name: name.clone(),
+                        disabled: server.disabled,
+                    });
+                }
+            }
+        }
+    }
+    // 2. Certificates, so that new names present them before they are routed.
+    for (cert, digest) in &after.certs {
+        let pem = new[cert].clone();
+        match before.certs.get(cert) {
+            None => ops.push(Op::CertNew {
+                cert: cert.clone(),
+                pem,
+            }),
+            Some(old) if old != digest => ops.push(Op::CertUpdate {
+                cert: cert.clone(),
+                pem,
+            }),
+            Some(_) => {}
+        }
+    }
+    for (list, certs) in &after.crt_lists {
+        let old = &before.crt_lists[list];
+        for cert in certs.iter().filter(|c| !old.contains(c)) {
+            ops.push(Op::CrtListAdd {
+                list: list.clone(),
+                cert: cert.clone(),
+            });
+        }
+    }
+    // 3. Routes.
+    for (map, entries) in &after.maps {
+        let empty = BTreeMap::new();
+        let old = before.maps.get(map).unwrap_or(&empty);
+        let changed = entries
+            .iter()
+            .filter(|(k, v)| old.get(*k) != Some(v))
+            .count()
+            + old.keys().filter(|k| !entries.contains_key(*k)).count();
+        if changed == 0 {
+            continue;
+        }
+        if changed > MAP_BATCH {
+            ops.push(Op::MapReplace {
+                map: map.clone(),
+                entries: entries.clone(),
+            });
+            continue;
+        }
+        for (key, value) in entries {
+            match old.get(key) {
+                None => ops.push(Op::MapAdd {
+                    map: map.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                }),
+                Some(v) if v != value => ops.push(Op::MapSet {
+                    map: map.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for key in old.keys().filter(|k| !entries.contains_key(*k)) {
+            ops.push(Op::MapDel {
+                map: map.clone(),
+                key: key.clone(),
+            });
+        }
+    }
+    // 4. What nothing routes to any more.
+    for (list, certs) in &before.crt_lists {
+        let new_list = &after.crt_lists[list];
+        for cert in certs.iter().filter(|c| !new_list.contains(c)) {
+            ops.push(Op::CrtListDel {
+                list: list.clone(),
+                cert: cert.clone(),
+            });
+        }
+    }
+    for cert in before
+        .certs
+        .keys()
+        .filter(|c| !after.certs.contains_key(*c))
+    {
+        ops.push(Op::CertDel { cert: cert.clone() });
+    }
+    for (backend, name) in before
+        .servers
+        .keys()
+        .filter(|k| !after.servers.contains_key(*k))
+    {
+        ops.push(Op::DelServer {
+            backend: backend.clone(),
+            name: name.clone(),
+        });
+    }
+    Ok(ops)
+}
+
+/// One runtime API command with the answer that means success.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub text: String,
+    pub expect: Expect,
+}
+
+fn cmd(text: String, expect: Expect) -> Command {
+    Command { text, expect }
+}
+
+fn payload(lines: impl Iterator<Item = String>) -> String {
+    let mut out = String::from("<<\n");
+    for line in lines {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+impl Op {
+    /// The commands, in order. A map replacement's version number is only known once
+    /// `prepare map` answers: its `add` and `commit` use the `@VERSION` placeholder.
+    pub fn commands(&self) -> Vec<Command> {
+        match self {
+            Op::AddServer { backend, server } => {
+                let params: Vec<String> = server
+                    .params()
+                    .into_iter()
+                    .filter(|p| p != "disabled")
+                    .collect();
+                let mut out = vec![cmd(
+                    format!(
+                        "add server {backend}/{} {} {}",
+                        server.name,
+                        server.address(),
+                        params.join(" ")
+                    ),
+                    Expect::Prefix("New server registered"),
+                )];
+                if server.options.iter().any(|o| o == "check") {
+                    out.push(cmd(
+                        format!("enable health {backend}/{}", server.name),
+                        Expect::Empty,
+                    ));
+                }
+                // Servers added at runtime start in maintenance.
+                if !server.disabled {
+                    out.push(cmd(
+                        format!("enable server {backend}/{}", server.name),
+                        Expect::Empty,
+                    ));
+                }
+                out
+            }
+            Op::SetAddr {
+                backend,
+                name,
+                addr,
+                port,
+            } => {
+                vec![cmd(
+                    format!("set server {backend}/{name} addr {addr} port {port}"),
+                    Expect::Any,
+                )]
+            }
+            Op::SetWeight {
+                backend,
+                name,
+                weight,
+            } => {
+                vec![cmd(
+                    format!("set server {backend}/{name} weight {weight}"),
+                    Expect::Empty,
+                )]
+            }
+            Op::SetState {
+                backend,
+                name,
+                disabled,
+            } => {
+                let state = if *disabled { "maint" } else { "ready" };
+                vec![cmd(
+                    format!("set server {backend}/{name} state {state}"),
+                    Expect::Empty,
+                )]
+            }
+            Op::DelServer { backend, name } => vec![
+                cmd(
+                    format!("set server {backend}/{name} state maint"),
+                    Expect::Empty,
+                ),
+                cmd(
+                    format!("del server {backend}/{name}"),
+                    Expect::Prefix("Server deleted"),
+                ),
+            ],
+            Op::MapAdd { map, key, value } => {
+                vec![cmd(format!("add map {map} {key} {value}"), Expect::Empty)]
+            }
+            Op::MapSet { map, key, value } => {
+                vec![cmd(format!("set map {map} {key} {value}"), Expect::Empty)]
+            }
+            Op::MapDel { map, key } => vec![cmd(format!("del map {map} {key}"), Expect::Empty)],
+            Op::MapReplace { map, entries } => vec![
+                cmd(
+                    format!("prepare map {map}"),
+                    Expect::Prefix("New version created:"),
+                ),
+                cmd(
+                    format!(
+                        "add map @VERSION {map} {}",
+                        payload(entries.iter().map(|(k, v)| format!("{k} {v}")))
+                    ),
+                    Expect::Empty,
+                ),
+                cmd(format!("commit map @VERSION {map}"), Expect::Empty),
+            ],
+            Op::CertNew { cert, pem } => vec![
+                cmd(
+                    format!("new ssl cert {cert}"),
+                    Expect::Prefix("New empty certificate store"),
+                ),
+                cmd(
+                    format!(
+                        "set ssl cert {cert} {}",
+                        payload(String::from_utf8_lossy(pem).lines().map(str::to_string))
+                    ),
+                    Expect::Prefix("Transaction created"),
+                ),
+                cmd(format!("commit ssl cert {cert}"), Expect::Any),
+            ],
+            Op::CertUpdate { cert, pem } => vec![
+                cmd(
+                    format!(
+                        "set ssl cert {cert} {}",
+                        payload(String::from_utf8_lossy(pem).lines().map(str::to_string))
+                    ),
+                    Expect::Prefix("Transaction"),
+                ),
+                cmd(format!("commit ssl cert {cert}"), Expect::Any),
+            ],
+            Op::CrtListAdd { list, cert } => {
+                vec![cmd(format!("add ssl crt-list {list} {cert}"), Expect::Any)]
+            }
+            Op::CrtListDel { list, cert } => {
+                vec![cmd(format!("del ssl crt-list {list} {cert}"), Expect::Any)]
+            }
+            Op::CertDel { cert } => vec![cmd(format!("del ssl cert {cert}"), Expect::Any)],
+        }
+    }
+
+    /// The change this operation makes, applied to an in-memory runtime state.
+    pub fn apply_to(&self, state: &mut RuntimeState) {
+        let key = |b: &str, n: &str| (b.to_string(), n.to_string());
+        match self {
+            Op::AddServer { backend, server } => {
+                state
+                    .servers
+                    .insert(key(backend, &server.name), server.clone());
+            }
+            Op::SetAddr {
+                backend,
+                name,
+                addr,
+                port,
+            } => {
+                if let Some(s) = state.servers.get_mut(&key(backend, name)) {
+                    s.addr = *addr;
+                    s.port = *port;
+                }
+            }
+            Op::SetWeight {
+                backend,
+                name,
+                weight,
+            } => {
+                if let Some(s) = state.servers.get_mut(&key(backend, name)) {
+                    s.weight = *weight;
+                }
+            }
+            Op::SetState {
+                backend,
+                name,
+                disabled,
+            } => {
+                if let Some(s) = state.servers.get_mut(&key(backend, name)) {
+                    s.disabled = *disabled;
+                }
+            }
+            Op::DelServer { backend, name } => {
+                state.servers.remove(&key(backend, name));
+            }
+            Op::MapAdd { map, key, value } | Op::MapSet { map, key, value } => {
+                state
+                    .maps
+                    .entry(map.clone())
+                    .or_default()
+                    .insert(key.clone(), value.clone());
+            }
+            Op::MapDel { map, key } => {
+                if let Some(m) = state.maps.get_mut(map) {
+                    m.remove(key);
+                }
+            }
+            Op::MapReplace { map, entries } => {
+                state.maps.insert(map.clone(), entries.clone());
+            }
+            Op::CertNew { cert, pem } | Op::CertUpdate { cert, pem } => {
+                state
+                    .certs
+                    .insert(cert.clone(), crate::plan::sha256_hex(pem));
+            }
+            Op::CrtListAdd { list, cert } => {
+                let l = state.crt_lists.entry(list.clone()).or_default();
+                l.push(cert.clone());
+            }
+            Op::CrtListDel { list, cert } => {
+                if let Some(l) = state.crt_lists.get_mut(list) {
+                    l.retain(|c| c != cert);
+                }
+            }
+            Op::CertDel { cert } => {
+                state.certs.remove(cert);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::validate;
+    use crate::render::render;
+    use crate::spec::load::{Source, SourceFile};
+
+    fn files(yaml: &str) -> Files {
+        let source = Source::parse(vec![SourceFile::new("s.yaml".into(), yaml.to_string())]);
+        let model = validate(&source).model.expect("valid");
+        render(&model, &RenderOptions::for_target(None))
+            .unwrap()
+            .files()
+            .into_iter()
+            .map(|f| (f.path, f.bytes))
+            .collect()
+    }
+
+    fn state_with(apps: &[(&str, u16)], weight: u16, agent_ip: &str) -> Files {
+        let mut s = format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \":80\" }}\nagents:\n  a: {{ address: {agent_ip} }}\n  b: {{ address: 10.0.0.2 }}\nbackends:\n  multi: {{ servers: [ {{ agent: a, port: 1, weight: {weight} }}, {{ agent: b, port: 1 }} ] }}\n"
+        );
+        for (app, port) in apps {
+            s.push_str(&format!(
+                "  {app}: {{ servers: [ {{ agent: a, port: {port} }} ] }}\n"
+            ));
+        }
+        s.push_str("domains:\n  multi.example.com: { backend: multi }\n");
+        for (app, _) in apps {
+            s.push_str(&format!("  {app}.example.com: {{ backend: {app} }}\n"));
+        }
+        files(&s)
+    }
+
+    fn replay(old: &Files, new: &Files) -> RuntimeState {
+        let options = RenderOptions::for_target(None);
+        let ops = plan_ops(old, new, &options).expect("runtime-able");
+        let mut state = RuntimeState::from_files(old, &options);
+        for op in &ops {
+            op.apply_to(&mut state);
+        }
+        state
+    }
+
+    #[test]
+    fn replaying_the_operations_reaches_the_new_state() {
+        let options = RenderOptions::for_target(None);
+        let cases = [
+            (
+                state_with(&[("shop", 9001)], 1, "10.0.0.1"),
+                state_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
+            ),
+            (
+                state_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
+                state_with(&[("blog", 9003)], 5, "10.0.0.9"),
+            ),
+            (
+                state_with(&[], 1, "10.0.0.1"),
+                state_with(&[("x1", 1), ("x2", 2)], 1, "10.0.0.1"),
+            ),
+        ];
+        for (old, new) in &cases {
+            assert_eq!(replay(old, new), RuntimeState::from_files(new, &options));
+            assert_eq!(replay(new, old), RuntimeState::from_files(old, &options));
+        }
+    }
+
+    #[test]
+    fn many_routes_replace_the_map_in_one_transaction() {
+        let apps: Vec<(String, u16)> = (0..200)
+            .map(|i| (format!("app{i}"), 1000 + i as u16))
+            .collect();
+        let refs: Vec<(&str, u16)> = apps.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+        let old = state_with(&[], 1, "10.0.0.1");
+        let new = state_with(&refs, 1, "10.0.0.1");
+        let ops = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap();
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::MapReplace { .. }))
+                .count(),
+            1
+        );
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::AddServer { .. }))
+                .count(),
+            200
+        );
+        // Teardown, too.
+        assert_eq!(
+            replay(&new, &old),
+            RuntimeState::from_files(&old, &RenderOptions::for_target(None))
+        );
+    }
+
+    #[test]
+    fn servers_are_added_before_routes_and_removed_after() {
+        let old = state_with(&[("shop", 9001)], 1, "10.0.0.1");
+        let new = state_with(&[("blog", 9002)], 1, "10.0.0.1");
+        let ops = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap();
+        let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
+        let add = pos(&|o| matches!(o, Op::AddServer { .. }));
+        let route = pos(&|o| matches!(o, Op::MapAdd { key, .. } if key == "blog.example.com"));
+        let unroute = pos(&|o| matches!(o, Op::MapDel { .. }));
+        let del = pos(&|o| matches!(o, Op::DelServer { .. }));
+        assert!(add < route && unroute < del, "{ops:#?}");
+        let commands: Vec<String> = ops
+            .iter()
+            .flat_map(|o| o.commands())
+            .map(|c| c.text)
+            .collect();
+        assert!(
+            commands.contains(&"add server agent:a/blog 10.0.0.1:9002 weight 0".to_string()),
+            "{commands:#?}"
+        );
+        assert!(commands.contains(&"enable server agent:a/blog".to_string()));
+        assert!(
+            commands.contains(&"add map maps/hosts.map blog.example.com agent:a/blog".to_string())
+        );
+        assert!(commands.contains(&"del server agent:a/shop".to_string()));
+    }
+
+    #[test]
+    fn a_new_backend_section_needs_a_reload() {
+        let old = files("version: 1\nlisteners:\n  http: { bind: \":80\" }\n");
+        let new = files(
+            "version: 1\nlisteners:\n  http: { bind: \":80\" }\nbackends:\n  x: { servers: [ { address: 10.0.0.1, port: 80 } ] }\ndomains:\n  x.example.com: { backend: x }\n",
+        );
+        assert!(plan_ops(&old, &new, &RenderOptions::for_target(None)).is_err());
+    }
+}
