@@ -101,6 +101,26 @@ pub enum Command {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Keep a target converged with the state folder: watch it, reconcile, serve health and metrics.
+    Daemon {
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: String,
+        /// Address of the health/status/metrics endpoints.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        listen: std::net::SocketAddr,
+        /// Run HAProxy as a child (as `spawn: true` does).
+        #[arg(long)]
+        spawn: bool,
+        /// How often to check for drift (hand edits of files or of HAProxy's runtime state).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Print the JSON Schema of the state format.
     Schema,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    lunafront::model::names::parse_duration(text).map(|d| d.as_std())
 }

@@ -6,6 +6,7 @@
 //! reload) → `target` (the I/O edge that observes and applies).
 
 pub mod clock;
+pub mod daemon;
 pub mod model;
 pub mod plan;
 pub mod render;

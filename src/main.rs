@@ -18,9 +18,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LUNAFRONT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_log_level(&cli.command).into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match &cli.command {
         Command::Validate { state, json } => cmd::validate::run(&state.state, *json, cli.color),
@@ -66,9 +67,41 @@ fn main() -> ExitCode {
             cli.color,
         ),
         Command::History { state, target } => cmd::history::list(&state.state, target.as_deref()),
+        Command::Daemon {
+            state,
+            target,
+            listen,
+            spawn,
+            interval,
+        } => {
+            let options = lunafront::daemon::DaemonOptions {
+                state: state.state.clone(),
+                target: target.clone(),
+                listen: *listen,
+                spawn: *spawn,
+                interval: *interval,
+                debounce_quiet: std::time::Duration::from_millis(50),
+                debounce_cap: std::time::Duration::from_millis(300),
+            };
+            match lunafront::daemon::run(options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(cmd::exit::ERROR)
+                }
+            }
+        }
         Command::Schema => {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// The daemon logs what it does; one-shot commands only warnings.
+fn default_log_level(command: &Command) -> &'static str {
+    match command {
+        Command::Daemon { .. } => "info,notify=warn",
+        _ => "warn",
     }
 }

@@ -336,6 +336,21 @@ impl Source {
         Ok((source, manifest.files))
     }
 
+    /// The same files with another merged document (a state with some entries replaced).
+    pub fn with_document(&self, document: Value) -> Source {
+        Source {
+            files: self
+                .files
+                .iter()
+                .map(|f| SourceFile::new(f.path.clone(), f.text.clone()))
+                .collect(),
+            document: Arc::new(document),
+            origins: self.origins.clone(),
+            certificates: self.certificates.clone(),
+            diagnostics: Vec::new(),
+        }
+    }
+
     /// The same state reduced to some sections (say, `targets` to roll back while the rest of
     /// the state is broken). Positions still point into the original files.
     pub fn only(&self, sections: &[&str]) -> Source {

@@ -194,7 +194,19 @@ pub fn clean_leftovers(dir: &Path) {
     walk(dir);
 }
 
+/// How HAProxy gets started when a `spawn: true` target is not running: in the background
+/// from the command line, as a supervised child in the daemon.
+pub type Starter<'a> = &'a dyn Fn(&HaproxyTarget) -> Result<u32, String>;
+
 pub fn apply(target: &HaproxyTarget, request: &ApplyRequest) -> Result<Applied, ApplyError> {
+    apply_with(target, request, &process::start_background)
+}
+
+pub fn apply_with(
+    target: &HaproxyTarget,
+    request: &ApplyRequest,
+    start: Starter<'_>,
+) -> Result<Applied, ApplyError> {
     let name = request.target_name.as_str();
     let _lock = lock(target, name)?;
     let dir = config_dir(target);
@@ -241,12 +253,20 @@ pub fn apply(target: &HaproxyTarget, request: &ApplyRequest) -> Result<Applied, 
             request,
             &live.files,
             format!("writing the files: {e}"),
+            start,
         ));
     }
     let mut notes = Vec::new();
-    let how = match activate(target, running.is_some(), &live.files, request, &mut notes) {
+    let how = match activate(
+        target,
+        running.is_some(),
+        &live.files,
+        request,
+        start,
+        &mut notes,
+    ) {
         Ok(how) => how,
-        Err(reason) => return Err(rollback(target, request, &live.files, reason)),
+        Err(reason) => return Err(rollback(target, request, &live.files, reason, start)),
     };
     let seq = History::new(&target.state_dir)
         .record(
@@ -294,16 +314,23 @@ fn activate(
     running: bool,
     old: &Files,
     request: &ApplyRequest,
+    start: Starter<'_>,
     notes: &mut Vec<String>,
 ) -> Result<How, String> {
     if !running {
-        let worker = process::start_background(target)?;
+        let worker = start(target)?;
         return Ok(How::Started { worker });
     }
     let api = RuntimeApi::new(&target.runtime_socket);
     match runtime::plan_ops(old, &request.files, &request.options) {
         Ok(ops) => match execute(&api, &ops).and_then(|commands| {
-            verify(&api, &request.files, &request.options, Some(&ops)).map(|()| commands)
+            verify(
+                &api,
+                &request.files,
+                &request.options,
+                Scope::TouchedBy(&ops),
+            )
+            .map(|()| commands)
         }) {
             Ok(commands) => return Ok(How::Runtime { commands }),
             Err(e) => notes.push(format!(
@@ -321,6 +348,7 @@ fn rollback(
     request: &ApplyRequest,
     old: &Files,
     reason: String,
+    start: Starter<'_>,
 ) -> ApplyError {
     let name = request.target_name.clone();
     let dir = config_dir(target);
@@ -337,7 +365,7 @@ fn rollback(
             .map(|_| ())
             .map_err(|e| e.to_string()),
         None if old.contains_key(&request.options.config_name) && target.spawn => {
-            process::start_background(target).map(|_| ())
+            start(target).map(|_| ())
         }
         None if !old.contains_key(&request.options.config_name) => Ok(()),
         None => Err("HAProxy is not running".to_string()),
@@ -400,21 +428,32 @@ fn run_patiently(
     }
 }
 
-/// Checks that HAProxy's runtime state (maps and servers) is what `files` say. With `ops`,
-/// only what they touched is read back; without, everything (drift detection).
+/// What `verify` reads back.
+pub enum Scope<'a> {
+    /// Every map and backend (drift detection).
+    Everything,
+    /// Every backend's servers.
+    Servers,
+    /// What these operations touched (after an apply).
+    TouchedBy(&'a [Op]),
+}
+
+/// Checks that HAProxy's runtime state (maps and servers) is what `files` say.
 pub fn verify(
     api: &RuntimeApi,
     files: &Files,
     options: &RenderOptions,
-    ops: Option<&[Op]>,
+    scope: Scope<'_>,
 ) -> Result<(), String> {
     let expected = RuntimeState::from_files(files, options);
-    let (maps, backends): (BTreeSet<&str>, BTreeSet<&str>) = match ops {
-        None => (
+    let all_backends = || expected.servers.keys().map(|(b, _)| b.as_str()).collect();
+    let (maps, backends): (BTreeSet<&str>, BTreeSet<&str>) = match scope {
+        Scope::Everything => (
             expected.maps.keys().map(String::as_str).collect(),
-            expected.servers.keys().map(|(b, _)| b.as_str()).collect(),
+            all_backends(),
         ),
-        Some(ops) => {
+        Scope::Servers => (BTreeSet::new(), all_backends()),
+        Scope::TouchedBy(ops) => {
             let mut maps = BTreeSet::new();
             let mut backends = BTreeSet::new();
             for op in ops {
@@ -548,4 +587,39 @@ pub fn read_servers(
         });
     }
     Ok(out)
+}
+
+/// Puts HAProxy's runtime state back to what its files say, when someone changed it through
+/// the runtime API by hand: maps are replaced atomically, servers by a reload. Returns what was
+/// corrected, or `None` when nothing differed.
+pub fn correct_runtime_drift(
+    target: &HaproxyTarget,
+    files: &Files,
+    options: &RenderOptions,
+) -> Result<Option<String>, String> {
+    let api = RuntimeApi::new(&target.runtime_socket);
+    let expected = RuntimeState::from_files(files, options);
+    let mut ops = Vec::new();
+    for (map, entries) in &expected.maps {
+        if read_map(&api, map).map_err(|e| e.to_string())? != *entries {
+            ops.push(Op::MapReplace {
+                map: map.clone(),
+                entries: entries.clone(),
+            });
+        }
+    }
+    let mut fixed: Vec<String> = ops
+        .iter()
+        .map(|op| match op {
+            Op::MapReplace { map, .. } => format!("map {map}"),
+            _ => unreachable!("maps only"),
+        })
+        .collect();
+    execute(&api, &ops)?;
+    let servers_ok = verify(&api, files, options, Scope::Servers).is_ok();
+    if !servers_ok {
+        process::reload(target).map_err(|e| e.to_string())?;
+        fixed.push("servers (reloaded)".into());
+    }
+    Ok((!fixed.is_empty()).then(|| fixed.join(", ")))
 }

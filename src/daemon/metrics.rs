@@ -1,0 +1,161 @@
+//! The daemon's counters, exposed on `GET /metrics` in Prometheus' text format.
+
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (seconds) of the apply duration histogram.
+const BUCKETS: [f64; 11] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub reconciles: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    pub reloads: AtomicU64,
+    pub runtime_updates: AtomicU64,
+    pub runtime_commands: AtomicU64,
+    pub drift_corrections: AtomicU64,
+    pub haproxy_restarts: AtomicU64,
+    /// Seconds since the epoch of the last successful reconcile (0: none yet).
+    pub last_success: Mutex<f64>,
+    apply_durations: Mutex<(Vec<u64>, f64, u64)>,
+    pub state_valid: AtomicU64,
+    pub domains: AtomicU64,
+}
+
+impl Metrics {
+    pub fn count_reconcile(&self, result: &'static str) {
+        *self
+            .reconciles
+            .lock()
+            .expect("metrics")
+            .entry(result)
+            .or_insert(0) += 1;
+    }
+
+    pub fn observe_apply(&self, seconds: f64) {
+        let mut h = self.apply_durations.lock().expect("metrics");
+        if h.0.is_empty() {
+            h.0 = vec![0; BUCKETS.len()];
+        }
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                h.0[i] += 1;
+            }
+        }
+        h.1 += seconds;
+        h.2 += 1;
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_reconciles_total Reconciles by result.\n# TYPE lunafront_reconciles_total counter"
+        );
+        let reconciles = self.reconciles.lock().expect("metrics").clone();
+        for result in [
+            "applied",
+            "unchanged",
+            "invalid",
+            "partial",
+            "failed",
+            "rolled_back",
+        ] {
+            let _ = writeln!(
+                out,
+                "lunafront_reconciles_total{{result=\"{result}\"}} {}",
+                reconciles.get(result).copied().unwrap_or(0)
+            );
+        }
+        counter(
+            &mut out,
+            "lunafront_reloads_total",
+            "HAProxy reloads done by applies.",
+            self.reloads.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_runtime_updates_total",
+            "Applies done through the runtime API, without a reload.",
+            self.runtime_updates.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_runtime_commands_total",
+            "Runtime API commands sent by applies.",
+            self.runtime_commands.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_drift_corrections_total",
+            "Times HAProxy's files or runtime state differed from the last apply and were put back.",
+            self.drift_corrections.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_haproxy_restarts_total",
+            "Times the supervised HAProxy died and was restarted.",
+            self.haproxy_restarts.load(Ordering::Relaxed),
+        );
+        let h = self.apply_durations.lock().expect("metrics").clone();
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_apply_duration_seconds Time to apply a change, from plan to verified.\n# TYPE lunafront_apply_duration_seconds histogram"
+        );
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "lunafront_apply_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                h.0.get(i).copied().unwrap_or(0)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "lunafront_apply_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.2
+        );
+        let _ = writeln!(out, "lunafront_apply_duration_seconds_sum {}", h.1);
+        let _ = writeln!(out, "lunafront_apply_duration_seconds_count {}", h.2);
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_last_success_timestamp_seconds Time of the last successful reconcile.\n# TYPE lunafront_last_success_timestamp_seconds gauge\nlunafront_last_success_timestamp_seconds {}",
+            *self.last_success.lock().expect("metrics")
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_state_valid Whether the desired state validated at the last reconcile.\n# TYPE lunafront_state_valid gauge\nlunafront_state_valid {}",
+            self.state_valid.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_domains Domains in the applied state.\n# TYPE lunafront_domains gauge\nlunafront_domains {}",
+            self.domains.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.count_reconcile("applied");
+        m.observe_apply(0.03);
+        m.reloads.fetch_add(2, Ordering::Relaxed);
+        let text = m.render();
+        assert!(text.contains("lunafront_reconciles_total{result=\"applied\"} 1"));
+        assert!(text.contains("lunafront_reloads_total 2"));
+        assert!(text.contains("lunafront_apply_duration_seconds_bucket{le=\"0.025\"} 0"));
+        assert!(text.contains("lunafront_apply_duration_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("lunafront_apply_duration_seconds_count 1"));
+    }
+}

@@ -1,0 +1,449 @@
+//! The daemon's reconcile loop: one reconcile at a time, whatever asked for it (a file change,
+//! the drift timer, `POST /reconcile`, an API call). Each runs the same pipeline as `apply`:
+//! load → validate → render → plan → apply. A state that does not validate never replaces the
+//! last good one: HAProxy keeps serving what was last applied, and the errors are exposed.
+
+use super::metrics::Metrics;
+use super::supervise::Supervisor;
+use crate::model::isolate::isolate;
+use crate::model::{HaproxyTarget, Target, validate};
+use crate::plan::diff::{Change, Kind};
+use crate::plan::{self};
+use crate::render::{self, MANIFEST, RenderOptions};
+use crate::spec::diagnostics::Diagnostic;
+use crate::spec::load;
+use crate::target::files;
+use crate::target::haproxy::{self, ApplyError, ApplyRequest, How};
+use crate::target::history::History;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The daemon started.
+    Start,
+    /// Files of the state changed.
+    Files,
+    /// The drift timer.
+    Timer,
+    /// `POST /reconcile` or an API change.
+    Request,
+}
+
+/// A request to reconcile; `reply` gets the outcome.
+pub struct Request {
+    pub trigger: Trigger,
+    pub reply: Option<tokio::sync::oneshot::Sender<Outcome>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// applied, unchanged, invalid, partial, failed, rolled_back
+    pub result: &'static str,
+    pub at: String,
+    pub trigger: Trigger,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub how: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diagnostics: Vec<Diagnostic>,
+    /// Entries held at their last applied version (isolation).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held_back: Vec<String>,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        matches!(self.result, "applied" | "unchanged")
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Revision {
+    pub history_entry: Option<u64>,
+    pub applied_at: Option<String>,
+    /// SHA-256 of the recorded state (the manifest beside haproxy.cfg).
+    pub state_sha256: Option<String>,
+    /// The commit checked out in the state folder, when it is a git checkout.
+    pub git_commit: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PendingPlan {
+    pub changes: Vec<Change>,
+    pub reload_required: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub target: String,
+    pub state: String,
+    pub revision: Revision,
+    pub last_reconcile: Option<Outcome>,
+    /// The last reconcile that did not succeed, with its diagnostics.
+    pub last_error: Option<Outcome>,
+    pub drift_corrections: u64,
+    /// The plan of the last reconcile (what it applied, or would have).
+    pub pending_plan: Option<PendingPlan>,
+}
+
+pub struct Reconciler {
+    pub state: PathBuf,
+    pub target_name: String,
+    pub target: HaproxyTarget,
+    pub options: RenderOptions,
+    pub status: Arc<Mutex<Status>>,
+    pub metrics: Arc<Metrics>,
+    pub supervisor: Option<Arc<Supervisor>>,
+}
+
+impl Reconciler {
+    /// Serves requests until the channel closes. Requests that queue while a reconcile runs
+    /// are answered together by the next one (changes coalesce into one apply, one reload).
+    pub fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = requests.try_recv() {
+                batch.push(more);
+            }
+            let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
+            let outcome = self.reconcile(trigger);
+            for request in batch {
+                if let Some(reply) = request.reply {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+        }
+    }
+
+    fn config_dir(&self) -> &Path {
+        haproxy::config_dir(&self.target)
+    }
+
+    pub fn reconcile(&mut self, trigger: Trigger) -> Outcome {
+        let started = Instant::now();
+        let mut outcome = self.reconcile_inner(trigger);
+        outcome.duration_ms = started.elapsed().as_millis() as u64;
+        self.metrics.count_reconcile(outcome.result);
+        self.metrics.haproxy_restarts.store(
+            self.supervisor
+                .as_ref()
+                .map(|s| s.restarts.load(Ordering::Relaxed))
+                .unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        if outcome.ok() || outcome.result == "partial" {
+            *self.metrics.last_success.lock().expect("metrics") = crate::clock::unix_now();
+        }
+        match outcome.result {
+            "invalid" | "partial" | "failed" | "rolled_back" => {
+                tracing::error!(
+                    result = outcome.result,
+                    "reconcile: {}",
+                    outcome.message.clone().unwrap_or_default()
+                );
+                for d in &outcome.diagnostics {
+                    tracing::error!("{d}");
+                }
+            }
+            result => tracing::info!(
+                result,
+                how = outcome.how,
+                changes = outcome.changes.len(),
+                "reconcile"
+            ),
+        }
+        let mut status = self.status.lock().expect("status");
+        status.revision = self.revision();
+        status.drift_corrections = self.metrics.drift_corrections.load(Ordering::Relaxed);
+        if !outcome.ok() {
+            status.last_error = Some(outcome.clone());
+        }
+        status.last_reconcile = Some(outcome.clone());
+        outcome
+    }
+
+    fn outcome(&self, trigger: Trigger, result: &'static str) -> Outcome {
+        Outcome {
+            result,
+            at: crate::clock::rfc3339_now(),
+            trigger,
+            duration_ms: 0,
+            how: None,
+            changes: Vec::new(),
+            message: None,
+            diagnostics: Vec::new(),
+            held_back: Vec::new(),
+        }
+    }
+
+    fn reconcile_inner(&mut self, trigger: Trigger) -> Outcome {
+        let fail = |result, message: String, diagnostics: Vec<Diagnostic>| {
+            let mut o = self.outcome(trigger, result);
+            o.message = Some(message);
+            o.diagnostics = diagnostics;
+            o
+        };
+        let source = match load::load_path(&self.state) {
+            Ok(source) => source,
+            Err(e) => return fail("invalid", e.to_string(), Vec::new()),
+        };
+        let validation = validate(&source);
+        let mut held_back = Vec::new();
+        let model = match validation.model {
+            Some(model) => {
+                self.metrics.state_valid.store(1, Ordering::Relaxed);
+                model
+            }
+            None => {
+                self.metrics.state_valid.store(0, Ordering::Relaxed);
+                let errors: Vec<Diagnostic> = validation
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.is_error())
+                    .cloned()
+                    .collect();
+                let message = format!(
+                    "the state has {} error(s); HAProxy keeps serving the last applied state",
+                    errors.len()
+                );
+                if !isolation_enabled(&source.document) {
+                    return fail("invalid", message, errors);
+                }
+                let previous = files::read_recorded(self.config_dir())
+                    .ok()
+                    .flatten()
+                    .map(|r| r.model);
+                match isolate(&source, &validation, previous.as_ref()) {
+                    Some(isolated) => {
+                        held_back = isolated.held;
+                        isolated.model
+                    }
+                    None => {
+                        return fail(
+                            "invalid",
+                            format!("{message} (these errors cannot be isolated)"),
+                            errors,
+                        );
+                    }
+                }
+            }
+        };
+        let partial = !held_back.is_empty();
+        let errors: Vec<Diagnostic> = validation
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .cloned()
+            .collect();
+        let finish = |mut o: Outcome| {
+            if partial {
+                o.result = if o.ok() { "partial" } else { o.result };
+                o.held_back = held_back.clone();
+                o.diagnostics = errors.clone();
+                o.message.get_or_insert_with(|| {
+                    "the valid rest of the state was applied; invalid entries were held back".into()
+                });
+            }
+            o
+        };
+
+        let rendered = match render::render(&model, &self.options) {
+            Ok(r) => r,
+            Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
+        };
+        let live =
+            match haproxy::observe(&self.target, rendered.files().into_iter().map(|f| f.path)) {
+                Ok(live) => live,
+                Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
+            };
+        let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
+        self.metrics
+            .domains
+            .store(model.domains.len() as u64, Ordering::Relaxed);
+        self.status.lock().expect("status").pending_plan = Some(PendingPlan {
+            changes: plan.changes.clone(),
+            reload_required: plan.reload_required,
+        });
+        let running = haproxy::process::running(&self.target).is_some();
+
+        if plan.is_empty() && running {
+            // Nothing to write; someone may still have changed HAProxy through its socket.
+            if matches!(trigger, Trigger::Timer | Trigger::Start | Trigger::Request) {
+                match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
+                    Ok(Some(what)) => {
+                        self.metrics
+                            .drift_corrections
+                            .fetch_add(1, Ordering::Relaxed);
+                        let mut o = self.outcome(trigger, "applied");
+                        o.how = Some("runtime");
+                        o.message = Some(format!("runtime drift put back: {what}"));
+                        return finish(o);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        return finish(fail(
+                            "failed",
+                            format!("checking runtime drift: {e}"),
+                            Vec::new(),
+                        ));
+                    }
+                }
+            }
+            return finish(self.outcome(trigger, "unchanged"));
+        }
+
+        if plan
+            .changes
+            .iter()
+            .any(|c| c.kind == Kind::Global && c.detail.contains("outside lunafront"))
+        {
+            self.metrics
+                .drift_corrections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let request = ApplyRequest {
+            target_name: self.target_name.clone(),
+            files: plan.new_files.clone(),
+            options: self.options.clone(),
+            expected_fingerprint: Some(plan.live_fingerprint.clone()),
+            changes: plan.changes.iter().map(|c| c.summary()).collect(),
+            rollback_of: None,
+        };
+        let apply_started = Instant::now();
+        let result = match &self.supervisor {
+            Some(supervisor) => {
+                let supervisor = supervisor.clone();
+                haproxy::apply_with(&self.target, &request, &move |t| supervisor.start(t))
+            }
+            None => haproxy::apply(&self.target, &request),
+        };
+        self.metrics
+            .observe_apply(apply_started.elapsed().as_secs_f64());
+        match result {
+            Ok(applied) => {
+                let mut o = self.outcome(trigger, "applied");
+                o.how = Some(applied.how.label());
+                o.changes = request.changes;
+                if !applied.notes.is_empty() {
+                    o.message = Some(applied.notes.join("; "));
+                }
+                match applied.how {
+                    How::Runtime { commands } => {
+                        self.metrics.runtime_updates.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .runtime_commands
+                            .fetch_add(commands as u64, Ordering::Relaxed);
+                    }
+                    How::Reloaded { .. } => {
+                        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                    }
+                    How::Started { .. } | How::Unchanged => {}
+                }
+                finish(o)
+            }
+            Err(e) => {
+                let result = match &e {
+                    ApplyError::RolledBack { .. } => "rolled_back",
+                    _ => "failed",
+                };
+                let mut o = fail(result, e.to_string(), Vec::new());
+                o.changes = request.changes;
+                finish(o)
+            }
+        }
+    }
+
+    fn revision(&self) -> Revision {
+        let last = History::new(&self.target.state_dir)
+            .list()
+            .ok()
+            .and_then(|l| l.last().cloned());
+        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
+        let state_dir = if self.state.is_dir() {
+            self.state.clone()
+        } else {
+            self.state
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+        };
+        Revision {
+            history_entry: last.as_ref().map(|e| e.seq),
+            applied_at: last.map(|e| e.time),
+            state_sha256: manifest.map(|m| crate::plan::sha256_hex(&m)),
+            git_commit: git_head(&state_dir),
+        }
+    }
+}
+
+/// `global.isolate_invalid`, read from the raw document: the setting must work even when the
+/// state does not validate.
+fn isolation_enabled(document: &serde_json::Value) -> bool {
+    document
+        .pointer("/global/isolate_invalid")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+}
+
+/// The commit checked out in the git repository holding `dir`, if any.
+pub fn git_head(dir: &Path) -> Option<String> {
+    let dir = std::path::absolute(dir).ok()?;
+    let git = dir
+        .ancestors()
+        .map(|d| d.join(".git"))
+        .find(|g| g.is_dir())?;
+    let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref: ") else {
+        return Some(head.to_string());
+    };
+    if let Ok(commit) = std::fs::read_to_string(git.join(reference)) {
+        return Some(commit.trim().to_string());
+    }
+    let packed = std::fs::read_to_string(git.join("packed-refs")).ok()?;
+    packed
+        .lines()
+        .find(|l| l.ends_with(reference))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}
+
+/// Sends a request and waits for its outcome (from a blocking context).
+pub fn request_blocking(sender: &Sender<Request>, trigger: Trigger) -> Option<Outcome> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    sender
+        .send(Request {
+            trigger,
+            reply: Some(tx),
+        })
+        .ok()?;
+    rx.blocking_recv().ok()
+}
+
+/// The target a daemon serves: only `targets` must validate, so a broken state still lets the
+/// daemon start and serve the last applied one.
+pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptions), String> {
+    let source = load::load_path(state).map_err(|e| e.to_string())?;
+    let validation = validate(&source.only(&["targets"]));
+    let errors: Vec<String> = validation.errors().map(|d| d.to_string()).collect();
+    let model = validation.model.ok_or_else(|| errors.join("\n"))?;
+    match model.targets.get(name) {
+        Some(target @ Target::Haproxy(t)) => {
+            Ok((t.clone(), RenderOptions::for_target(Some(target))))
+        }
+        Some(_) => Err(format!(
+            "target {name}: the daemon drives haproxy targets in this build"
+        )),
+        None => Err(format!("no target named `{name}` in the state")),
+    }
+}
