@@ -474,3 +474,246 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+// ---- A lunafront-managed HAProxy in a temp folder. ----
+
+/// A state folder with a `local` target whose files, sockets and history live inside it.
+/// HAProxy is started by lunafront (`spawn: true`) and stopped when this is dropped.
+pub struct Site {
+    pub dir: TempDir,
+}
+
+impl Site {
+    pub fn new() -> Site {
+        Site {
+            dir: TempDir::new().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `targets:` block of the site's states.
+    pub fn target_block(&self, spawn: bool) -> String {
+        format!(
+            "targets:\n  local: {{ type: haproxy, config: live/haproxy.cfg, state_dir: state, spawn: {spawn}, master_socket: {d}/state/master.sock, runtime_socket: {d}/state/admin.sock, reload_timeout: 10s }}\n",
+            d = self.path().display()
+        )
+    }
+
+    /// Writes `state.yaml` (atomically, as an editor would).
+    pub fn write_state(&self, yaml: &str) {
+        let tmp = self.path().join(".state.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.path().join("state.yaml")).unwrap();
+    }
+
+    pub fn lunafront(&self, args: &[&str]) -> (i32, String, String) {
+        run(args, self.path())
+    }
+
+    /// `lunafront apply --auto-approve`, asserting it worked.
+    pub fn apply(&self) -> String {
+        let (code, stdout, stderr) = self.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+        assert_eq!(code, 0, "apply failed:\n{stdout}\n{stderr}");
+        stdout
+    }
+
+    pub fn master(&self) -> lunafront::target::haproxy::socket::MasterCli {
+        lunafront::target::haproxy::socket::MasterCli::new(&self.path().join("state/master.sock"))
+    }
+
+    pub fn runtime(&self) -> lunafront::target::haproxy::socket::RuntimeApi {
+        lunafront::target::haproxy::socket::RuntimeApi::new(&self.path().join("state/admin.sock"))
+    }
+
+    /// (master reloads counter, current worker PIDs).
+    pub fn generation(&self) -> (u32, Vec<u32>) {
+        let proc = self
+            .master()
+            .show_proc(Duration::from_secs(2))
+            .expect("master answers");
+        (proc.reloads, proc.current().map(|w| w.pid).collect())
+    }
+
+    /// Every file under `live/`, to compare before and after.
+    pub fn live_files(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        fn walk(dir: &Path, root: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else {
+                    out.insert(
+                        path.strip_prefix(root).unwrap().display().to_string(),
+                        std::fs::read(&path).unwrap(),
+                    );
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        let root = self.path().join("live");
+        walk(&root, &root, &mut out);
+        out
+    }
+
+    /// Stops the HAProxy lunafront started (its master's PID is in the pidfile, or it answers
+    /// on the master socket).
+    pub fn stop_haproxy(&self) {
+        let pid = self
+            .master()
+            .show_proc(Duration::from_millis(300))
+            .map(|p| p.master_pid)
+            .ok()
+            .or_else(|| {
+                std::fs::read_to_string(self.path().join("state/haproxy.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+            });
+        if let Some(pid) = pid {
+            unsafe_kill(pid, 15);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                unsafe_kill(pid, 9);
+            }
+        }
+    }
+}
+
+impl Default for Site {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.stop_haproxy();
+    }
+}
+
+/// A running `lunafront daemon`, stopped (SIGTERM) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// `lunafront daemon <state> --target local` with `extra` arguments.
+    pub fn start(dir: &Path, state: &str, extra: &[&str]) -> Daemon {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).unwrap();
+        let child = lunafront()
+            .args([
+                "daemon",
+                state,
+                "--target",
+                "local",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            port,
+            log: dir.join(format!("daemon-{port}.log")),
+        };
+        assert!(
+            wait_for_port(port, Duration::from_secs(20)),
+            "daemon did not listen: {}",
+            daemon.log_text()
+        );
+        daemon
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, "127.0.0.1", path).unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the daemon with SIGKILL (no cleanup at all).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn post(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        write!(stream, "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        parse_response(&response).unwrap()
+    }
+
+    /// Waits until `GET path` answers `status` (and the body contains `needle`).
+    pub fn wait_for(&self, path: &str, status: u16, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut last = (0, String::new());
+        while Instant::now() < deadline {
+            if let Ok(r) = http_get(self.port, "127.0.0.1", path) {
+                if r.0 == status && r.1.contains(needle) {
+                    return r.1;
+                }
+                last = r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{path} never answered {status} with {needle:?}; last: {last:?}\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn stop(&mut self) {
+        unsafe_kill(self.child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until `host` on `port` answers with a body starting with `prefix`.
+pub fn wait_for_route(port: u16, host: &str, prefix: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        match http_get(port, host, "/") {
+            Ok((200, body)) if body.starts_with(prefix) => return,
+            other => last = Some(other),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{host} never answered {prefix:?}; last: {last:?}");
+}

@@ -1,0 +1,426 @@
+//! `lunafront daemon` on a real HAProxy it supervises: converges on file changes, keeps the last
+//! good state when the new one is broken (also across restarts), puts drift back, isolates
+//! invalid entries only when asked, survives SIGKILL in the middle of an apply.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+
+fn base_state(site: &Site, port: u16, shop: u16, blog: u16, domains: &str) -> String {
+    format!(
+        "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\nagents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {shop} }} ] }}\n  blog: {{ servers: [ {{ agent: a1, port: {blog} }} ] }}\ndomains:\n{domains}{}",
+        site.target_block(true)
+    )
+}
+
+#[test]
+fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
+    let site = Site::new();
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    let good = base_state(
+        &site,
+        port,
+        shop.port,
+        blog.port,
+        "  shop.example.com: { backend: shop }\n",
+    );
+    site.write_state(&good);
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    wait_for_route(
+        port,
+        "shop.example.com",
+        "backend=shop",
+        Duration::from_secs(5),
+    );
+    let (_, workers) = site.generation();
+
+    // An edit is live in well under a second, through the runtime API.
+    let started = Instant::now();
+    site.write_state(&good.replace(
+        "domains:\n",
+        "domains:\n  blog.example.com: { backend: blog }\n",
+    ));
+    wait_for_route(
+        port,
+        "blog.example.com",
+        "backend=blog",
+        Duration::from_secs(5),
+    );
+    println!("save to live: {:?}", started.elapsed());
+    assert_eq!(
+        site.generation().1,
+        workers,
+        "a new domain reloaded HAProxy"
+    );
+
+    // A broken file: HAProxy keeps serving, health says why.
+    site.write_state("version: 1\nlisteners: [\n");
+    let body = daemon.wait_for("/health", 503, "invalid", Duration::from_secs(5));
+    assert!(
+        body.contains("HAProxy keeps serving the last applied state"),
+        "{body}"
+    );
+    let (_, status) = daemon.get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let diag = &status["last_error"]["diagnostics"][0];
+    assert_eq!(diag["code"], "yaml-syntax", "{status}");
+    assert!(diag["location"]["line"].as_u64().unwrap() >= 2, "{status}");
+    for host in ["shop.example.com", "blog.example.com"] {
+        assert!(
+            http_get(port, host, "/").unwrap().0 == 200,
+            "{host} stopped being served"
+        );
+    }
+    // A state that parses but does not validate is refused the same way.
+    site.write_state(&good.replace("backend: shop }", "backend: nope }"));
+    daemon.wait_for("/status", 200, "unknown-backend", Duration::from_secs(5));
+    assert_eq!(daemon.get("/health").0, 503);
+    assert!(
+        http_get(port, "shop.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=shop ")
+    );
+
+    // Fixing it recovers.
+    site.write_state(&good.replace(
+        "domains:\n",
+        "domains:\n  fixed.example.com: { backend: blog }\n",
+    ));
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(5));
+    wait_for_route(
+        port,
+        "fixed.example.com",
+        "backend=blog",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        http_get(port, "blog.example.com", "/").unwrap().0,
+        404,
+        "the removed domain is gone"
+    );
+
+    let (_, metrics) = daemon.get("/metrics");
+    for series in [
+        "lunafront_reconciles_total{result=\"invalid\"}",
+        "lunafront_runtime_updates_total",
+        "lunafront_apply_duration_seconds_count",
+        "lunafront_last_success_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    let applied: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("lunafront_reconciles_total{result=\"applied\"}"))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(applied >= 2, "{metrics}");
+
+    // POST /reconcile answers with the outcome once done.
+    let (code, body) = daemon.post("/reconcile");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"result\":\"unchanged\""), "{body}");
+}
+
+#[test]
+fn a_restarted_daemon_serves_the_last_applied_state_even_when_the_state_is_broken() {
+    let site = Site::new();
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    let good = base_state(
+        &site,
+        port,
+        shop.port,
+        blog.port,
+        "  shop.example.com: { backend: shop }\n",
+    );
+    site.write_state(&good);
+    let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    // SIGTERM: the daemon stops, and with it the HAProxy it runs.
+    daemon.stop();
+    assert!(
+        http_get(port, "shop.example.com", "/").is_err(),
+        "HAProxy outlived its daemon"
+    );
+
+    site.write_state(&good.replace("127.0.0.1 }", "not-an-ip }"));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    wait_for_route(
+        port,
+        "shop.example.com",
+        "backend=shop",
+        Duration::from_secs(10),
+    );
+    daemon.wait_for("/health", 503, "invalid", Duration::from_secs(5));
+    let (_, status) = daemon.get("/status");
+    assert!(status.contains("invalid-address"), "{status}");
+}
+
+#[test]
+fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
+    let site = Site::new();
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    site.write_state(&base_state(
+        &site,
+        port,
+        shop.port,
+        blog.port,
+        "  shop.example.com: { backend: shop }\n",
+    ));
+    let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    wait_for_route(
+        port,
+        "shop.example.com",
+        "backend=shop",
+        Duration::from_secs(5),
+    );
+
+    // Someone edits a map file by hand.
+    let map = site.path().join("live/maps/hosts.map");
+    let original = std::fs::read_to_string(&map).unwrap();
+    std::fs::write(&map, format!("{original}evil.example.com agent:a1/blog\n")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&map).unwrap() != original {
+        assert!(Instant::now() < deadline, "the hand edit was not put back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.wait_for(
+        "/metrics",
+        200,
+        "lunafront_drift_corrections_total 1",
+        Duration::from_secs(5),
+    );
+
+    // Someone adds a route through the runtime API by hand.
+    site.runtime()
+        .run(
+            "add map maps/hosts.map sneaky.example.com agent:a1/blog",
+            lunafront::target::haproxy::socket::Expect::Empty,
+        )
+        .unwrap();
+    assert!(
+        http_get(port, "sneaky.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=blog ")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(port, "sneaky.example.com", "/").unwrap().0 != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime change was not put back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.wait_for(
+        "/metrics",
+        200,
+        "lunafront_drift_corrections_total 2",
+        Duration::from_secs(5),
+    );
+    assert!(
+        http_get(port, "shop.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=shop ")
+    );
+}
+
+/// A state folder: the listener and agents in one file, each agent's apps in its own file
+/// (as the API writes them).
+fn folder_state(site: &Site, port: u16, shop: u16, blog: u16, isolate: bool, agent_file: &str) {
+    write(
+        site.path(),
+        "state/base.yaml",
+        &format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\nagents:\n  a1: {{ address: 127.0.0.1 }}\nglobal:\n  isolate_invalid: {isolate}\n{}",
+            site.target_block(true)
+                .replace(
+                    "config: live/",
+                    &format!("config: {}/live/", site.path().display())
+                )
+                .replace(
+                    "state_dir: state,",
+                    &format!("state_dir: {}/daemon-state,", site.path().display())
+                )
+        ),
+    );
+    write(
+        site.path(),
+        "state/agents.d/a1.yaml",
+        &agent_file
+            .replace("SHOP", &shop.to_string())
+            .replace("BLOG", &blog.to_string()),
+    );
+}
+
+const AGENT_GOOD: &str = "backends:\n  shop: { servers: [ { agent: a1, port: SHOP } ] }\n  blog: { servers: [ { agent: a1, port: BLOG } ] }\ndomains:\n  shop.example.com: { backend: shop }\n";
+/// One domain broken (unknown backend), one new valid domain beside it.
+const AGENT_BROKEN: &str = "backends:\n  shop: { servers: [ { agent: a1, port: SHOP } ] }\n  blog: { servers: [ { agent: a1, port: BLOG } ] }\ndomains:\n  shop.example.com: { backend: shopp }\n  blog.example.com: { backend: blog }\n";
+
+fn isolation_site(isolate: bool) -> (Site, Server, Server, u16) {
+    let site = Site::new();
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    folder_state(&site, port, shop.port, blog.port, isolate, AGENT_GOOD);
+    (site, shop, blog, port)
+}
+
+#[test]
+fn without_isolation_an_invalid_entry_blocks_the_whole_change() {
+    let (site, shop, blog, port) = isolation_site(false);
+    let daemon = Daemon::start(site.path(), "state", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    wait_for_route(
+        port,
+        "shop.example.com",
+        "backend=shop",
+        Duration::from_secs(5),
+    );
+    folder_state(&site, port, shop.port, blog.port, false, AGENT_BROKEN);
+    daemon.wait_for("/status", 200, "unknown-backend", Duration::from_secs(5));
+    assert_eq!(daemon.get("/health").0, 503);
+    // All or nothing: the valid new domain is not applied either.
+    assert_eq!(http_get(port, "blog.example.com", "/").unwrap().0, 404);
+    assert!(
+        http_get(port, "shop.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=shop ")
+    );
+}
+
+#[test]
+fn with_isolation_the_valid_rest_is_applied_and_the_invalid_entry_keeps_its_last_version() {
+    let (site, shop, blog, port) = isolation_site(true);
+    let daemon = Daemon::start(site.path(), "state", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    wait_for_route(
+        port,
+        "shop.example.com",
+        "backend=shop",
+        Duration::from_secs(5),
+    );
+    folder_state(&site, port, shop.port, blog.port, true, AGENT_BROKEN);
+    // The valid new domain is served; the broken one stays at its last applied version.
+    wait_for_route(
+        port,
+        "blog.example.com",
+        "backend=blog",
+        Duration::from_secs(5),
+    );
+    assert!(
+        http_get(port, "shop.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=shop ")
+    );
+    let (_, status) = daemon.get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["last_reconcile"]["result"], "partial", "{status}");
+    let held = status["last_reconcile"]["held_back"].to_string();
+    assert!(
+        held.contains("domain `shop.example.com`: kept at its last applied version"),
+        "{status}"
+    );
+    // Still an error to fix: health says so.
+    assert_eq!(daemon.get("/health").0, 503);
+    // A whole file that does not parse keeps its entries too.
+    write(site.path(), "state/agents.d/a1.yaml", "backends: [\n");
+    daemon.wait_for("/status", 200, "yaml-syntax", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        http_get(port, "shop.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=shop ")
+    );
+    assert!(
+        http_get(port, "blog.example.com", "/")
+            .unwrap()
+            .1
+            .starts_with("backend=blog ")
+    );
+}
+
+#[test]
+fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges() {
+    let site = Site::new();
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    // Enough domains that writing and applying takes a noticeable time.
+    let many = |prefix: &str, backend: &str| {
+        (0..3000)
+            .map(|i| format!("  {prefix}{i}.example.com: {{ backend: {backend} }}\n"))
+            .collect::<String>()
+    };
+    let state_a = base_state(&site, port, shop.port, blog.port, &many("a", "shop"));
+    site.write_state(&state_a);
+    let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(30));
+
+    for (round, delay) in [40u64, 120, 250].into_iter().enumerate() {
+        // A change that needs a reload and rewrites the big map.
+        let alt = free_port();
+        let next = base_state(
+            &site,
+            port,
+            shop.port,
+            blog.port,
+            &many(&format!("r{round}-"), "blog"),
+        )
+        .replace(
+            "agents:\n",
+            &format!("  alt{round}: {{ bind: \"127.0.0.1:{alt}\" }}\nagents:\n"),
+        );
+        site.write_state(&next);
+        std::thread::sleep(Duration::from_millis(delay));
+        daemon.kill();
+        // Whatever the moment: every file HAProxy reads is whole, and the config checks.
+        haproxy_check(&site.path().join("live/haproxy.cfg"))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let map = std::fs::read_to_string(site.path().join("live/maps/hosts.map")).unwrap();
+        assert!(
+            map.is_empty() || map.ends_with('\n'),
+            "round {round}: a half-written map"
+        );
+        assert!(
+            map.lines().all(|l| l.split(' ').count() == 2),
+            "round {round}: a torn map line"
+        );
+        // Restarted: it cleans what the killed one left, and converges.
+        daemon = Daemon::start(site.path(), "state.yaml", &[]);
+        daemon.wait_for("/health", 200, "ok", Duration::from_secs(30));
+        wait_for_route(
+            port,
+            &format!("r{round}-7.example.com"),
+            "backend=blog",
+            Duration::from_secs(10),
+        );
+        wait_for_route(
+            alt,
+            &format!("r{round}-7.example.com"),
+            "backend=blog",
+            Duration::from_secs(10),
+        );
+        let leftovers: Vec<String> = std::fs::read_dir(site.path().join("live"))
+            .unwrap()
+            .chain(std::fs::read_dir(site.path().join("live/maps")).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("lunafront-tmp") || n.contains("lunafront-staging"))
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+        let (code, plan, _) = site.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+        assert_eq!(code, 0, "round {round}: not converged:\n{plan}");
+    }
+}
