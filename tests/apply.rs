@@ -164,6 +164,9 @@ fn apply_serves_then_changes_routes_at_runtime_and_reloads_only_for_a_listener()
     assert_eq!(code, 0, "{plan}");
 }
 
+/// A check run against the live HAProxy after an apply.
+type Check = Box<dyn Fn()>;
+
 /// Every route-change kind the apply issue names, applied to a live HAProxy: how many need no
 /// reload. The worker PIDs and the master's reload counter are the proof.
 #[test]
@@ -218,7 +221,7 @@ fn route_changes_apply_without_a_reload() {
     let start = site.generation();
 
     let three_server = format!(", {{ agent: a2, port: {} }}", apps.port("three"));
-    let kinds: Vec<(&str, String, Box<dyn Fn()>)> = vec![
+    let kinds: Vec<(&str, String, Check)> = vec![
         (
             "add a domain",
             doc(
