@@ -165,7 +165,7 @@ fn apply_serves_then_changes_routes_at_runtime_and_reloads_only_for_a_listener()
 }
 
 /// A check run against the live HAProxy after an apply.
-type Check = Box<dyn Fn()>;
+type Check<'a> = Box<dyn Fn() + 'a>;
 
 /// Every route-change kind the apply issue names, applied to a live HAProxy: how many need no
 /// reload. The worker PIDs and the master's reload counter are the proof.
@@ -221,7 +221,7 @@ fn route_changes_apply_without_a_reload() {
     let start = site.generation();
 
     let three_server = format!(", {{ agent: a2, port: {} }}", apps.port("three"));
-    let kinds: Vec<(&str, String, Check)> = vec![
+    let kinds: Vec<(&str, String, Check<'_>)> = vec![
         (
             "add a domain",
             doc(
