@@ -106,7 +106,7 @@ fn run_once(yaml: &str, edited: &str) -> (Figures, Model) {
             .into_iter()
             .map(|f| (f.path, f.bytes))
             .collect(),
-        previous: Some(model.clone()),
+        previous: Some(std::sync::Arc::new(model.clone())),
         recorded_files: recorded(&rendered),
         previous_error: None,
     };

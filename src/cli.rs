@@ -119,6 +119,11 @@ pub enum Command {
     },
     /// Print the JSON Schema of the state format.
     Schema,
+    /// Run demo HTTP apps (NAME=ADDRESS:PORT ...) standing in for an agent, for the quickstart.
+    DemoBackends {
+        #[arg(required = true, value_name = "NAME=ADDRESS:PORT")]
+        apps: Vec<String>,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {

@@ -91,6 +91,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::DemoBackends { apps } => cmd::demo::run(apps),
         Command::Schema => {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS

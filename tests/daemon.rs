@@ -185,6 +185,7 @@ fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
         Duration::from_secs(5),
     );
 
+    let generation = site.generation();
     // Someone edits a map file by hand.
     let map = site.path().join("live/maps/hosts.map");
     let original = std::fs::read_to_string(&map).unwrap();
@@ -199,6 +200,11 @@ fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
         200,
         "lunafront_drift_corrections_total 1",
         Duration::from_secs(5),
+    );
+    assert_eq!(
+        site.generation(),
+        generation,
+        "a map file edit was put back with a reload"
     );
 
     // Someone adds a route through the runtime API by hand.
@@ -325,9 +331,14 @@ fn with_isolation_the_valid_rest_is_applied_and_the_invalid_entry_keeps_its_last
             .1
             .starts_with("backend=shop ")
     );
-    let (_, status) = daemon.get("/status");
+    // The route answers as soon as HAProxy has it; the reconcile finishes a moment later.
+    let status = daemon.wait_for(
+        "/status",
+        200,
+        "\"result\":\"partial\"",
+        Duration::from_secs(5),
+    );
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["last_reconcile"]["result"], "partial", "{status}");
     let held = status["last_reconcile"]["held_back"].to_string();
     assert!(
         held.contains("domain `shop.example.com`: kept at its last applied version"),

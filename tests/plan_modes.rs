@@ -59,7 +59,7 @@ fn live_after(old: &Model) -> Live {
     let r = rendered(old);
     Live {
         files: r.files().into_iter().map(|f| (f.path, f.bytes)).collect(),
-        previous: Some(old.clone()),
+        previous: Some(std::sync::Arc::new(old.clone())),
         recorded_files: recorded(&r),
         previous_error: None,
     }

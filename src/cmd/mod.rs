@@ -1,6 +1,7 @@
 //! One small module per command; shared helpers to load, validate and print.
 
 pub mod apply;
+pub mod demo;
 pub mod history;
 pub mod plan;
 pub mod render;

@@ -93,8 +93,13 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
     };
     let mut threads = watch::spawn(
         watch::WatchOptions {
-            root,
-            ignore: vec![config_dir.clone(), target.state_dir.clone()],
+            root: root.clone(),
+            // lunafront's own writes (rendered certificates, the history's copies) are not
+            // changes of the state; a folder holding the state itself is never ignored.
+            ignore: [config_dir.clone(), target.state_dir.join("history")]
+                .into_iter()
+                .filter(|dir| !root.starts_with(dir))
+                .collect(),
             quiet: options.debounce_quiet,
             cap: options.debounce_cap,
             poll: Duration::from_secs(1),

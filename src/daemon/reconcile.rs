@@ -193,11 +193,14 @@ impl Reconciler {
             o.diagnostics = diagnostics;
             o
         };
+        let mut timer = PhaseTimer::new();
         let source = match load::load_path(&self.state) {
             Ok(source) => source,
             Err(e) => return fail("invalid", e.to_string(), Vec::new()),
         };
+        timer.lap("load");
         let validation = validate(&source);
+        timer.lap("validate");
         let mut held_back = Vec::new();
         let model = match validation.model {
             Some(model) => {
@@ -223,7 +226,7 @@ impl Reconciler {
                     .ok()
                     .flatten()
                     .map(|r| r.model);
-                match isolate(&source, &validation, previous.as_ref()) {
+                match isolate(&source, &validation, previous.as_deref()) {
                     Some(isolated) => {
                         held_back = isolated.held;
                         isolated.model
@@ -266,7 +269,9 @@ impl Reconciler {
                 Ok(live) => live,
                 Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
             };
+        timer.lap("render+observe");
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
+        timer.lap("plan");
         self.metrics
             .domains
             .store(model.domains.len() as u64, Ordering::Relaxed);
@@ -302,15 +307,11 @@ impl Reconciler {
             return finish(self.outcome(trigger, "unchanged"));
         }
 
-        if plan
+        // Counted once the drift is actually put back.
+        let drift = plan
             .changes
             .iter()
-            .any(|c| c.kind == Kind::Global && c.detail.contains("outside lunafront"))
-        {
-            self.metrics
-                .drift_corrections
-                .fetch_add(1, Ordering::Relaxed);
-        }
+            .any(|c| c.kind == Kind::Global && c.detail.contains("outside lunafront"));
         let request = ApplyRequest {
             target_name: self.target_name.clone(),
             files: plan.new_files.clone(),
@@ -329,8 +330,15 @@ impl Reconciler {
         };
         self.metrics
             .observe_apply(apply_started.elapsed().as_secs_f64());
+        timer.lap("apply");
+        tracing::debug!(phases = %timer, "reconcile timings");
         match result {
             Ok(applied) => {
+                if drift {
+                    self.metrics
+                        .drift_corrections
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 let mut o = self.outcome(trigger, "applied");
                 o.how = Some(applied.how.label());
                 o.changes = request.changes;
@@ -445,5 +453,40 @@ pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptio
             "target {name}: the daemon drives haproxy targets in this build"
         )),
         None => Err(format!("no target named `{name}` in the state")),
+    }
+}
+
+/// Durations of a reconcile's phases, for `LUNAFRONT_LOG=lunafront=debug`.
+struct PhaseTimer {
+    last: Instant,
+    phases: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseTimer {
+    fn new() -> PhaseTimer {
+        PhaseTimer {
+            last: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.phases.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for PhaseTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, d)) in self.phases.iter().enumerate() {
+            write!(
+                f,
+                "{}{phase}={:.1}ms",
+                if i > 0 { " " } else { "" },
+                d.as_secs_f64() * 1000.0
+            )?;
+        }
+        Ok(())
     }
 }

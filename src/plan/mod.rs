@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 pub struct Live {
     pub files: BTreeMap<String, Vec<u8>>,
     /// The model recorded by the last apply (from the manifest), if readable.
-    pub previous: Option<Model>,
+    pub previous: Option<std::sync::Arc<Model>>,
     /// SHA-256 of each file the last apply wrote (path → digest), from the manifest.
     pub recorded_files: BTreeMap<String, String>,
     /// Why the recorded state could not be used, when a manifest exists but is unreadable.
@@ -108,7 +108,7 @@ pub fn plan_files(
     live: &Live,
 ) -> Plan {
     let empty = empty_model();
-    let previous = live.previous.as_ref().unwrap_or(&empty);
+    let previous = live.previous.as_deref().unwrap_or(&empty);
     let mut changes = diff::diff_models(previous, model);
 
     let files = file_changes(&new_files, live);

@@ -1,8 +1,10 @@
 //! File I/O of the targets: atomic writes (temporary file, fsync, rename) with the right
 //! modes, and reading back what a rendering consists of.
 
+use crate::model::Model;
 use crate::plan::Live;
 use crate::render::MANIFEST;
+use std::sync::{Arc, Mutex};
 
 /// A set of files: path relative to a folder → content.
 pub type Files = BTreeMap<String, Vec<u8>>;
@@ -94,34 +96,52 @@ pub fn read_files(
 }
 
 /// What the last apply recorded beside the configuration.
+#[derive(Clone)]
 pub struct Recorded {
-    pub model: crate::model::Model,
+    pub model: Arc<Model>,
     /// Path (relative to the folder) → SHA-256 of each file it wrote.
     pub files: BTreeMap<String, String>,
 }
 
-/// Reads the manifest in `dir`: `Ok(None)` when there is none.
+/// Reads the manifest in `dir`: `Ok(None)` when there is none. The model it records is kept
+/// for as long as the manifest does not change: a daemon reading it after each apply does
+/// not validate the same state again.
 pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
+    static LAST: Mutex<Option<(PathBuf, String, Recorded)>> = Mutex::new(None);
     let path = dir.join(MANIFEST);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    let digest = crate::plan::sha256_hex(text.as_bytes());
+    if let Some((p, d, recorded)) = LAST.lock().expect("manifest cache").as_ref()
+        && *p == path
+        && *d == digest
+    {
+        return Ok(Some(recorded.clone()));
+    }
     let (source, files) = Source::from_manifest(&text, &path)?;
     let validation = crate::model::validate(&source);
-    match validation.model {
-        Some(model) => Ok(Some(Recorded { model, files })),
-        None => Err(format!(
-            "{}: the recorded state no longer validates ({})",
-            path.display(),
-            validation
-                .errors()
-                .next()
-                .map(|d| d.message.clone())
-                .unwrap_or_default()
-        )),
-    }
+    let recorded = match validation.model {
+        Some(model) => Recorded {
+            model: Arc::new(model),
+            files,
+        },
+        None => {
+            return Err(format!(
+                "{}: the recorded state no longer validates ({})",
+                path.display(),
+                validation
+                    .errors()
+                    .next()
+                    .map(|d| d.message.clone())
+                    .unwrap_or_default()
+            ));
+        }
+    };
+    *LAST.lock().expect("manifest cache") = Some((path, digest, recorded.clone()));
+    Ok(Some(recorded))
 }
 
 /// What a folder holding a rendering has now: the files at `wanted` and those the last

@@ -239,35 +239,98 @@ pub fn apply_with(
         });
     }
 
-    stage_and_check(target, dir, &request.files, &request.options).map_err(|detail| {
-        ApplyError::Refused {
-            target: name.to_string(),
-            detail,
-        }
-    })?;
-
-    let config_name = &request.options.config_name;
-    if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
-        return Err(rollback(
-            target,
-            request,
-            &live.files,
-            format!("writing the files: {e}"),
-            start,
-        ));
-    }
-    let mut notes = Vec::new();
-    let how = match activate(
-        target,
-        running.is_some(),
-        &live.files,
-        request,
-        start,
-        &mut notes,
-    ) {
-        Ok(how) => how,
-        Err(reason) => return Err(rollback(target, request, &live.files, reason, start)),
+    let refused = |detail: String| ApplyError::Refused {
+        target: name.to_string(),
+        detail,
     };
+    let staging = Staging::write(dir, &request.files)
+        .map_err(|e| prepare(format!("staging the files: {e}")))?;
+    let staged_config = staging.dir.join(&request.options.config_name);
+    let config_name = &request.options.config_name;
+    let mut notes = Vec::new();
+    let ops = running
+        .as_ref()
+        .map(|_| runtime::plan_ops(&live.files, &request.files, &request.options));
+
+    let how = if let Some(Ok(ops)) = &ops {
+        // A runtime change goes live first: HAProxy checks each command as it applies it while
+        // `haproxy -c` checks the staged files beside it, and the files are swapped only once
+        // both agree. So the route answers without waiting for the check, and the files on
+        // disk are still never replaced by ones `haproxy -c` refuses.
+        let haproxy_bin = target.haproxy_bin.clone();
+        let check = std::thread::spawn(move || process::check_config(&haproxy_bin, &staged_config));
+        let api = RuntimeApi::new(&target.runtime_socket);
+        let expected = RuntimeState::from_files(&request.files, &request.options);
+        let ops = runtime::rebase_map_ops(ops.clone(), &expected, |map| read_map(&api, map))
+            .unwrap_or_else(|_| ops.clone());
+        let ops = &ops;
+        let runtime = execute(&api, ops).and_then(|commands| {
+            verify(
+                &api,
+                &request.files,
+                &request.options,
+                Scope::TouchedBy(ops),
+            )
+            .map(|()| commands)
+        });
+        let checked = check
+            .join()
+            .unwrap_or_else(|_| Err("haproxy -c did not finish".into()));
+        if let Err(detail) = checked {
+            // The previous files are untouched: a reload puts HAProxy back on them.
+            return Err(match process::reload(target) {
+                Ok(_) => refused(detail),
+                Err(e) => ApplyError::RollbackFailed {
+                    target: name.to_string(),
+                    reason: format!("haproxy -c refused the new files: {detail}"),
+                    rollback: e.to_string(),
+                },
+            });
+        }
+        if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
+            return Err(rollback(
+                target,
+                request,
+                &live.files,
+                format!("writing the files: {e}"),
+                start,
+            ));
+        }
+        match runtime {
+            Ok(commands) => How::Runtime { commands },
+            Err(e) => {
+                notes.push(format!(
+                    "the runtime change did not go through ({e}); reloaded instead"
+                ));
+                match process::reload(target) {
+                    Ok(worker) => How::Reloaded { worker },
+                    Err(e) => {
+                        return Err(rollback(target, request, &live.files, e.to_string(), start));
+                    }
+                }
+            }
+        }
+    } else {
+        process::check_config(&target.haproxy_bin, &staged_config)
+            .map_err(|e| refused(staging.clean(&e)))?;
+        if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
+            return Err(rollback(
+                target,
+                request,
+                &live.files,
+                format!("writing the files: {e}"),
+                start,
+            ));
+        }
+        if let Some(Err(reason)) = &ops {
+            notes.push(format!("reload: {reason}"));
+        }
+        match activate(target, running.is_some(), start) {
+            Ok(how) => how,
+            Err(reason) => return Err(rollback(target, request, &live.files, reason, start)),
+        }
+    };
+    drop(staging);
     let seq = History::new(&target.state_dir)
         .record(
             &request.files,
@@ -286,58 +349,41 @@ pub fn apply_with(
     Ok(Applied { how, seq, notes })
 }
 
-/// Writes the new files into a staging folder beside the configuration (so relative paths
-/// resolve the same way) and runs `haproxy -c` on it.
-fn stage_and_check(
-    target: &HaproxyTarget,
-    dir: &Path,
-    new: &Files,
-    options: &RenderOptions,
-) -> Result<(), String> {
-    let staging = dir.join(format!(".lunafront-staging-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    let result = (|| {
-        for (path, bytes) in new {
-            files::write_atomic(&staging.join(path), bytes, files::mode_for(path))
-                .map_err(|e| e.to_string())?;
-        }
-        process::check_config(&target.haproxy_bin, &staging.join(&options.config_name))
-    })();
-    let _ = fs::remove_dir_all(&staging);
-    result.map_err(|e| e.replace(&format!("{}/", staging.display()), ""))
+/// The new files written into a folder beside the configuration (so relative paths resolve the
+/// same way), for `haproxy -c`. Removed when dropped.
+struct Staging {
+    dir: PathBuf,
 }
 
-/// Makes HAProxy run the files just written: runtime API when it can, else a reload (or a
-/// start). `Err` is the reason it could not.
-fn activate(
-    target: &HaproxyTarget,
-    running: bool,
-    old: &Files,
-    request: &ApplyRequest,
-    start: Starter<'_>,
-    notes: &mut Vec<String>,
-) -> Result<How, String> {
-    if !running {
-        let worker = start(target)?;
-        return Ok(How::Started { worker });
+impl Staging {
+    fn write(dir: &Path, new: &Files) -> Result<Staging, files::FileError> {
+        let staging = Staging {
+            dir: dir.join(format!(".lunafront-staging-{}", std::process::id())),
+        };
+        let _ = fs::remove_dir_all(&staging.dir);
+        for (path, bytes) in new {
+            files::write_atomic(&staging.dir.join(path), bytes, files::mode_for(path))?;
+        }
+        Ok(staging)
     }
-    let api = RuntimeApi::new(&target.runtime_socket);
-    match runtime::plan_ops(old, &request.files, &request.options) {
-        Ok(ops) => match execute(&api, &ops).and_then(|commands| {
-            verify(
-                &api,
-                &request.files,
-                &request.options,
-                Scope::TouchedBy(&ops),
-            )
-            .map(|()| commands)
-        }) {
-            Ok(commands) => return Ok(How::Runtime { commands }),
-            Err(e) => notes.push(format!(
-                "the runtime change did not go through ({e}); reloaded instead"
-            )),
-        },
-        Err(reason) => notes.push(format!("reload: {reason}")),
+
+    /// HAProxy's message without the staging folder's name in its paths.
+    fn clean(&self, message: &str) -> String {
+        message.replace(&format!("{}/", self.dir.display()), "")
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Makes HAProxy run the files just written when the runtime API cannot: a start (spawned
+/// target not running) or a reload. `Err` is the reason it could not.
+fn activate(target: &HaproxyTarget, running: bool, start: Starter<'_>) -> Result<How, String> {
+    if !running {
+        return start(target).map(|worker| How::Started { worker });
     }
     let worker = process::reload(target).map_err(|e| e.to_string())?;
     Ok(How::Reloaded { worker })

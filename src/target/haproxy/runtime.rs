@@ -210,45 +210,13 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
         }
     }
     // 3. Routes.
+    let empty = BTreeMap::new();
     for (map, entries) in &after.maps {
-        let empty = BTreeMap::new();
-        let old = before.maps.get(map).unwrap_or(&empty);
-        let changed = entries
-            .iter()
-            .filter(|(k, v)| old.get(*k) != Some(v))
-            .count()
-            + old.keys().filter(|k| !entries.contains_key(*k)).count();
-        if changed == 0 {
-            continue;
-        }
-        if changed > MAP_BATCH {
-            ops.push(Op::MapReplace {
-                map: map.clone(),
-                entries: entries.clone(),
-            });
-            continue;
-        }
-        for (key, value) in entries {
-            match old.get(key) {
-                None => ops.push(Op::MapAdd {
-                    map: map.clone(),
-                    key: key.clone(),
-                    value: value.clone(),
-                }),
-                Some(v) if v != value => ops.push(Op::MapSet {
-                    map: map.clone(),
-                    key: key.clone(),
-                    value: value.clone(),
-                }),
-                Some(_) => {}
-            }
-        }
-        for key in old.keys().filter(|k| !entries.contains_key(*k)) {
-            ops.push(Op::MapDel {
-                map: map.clone(),
-                key: key.clone(),
-            });
-        }
+        ops.extend(map_ops(
+            map,
+            before.maps.get(map).unwrap_or(&empty),
+            entries,
+        ));
     }
     // 4. What nothing routes to any more.
     for (list, certs) in &before.crt_lists {
@@ -278,6 +246,71 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
         });
     }
     Ok(ops)
+}
+
+/// The operations that turn the entries `old` of `map` into `new`: entry by entry for a few
+/// changes, one atomic replacement for many.
+pub fn map_ops(
+    map: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Vec<Op> {
+    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(v)).count()
+        + old.keys().filter(|k| !new.contains_key(*k)).count();
+    if changed == 0 {
+        return Vec::new();
+    }
+    if changed > MAP_BATCH {
+        return vec![Op::MapReplace {
+            map: map.to_string(),
+            entries: new.clone(),
+        }];
+    }
+    let mut ops = Vec::new();
+    for (key, value) in new {
+        let (map, key, value) = (map.to_string(), key.clone(), value.clone());
+        match old.get(&key) {
+            None => ops.push(Op::MapAdd { map, key, value }),
+            Some(v) if *v != value => ops.push(Op::MapSet { map, key, value }),
+            Some(_) => {}
+        }
+    }
+    for key in old.keys().filter(|k| !new.contains_key(*k)) {
+        ops.push(Op::MapDel {
+            map: map.to_string(),
+            key: key.clone(),
+        });
+    }
+    ops
+}
+
+/// Recomputes the map operations against what HAProxy holds now (`live_map` reads a map from
+/// the runtime API), so that a map file edited by hand, or a map changed through the socket,
+/// is still brought to the new entries exactly.
+pub fn rebase_map_ops<E>(
+    ops: Vec<Op>,
+    new: &RuntimeState,
+    mut live_map: impl FnMut(&str) -> Result<BTreeMap<String, String>, E>,
+) -> Result<Vec<Op>, E> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut done = std::collections::BTreeSet::new();
+    for op in ops {
+        let map = match &op {
+            Op::MapAdd { map, .. }
+            | Op::MapSet { map, .. }
+            | Op::MapDel { map, .. }
+            | Op::MapReplace { map, .. } => map.clone(),
+            _ => {
+                out.push(op);
+                continue;
+            }
+        };
+        if done.insert(map.clone()) {
+            let live = live_map(&map)?;
+            out.extend(map_ops(&map, &live, &new.maps[&map]));
+        }
+    }
+    Ok(out)
 }
 
 /// One runtime API command with the answer that means success.
