@@ -32,6 +32,34 @@ pub struct StateArg {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum AgentAction {
+    /// Create a one-time enrollment token: the agent registers with it as its key.
+    Enroll {
+        /// The agent's id.
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: Option<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "7d", value_parser = parse_duration)]
+        valid: std::time::Duration,
+        #[arg(long, value_name = "DIR")]
+        api_data: Option<PathBuf>,
+    },
+    /// Revoke every token of an agent.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        state: StateArg,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        api_data: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Check the desired state: YAML, schema and semantic rules, all problems in one run.
     Validate {
@@ -116,6 +144,20 @@ pub enum Command {
         /// How often to check for drift (hand edits of files or of HAProxy's runtime state).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         interval: std::time::Duration,
+        /// Serve the agent registration and admin API on this address.
+        #[arg(long, value_name = "ADDR")]
+        api: Option<std::net::SocketAddr>,
+        /// File holding the admin token (else $LUNAFRONT_ADMIN_TOKEN; without either, no admin).
+        #[arg(long, value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Where the API keeps tokens and its private CA (default: <target state_dir>/api).
+        #[arg(long, value_name = "DIR")]
+        api_data: Option<PathBuf>,
+    },
+    /// Manage agents' credentials for the API.
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
     },
     /// Print the JSON Schema of the state format.
     Schema,

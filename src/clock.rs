@@ -29,6 +29,11 @@ pub fn rfc3339(secs: i64) -> String {
     )
 }
 
+/// The UTC calendar date `days` days from now, as (year, month, day).
+pub fn date_in_days(days: i64) -> (i64, u32, u32) {
+    civil_from_days(unix_now() as i64 / 86_400 + days)
+}
+
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -73,7 +73,15 @@ fn main() -> ExitCode {
             listen,
             spawn,
             interval,
+            api,
+            admin_token_file,
+            api_data,
         } => {
+            let api = api.map(|listen| lunafront::api::ApiOptions {
+                listen,
+                admin_token_file: admin_token_file.clone(),
+                data_dir: api_data.clone().unwrap_or_default(),
+            });
             let options = lunafront::daemon::DaemonOptions {
                 state: state.state.clone(),
                 target: target.clone(),
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
                 interval: *interval,
                 debounce_quiet: std::time::Duration::from_millis(50),
                 debounce_cap: std::time::Duration::from_millis(300),
+                api,
             };
             match lunafront::daemon::run(options) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +101,7 @@ fn main() -> ExitCode {
             }
         }
         Command::DemoBackends { apps } => cmd::demo::run(apps),
+        Command::Agent { action } => cmd::agent::run(action),
         Command::Schema => {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! One small module per command; shared helpers to load, validate and print.
 
+pub mod agent;
 pub mod apply;
 pub mod demo;
 pub mod history;

@@ -28,6 +28,8 @@ pub struct DaemonOptions {
     pub interval: Duration,
     pub debounce_quiet: Duration,
     pub debounce_cap: Duration,
+    /// Serve the agent registration and admin API.
+    pub api: Option<crate::api::ApiOptions>,
 }
 
 pub fn run(options: DaemonOptions) -> Result<(), String> {
@@ -73,6 +75,13 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         ..Status::default()
     }));
     let metrics = Arc::new(metrics::Metrics::default());
+    // Until the first reconcile, the API works from the last applied state.
+    let valid_model = Arc::new(Mutex::new(
+        crate::target::files::read_recorded(&config_dir)
+            .ok()
+            .flatten()
+            .map(|r| r.model),
+    ));
     let (requests, receiver) = mpsc::channel::<Request>();
     let reconciler = Reconciler {
         state: state.clone(),
@@ -82,6 +91,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         status: status.clone(),
         metrics: metrics.clone(),
         supervisor: supervisor.clone(),
+        valid_model: valid_model.clone(),
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,13 +141,39 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         reply: None,
     });
 
+    let api = match &options.api {
+        Some(api_options) => Some((
+            api_options.listen,
+            crate::api::build(
+                &crate::api::ApiOptions {
+                    listen: api_options.listen,
+                    admin_token_file: api_options.admin_token_file.clone(),
+                    data_dir: if api_options.data_dir.as_os_str().is_empty() {
+                        target.state_dir.join("api")
+                    } else {
+                        api_options.data_dir.clone()
+                    },
+                },
+                state.clone(),
+                options.target.clone(),
+                target.clone(),
+                RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
+                crate::api::Shared {
+                    model: valid_model.clone(),
+                    requests: requests.clone(),
+                    status: status.clone(),
+                },
+            )?,
+        )),
+        None => None,
+    };
     let app = http::AppState {
         status,
         metrics,
         requests: Arc::new(Mutex::new(requests)),
         target: Arc::new(target),
     };
-    let served = serve(options.listen, app);
+    let served = serve(options.listen, app, api);
 
     tracing::info!("shutting down");
     if let Some(supervisor) = &supervisor {
@@ -159,7 +195,12 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
 }
 
 /// Serves HTTP until SIGTERM or SIGINT.
-fn serve(listen: SocketAddr, app: http::AppState) -> Result<(), String> {
+/// Serves HTTP (and the API, when asked) until SIGTERM or SIGINT.
+fn serve(
+    listen: SocketAddr,
+    app: http::AppState,
+    api: Option<(SocketAddr, crate::api::AppState)>,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -173,10 +214,33 @@ fn serve(listen: SocketAddr, app: http::AppState) -> Result<(), String> {
         eprintln!(
             "lunafront daemon: listening on http://{listen} (health, status, metrics, reconcile)"
         );
-        axum::serve(listener, http::router(app))
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let api_task = match api {
+            Some((api_listen, api_state)) => {
+                let api_listener = tokio::net::TcpListener::bind(api_listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {api_listen}: {e}"))?;
+                eprintln!("lunafront daemon: API on http://{api_listen}");
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(crate::api::serve(
+                    api_listener,
+                    crate::api::router(api_state),
+                    async move {
+                        let _ = stop.changed().await;
+                    },
+                )))
+            }
+            None => None,
+        };
+        let result = axum::serve(listener, http::router(app))
             .with_graceful_shutdown(shutdown_signal())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        let _ = stop_tx.send(true);
+        if let Some(task) = api_task {
+            let _ = task.await;
+        }
+        result
     })
 }
 

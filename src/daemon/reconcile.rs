@@ -104,6 +104,8 @@ pub struct Reconciler {
     pub status: Arc<Mutex<Status>>,
     pub metrics: Arc<Metrics>,
     pub supervisor: Option<Arc<Supervisor>>,
+    /// The last state that validated, for the API.
+    pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
 }
 
 impl Reconciler {
@@ -241,6 +243,8 @@ impl Reconciler {
                 }
             }
         };
+        let model = Arc::new(model);
+        *self.valid_model.lock().expect("model") = Some(model.clone());
         let partial = !held_back.is_empty();
         let errors: Vec<Diagnostic> = validation
             .diagnostics

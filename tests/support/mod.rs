@@ -143,10 +143,10 @@ impl Drop for Haproxy {
 }
 
 fn unsafe_kill(pid: u32, signal: i32) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+    // SAFETY: kill(2) on a PID this test started; nothing is shared.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
 }
 
 /// A server on a loopback port that runs `handle` for each connection in its own thread.
@@ -159,7 +159,12 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Server::spawn_on("127.0.0.1", handle)
+    }
+
+    /// On `ip` (`0.0.0.0`: every loopback address, for agents at 127.0.x.y).
+    pub fn spawn_on(ip: &str, handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
@@ -188,6 +193,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop (whatever address it listens on, loopback reaches it).
         let _ = TcpStream::connect(("127.0.0.1", self.port));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -199,6 +205,12 @@ impl Drop for Server {
 pub fn http_backend(name: &str) -> Server {
     let name = name.to_string();
     Server::spawn(move |stream| serve_http(stream, &name))
+}
+
+/// The same, listening on every address (agents registered at 127.0.x.y reach it).
+pub fn http_backend_everywhere(name: &str) -> Server {
+    let name = name.to_string();
+    Server::spawn_on("0.0.0.0", move |stream| serve_http(stream, &name))
 }
 
 fn serve_http(stream: TcpStream, name: &str) {
@@ -419,10 +431,33 @@ pub fn tcp_backend(name: &str) -> Server {
 /// Opens TLS to 127.0.0.1:`port` with server name `sni`, sends one line, returns the reply
 /// line. Verifies the server certificate against `ca`.
 pub fn tls_exchange(ca: &TestCa, port: u16, sni: &str, line: &str) -> std::io::Result<String> {
+    tls_exchange_with(ca.client_config(), port, sni, line)
+}
+
+/// A TLS client that trusts the CA certificate(s) in `pem`.
+pub fn client_config_trusting(pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_certs(pem) {
+        roots.add(cert).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+pub fn tls_exchange_with(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+    sni: &str,
+    line: &str,
+) -> std::io::Result<String> {
     let server_name =
         rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    let conn = rustls::ClientConnection::new(ca.client_config(), server_name)
-        .map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(config, server_name).map_err(std::io::Error::other)?;
     let stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut tls = rustls::StreamOwned::new(conn, stream);
@@ -716,4 +751,67 @@ pub fn wait_for_route(port: u16, host: &str, prefix: &str, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{host} never answered {prefix:?}; last: {last:?}");
+}
+
+/// An HTTP/1.1 request with a JSON body (or none) and optional bearer token; returns
+/// (status, body).
+pub fn http_json(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    parse_response(&response).unwrap()
+}
+
+/// `http_json` from a chosen loopback source address (each agent is its own client).
+pub fn http_json_from(
+    source: std::net::IpAddr,
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, String) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::new(source, 0).into())
+        .unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    parse_response(&response).unwrap()
 }

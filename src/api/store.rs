@@ -1,0 +1,281 @@
+//! What the API writes (I/O edge): one desired-state fragment per agent, `agents.d/<agent>.yaml`
+//! in the state folder, written atomically (0640) and, when the folder is a git checkout and
+//! `api.git_commit` is on, committed with the agent (or admin) as author. The daemon reconciles
+//! these files like any other edit: nothing the API accepts lives only in memory.
+
+use crate::target::files::{FILE_MODE, write_atomic};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Fragment {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents: BTreeMap<String, AgentEntry>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, BackendEntry>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub domains: BTreeMap<String, DomainEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Fields an operator added by hand, kept as they are.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    pub agent: String,
+    pub port: u16,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendEntry {
+    pub servers: Vec<ServerEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainEntry {
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_yaml::Value>,
+}
+
+impl Fragment {
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty() && self.backends.is_empty() && self.domains.is_empty()
+    }
+
+    /// As a JSON object in the state's shape, to merge into a document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("fragments are JSON")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct StoreError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+pub struct Store {
+    /// The state folder.
+    root: PathBuf,
+    lock: Mutex<()>,
+}
+
+const HEADER: &str = "# Written by the lunafront API for one agent. Edits by hand are kept, but the API rewrites\n# this file on the agent's next change.\n";
+
+impl Store {
+    pub fn new(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Held while a change is checked and written: changes to fragments are one at a time, so
+    /// two agents cannot claim the same name between a check and a write.
+    pub fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().expect("store lock")
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.root.join("agents.d")
+    }
+
+    pub fn path(&self, agent: &str) -> PathBuf {
+        self.dir().join(format!("{agent}.yaml"))
+    }
+
+    /// The fragment of every agent, by agent (from `agents.d/<agent>.yaml`).
+    pub fn read_all(&self) -> Result<BTreeMap<String, Fragment>, StoreError> {
+        let mut out = BTreeMap::new();
+        let entries = match std::fs::read_dir(self.dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(StoreError {
+                    path: self.dir(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if let Some(agent) = name.strip_suffix(".yaml") {
+                out.insert(agent.to_string(), self.read(agent)?.unwrap_or_default());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn read(&self, agent: &str) -> Result<Option<Fragment>, StoreError> {
+        let path = self.path(agent);
+        match std::fs::read_to_string(&path) {
+            Ok(text)
+                if text
+                    .trim()
+                    .lines()
+                    .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) =>
+            {
+                Ok(Some(Fragment::default()))
+            }
+            Ok(text) => serde_yaml::from_str(&text)
+                .map(Some)
+                .map_err(|e| StoreError {
+                    path,
+                    message: format!("the agent's file does not parse ({e}); fix or remove it"),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Writes (or, when empty, removes) the agent's fragment, then commits it when asked to.
+    pub fn write(
+        &self,
+        agent: &str,
+        fragment: &Fragment,
+        commit: Option<&Commit>,
+    ) -> Result<(), StoreError> {
+        let path = self.path(agent);
+        let err = |message: String| StoreError {
+            path: path.clone(),
+            message,
+        };
+        if fragment.is_empty() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err(e.to_string())),
+            }
+        } else {
+            let text = format!(
+                "{HEADER}{}",
+                serde_yaml::to_string(fragment).map_err(|e| err(e.to_string()))?
+            );
+            write_atomic(&path, text.as_bytes(), FILE_MODE).map_err(|e| err(e.to_string()))?;
+        }
+        if let Some(commit) = commit {
+            self.commit(&path, commit).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, path: &Path, commit: &Commit) -> Result<(), String> {
+        if crate::daemon::reconcile::git_head(&self.root).is_none()
+            && !self.root.join(".git").exists()
+        {
+            return Ok(()); // not a git checkout
+        }
+        let rel = path.strip_prefix(&self.root).unwrap_or(path);
+        let git = |args: &[&str]| {
+            Command::new("git")
+                .arg("-C")
+                .arg(&self.root)
+                .args(args)
+                .env("GIT_COMMITTER_NAME", "lunafront")
+                .env("GIT_COMMITTER_EMAIL", "lunafront@localhost")
+                .output()
+                .map_err(|e| format!("git: {e}"))
+        };
+        git(&["add", "-A", "--", &rel.to_string_lossy()])?;
+        let staged = git(&["diff", "--cached", "--quiet", "--", &rel.to_string_lossy()])?;
+        if staged.status.success() {
+            return Ok(()); // nothing to commit
+        }
+        let author = format!("{} <{}@lunafront.invalid>", commit.author, commit.author);
+        let out = git(&[
+            "commit",
+            "-q",
+            "--no-verify",
+            "-m",
+            &commit.message,
+            "--author",
+            &author,
+            "--",
+            &rel.to_string_lossy(),
+        ])?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "git commit: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+}
+
+/// A git commit of an API change.
+pub struct Commit {
+    pub author: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_round_trip_and_keep_hand_added_fields() {
+        let dir = std::env::temp_dir().join(format!("lunafront-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::new(&dir);
+        std::fs::create_dir_all(store.dir()).unwrap();
+        std::fs::write(
+            store.path("agent-7"),
+            "agents:\n  agent-7: { address: 203.0.113.7, maintenance: true }\nbackends:\n  agent-7--shop: { servers: [ { agent: agent-7, port: 3000, weight: 5 } ], owner: agent-7 }\ndomains:\n  shop.apps.example.com: { backend: agent-7--shop, owner: agent-7 }\n",
+        )
+        .unwrap();
+        let mut f = store.read("agent-7").unwrap().unwrap();
+        assert_eq!(
+            f.agents["agent-7"].other["maintenance"],
+            serde_yaml::Value::Bool(true)
+        );
+        f.agents.get_mut("agent-7").unwrap().address = "203.0.113.8".into();
+        store.write("agent-7", &f, None).unwrap();
+        let again = store.read("agent-7").unwrap().unwrap();
+        assert_eq!(again, f);
+        let text = std::fs::read_to_string(store.path("agent-7")).unwrap();
+        assert!(
+            text.contains("weight: 5") && text.contains("maintenance: true"),
+            "{text}"
+        );
+        assert_eq!(store.read_all().unwrap().len(), 1);
+        store.write("agent-7", &Fragment::default(), None).unwrap();
+        assert!(store.read("agent-7").unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

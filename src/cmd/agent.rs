@@ -1,0 +1,83 @@
+//! `lunafront agent enroll|revoke NAME`: an agent's credentials for the API, managed from the
+//! front server itself.
+
+use super::exit;
+use crate::cli::AgentAction;
+use lunafront::api::auth::{Kind, TokenStore};
+use lunafront::model::{Target, validate};
+use lunafront::spec::load;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The API's data folder: `--api-data`, else `<target state_dir>/api`.
+fn data_dir(
+    state: &Path,
+    target: Option<&str>,
+    api_data: Option<&Path>,
+) -> Result<PathBuf, String> {
+    if let Some(dir) = api_data {
+        return Ok(dir.to_path_buf());
+    }
+    let source = load::load_path(state).map_err(|e| e.to_string())?;
+    let validation = validate(&source.only(&["targets"]));
+    let errors: Vec<String> = validation.errors().map(|d| d.to_string()).collect();
+    let model = validation.model.ok_or_else(|| errors.join("\n"))?;
+    match lunafront::target::select(&model, target).map_err(|e| e.to_string())? {
+        (_, Target::Haproxy(t)) => Ok(t.state_dir.join("api")),
+        (name, _) => Err(format!(
+            "target {name}: give the API's data folder with --api-data"
+        )),
+    }
+}
+
+pub fn run(action: &AgentAction) -> ExitCode {
+    let result = match action {
+        AgentAction::Enroll {
+            name,
+            state,
+            target,
+            valid,
+            api_data,
+        } => (|| {
+            if !lunafront::model::names::is_identifier(name) {
+                return Err(format!(
+                    "`{name}` is not an agent id: {}",
+                    lunafront::model::names::IDENTIFIER_RULE
+                ));
+            }
+            let dir = data_dir(&state.state, target.as_deref(), api_data.as_deref())?;
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let token = TokenStore::open(&dir)
+                .map_err(|e| e.to_string())?
+                .issue(name, Kind::Enrollment, *valid)
+                .map_err(|e| e.to_string())?;
+            println!("{token}");
+            eprintln!(
+                "One-time enrollment token for agent {name}, valid {}s: the agent registers with it as its agentKey. It is shown once; only its hash is kept.",
+                valid.as_secs()
+            );
+            Ok(())
+        })(),
+        AgentAction::Revoke {
+            name,
+            state,
+            target,
+            api_data,
+        } => (|| {
+            let dir = data_dir(&state.state, target.as_deref(), api_data.as_deref())?;
+            let revoked = TokenStore::open(&dir)
+                .map_err(|e| e.to_string())?
+                .revoke(name)
+                .map_err(|e| e.to_string())?;
+            println!("Revoked {revoked} token(s) of agent {name}.");
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}
