@@ -109,6 +109,7 @@ fn run_once(yaml: &str, edited: &str) -> (Figures, Model) {
         previous: Some(std::sync::Arc::new(model.clone())),
         recorded_files: recorded(&rendered),
         previous_error: None,
+        version: None,
     };
     let source2 = Source::parse(vec![SourceFile::new(
         "state.yaml".into(),

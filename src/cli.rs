@@ -84,9 +84,9 @@ pub enum Command {
     Plan {
         #[command(flatten)]
         state: StateArg,
-        /// The target to compare with (needed when the state has several).
-        #[arg(long)]
-        target: Option<String>,
+        /// The target(s) or group(s) to compare with (needed when the state has several).
+        #[arg(long = "target")]
+        targets: Vec<String>,
         /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
@@ -101,8 +101,12 @@ pub enum Command {
     Apply {
         #[command(flatten)]
         state: StateArg,
-        #[arg(long)]
-        target: Option<String>,
+        /// Target(s) or group(s); with several, the first is the canary.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// After the canary, apply to this many targets at a time.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
         /// Apply without asking (needed when stdin is not a terminal).
         #[arg(long)]
         auto_approve: bool,

@@ -30,28 +30,30 @@ fn main() -> ExitCode {
         }
         Command::Plan {
             state,
-            target,
+            targets,
             json,
             detailed_exitcode,
             out,
-        } => cmd::plan::run(
-            &state.state,
-            target.as_deref(),
-            *json,
-            *detailed_exitcode,
-            out.as_deref(),
-            cli.color,
-        ),
+        } => cmd::plan::run(cmd::plan::Options {
+            state: &state.state,
+            targets,
+            as_json: *json,
+            detailed: *detailed_exitcode,
+            out: out.as_deref(),
+            color: cli.color,
+        }),
         Command::Apply {
             state,
-            target,
+            targets,
+            parallel,
             auto_approve,
             plan,
         } => cmd::apply::run(cmd::apply::Options {
             state: &state.state,
-            target: target.as_deref(),
+            targets,
             auto_approve: *auto_approve,
             saved: plan.as_deref(),
+            parallel: *parallel,
             color: cli.color,
         }),
         Command::Rollback {

@@ -367,3 +367,41 @@ fn render_removes_what_it_no_longer_produces_and_writes_nothing_when_invalid() {
         before
     );
 }
+
+#[test]
+fn fleet_settings_are_checked_against_the_state() {
+    let dir = TempDir::new().unwrap();
+    state(
+        dir.path(),
+        "version: 1
+listeners:
+  http: { bind: \"127.0.0.1:8080\" }
+  alt:  { bind: \"127.0.0.1:8081\" }
+agents:
+  agent-7: { address: 203.0.113.7 }
+backends:
+  shop: { servers: [ { agent: agent-7, port: 9001 } ] }
+domains:
+  shop.apps.example.com: { backend: shop }
+targets:
+  edge-1: { type: haproxy, config: e1/haproxy.cfg, binds: { htpp: \"10.0.0.5:80\" } }
+  edge-2: { type: haproxy, config: e2/haproxy.cfg, binds: { http: \"10.0.0.6\" } }
+  edge-3: { type: haproxy, config: e3/haproxy.cfg, binds: { http: \"127.0.0.1:8081\" } }
+groups:
+  edge: [ edge-1, edge-4 ]
+",
+    );
+    let (code, stdout, stderr) = run(&["validate", "state.yaml"], dir.path());
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    for expected in [
+        "state.yaml:12:67: error[unknown-listener]: listener `htpp` is not defined\n  hint: did you mean `http`?",
+        "error[invalid-bind]: target `edge-2` bind `10.0.0.6` for listener `http`",
+        "error[bind-conflict]: on target `edge-3`, listeners `alt` and `http` would both bind 127.0.0.1:8081",
+        "edge-4",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}

@@ -73,7 +73,8 @@ fn base() -> Value {
             "edge": {
                 "type": "dataplane", "url": "http://10.0.0.9:5555", "username": "admin", "password_env": "DPAPI_PASSWORD",
                 "timeout": "10s", "maps_dir": "/etc/haproxy/maps", "certs_dir": "/etc/haproxy/ssl",
-                "runtime_socket": "/run/haproxy/admin.sock", "health_url": "http://10.0.0.9/healthz"
+                "runtime_socket": "/run/haproxy/admin.sock", "binds": { "http": "10.0.0.9:80" },
+                "health_check": { "url": "http://10.0.0.9/healthz", "host": "shop.example.com" }
             },
             "edge2": {
                 "type": "dataplane", "url": "http://10.0.0.10:5555", "username": "admin", "password_file": "/etc/lunafront/dpapi"

@@ -62,6 +62,7 @@ fn live_after(old: &Model) -> Live {
         previous: Some(std::sync::Arc::new(old.clone())),
         recorded_files: recorded(&r),
         previous_error: None,
+        version: None,
     }
 }
 

@@ -8,7 +8,7 @@ use lunafront::model::{Model, Target, validate};
 use lunafront::plan::{self, text};
 use lunafront::render::MANIFEST;
 use lunafront::spec::load::{self, Source};
-use lunafront::target::{self, haproxy, history::History};
+use lunafront::target::{self, history::History};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -26,33 +26,21 @@ fn targets(state: &Path) -> Result<Model, ExitCode> {
     })
 }
 
-fn haproxy_target(model: &Model, name: Option<&str>) -> Result<(String, Target), ExitCode> {
-    match target::select(model, name) {
-        Ok((name, t @ Target::Haproxy(_))) => Ok((name, t.clone())),
-        Ok((name, _)) => {
-            eprintln!("error: target {name}: history is kept for haproxy targets in this build");
-            Err(ExitCode::from(exit::ERROR))
-        }
-        Err(e) => {
+fn select(model: &Model, name: Option<&str>) -> Result<(String, Target), ExitCode> {
+    target::select(model, name)
+        .map(|(name, t)| (name, t.clone()))
+        .map_err(|e| {
             eprintln!("error: {e}");
-            Err(ExitCode::from(exit::ERROR))
-        }
-    }
-}
-
-fn state_dir(target: &Target) -> &Path {
-    match target {
-        Target::Haproxy(t) => &t.state_dir,
-        Target::Dataplane(_) => Path::new("/nonexistent"),
-    }
+            ExitCode::from(exit::ERROR)
+        })
 }
 
 pub fn list(state: &Path, target: Option<&str>) -> ExitCode {
-    let (name, target) = match targets(state).and_then(|m| haproxy_target(&m, target)) {
+    let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let entries = match History::new(state_dir(&target)).list() {
+    let entries = match History::new(target::state_dir(&target)).list() {
         Ok(e) => e,
         Err(e) => {
             eprintln!("error: {e}");
@@ -98,14 +86,11 @@ pub fn rollback(
     auto_approve: bool,
     color: ColorChoice,
 ) -> ExitCode {
-    let (name, target) = match targets(state).and_then(|m| haproxy_target(&m, target)) {
+    let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let Target::Haproxy(t) = &target else {
-        unreachable!("haproxy_target")
-    };
-    let history = History::new(&t.state_dir);
+    let history = History::new(target::state_dir(&target));
     let entries = match history.list() {
         Ok(e) => e,
         Err(e) => {
@@ -133,7 +118,7 @@ pub fn rollback(
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
         let options = target::render_options(&target);
-        let live = haproxy::observe(t, files.keys().cloned())?;
+        let live = target::observe_paths(&name, &target, &options, files.keys().cloned())?;
         Ok(plan::plan_files(&name, &model, files, &options, &live))
     })();
     let plan = match result {
@@ -148,5 +133,27 @@ pub fn rollback(
         entry.seq, entry.time
     );
     print!("{}", text::render(&plan, stdout_color(color)));
-    super::apply::execute(&name, &target, &plan, auto_approve, Some(entry.seq), false)
+    if plan.is_empty() {
+        println!(
+            "Target {name} already holds entry {}; nothing to do.",
+            entry.seq
+        );
+        return ExitCode::from(exit::OK);
+    }
+    if !auto_approve && !super::apply::confirm(&[&name]) {
+        return ExitCode::from(exit::ERROR);
+    }
+    let prepared = super::apply::Prepared {
+        name,
+        target,
+        plan,
+        before: None,
+    };
+    match super::apply::apply_one(&prepared, Some(entry.seq), false) {
+        Ok(applied) => {
+            super::apply::report_applied(&prepared.name, &applied);
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => super::apply::fail(&e, false),
+    }
 }

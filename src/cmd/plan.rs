@@ -1,50 +1,65 @@
 //! `lunafront plan`: what applying the state would change on a target, and how (runtime API or
-//! reload). Exit 0, or with --detailed-exitcode 0 (no changes) / 2 (changes); 1 on error.
+//! reload). With several targets (or a group) each gets its plan, and a target that holds
+//! something else than the others is called out (drift). Exit 0, or with --detailed-exitcode
+//! 0 (no changes) / 2 (changes); 1 on error.
 
+use super::apply::{self, Prepared};
 use super::{exit, load_model, stdout_color};
 use crate::cli::ColorChoice;
-use lunafront::model::Target;
-use lunafront::plan::{self, json, text};
-use lunafront::render;
-use lunafront::target;
+use lunafront::plan::{json, text};
+use lunafront::target::fleet;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn run(
-    state: &Path,
-    target_name: Option<&str>,
-    as_json: bool,
-    detailed: bool,
-    out: Option<&Path>,
-    color: ColorChoice,
-) -> ExitCode {
-    let (model, _) = match load_model(state, color) {
+pub struct Options<'a> {
+    pub state: &'a Path,
+    pub targets: &'a [String],
+    pub as_json: bool,
+    pub detailed: bool,
+    pub out: Option<&'a Path>,
+    pub color: ColorChoice,
+}
+
+pub fn run(o: Options<'_>) -> ExitCode {
+    let (model, _) = match load_model(o.state, o.color) {
         Ok(m) => m,
         Err(code) => return code,
     };
-    let result = (|| -> anyhow::Result<(plan::Plan, Target)> {
-        let (name, target) = target::select(&model, target_name)?;
-        let rendered = render::render(&model, &target::render_options(target))?;
-        let live = target::observe(&name, target, &rendered)?;
-        Ok((
-            plan::make_plan(&name, &model, &rendered, &live),
-            target.clone(),
-        ))
-    })();
-    let (plan, target) = match result {
+    let result = fleet::resolve(&model, o.targets)
+        .map_err(anyhow::Error::from)
+        .and_then(|targets| {
+            targets
+                .into_iter()
+                .map(|(name, target)| apply::prepare(&model, &name, target))
+                .collect::<anyhow::Result<Vec<Prepared>>>()
+        });
+    let prepared = match result {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(exit::ERROR);
         }
     };
-    if as_json {
-        print!("{}", json::render(&plan));
+    if prepared.len() == 1 {
+        single(&prepared[0], &o)
+    } else if o.out.is_some() {
+        eprintln!(
+            "error: --out saves one target's plan; plan each target with its own --target and --out"
+        );
+        ExitCode::from(exit::ERROR)
     } else {
-        print!("{}", text::render(&plan, stdout_color(color)));
+        group(&prepared, &o)
     }
-    if let Some(path) = out {
-        if let Err(e) = super::apply::save(path, &plan, &target) {
+}
+
+fn single(p: &Prepared, o: &Options<'_>) -> ExitCode {
+    if o.as_json {
+        print!("{}", json::render(&p.plan));
+    } else {
+        print!("{}", text::render(&p.plan, stdout_color(o.color)));
+    }
+    if let Some(path) = o.out {
+        if let Err(e) = apply::save(path, &p.plan, &p.target) {
             eprintln!("error: cannot save the plan to {}: {e}", path.display());
             return ExitCode::from(exit::ERROR);
         }
@@ -54,7 +69,95 @@ pub fn run(
             path.display()
         );
     }
-    ExitCode::from(if detailed && !plan.is_empty() {
+    exit_code(o.detailed, !p.plan.is_empty())
+}
+
+fn group(prepared: &[Prepared], o: &Options<'_>) -> ExitCode {
+    let drift = drifted(prepared);
+    if o.as_json {
+        let entries: Vec<json::GroupEntry> = prepared
+            .iter()
+            .zip(&drift)
+            .map(|(p, &drift)| json::GroupEntry {
+                plan: &p.plan,
+                revision: p.before.as_deref(),
+                drift,
+            })
+            .collect();
+        print!("{}", json::render_group(&entries));
+    } else {
+        for p in prepared {
+            print!("{}", text::render(&p.plan, stdout_color(o.color)));
+            println!();
+        }
+        println!(
+            "{:<16} {:<14} {:>8}  {:<8}",
+            "target", "holds", "changes", "applied by"
+        );
+        for (p, &drift) in prepared.iter().zip(&drift) {
+            let how = if p.plan.is_empty() {
+                "-"
+            } else if p.plan.reload_required {
+                "reload"
+            } else {
+                "runtime"
+            };
+            println!(
+                "{:<16} {:<14} {:>8}  {:<8}{}",
+                p.name,
+                p.before.as_deref().unwrap_or("none"),
+                p.plan.changes.len(),
+                how,
+                if drift {
+                    "  <- differs from the other targets"
+                } else {
+                    ""
+                }
+            );
+        }
+        let drifting: Vec<&str> = prepared
+            .iter()
+            .zip(&drift)
+            .filter(|(_, d)| **d)
+            .map(|(p, _)| p.name.as_str())
+            .collect();
+        if !drifting.is_empty() {
+            println!(
+                "\nDrift: {} hold(s) something else than the other targets; `lunafront apply` brings them all to the same revision.",
+                drifting.join(", ")
+            );
+        }
+    }
+    exit_code(o.detailed, prepared.iter().any(|p| !p.plan.is_empty()))
+}
+
+/// Which targets differ from the others: targets are grouped by what they hold (the revision
+/// of their last apply, and what the plan would change: a hand edit shows there even when the
+/// revision matches); every target outside the largest group has drifted. When all agree,
+/// none has.
+fn drifted(prepared: &[Prepared]) -> Vec<bool> {
+    let keys: Vec<(Option<&str>, Vec<String>)> = prepared
+        .iter()
+        .map(|p| {
+            let mut changes: Vec<String> = p.plan.changes.iter().map(|c| c.summary()).collect();
+            changes.sort();
+            (p.before.as_deref(), changes)
+        })
+        .collect();
+    let count = |key: &(Option<&str>, Vec<String>)| keys.iter().filter(|k| *k == key).count();
+    // The first of the most common keys: with a tie, the earlier targets (the canary) set the
+    // reference.
+    let mut reference = &keys[0];
+    for key in &keys {
+        if count(key) > count(reference) {
+            reference = key;
+        }
+    }
+    keys.iter().map(|k| k != reference).collect()
+}
+
+fn exit_code(detailed: bool, changes: bool) -> ExitCode {
+    ExitCode::from(if detailed && changes {
         exit::CHANGES
     } else {
         exit::OK

@@ -13,8 +13,9 @@ use crate::render::{self, MANIFEST, RenderOptions};
 use crate::spec::diagnostics::Diagnostic;
 use crate::spec::load;
 use crate::target::files;
-use crate::target::haproxy::{self, ApplyError, ApplyRequest, How};
+use crate::target::haproxy;
 use crate::target::history::History;
+use crate::target::{ApplyError, ApplyRequest, How};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -323,6 +324,7 @@ impl Reconciler {
             expected_fingerprint: Some(plan.live_fingerprint.clone()),
             changes: plan.changes.iter().map(|c| c.summary()).collect(),
             rollback_of: None,
+            retry_conflicts: true,
         };
         let apply_started = Instant::now();
         let result = match &self.supervisor {
@@ -356,7 +358,7 @@ impl Reconciler {
                             .runtime_commands
                             .fetch_add(commands as u64, Ordering::Relaxed);
                     }
-                    How::Reloaded { .. } => {
+                    How::Reloaded { .. } | How::RemoteReload { .. } => {
                         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                     }
                     How::Started { .. } | How::Unchanged => {}

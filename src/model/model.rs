@@ -27,6 +27,24 @@ impl Model {
     pub fn document(&self) -> &serde_json::Value {
         &self.document
     }
+
+    /// The model as one target serves it: its own listener addresses (`binds`, checked by
+    /// validation) in place of the state's. Borrowed when the target has none.
+    pub fn with_binds(&self, binds: &BTreeMap<String, String>) -> std::borrow::Cow<'_, Model> {
+        if binds.is_empty() {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut model = self.clone();
+        for (name, address) in binds {
+            if let (Some(listener), Ok(bind)) = (
+                model.listeners.get_mut(name),
+                super::names::parse_bind(address),
+            ) {
+                listener.bind = bind;
+            }
+        }
+        std::borrow::Cow::Owned(model)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +185,15 @@ pub enum Target {
     Dataplane(DataplaneTarget),
 }
 
+impl Target {
+    pub fn fleet(&self) -> &FleetMember {
+        match self {
+            Target::Haproxy(t) => &t.fleet,
+            Target::Dataplane(t) => &t.fleet,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HaproxyTarget {
     pub config: PathBuf,
@@ -179,6 +206,8 @@ pub struct HaproxyTarget {
     pub history: usize,
     /// Path of the haproxy binary used for `haproxy -c` and spawning.
     pub haproxy_bin: PathBuf,
+    #[serde(flatten)]
+    pub fleet: FleetMember,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -193,7 +222,34 @@ pub struct DataplaneTarget {
     pub certs_dir: String,
     /// The stats socket HAProxy serves there.
     pub runtime_socket: String,
-    pub health_url: Option<String>,
+    #[serde(flatten)]
+    pub fleet: FleetMember,
+    /// Where applied states (history) are kept, on the machine running lunafront.
+    pub state_dir: PathBuf,
+    pub history: usize,
+}
+
+/// What a target has as one front server of a fleet.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FleetMember {
+    /// This server's own address for some listeners (listener name → `address:port`, already
+    /// checked), when the servers of a fleet do not all bind the same.
+    #[serde(default)]
+    pub binds: BTreeMap<String, String>,
+    /// Checked after an apply when the target is a fleet's canary.
+    #[serde(default)]
+    pub health_check: Option<CanaryCheck>,
+}
+
+/// A request through the front server that must answer 2xx: `url` reaches the server, `host`
+/// (when set) is the route asked for, as the Host header.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CanaryCheck {
+    pub url: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// How long it may take to answer 2xx.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -163,7 +163,16 @@ struct RawTarget {
     timeout: Option<String>,
     maps_dir: Option<String>,
     certs_dir: Option<String>,
-    health_url: Option<String>,
+    #[serde(default)]
+    binds: BTreeMap<String, String>,
+    health_check: Option<RawCanaryCheck>,
+}
+
+#[derive(Deserialize, Clone)]
+struct RawCanaryCheck {
+    url: String,
+    host: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -304,7 +313,7 @@ impl<'a> Checker<'a> {
         let domains = self.domains(&listeners, &listener_names, &backend_names);
         let backends = self.backend_modes(backends, &domains, &listeners);
         self.name_claims(&domains, &listeners);
-        let targets = self.targets();
+        let targets = self.targets(&listeners, &listener_names);
         let groups = self.groups(&target_names);
         let global = self.global();
 
@@ -1121,7 +1130,87 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn targets(&mut self) -> BTreeMap<String, Target> {
+    /// A target's own listener addresses: each names a listener of the state, parses, and the
+    /// addresses the target ends up binding do not collide.
+    fn target_binds(
+        &mut self,
+        target: &str,
+        pointer: &str,
+        raw: &BTreeMap<String, String>,
+        listeners: &BTreeMap<String, Listener>,
+        listener_names: &BTreeSet<&str>,
+    ) -> Option<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (listener, address) in raw {
+            let at = format!("{pointer}/binds/{}", escape_pointer_token(listener));
+            // Validating the targets alone (a rollback of a broken state): listeners unknown.
+            if !listener_names.contains(listener.as_str()) && !self.partial {
+                self.unknown(
+                    "unknown-listener",
+                    "listener",
+                    "listeners",
+                    listener,
+                    &at,
+                    listener_names,
+                );
+                ok = false;
+                continue;
+            }
+            match names::parse_bind(address) {
+                Ok(bind) => {
+                    out.insert(listener.clone(), bind);
+                }
+                Err(message) => {
+                    self.error(
+                        "invalid-bind",
+                        &at,
+                        false,
+                        format!(
+                            "target {} bind {} for listener {}: {message}",
+                            quote(target),
+                            quote(address),
+                            quote(listener)
+                        ),
+                        "write `address:port`, such as `10.0.0.5:443` or `[::1]:8443`",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let effective: Vec<(&String, names::Bind)> = listeners
+            .iter()
+            .map(|(name, l)| (name, out.get(name).copied().unwrap_or(l.bind)))
+            .collect();
+        for (i, (a, bind_a)) in effective.iter().enumerate() {
+            if let Some((b, _)) = effective[i + 1..]
+                .iter()
+                .find(|(_, bind_b)| bind_a.conflicts_with(bind_b))
+            {
+                self.error(
+                    "bind-conflict",
+                    &format!("{pointer}/binds"),
+                    false,
+                    format!(
+                        "on target {}, listeners {} and {} would both bind {}",
+                        quote(target),
+                        quote(a),
+                        quote(b),
+                        bind_a
+                    ),
+                    "give each listener its own address:port on this target",
+                );
+                ok = false;
+            }
+        }
+        ok.then(|| out.into_iter().map(|(k, v)| (k, v.to_string())).collect())
+    }
+
+    fn targets(
+        &mut self,
+        listeners: &BTreeMap<String, Listener>,
+        listener_names: &BTreeSet<&str>,
+    ) -> BTreeMap<String, Target> {
         let mut out = BTreeMap::new();
         for (name, pointer, value) in entries(&self.source.document, "targets") {
             let Some(raw) = Self::raw::<RawTarget>(value) else {
@@ -1148,6 +1237,32 @@ impl<'a> Checker<'a> {
                 None => PathBuf::from("/var/lib/lunafront").join(name),
             };
             let history = raw.history.unwrap_or(20);
+            let Some(binds) =
+                self.target_binds(name, &pointer, &raw.binds, listeners, listener_names)
+            else {
+                continue;
+            };
+            let health_check = match &raw.health_check {
+                Some(check) => {
+                    let Some(timeout) = self.duration(
+                        check.timeout.as_deref(),
+                        &format!("{pointer}/health_check/timeout"),
+                        Duration::from_ms(15_000),
+                    ) else {
+                        continue;
+                    };
+                    Some(CanaryCheck {
+                        url: check.url.clone(),
+                        host: check.host.clone(),
+                        timeout,
+                    })
+                }
+                None => None,
+            };
+            let fleet = FleetMember {
+                binds,
+                health_check,
+            };
             let target = match raw.kind.as_str() {
                 "haproxy" => {
                     let Some(config) = &raw.config else { continue };
@@ -1183,6 +1298,7 @@ impl<'a> Checker<'a> {
                         reload_timeout,
                         state_dir,
                         history,
+                        fleet: fleet.clone(),
                         haproxy_bin: raw
                             .haproxy_bin
                             .as_deref()
@@ -1226,7 +1342,9 @@ impl<'a> Checker<'a> {
                         runtime_socket: raw
                             .runtime_socket
                             .unwrap_or_else(|| "/run/haproxy/admin.sock".into()),
-                        health_url: raw.health_url,
+                        fleet,
+                        state_dir,
+                        history,
                     })
                 }
                 _ => continue,

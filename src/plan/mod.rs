@@ -25,12 +25,17 @@ pub struct Live {
     pub recorded_files: BTreeMap<String, String>,
     /// Why the recorded state could not be used, when a manifest exists but is unreadable.
     pub previous_error: Option<String>,
+    /// The configuration's version, for targets that version it (the Data Plane API).
+    pub version: Option<u64>,
 }
 
 impl Live {
     /// A fingerprint of everything the plan was computed against, to refuse a stale saved plan.
     pub fn fingerprint(&self) -> String {
         let mut hasher = Sha256::new();
+        if let Some(version) = self.version {
+            hasher.update(format!("version {version}\n").as_bytes());
+        }
         for (path, bytes) in &self.files {
             hasher.update(path.as_bytes());
             hasher.update([0]);
@@ -109,6 +114,7 @@ pub fn plan_files(
 ) -> Plan {
     let empty = empty_model();
     let previous = live.previous.as_deref().unwrap_or(&empty);
+    let model = &*model.with_binds(&options.binds);
     let mut changes = diff::diff_models(previous, model);
 
     let files = file_changes(&new_files, live);

@@ -71,8 +71,7 @@ impl SavedPlan {
             ));
         }
         for file in &plan.files {
-            if file.path.starts_with('/') || file.path.split('/').any(|c| c == ".." || c.is_empty())
-            {
+            if !plan.names_own_file(&file.path) {
                 return Err(format!(
                     "the plan names a file outside the target's folder: {}",
                     file.path
@@ -80,6 +79,28 @@ impl SavedPlan {
             }
         }
         Ok(plan)
+    }
+
+    /// Whether `path` is one of the target's files: relative to its folder (a haproxy target),
+    /// or directly in the absolute maps or certificates folder its options name (a Data Plane
+    /// API target's storage). Nothing else may come from a file that could have been edited.
+    fn names_own_file(&self, path: &str) -> bool {
+        let safe = |p: &str| !p.is_empty() && p.split('/').all(|c| !c.is_empty() && c != "..");
+        if !path.starts_with('/') {
+            return safe(path);
+        }
+        // A haproxy target writes files under its folder: never an absolute path.
+        if !matches!(self.target, Target::Dataplane(_)) {
+            return false;
+        }
+        [&self.options.maps_dir, &self.options.certs_dir]
+            .into_iter()
+            .filter(|dir| dir.starts_with('/'))
+            .any(|dir| {
+                path.strip_prefix(dir.as_str())
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|name| safe(name) && !name.contains('/'))
+            })
     }
 
     pub fn files(&self) -> Result<Files, String> {
@@ -93,5 +114,65 @@ impl SavedPlan {
                     .map_err(|e| format!("{}: {e}", f.path))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(target: serde_json::Value, maps_dir: &str) -> SavedPlan {
+        serde_json::from_value(serde_json::json!({
+            "format_version": "1", "kind": KIND, "created": "2026-01-01T00:00:00Z",
+            "target_name": "t", "target": target, "live_fingerprint": "x",
+            "reload_required": false, "changes": [],
+            "options": { "config_name": "haproxy.cfg", "runtime_socket": "/run/a.sock",
+                         "maps_dir": maps_dir, "certs_dir": "certs" },
+            "files": []
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_saved_plan_names_only_the_target_s_own_files() {
+        let local = saved(
+            serde_json::to_value(Target::Haproxy(crate::model::HaproxyTarget {
+                config: "/etc/haproxy/haproxy.cfg".into(),
+                master_socket: "/run/m.sock".into(),
+                runtime_socket: "/run/a.sock".into(),
+                spawn: false,
+                reload_timeout: crate::model::names::Duration::from_ms(1000),
+                state_dir: "/var/lib/lunafront".into(),
+                history: 1,
+                haproxy_bin: "haproxy".into(),
+                fleet: Default::default(),
+            }))
+            .unwrap(),
+            "/etc",
+        );
+        assert!(local.names_own_file("maps/hosts.map"));
+        assert!(!local.names_own_file("../haproxy.cfg"));
+        assert!(!local.names_own_file("maps//x"));
+        // Even when the (editable) options name an absolute folder.
+        assert!(!local.names_own_file("/etc/passwd"));
+
+        let mut remote = local.clone();
+        remote.target = Target::Dataplane(crate::model::DataplaneTarget {
+            url: "http://127.0.0.1:5555".into(),
+            username: "admin".into(),
+            password: crate::model::PasswordSource::Env("P".into()),
+            timeout: crate::model::names::Duration::from_ms(1000),
+            maps_dir: "/etc/haproxy/maps".into(),
+            certs_dir: "/etc/haproxy/ssl".into(),
+            runtime_socket: "/run/a.sock".into(),
+            fleet: Default::default(),
+            state_dir: "/var/lib/lunafront/t".into(),
+            history: 1,
+        });
+        remote.options.maps_dir = "/etc/haproxy/maps".into();
+        assert!(remote.names_own_file("/etc/haproxy/maps/hosts.map"));
+        assert!(!remote.names_own_file("/etc/haproxy/maps/../../passwd"));
+        assert!(!remote.names_own_file("/etc/haproxy/maps/sub/x.map"));
+        assert!(!remote.names_own_file("/etc/passwd"));
     }
 }

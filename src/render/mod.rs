@@ -38,6 +38,9 @@ pub struct RenderOptions {
     pub maps_dir: String,
     /// Folder of crt-lists and certificates, likewise.
     pub certs_dir: String,
+    /// Listener addresses this target binds instead of the state's (listener name → address).
+    #[serde(default)]
+    pub binds: BTreeMap<String, String>,
 }
 
 impl RenderOptions {
@@ -53,18 +56,21 @@ impl RenderOptions {
                 runtime_socket: t.runtime_socket.display().to_string(),
                 maps_dir: "maps".into(),
                 certs_dir: "certs".into(),
+                binds: t.fleet.binds.clone(),
             },
             Some(Target::Dataplane(t)) => RenderOptions {
                 config_name: "haproxy.cfg".into(),
                 runtime_socket: t.runtime_socket.clone(),
                 maps_dir: t.maps_dir.clone(),
                 certs_dir: t.certs_dir.clone(),
+                binds: t.fleet.binds.clone(),
             },
             None => RenderOptions {
                 config_name: "haproxy.cfg".into(),
                 runtime_socket: "/run/haproxy/admin.sock".into(),
                 maps_dir: "maps".into(),
                 certs_dir: "certs".into(),
+                binds: BTreeMap::new(),
             },
         }
     }
@@ -269,9 +275,13 @@ struct ManifestView<'a> {
     certificates: BTreeMap<&'a str, BTreeMap<&'a str, &'a str>>,
     /// SHA-256 of every other file written, to find drift without rendering again.
     files: BTreeMap<String, String>,
+    /// The target's own listener addresses it was rendered with.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    binds: &'a BTreeMap<String, String>,
 }
 
 pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, RenderError> {
+    let model = &*model.with_binds(&options.binds);
     let backends = layout::proxy_backends(model);
     let maps = layout::route_maps(model);
     for (file, entries) in &maps {
@@ -421,6 +431,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             })
             .collect(),
         files,
+        binds: &options.binds,
     };
     rendered.manifest = serde_json::to_string(&manifest).expect("manifest serializes") + "\n";
     Ok(rendered)

@@ -133,6 +133,15 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What a manifest records about the apply that wrote it, beside the state.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    /// Path → SHA-256 of every file the apply wrote.
+    pub files: BTreeMap<String, String>,
+    /// The target's own listener addresses the files were rendered with.
+    pub binds: BTreeMap<String, String>,
+}
+
 impl Source {
     /// Parses and merges in-memory files. Certificate folders are not read: see `load_path`.
     pub fn parse(files: Vec<SourceFile>) -> Source {
@@ -281,12 +290,9 @@ impl Source {
     }
 
     /// The state recorded by a previous apply (the manifest written beside haproxy.cfg):
-    /// its document, and its certificates known by digest only. Also returns the digests of
-    /// the files that apply wrote (path → SHA-256).
-    pub fn from_manifest(
-        text: &str,
-        origin: &Path,
-    ) -> Result<(Source, BTreeMap<String, String>), String> {
+    /// its document, and its certificates known by digest only. Also returns what else the
+    /// manifest records about that apply.
+    pub fn from_manifest(text: &str, origin: &Path) -> Result<(Source, Recording), String> {
         #[derive(serde::Deserialize)]
         struct Manifest {
             format_version: u32,
@@ -295,6 +301,8 @@ impl Source {
             certificates: BTreeMap<String, BTreeMap<String, String>>,
             #[serde(default)]
             files: BTreeMap<String, String>,
+            #[serde(default)]
+            binds: BTreeMap<String, String>,
         }
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| format!("{}: {e}", origin.display()))?;
@@ -333,7 +341,13 @@ impl Source {
             certificates,
             diagnostics: Vec::new(),
         };
-        Ok((source, manifest.files))
+        Ok((
+            source,
+            Recording {
+                files: manifest.files,
+                binds: manifest.binds,
+            },
+        ))
     }
 
     /// The same files with another merged document (a state with some entries replaced).

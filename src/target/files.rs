@@ -107,26 +107,33 @@ pub struct Recorded {
 /// for as long as the manifest does not change: a daemon reading it after each apply does
 /// not validate the same state again.
 pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
-    static LAST: Mutex<Option<(PathBuf, String, Recorded)>> = Mutex::new(None);
     let path = dir.join(MANIFEST);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    recorded_from_text(&text, &path).map(Some)
+}
+
+/// The state a manifest records (`origin` names it in messages). The last one read is kept
+/// for as long as its text does not change.
+pub fn recorded_from_text(text: &str, origin: &Path) -> Result<Recorded, String> {
+    static LAST: Mutex<Option<(PathBuf, String, Recorded)>> = Mutex::new(None);
+    let path = origin.to_path_buf();
     let digest = crate::plan::sha256_hex(text.as_bytes());
     if let Some((p, d, recorded)) = LAST.lock().expect("manifest cache").as_ref()
         && *p == path
         && *d == digest
     {
-        return Ok(Some(recorded.clone()));
+        return Ok(recorded.clone());
     }
-    let (source, files) = Source::from_manifest(&text, &path)?;
+    let (source, recording) = Source::from_manifest(text, &path)?;
     let validation = crate::model::validate(&source);
     let recorded = match validation.model {
         Some(model) => Recorded {
-            model: Arc::new(model),
-            files,
+            model: Arc::new(model.with_binds(&recording.binds).into_owned()),
+            files: recording.files,
         },
         None => {
             return Err(format!(
@@ -141,7 +148,7 @@ pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
         }
     };
     *LAST.lock().expect("manifest cache") = Some((path, digest, recorded.clone()));
-    Ok(Some(recorded))
+    Ok(recorded)
 }
 
 /// What a folder holding a rendering has now: the files at `wanted` and those the last
@@ -175,6 +182,7 @@ pub fn observe_dir(
         previous,
         recorded_files,
         previous_error,
+        version: None,
     })
 }
 

@@ -2,6 +2,7 @@
 //! exact files it wrote and a summary, so `history` can list them and `rollback` can put one
 //! back. Files are 0600 in 0700 folders: they include private keys.
 
+use super::apply::{ApplyRequest, How};
 use super::files::Files;
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -97,7 +98,7 @@ impl History {
                 .mode(0o700)
                 .create(tmp.join(FILES))?;
             for (path, bytes) in files {
-                let target = tmp.join(FILES).join(path);
+                let target = tmp.join(FILES).join(stored_name(path));
                 fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
@@ -126,6 +127,28 @@ impl History {
         Ok(entry.seq)
     }
 
+    /// Records a successful apply; a failure to record is a note, not an error (HAProxy
+    /// already runs the new configuration).
+    pub fn record_applied(
+        &self,
+        request: &ApplyRequest,
+        how: &How,
+        keep: usize,
+        notes: &mut Vec<String>,
+    ) -> Option<u64> {
+        let entry = Entry {
+            seq: 0,
+            time: crate::clock::rfc3339_now(),
+            target: request.target_name.clone(),
+            how: how.label().to_string(),
+            changes: request.changes.clone(),
+            rollback_of: request.rollback_of,
+        };
+        self.record(&request.files, entry, keep)
+            .map_err(|e| notes.push(format!("the history could not be recorded: {e}")))
+            .ok()
+    }
+
     /// The files an entry recorded.
     pub fn files(&self, seq: u64) -> Result<Files, HistoryError> {
         let root = self.dir.join(format!("{seq:06}")).join(FILES);
@@ -141,13 +164,31 @@ impl History {
                         .expect("under root")
                         .to_string_lossy()
                         .into_owned();
-                    out.insert(rel, fs::read(&path)?);
+                    out.insert(path_of(rel), fs::read(&path)?);
                 }
             }
             Ok(())
         }
         walk(&root, &root, &mut out).map_err(|e| self.error(format!("entry {seq}: {e}")))?;
         Ok(out)
+    }
+}
+
+/// Absolute paths (a Data Plane API target's maps folder) are kept under `@root/`: a rendered
+/// relative path never starts with `@`.
+const ROOT: &str = "@root";
+
+fn stored_name(path: &str) -> String {
+    match path.strip_prefix('/') {
+        Some(rest) => format!("{ROOT}/{rest}"),
+        None => path.to_string(),
+    }
+}
+
+fn path_of(stored: String) -> String {
+    match stored.strip_prefix(ROOT) {
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        _ => stored,
     }
 }
 
@@ -191,6 +232,22 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn absolute_paths_come_back_absolute() {
+        let dir =
+            std::env::temp_dir().join(format!("lunafront-history-abs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let history = History::new(&dir);
+        let files: Files = [
+            ("haproxy.cfg".to_string(), b"global\n".to_vec()),
+            ("/etc/haproxy/maps/hosts.map".to_string(), b"a b\n".to_vec()),
+        ]
+        .into();
+        let seq = history.record(&files, entry(), 3).unwrap();
+        assert_eq!(history.files(seq).unwrap(), files);
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -1,9 +1,14 @@
 //! Targets: the I/O edge of the pipeline. A target observes what an HAProxy holds (`Live`) and
 //! applies a rendering to it. `haproxy` is a local HAProxy (files, master CLI, runtime socket).
 
+pub mod apply;
+pub mod dataplane;
 pub mod files;
+pub mod fleet;
 pub mod haproxy;
 pub mod history;
+
+pub use apply::{Applied, ApplyError, ApplyRequest, How};
 
 use crate::model::{Model, Target};
 use crate::plan::Live;
@@ -13,6 +18,8 @@ use crate::render::{RenderOptions, Rendered};
 pub enum TargetError {
     #[error("{0}")]
     Select(String),
+    #[error("{0}")]
+    Remote(String),
     #[error(transparent)]
     Files(#[from] files::FileError),
     #[error("target {target}: {message}")]
@@ -52,20 +59,41 @@ pub fn render_options(target: &Target) -> RenderOptions {
     RenderOptions::for_target(Some(target))
 }
 
-fn unsupported(name: &str) -> TargetError {
-    TargetError::Unsupported {
-        target: name.to_string(),
-        message: "the dataplane target type is not available in this build yet".into(),
+/// Reads what the target holds now, for the files of `rendered`.
+pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
+    let wanted = rendered.files().into_iter().map(|f| f.path);
+    observe_paths(name, target, &rendered.options, wanted)
+}
+
+/// Reads what the target holds now for these files (and those its last apply recorded).
+pub fn observe_paths(
+    name: &str,
+    target: &Target,
+    options: &RenderOptions,
+    wanted: impl IntoIterator<Item = String>,
+) -> Result<Live, TargetError> {
+    match target {
+        Target::Haproxy(t) => Ok(haproxy::observe(t, wanted)?),
+        Target::Dataplane(t) => {
+            let client = dataplane::client::Client::new(name, t).map_err(TargetError::Remote)?;
+            dataplane::observe(&client, options, wanted)
+                .map_err(|e| TargetError::Remote(e.to_string()))
+        }
     }
 }
 
-/// Reads what the target holds now, for the files of `rendered`.
-pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
+/// Where a target's applied states are kept.
+pub fn state_dir(target: &Target) -> &std::path::Path {
     match target {
-        Target::Haproxy(t) => Ok(haproxy::observe(
-            t,
-            rendered.files().into_iter().map(|f| f.path),
-        )?),
-        Target::Dataplane(_) => Err(unsupported(name)),
+        Target::Haproxy(t) => &t.state_dir,
+        Target::Dataplane(t) => &t.state_dir,
+    }
+}
+
+/// Applies to any target.
+pub fn apply(target: &Target, request: &ApplyRequest) -> Result<Applied, ApplyError> {
+    match target {
+        Target::Haproxy(t) => haproxy::apply(t, request),
+        Target::Dataplane(t) => dataplane::apply(t, request),
     }
 }

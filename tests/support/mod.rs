@@ -12,6 +12,8 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod dpapi;
+
 pub use tempfile::TempDir;
 
 /// The lunafront binary under test.

@@ -10,8 +10,9 @@ pub mod process;
 pub mod runtime;
 pub mod socket;
 
+use super::apply::{Applied, ApplyError, ApplyRequest, How};
 use super::files::{self, Files};
-use super::history::{Entry, History};
+use super::history::History;
 use crate::model::HaproxyTarget;
 use crate::plan::Live;
 use crate::render::RenderOptions;
@@ -32,99 +33,6 @@ pub fn observe(
     wanted: impl IntoIterator<Item = String>,
 ) -> Result<Live, files::FileError> {
     files::observe_dir(config_dir(target), wanted)
-}
-
-/// What to apply: every file of the new rendering (manifest included), and what it is.
-#[derive(Debug, Clone)]
-pub struct ApplyRequest {
-    pub target_name: String,
-    pub files: Files,
-    pub options: RenderOptions,
-    /// Refuse unless the target still holds what the plan was made against.
-    pub expected_fingerprint: Option<String>,
-    /// The plan's change summaries, for the history.
-    pub changes: Vec<String>,
-    pub rollback_of: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum How {
-    /// The target already held these files.
-    Unchanged,
-    /// Applied through the runtime API with this many commands; no reload.
-    Runtime {
-        commands: usize,
-    },
-    Reloaded {
-        worker: u32,
-    },
-    /// HAProxy was not running (`spawn: true`) and was started on the new files.
-    Started {
-        worker: u32,
-    },
-}
-
-impl How {
-    pub fn label(&self) -> &'static str {
-        match self {
-            How::Unchanged => "unchanged",
-            How::Runtime { .. } => "runtime",
-            How::Reloaded { .. } => "reload",
-            How::Started { .. } => "start",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Applied {
-    pub how: How,
-    /// History entry recorded for this apply.
-    pub seq: Option<u64>,
-    /// Things worth telling: a runtime change that fell back to a reload, and why.
-    pub notes: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error(
-        "target {target}: the plan is stale: the target changed since the plan was made; run `lunafront plan` again"
-    )]
-    Stale { target: String },
-    #[error(
-        "target {target}: HAProxy refused the new configuration (haproxy -c); nothing was changed:\n{detail}"
-    )]
-    Refused { target: String, detail: String },
-    #[error(
-        "target {target}: HAProxy is not running ({detail}); start it (systemctl start haproxy), or set `spawn: true` to let lunafront run it"
-    )]
-    NotRunning { target: String, detail: String },
-    #[error("target {target}: another apply is in progress (lock {lock})")]
-    Busy { target: String, lock: PathBuf },
-    #[error("target {target}: {detail}; nothing was changed")]
-    Prepare { target: String, detail: String },
-    #[error(
-        "target {target}: the apply failed ({reason}); the previous configuration was put back and HAProxy runs it again"
-    )]
-    RolledBack { target: String, reason: String },
-    #[error(
-        "target {target}: the apply failed ({reason}) and putting the previous configuration back failed too ({rollback}); HAProxy needs attention"
-    )]
-    RollbackFailed {
-        target: String,
-        reason: String,
-        rollback: String,
-    },
-}
-
-impl ApplyError {
-    /// The documented exit code: 3 rolled back, 4 rollback failed, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ApplyError::RolledBack { .. } => 3,
-            ApplyError::RollbackFailed { .. } => 4,
-            _ => 1,
-        }
-    }
 }
 
 /// Holds the target's apply lock for its lifetime: one apply at a time, across processes.
@@ -331,21 +239,8 @@ pub fn apply_with(
         }
     };
     drop(staging);
-    let seq = History::new(&target.state_dir)
-        .record(
-            &request.files,
-            Entry {
-                seq: 0,
-                time: crate::clock::rfc3339_now(),
-                target: name.to_string(),
-                how: how.label().to_string(),
-                changes: request.changes.clone(),
-                rollback_of: request.rollback_of,
-            },
-            target.history,
-        )
-        .map_err(|e| notes.push(format!("the history could not be recorded: {e}")))
-        .ok();
+    let seq =
+        History::new(&target.state_dir).record_applied(request, &how, target.history, &mut notes);
     Ok(Applied { how, seq, notes })
 }
 

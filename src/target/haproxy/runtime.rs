@@ -266,6 +266,15 @@ pub fn map_ops(
             entries: new.clone(),
         }];
     }
+    map_entry_ops(map, old, new)
+}
+
+/// The same change, always entry by entry (for APIs without an atomic replacement).
+pub fn map_entry_ops(
+    map: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     for (key, value) in new {
         let (map, key, value) = (map.to_string(), key.clone(), value.clone());

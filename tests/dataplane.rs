@@ -1,0 +1,542 @@
+//! `type: dataplane` targets against the Data Plane API test server (tests/support/dpapi.rs),
+//! which runs a real HAProxy: plan and apply through the API, map-only changes at runtime,
+//! version conflicts, server errors, timeouts, a failing reload, stale saved plans, and a
+//! password that never shows.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+use support::dpapi::{DataplaneApi, Faults};
+use support::*;
+
+const PASSWORD: &str = "Dp-s3cret-7f2a91c4";
+
+/// A front server managed through its Data Plane API, with backends and a state folder.
+struct Edge {
+    work: TempDir,
+    _api_dir: TempDir,
+    api: DataplaneApi,
+    /// The HTTP listener lunafront's configuration binds.
+    port: u16,
+    /// The target's per-request timeout.
+    timeout: &'static str,
+    shop: Server,
+    blog: Server,
+}
+
+impl Edge {
+    fn new(timeout: &'static str) -> Edge {
+        let api_dir = TempDir::new().unwrap();
+        let port = free_port();
+        let api = DataplaneApi::start(api_dir.path(), PASSWORD, port);
+        Edge {
+            work: TempDir::new().unwrap(),
+            _api_dir: api_dir,
+            api,
+            port,
+            timeout,
+            shop: http_backend("shop"),
+            blog: http_backend("blog"),
+        }
+    }
+
+    /// Started, with shop.example.com applied.
+    fn with_shop(timeout: &'static str) -> Edge {
+        let edge = Edge::new(timeout);
+        edge.write(&[("shop.example.com", "shop")], "");
+        edge.apply();
+        edge
+    }
+
+    /// Writes the state: `routes` as (host, backend), `extra_listeners` YAML lines.
+    fn write(&self, routes: &[(&str, &str)], extra_listeners: &str) {
+        let mut s = format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{}\" }}\n{extra_listeners}agents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {} }} ] }}\n  blog: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n",
+            self.port, self.shop.port, self.blog.port
+        );
+        for (host, backend) in routes {
+            s.push_str(&format!("  {host}: {{ backend: {backend} }}\n"));
+        }
+        s.push_str("targets:\n");
+        s.push_str(&dataplane_target("edge", &self.api, self.timeout));
+        std::fs::write(self.work.path().join("state.yaml"), s).unwrap();
+    }
+
+    fn lunafront(&self, args: &[&str]) -> (i32, String, String) {
+        lunafront_with_password(self.work.path(), args)
+    }
+
+    fn apply(&self) -> String {
+        let (code, stdout, stderr) = self.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+        assert_eq!(code, 0, "apply failed:\n{stdout}\n{stderr}");
+        stdout
+    }
+
+    fn plan_is_empty(&self) -> bool {
+        let (code, stdout, stderr) = self.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+        assert!(code == 0 || code == 2, "plan failed:\n{stdout}\n{stderr}");
+        code == 0
+    }
+
+    fn serves(&self, host: &str, backend: &str) -> bool {
+        http_get(self.port, host, "/")
+            .map(|(_, body)| body.starts_with(&format!("backend={backend} ")))
+            .unwrap_or(false)
+    }
+
+    /// The configuration the API holds, without its version line.
+    fn config(&self) -> String {
+        lunafront::target::dataplane::client::strip_version(&self.api.config_file())
+    }
+
+    fn worker_pid(&self) -> u32 {
+        self.api.runtime().worker_pid().unwrap()
+    }
+
+    fn pushes(&self) -> Vec<String> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.starts_with("POST /v3/services/haproxy/configuration/raw"))
+            .collect()
+    }
+}
+
+fn dataplane_target(name: &str, api: &DataplaneApi, timeout: &str) -> String {
+    format!(
+        "  {name}: {{ type: dataplane, url: \"{}\", username: admin, password_env: DPAPI_PASSWORD, timeout: {timeout}, maps_dir: {d}/maps, runtime_socket: {d}/admin.sock, state_dir: {d}/lunafront }}\n",
+        api.url(),
+        d = api.dir.display()
+    )
+}
+
+/// Runs lunafront with the API's password in its environment, and debug logging (so the test
+/// that looks for the password looks at everything lunafront can print).
+fn lunafront_with_password(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = lunafront()
+        .args(args)
+        .current_dir(dir)
+        .env("DPAPI_PASSWORD", PASSWORD)
+        .env("LUNAFRONT_LOG", "debug")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    for text in [&stdout, &stderr] {
+        assert!(
+            !text.contains(PASSWORD),
+            "the password was printed:\n{text}"
+        );
+    }
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn plan_and_apply_through_the_api_with_map_changes_at_runtime() {
+    let edge = Edge::new("5s");
+    edge.write(&[("shop.example.com", "shop")], "");
+    let (code, stdout, stderr) = edge.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stdout.contains("shop.example.com"), "{stdout}");
+    assert!(!edge.serves("shop.example.com", "shop"));
+
+    let out = edge.apply();
+    assert!(out.contains("through its Data Plane API"), "{out}");
+    assert!(edge.serves("shop.example.com", "shop"));
+    let pushes = edge.pushes();
+    assert_eq!(pushes.len(), 2, "{pushes:?}");
+    assert!(
+        pushes[0].contains("only_validate=true"),
+        "validated first: {pushes:?}"
+    );
+    assert!(!pushes[1].contains("only_validate"), "{pushes:?}");
+    assert!(
+        edge.api
+            .requests()
+            .iter()
+            .all(|r| !r.contains("skip_version")),
+        "skip_version was used"
+    );
+    // The API wrote its `# _version=N` line: the plan ignores it.
+    assert!(edge.api.config_file().starts_with("# _version="));
+    assert!(
+        edge.plan_is_empty(),
+        "a plan right after the apply is not empty"
+    );
+    assert_eq!(edge.api.reload_statuses(), vec!["succeeded"]);
+
+    // A new domain changes maps only: runtime endpoints, same worker, no reload.
+    let (pid, reloads) = (edge.worker_pid(), edge.api.reload_statuses().len());
+    edge.api.clear_requests();
+    edge.write(
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+    );
+    let out = edge.apply();
+    assert!(out.contains("through the runtime API"), "{out}");
+    assert!(edge.serves("blog.example.com", "blog"));
+    assert!(edge.serves("shop.example.com", "shop"));
+    assert_eq!(edge.worker_pid(), pid, "HAProxy was reloaded");
+    assert_eq!(edge.api.reload_statuses().len(), reloads);
+    assert!(edge.pushes().is_empty(), "{:?}", edge.api.requests());
+    assert!(
+        edge.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("POST /v3/services/haproxy/runtime/maps/")),
+        "{:?}",
+        edge.api.requests()
+    );
+    assert!(edge.plan_is_empty());
+
+    // Moving a domain to another backend: still the runtime map, entry replaced.
+    edge.write(
+        &[("shop.example.com", "blog"), ("blog.example.com", "blog")],
+        "",
+    );
+    assert!(edge.apply().contains("through the runtime API"));
+    assert!(edge.serves("shop.example.com", "blog"));
+    assert_eq!(edge.worker_pid(), pid);
+
+    // A new listener changes the configuration: pushed whole, reloaded. This API answers 201
+    // once reloaded, with no reload to wait on.
+    edge.api.set_faults(Faults {
+        answer_201: true,
+        ..Faults::default()
+    });
+    let second = free_port();
+    edge.write(
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        &format!("  alt: {{ bind: \"127.0.0.1:{second}\" }}\n"),
+    );
+    assert!(edge.apply().contains("HAProxy reloaded"));
+    assert!(wait_for_port(second, Duration::from_secs(5)));
+    assert_ne!(edge.worker_pid(), pid);
+    assert!(edge.serves("shop.example.com", "shop"));
+    assert!(edge.plan_is_empty());
+
+    // The history is kept on this machine, and a rollback goes through the API too.
+    let (code, stdout, _) = edge.lunafront(&["history", "state.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    let (code, stdout, stderr) =
+        edge.lunafront(&["rollback", "state.yaml", "--steps", "1", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(edge.serves("shop.example.com", "blog"));
+    assert!(stdout.contains("through its Data Plane API"), "{stdout}");
+}
+
+#[test]
+fn version_conflicts_are_retried_a_bounded_number_of_times() {
+    let edge = Edge::with_shop("5s");
+    let before = edge.config();
+
+    // Two conflicting writes: lunafront reads again, retries, and says so.
+    let second = free_port();
+    edge.write(
+        &[("shop.example.com", "shop")],
+        &format!("  alt: {{ bind: \"127.0.0.1:{second}\" }}\n"),
+    );
+    edge.api.set_faults(Faults {
+        conflicts: 2,
+        ..Faults::default()
+    });
+    let out = edge.apply();
+    assert_eq!(out.matches("(409, attempt").count(), 2, "{out}");
+    assert!(wait_for_port(second, Duration::from_secs(5)));
+    assert!(edge.plan_is_empty());
+    assert!(edge.serves("shop.example.com", "shop"));
+
+    // A storm of them: three attempts, then a clear error, and the target keeps what it had.
+    let settled = edge.config();
+    assert_ne!(settled, before);
+    edge.write(
+        &[("shop.example.com", "blog")],
+        &format!(
+            "  alt: {{ bind: \"127.0.0.1:{second}\" }}\n  third: {{ bind: \"127.0.0.1:{}\" }}\n",
+            free_port()
+        ),
+    );
+    edge.api.clear_requests();
+    edge.api.set_faults(Faults {
+        conflicts: 100,
+        ..Faults::default()
+    });
+    let (code, stdout, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("target edge"), "{stderr}");
+    assert!(
+        stderr.contains("3 version conflicts (409) in a row"),
+        "{stderr}"
+    );
+    let real: Vec<String> = edge
+        .pushes()
+        .into_iter()
+        .filter(|p| !p.contains("only_validate"))
+        .collect();
+    assert_eq!(real.len(), 3, "{real:?}");
+    assert_eq!(edge.api.faults().conflicts, 97);
+    assert_eq!(edge.config(), settled, "the configuration changed");
+    assert!(edge.serves("shop.example.com", "shop"));
+}
+
+#[test]
+fn server_errors_timeouts_and_bad_answers_are_clear_errors_that_change_nothing() {
+    let edge = Edge::with_shop("1s");
+    let before = edge.config();
+    let second = free_port();
+    edge.write(
+        &[("shop.example.com", "shop")],
+        &format!("  alt: {{ bind: \"127.0.0.1:{second}\" }}\n"),
+    );
+
+    // A couple of 500s on reads: retried with backoff, the plan goes through.
+    edge.api.set_faults(Faults {
+        errors: 2,
+        ..Faults::default()
+    });
+    let (code, stdout, stderr) = edge.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_eq!(edge.api.faults().errors, 0);
+
+    // 500s that do not stop: the error names the target, the step and the answer.
+    edge.api.set_faults(Faults {
+        errors: 1000,
+        ..Faults::default()
+    });
+    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("target edge: reading the configuration: the Data Plane API answered 500"),
+        "{stderr}"
+    );
+    assert_eq!(
+        1000 - edge.api.faults().errors,
+        3,
+        "reads are tried 3 times"
+    );
+
+    // Too slow: the timeout applies to each request.
+    edge.api.set_faults(Faults {
+        delay: Some(Duration::from_millis(1500)),
+        ..Faults::default()
+    });
+    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("target edge: reading the configuration:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains("timeout") || stderr.contains("timed out"),
+        "{stderr}"
+    );
+
+    // An answer without its version.
+    edge.api.set_faults(Faults {
+        malformed: 10,
+        ..Faults::default()
+    });
+    let (code, _, stderr) = edge.lunafront(&["plan", "state.yaml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("no Configuration-Version header"),
+        "{stderr}"
+    );
+
+    // A push answered 500: whatever it left, the previous configuration is what HAProxy runs.
+    edge.api.set_faults(Faults {
+        push_errors: 1,
+        ..Faults::default()
+    });
+    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("target edge: pushing the configuration: the Data Plane API answered 500"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the previous configuration was put back"),
+        "{stderr}"
+    );
+
+    // Nothing answers at all.
+    edge.api.set_faults(Faults::default());
+    let closed = free_port();
+    std::fs::write(
+        edge.work.path().join("state.yaml"),
+        std::fs::read_to_string(edge.work.path().join("state.yaml"))
+            .unwrap()
+            .replace(&edge.api.url(), &format!("http://127.0.0.1:{closed}")),
+    )
+    .unwrap();
+    let (code, _, stderr) = edge.lunafront(&["plan", "state.yaml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("target edge: reading the configuration:"),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+
+    assert_eq!(
+        edge.config(),
+        before,
+        "a failed apply changed the configuration"
+    );
+    assert!(edge.serves("shop.example.com", "shop"));
+    assert!(!wait_for_port(second, Duration::from_millis(100)));
+}
+
+#[test]
+fn a_failed_reload_puts_the_previous_configuration_back() {
+    let edge = Edge::with_shop("5s");
+    let before = edge.config();
+    // `haproxy -c` does not bind: a port already taken passes validation and fails the reload.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    edge.write(
+        &[("shop.example.com", "blog")],
+        &format!("  busy: {{ bind: \"127.0.0.1:{taken_port}\" }}\n"),
+    );
+    let (code, stdout, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stderr.contains("target edge"), "{stderr}");
+    assert!(stderr.contains("the reload failed"), "{stderr}");
+    assert!(
+        stderr.contains("the previous configuration was put back"),
+        "{stderr}"
+    );
+    assert_eq!(edge.config(), before);
+    assert_eq!(
+        edge.api.reload_statuses(),
+        vec!["succeeded", "failed", "succeeded"]
+    );
+    assert!(edge.serves("shop.example.com", "shop"));
+    drop(taken);
+}
+
+#[test]
+fn a_saved_plan_is_refused_once_the_version_moved() {
+    let edge = Edge::with_shop("5s");
+    edge.write(
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+    );
+    let (code, _, stderr) = edge.lunafront(&["plan", "state.yaml", "--out", "reviewed.plan"]);
+    assert_eq!(code, 0, "{stderr}");
+    let saved = std::fs::read_to_string(edge.work.path().join("reviewed.plan")).unwrap();
+    assert!(!saved.contains(PASSWORD));
+
+    // Someone else changes the configuration through the API: the version moves on.
+    edge.api.hand_edit("changed by hand");
+    let edited = edge.config();
+    let (code, _, stderr) = edge.lunafront(&["apply", "--plan", "reviewed.plan", "--auto-approve"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("the plan is stale"), "{stderr}");
+    assert_eq!(edge.config(), edited);
+    assert!(!edge.serves("blog.example.com", "blog"));
+
+    // Planned again, it applies as reviewed.
+    let (code, _, stderr) = edge.lunafront(&["plan", "state.yaml", "--out", "reviewed.plan"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) =
+        edge.lunafront(&["apply", "--plan", "reviewed.plan", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(edge.serves("blog.example.com", "blog"));
+    assert!(!edge.config().contains("changed by hand"));
+}
+
+#[test]
+fn the_password_never_shows_and_a_wrong_one_is_a_clear_error() {
+    // Every run goes through `lunafront_with_password`, which fails on the password in any
+    // output; these runs cover success, failure, plan, saved plan and history.
+    let edge = Edge::with_shop("5s");
+    edge.api.set_faults(Faults {
+        errors: 1000,
+        ..Faults::default()
+    });
+    let (code, _, _) = edge.lunafront(&["plan", "state.yaml", "--json"]);
+    assert_eq!(code, 1);
+    edge.api.set_faults(Faults::default());
+    edge.lunafront(&["plan", "state.yaml", "--out", "p.plan"]);
+    edge.lunafront(&["history", "state.yaml"]);
+    let mut files = vec![edge.work.path().join("p.plan")];
+    let history = edge.api.dir.join("lunafront");
+    let mut stack = vec![history];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.len() > 3, "{files:?}");
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(PASSWORD),
+            "{} holds the password",
+            file.display()
+        );
+    }
+
+    // A wrong password: the API's 401, named, without either password.
+    let out = lunafront()
+        .args(["plan", "state.yaml"])
+        .current_dir(edge.work.path())
+        .env("DPAPI_PASSWORD", "wrong-password-123")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("target edge: reading the configuration: the Data Plane API answered 401"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-password-123"), "{stderr}");
+
+    // No password at all: the variable is named.
+    let out = lunafront()
+        .args(["plan", "state.yaml"])
+        .current_dir(edge.work.path())
+        .env_remove("DPAPI_PASSWORD")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("DPAPI_PASSWORD"), "{stderr}");
+}
+
+#[test]
+fn certificates_are_refused_for_a_dataplane_target_with_the_reason() {
+    let edge = Edge::new("5s");
+    let ca = TestCa::new();
+    write(
+        edge.work.path(),
+        "certs/shop.pem",
+        &ca.leaf(&["shop.example.com"]).combined(),
+    );
+    edge.write(
+        &[("shop.example.com", "shop")],
+        &format!(
+            "  https: {{ bind: \"127.0.0.1:{}\", certificates: certs }}\n",
+            free_port()
+        ),
+    );
+    let before = edge.api.config_file();
+    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("TLS certificates are not pushed to Data Plane API targets"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert_eq!(edge.api.config_file(), before);
+    assert!(edge.api.requests().iter().all(|r| r.starts_with("GET")));
+}
