@@ -333,7 +333,7 @@ fn render_removes_what_it_no_longer_produces_and_writes_nothing_when_invalid() {
         dir.path(),
         &VALID.replace(
             "listeners:\n",
-            "listeners:\n  alt: { bind: \"127.0.0.1:8081\" }\n",
+            "listeners:\n  alt: { bind: \"127.0.0.1:8081\", tls: passthrough }\n",
         ),
     );
     assert_eq!(

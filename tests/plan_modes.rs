@@ -36,6 +36,7 @@ fn base() -> Value {
             "legacy.example.com": { "backend": "legacy" },
             "duo.example.com": { "backend": "duo" },
             "*.preview.example.com": { "backend": "shop" },
+            "*.staging.example.com": { "backend": "api" },
             "agent-7.mongodb.example.com": { "backend": "db7", "listener": "mongodb" }
         }
     })
@@ -317,6 +318,25 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Reload,
         ),
         (
+            "pin a domain to an HTTP listener that has none yet (its frontend gains its own map)",
+            |d| {
+                set(
+                    d,
+                    "/domains/only-http.example.com",
+                    json!({"backend": "api", "listener": "http"}),
+                )
+            },
+            Mode::Reload,
+        ),
+        (
+            "remove the last wildcard domains (the wildcard lookup goes)",
+            |d| {
+                remove(d, "/domains/*.preview.example.com");
+                remove(d, "/domains/*.staging.example.com");
+            },
+            Mode::Reload,
+        ),
+        (
             "add a listener",
             |d| set(d, "/listeners/alt", json!({"bind": "127.0.0.1:8081"})),
             Mode::Reload,
@@ -398,7 +418,7 @@ fn an_unchanged_state_plans_nothing_and_an_empty_target_plans_everything() {
         .iter()
         .filter(|c| c.kind == Kind::Domain)
         .count();
-    assert_eq!(domains, 7);
+    assert_eq!(domains, 8);
     // Tearing down: every entry is deleted.
     let empty = model(&json!({"version": 1}));
     let plan = make_plan("t", &empty, &rendered(&empty), &live_after(&m));
@@ -412,7 +432,7 @@ fn an_unchanged_state_plans_nothing_and_an_empty_target_plans_everything() {
             .iter()
             .filter(|c| c.kind == Kind::Domain)
             .count(),
-        7
+        8
     );
 }
 

@@ -699,38 +699,93 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         Some(l) => layout::listener_map(l),
         None => layout::SHARED_HTTP_MAP.to_string(),
     };
+    // HTTP listeners (in both states) whose frontend gains or loses a lookup rule.
+    let shifted: Vec<(&String, layout::HttpLookups, layout::HttpLookups)> = new
+        .listeners
+        .iter()
+        .filter(|(name, l)| {
+            matches!(l.kind, ListenerKind::Http { .. })
+                && old.listeners.get(*name).map(|o| &o.kind) == Some(&l.kind)
+        })
+        .map(|(name, _)| {
+            (
+                name,
+                layout::http_lookups(old, name),
+                layout::http_lookups(new, name),
+            )
+        })
+        .filter(|(_, before, after)| before != after)
+        .collect();
+    // Why this domain's change needs a reload because of a lookup rule, if it does.
+    let lookup_shift = |host: &str, domain: &Domain| -> Option<String> {
+        shifted.iter().find_map(|(l, before, after)| {
+            let pinned = domain.listener.as_deref() == Some(l.as_str());
+            let gains = |b: bool| if b { "gains" } else { "loses" };
+            if pinned && before.own != after.own {
+                Some(format!(
+                    "listener {l}'s frontend {} the lookup of its own map",
+                    gains(after.own)
+                ))
+            } else if host.starts_with("*.")
+                && (pinned || domain.listener.is_none())
+                && before.wildcards != after.wildcards
+            {
+                Some(format!(
+                    "listener {l}'s frontend {} the wildcard lookup",
+                    gains(after.wildcards)
+                ))
+            } else {
+                None
+            }
+        })
+    };
     // A map entry on a listener that the same plan creates is applied by that reload.
-    let mode_for = |domain: &Domain| match &domain.listener {
+    let mode_for = |host: &str, domain: &Domain| match &domain.listener {
         Some(l) if !old.listeners.contains_key(l) => (Mode::Reload, format!("listener {l} is new")),
-        _ => (Mode::Runtime, format!("map entry in {}", map_of(domain))),
+        _ => match lookup_shift(host, domain) {
+            Some(reason) => (Mode::Reload, reason),
+            None => (Mode::Runtime, format!("map entry in {}", map_of(domain))),
+        },
     };
     for (host, domain) in d.added {
-        let (mode, reason) = mode_for(domain);
+        let (mode, reason) = mode_for(host, domain);
+        let reason = match mode {
+            Mode::Runtime => format!("add {reason}"),
+            Mode::Reload => reason,
+        };
         out.push(
-            Change::new(
-                Action::Create,
-                Kind::Domain,
-                host.as_str(),
-                mode,
-                format!("add {reason}"),
-            )
-            .detail(format!(" → {}{}", domain.backend, placement(domain))),
+            Change::new(Action::Create, Kind::Domain, host.as_str(), mode, reason).detail(format!(
+                " → {}{}",
+                domain.backend,
+                placement(domain)
+            )),
         );
     }
     for (host, domain) in d.removed {
-        out.push(
-            Change::new(
-                Action::Delete,
-                Kind::Domain,
-                host.as_str(),
+        let (mode, reason) = match lookup_shift(host, domain) {
+            Some(reason) => (Mode::Reload, reason),
+            None => (
                 Mode::Runtime,
                 format!("del map entry in {}", map_of(domain)),
-            )
-            .detail(format!(" → {}{}", domain.backend, placement(domain))),
+            ),
+        };
+        out.push(
+            Change::new(Action::Delete, Kind::Domain, host.as_str(), mode, reason).detail(format!(
+                " → {}{}",
+                domain.backend,
+                placement(domain)
+            )),
         );
     }
     for (host, a, b) in d.changed {
-        let (mode, reason) = mode_for(b);
+        let (mode, reason) = match lookup_shift(host, a) {
+            Some(reason) => (Mode::Reload, reason),
+            None => mode_for(host, b),
+        };
+        let reason = match mode {
+            Mode::Runtime => format!("set {reason}"),
+            Mode::Reload => reason,
+        };
         let mut parts = Vec::new();
         if a.backend != b.backend {
             parts.push(format!("backend {}", arrow(&a.backend, &b.backend)));
@@ -744,14 +799,8 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
             ));
         }
         out.push(
-            Change::new(
-                Action::Update,
-                Kind::Domain,
-                host.as_str(),
-                mode,
-                format!("set {reason}"),
-            )
-            .detail(format!(": {}", parts.join(", "))),
+            Change::new(Action::Update, Kind::Domain, host.as_str(), mode, reason)
+                .detail(format!(": {}", parts.join(", "))),
         );
     }
 }

@@ -8,7 +8,9 @@
 //! `add server` and a map entry at runtime. Other backends are *dedicated*: an HAProxy backend
 //! of their own name, whose servers can still be added, removed and changed at runtime.
 
-use crate::model::{Backend, Balance, HealthCheck, Mode, Model, ServerTarget, UpstreamTls};
+use crate::model::{
+    Backend, Balance, HealthCheck, ListenerKind, Mode, Model, ServerTarget, UpstreamTls,
+};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -18,6 +20,27 @@ pub const SHARED_HTTP_MAP: &str = "hosts.map";
 /// The map file of domains pinned to one listener (the only map of a TCP listener).
 pub fn listener_map(listener: &str) -> String {
     format!("listener-{listener}.map")
+}
+
+/// The map lookups an HTTP listener's frontend makes for each request. Every lookup is a rule
+/// evaluated for every request (about a microsecond each), so a frontend looks up its own map
+/// only when domains are pinned to it, and tries the wildcard `*.parent` only when a wildcard
+/// could match there. The first such domain is a reload (the rules appear); the others are
+/// map entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HttpLookups {
+    pub own: bool,
+    pub wildcards: bool,
+}
+
+pub fn http_lookups(model: &Model, listener: &str) -> HttpLookups {
+    let mut lookups = HttpLookups::default();
+    for (host, domain) in &model.domains {
+        let pinned = domain.listener.as_deref() == Some(listener);
+        lookups.own |= pinned;
+        lookups.wildcards |= host.starts_with("*.") && (pinned || domain.listener.is_none());
+    }
+    lookups
 }
 
 pub fn pool_name(agent: &str, mode: Mode) -> String {
@@ -218,8 +241,12 @@ fn tls_options(tls: &UpstreamTls) -> Vec<String> {
 pub fn route_maps(model: &Model) -> BTreeMap<String, BTreeMap<String, String>> {
     let mut maps: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     maps.insert(SHARED_HTTP_MAP.to_string(), BTreeMap::new());
-    for name in model.listeners.keys() {
-        maps.insert(listener_map(name), BTreeMap::new());
+    // Exactly the maps HAProxy loads: a TCP listener always looks its map up, an HTTP
+    // listener only when domains are pinned to it (see `http_lookups`).
+    for (name, listener) in &model.listeners {
+        if matches!(listener.kind, ListenerKind::Tcp { .. }) {
+            maps.insert(listener_map(name), BTreeMap::new());
+        }
     }
     for (host, domain) in &model.domains {
         let file = match &domain.listener {
@@ -227,9 +254,7 @@ pub fn route_maps(model: &Model) -> BTreeMap<String, BTreeMap<String, String>> {
             None => SHARED_HTTP_MAP.to_string(),
         };
         let value = route_value(&domain.backend, &model.backends[&domain.backend]);
-        maps.get_mut(&file)
-            .expect("every listener has a map")
-            .insert(host.clone(), value);
+        maps.entry(file).or_default().insert(host.clone(), value);
     }
     maps
 }

@@ -222,6 +222,9 @@ struct ListenerView {
     bind: String,
     own_map: String,
     crt_list: Option<String>,
+    /// HTTP listeners: which map lookups the frontend makes.
+    own_lookup: bool,
+    wildcard_lookup: bool,
 }
 
 #[derive(Serialize)]
@@ -312,10 +315,13 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             crt_lists.insert(list_name.clone(), lines);
             options.cert_ref(&list_name)
         });
+        let lookups = layout::http_lookups(model, name);
         let view = ListenerView {
             name: name.clone(),
             bind: listener.bind.to_string(),
             own_map: options.map_ref(&layout::listener_map(name)),
+            own_lookup: lookups.own,
+            wildcard_lookup: lookups.wildcards,
             crt_list,
         };
         match &listener.kind {
