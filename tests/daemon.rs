@@ -38,6 +38,7 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
     let (_, workers) = site.generation();
 
     // An edit is live in well under a second, through the runtime API.
+    let reconciled = reconciles(&daemon);
     let started = Instant::now();
     site.write_state(&good.replace(
         "domains:\n",
@@ -54,6 +55,14 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
         site.generation().1,
         workers,
         "a new domain reloaded HAProxy"
+    );
+    // One save is one reconcile: neither the access time the daemon's own read of the file
+    // updates nor the polling fallback (every second) reports the same change again.
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(
+        reconciles(&daemon) - reconciled,
+        1,
+        "one save, one reconcile"
     );
 
     // A broken file: HAProxy keeps serving, health says why.
@@ -127,6 +136,17 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
     let (code, body) = daemon.post("/reconcile");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"result\":\"unchanged\""), "{body}");
+}
+
+/// Reconciles the daemon ran so far, whatever their result (from /metrics).
+fn reconciles(daemon: &Daemon) -> u64 {
+    daemon
+        .get("/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with("lunafront_reconciles_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]

@@ -507,10 +507,8 @@ impl Api {
                 return Some(format!("agent `{owner}`"));
             }
         }
-        let entry = model
-            .document()
-            .get("domains")
-            .and_then(|d| d.get(domain))?;
+        let document = model.document();
+        let entry = document.get("domains").and_then(|d| d.get(domain))?;
         match entry.get("owner").and_then(Value::as_str) {
             // Written by an agent's fragment: current only if that fragment still has it.
             Some(owner) if owner == agent => None,
@@ -886,10 +884,10 @@ impl Api {
                 }
             }
             None => {
+                let document = model.document();
                 for (domain, d) in &model.domains {
                     let backend = &model.backends[&d.backend];
-                    let owner = model
-                        .document()
+                    let owner = document
                         .pointer(&format!("/domains/{domain}/owner"))
                         .and_then(Value::as_str)
                         .unwrap_or("admin");
@@ -940,7 +938,7 @@ impl Api {
             .read(agent)
             .map_err(|e| ApiError::internal(e.to_string()))?
             .unwrap_or_default();
-        let mut doc = model.document().clone();
+        let mut doc = model.document();
         let root = doc.as_object_mut().expect("a document is an object");
         let new = fragment.to_json();
         for section in ["agents", "backends", "domains"] {

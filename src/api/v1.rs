@@ -321,11 +321,12 @@ async fn domains(State(app): State<AppState>, headers: HeaderMap) -> Result<Json
     let domains = app
         .blocking(|api| {
             let (model, _) = api.settings()?;
+            let document = model.document();
             Ok(model
                 .domains
                 .iter()
                 .map(|(host, d)| {
-                    let owner = model.document().pointer(&format!("/domains/{host}/owner")).cloned().unwrap_or(Value::Null);
+                    let owner = document.pointer(&format!("/domains/{host}/owner")).cloned().unwrap_or(Value::Null);
                     json!({"domain": host, "backend": d.backend, "listener": d.listener, "owner": owner})
                 })
                 .collect::<Vec<_>>())

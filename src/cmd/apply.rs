@@ -91,7 +91,7 @@ fn from_state(
         Ok(out)
     })();
     match result {
-        Ok(p) => Ok((p, Some(fleet::revision_of(model.document())))),
+        Ok(p) => Ok((p, Some(fleet::revision_of(model.document_text().json())))),
         Err(e) => {
             eprintln!("error: {e:#}; nothing was changed");
             Err(ExitCode::from(exit::ERROR))

@@ -30,6 +30,9 @@ pub struct DaemonOptions {
     pub debounce_cap: Duration,
     /// Serve the agent registration and admin API.
     pub api: Option<crate::api::ApiOptions>,
+    /// Called after every reconcile, once its transient data is dropped: the binary hands
+    /// its allocator's memory back to the system here, so an idle daemon stays small.
+    pub after_reconcile: Option<fn()>,
 }
 
 pub fn run(options: DaemonOptions) -> Result<(), String> {
@@ -92,6 +95,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         metrics: metrics.clone(),
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
+        after_reconcile: options.after_reconcile,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

@@ -107,6 +107,7 @@ pub struct Reconciler {
     pub supervisor: Option<Arc<Supervisor>>,
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
+    pub after_reconcile: Option<fn()>,
 }
 
 impl Reconciler {
@@ -120,6 +121,9 @@ impl Reconciler {
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
             let outcome = self.reconcile(trigger);
+            if let Some(release) = self.after_reconcile {
+                release();
+            }
             for request in batch {
                 if let Some(reply) = request.reply {
                     let _ = reply.send(outcome.clone());

@@ -41,6 +41,15 @@ impl Supervisor {
         {
             return Ok(worker.pid);
         }
+        // Our HAProxy is alive but not answering yet (a large configuration takes a while to
+        // load): wait for it. A second master would be one this daemon no longer tracks.
+        if child_slot
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            drop(child_slot);
+            return process::wait_ready(target, target.reload_timeout.as_std());
+        }
         if !target.config.exists() {
             return Err(format!(
                 "no configuration at {} yet",
@@ -84,13 +93,15 @@ impl Supervisor {
                 if self.stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let exited = self
+                // Our child alive is enough (it may still be loading its configuration);
+                // otherwise any master answering on the socket (one started before us).
+                let alive = self
                     .child
                     .lock()
                     .expect("child lock")
                     .as_mut()
-                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-                if !exited && process::running(&self.target).is_some() {
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                if alive || process::running(&self.target).is_some() {
                     pause = Duration::from_millis(500);
                     continue;
                 }

@@ -85,18 +85,26 @@ pub fn spawn(
     let mut threads = Vec::new();
 
     // Notifications. When they cannot be set up, polling alone still works.
+    // Set by a notification, cleared by each poll: what notifications reported, polling does
+    // not report again (a second reconcile of the same change would delay the next one).
+    let notified = Arc::new(AtomicBool::new(false));
     let watcher = {
         let events = events.clone();
+        let notified = notified.clone();
         let options = options.clone();
         notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
-            // Reads (our own loading of the state) are events too: only changes count.
+            // Reads (our own loading of the state) are events too, and so is the access time
+            // a read updates right after a save: only changes of content or names count.
             if let Ok(event) = result
                 && !matches!(
                     event.kind,
-                    notify::EventKind::Access(_) | notify::EventKind::Other
+                    notify::EventKind::Access(_)
+                        | notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+                        | notify::EventKind::Other
                 )
                 && event.paths.iter().any(|p| relevant(p, &options))
             {
+                notified.store(true, Ordering::SeqCst);
                 let _ = events.send(());
             }
         })
@@ -119,6 +127,7 @@ pub fn spawn(
     {
         let options = options.clone();
         let stop = stop.clone();
+        let notified = notified.clone();
         threads.push(std::thread::spawn(move || {
             let mut last = snapshot(&options);
             let mut due = Instant::now() + options.poll;
@@ -130,9 +139,14 @@ pub fn spawn(
                 }
                 due = Instant::now() + options.poll;
                 let now = snapshot(&options);
+                let seen_by_notify = notified.swap(false, Ordering::SeqCst);
                 if now != last {
                     last = now;
-                    let _ = events.send(());
+                    // The reconcile a notification triggered reads every file anyway; one it
+                    // missed while reporting another is found by the timer's reconcile.
+                    if !seen_by_notify {
+                        let _ = events.send(());
+                    }
                 }
             }
         }));

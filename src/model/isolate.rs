@@ -34,8 +34,9 @@ pub fn isolate(
     validation: &Validation,
     previous: Option<&Model>,
 ) -> Option<Isolated> {
-    let empty = Value::Object(Default::default());
-    let previous_doc = previous.map(|m| m.document()).unwrap_or(&empty);
+    let previous_doc = previous
+        .map(|m| m.document())
+        .unwrap_or_else(|| Value::Object(Default::default()));
     let mut doc = source.document.as_ref().clone();
     let mut held = Vec::new();
     let mut done: BTreeSet<(String, String)> = BTreeSet::new();

@@ -19,12 +19,40 @@ pub struct Model {
     /// Settings of the agent API (`api:`), kept as validated JSON for the API layer.
     pub api: Option<serde_json::Value>,
     /// The merged state document this model was validated from, recorded with each apply.
-    pub(crate) document: std::sync::Arc<serde_json::Value>,
+    pub(crate) document: StateDocument,
+}
+
+/// The merged state document, kept as compact JSON text. As a `serde_json::Value` tree a
+/// 10k-domain state takes ~23 MB, as text ~1 MB; a daemon keeps one for its whole life and
+/// reads it only on API calls, so it is parsed on demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateDocument(std::sync::Arc<str>);
+
+impl StateDocument {
+    pub fn new(value: &serde_json::Value) -> StateDocument {
+        StateDocument(serde_json::to_string(value).expect("JSON").into())
+    }
+
+    /// The document as compact JSON (the text its revision digests).
+    pub fn json(&self) -> &str {
+        &self.0
+    }
+
+    /// The document as JSON embedded verbatim where it is serialized (the manifest).
+    pub fn raw(&self) -> &serde_json::value::RawValue {
+        serde_json::from_str(&self.0).expect("written by StateDocument::new")
+    }
 }
 
 impl Model {
-    /// The state document the model came from (the merged YAML, as JSON).
-    pub fn document(&self) -> &serde_json::Value {
+    /// The state document the model came from (the merged YAML, as JSON), parsed anew: hold
+    /// on to it rather than calling this in a loop.
+    pub fn document(&self) -> serde_json::Value {
+        serde_json::from_str(self.document.json()).expect("written by StateDocument::new")
+    }
+
+    /// The state document as kept: compact JSON.
+    pub fn document_text(&self) -> &StateDocument {
         &self.document
     }
 

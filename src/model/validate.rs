@@ -326,7 +326,7 @@ impl<'a> Checker<'a> {
             groups,
             global,
             api: doc.get("api").cloned(),
-            document: self.source.document.clone(),
+            document: super::model::StateDocument::new(&self.source.document),
         })
     }
 

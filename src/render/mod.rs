@@ -274,7 +274,7 @@ struct ConfigView {
 #[derive(Serialize)]
 struct ManifestView<'a> {
     format_version: u32,
-    document: &'a serde_json::Value,
+    document: &'a serde_json::value::RawValue,
     certificates: BTreeMap<&'a str, BTreeMap<&'a str, &'a str>>,
     /// SHA-256 of every other file written, to find drift without rendering again.
     files: BTreeMap<String, String>,
@@ -420,7 +420,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         .collect();
     let manifest = ManifestView {
         format_version: 1,
-        document: model.document(),
+        document: model.document_text().raw(),
         certificates: model
             .listeners
             .iter()

@@ -35,15 +35,17 @@ pub fn resolve<'m>(
 }
 
 /// The revision of a state document: 12 hex digits of its digest.
-pub fn revision_of(document: &serde_json::Value) -> String {
-    crate::plan::sha256_hex(serde_json::to_string(document).expect("JSON").as_bytes())[..12]
-        .to_string()
+/// `document_json` is its compact JSON, as `serde_json` writes it (keys sorted).
+pub fn revision_of(document_json: &str) -> String {
+    crate::plan::sha256_hex(document_json.as_bytes())[..12].to_string()
 }
 
 /// The revision a target holds (from the manifest the last apply left), if any.
 pub fn live_revision(live: &Live) -> Option<String> {
     let manifest: serde_json::Value = serde_json::from_slice(live.files.get(MANIFEST)?).ok()?;
-    Some(revision_of(manifest.get("document")?))
+    Some(revision_of(
+        &serde_json::to_string(manifest.get("document")?).ok()?,
+    ))
 }
 
 /// Waits until the canary check answers 2xx: a GET of its URL, with its Host header when set

@@ -1,0 +1,203 @@
+//! The suite's results: named figures (with their unit and which way is better), goals (met or
+//! not, never hidden), tables for stdout, `bench/results/latest.json`, and the comparison with
+//! a baseline (a figure more than 10% worse is a regression).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    Lower,
+    Higher,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    pub unit: String,
+    pub better: Better,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goal {
+    pub scenario: String,
+    /// What is promised, in words (`b/a req/s ≥ 0.95 at N=10000`).
+    pub goal: String,
+    /// What was measured.
+    pub measured: String,
+    pub met: bool,
+}
+
+/// A table as printed: a title, a header, rows, notes under it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub notes: Vec<String>,
+}
+
+impl Table {
+    pub fn new(title: &str, header: &[&str]) -> Table {
+        Table {
+            title: title.to_string(),
+            header: header.iter().map(|h| h.to_string()).collect(),
+            ..Table::default()
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    /// Markdown, so the same text goes to stdout and BENCHMARKS.md.
+    pub fn render(&self) -> String {
+        let mut out = format!("### {}\n\n", self.title);
+        out.push_str(&format!("| {} |\n", self.header.join(" | ")));
+        out.push_str(&format!(
+            "|{}\n",
+            self.header.iter().map(|_| "---|").collect::<String>()
+        ));
+        for row in &self.rows {
+            out.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+            for note in &self.notes {
+                out.push_str(&format!("{note}\n"));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub format_version: u32,
+    /// `full` or `quick`.
+    pub mode: String,
+    pub started: String,
+    pub machine: BTreeMap<String, String>,
+    pub figures: Vec<Figure>,
+    pub goals: Vec<Goal>,
+    pub tables: Vec<Table>,
+    /// Scenarios that could not run to the end, with the reason.
+    pub failures: Vec<String>,
+    /// Seconds each scenario took.
+    pub durations: BTreeMap<String, f64>,
+}
+
+impl Report {
+    pub fn figure(&mut self, name: impl Into<String>, value: f64, unit: &str, better: Better) {
+        self.figures.push(Figure {
+            name: name.into(),
+            value,
+            unit: unit.to_string(),
+            better,
+        });
+    }
+
+    pub fn goal(&mut self, scenario: &str, goal: String, measured: String, met: bool) {
+        self.goals.push(Goal {
+            scenario: scenario.to_string(),
+            goal,
+            measured,
+            met,
+        });
+    }
+
+    pub fn goals_table(&self) -> Table {
+        let mut table = Table::new("Goals", &["scenario", "goal", "measured", ""]);
+        for g in &self.goals {
+            table.row(vec![
+                g.scenario.clone(),
+                g.goal.clone(),
+                g.measured.clone(),
+                if g.met { "met" } else { "**NOT MET**" }.to_string(),
+            ]);
+        }
+        table
+    }
+
+    pub fn machine_line(&self) -> String {
+        let m = |k: &str| self.machine.get(k).cloned().unwrap_or_default();
+        format!(
+            "Machine: {} ({} cores), {} RAM, Linux {}, {}, {}; mode {}, started {}.",
+            m("cpu"),
+            m("cores"),
+            m("memory"),
+            m("kernel"),
+            m("haproxy"),
+            m("rustc"),
+            self.mode,
+            self.started
+        )
+    }
+}
+
+/// A figure of `latest` worse than the same figure of `baseline` by more than `tolerance`
+/// (0.10: 10%).
+pub struct Regression {
+    pub name: String,
+    pub baseline: f64,
+    pub latest: f64,
+    pub unit: String,
+    /// How much worse, as a fraction (0.25: 25% worse).
+    pub worse_by: f64,
+}
+
+pub fn compare(baseline: &Report, latest: &Report, tolerance: f64) -> (Vec<Regression>, usize) {
+    let base: BTreeMap<&str, &Figure> = baseline
+        .figures
+        .iter()
+        .map(|f| (f.name.as_str(), f))
+        .collect();
+    let mut regressions = Vec::new();
+    let mut compared = 0;
+    for f in &latest.figures {
+        let Some(b) = base.get(f.name.as_str()) else {
+            continue;
+        };
+        if b.value <= 0.0 || !b.value.is_finite() || !f.value.is_finite() {
+            continue;
+        }
+        compared += 1;
+        let worse_by = match f.better {
+            Better::Lower => (f.value - b.value) / b.value,
+            Better::Higher => (b.value - f.value) / b.value,
+        };
+        if worse_by > tolerance {
+            regressions.push(Regression {
+                name: f.name.clone(),
+                baseline: b.value,
+                latest: f.value,
+                unit: f.unit.clone(),
+                worse_by,
+            });
+        }
+    }
+    (regressions, compared)
+}
+
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(&v, 0.5)
+}
