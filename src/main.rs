@@ -17,8 +17,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// A long-running daemon should not hold on to the memory a reconcile used: pages mimalloc
-/// frees are handed back to the system at once instead of after its default 10 ms (and
-/// arenas' 100 ms) grace, which a daemon reconciling often would never reach.
+/// frees are handed back to the system at once instead of after its default 1 s grace, which
+/// a daemon reconciling several times a second would never reach.
 fn keep_freed_memory_briefly() {
     // SAFETY: set once, before the daemon starts its threads (mimalloc's options are not
     // thread-safe to set).
@@ -137,5 +137,24 @@ fn default_log_level(command: &Command) -> &'static str {
     match command {
         Command::Daemon { .. } => "info,notify=warn",
         _ => "warn",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The option index is mimalloc's, not a name: an upgrade that moves it must fail here.
+    /// `purge_delay` is the option whose default is 1000 (ms, mimalloc v3's options.c).
+    #[test]
+    fn the_purge_delay_option_index_is_mimallocs() {
+        // SAFETY: reads an option; nothing is set.
+        let (before, at, after) = unsafe {
+            (
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY - 1),
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY),
+                libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY + 1),
+            )
+        };
+        assert_eq!(at, 1000, "purge_delay's default");
+        assert_ne!((before, after), (1000, 1000));
     }
 }

@@ -19,38 +19,49 @@ struct Front {
     next_ip: std::cell::Cell<u8>,
 }
 
+/// Writes a state with these `listeners` (YAML lines), the API settings (agents allowed on
+/// loopback, plus `extra_api`) and the admin token, and starts the daemon serving the API on
+/// `api`.
+fn start_daemon(site: &Site, listeners: &str, extra_api: &str, api: u16) -> Daemon {
+    write(
+        site.path(),
+        "state/base.yaml",
+        &format!(
+            "version: 1\nlisteners:\n{listeners}api:\n  apps_domain: apps.example.com\n  mongodb_domain: mongodb.example.com\n  allowed_networks: [ \"127.0.0.0/8\" ]\n{extra_api}{}",
+            site.folder_target_block("daemon")
+        ),
+    );
+    write(site.path(), "admin.token", ADMIN);
+    api_daemon(site, api)
+}
+
+/// The daemon on the site's state folder, serving the API on `api` with the admin token.
+fn api_daemon(site: &Site, api: u16) -> Daemon {
+    Daemon::start(
+        site.path(),
+        "state",
+        &[
+            "--api",
+            &format!("127.0.0.1:{api}"),
+            "--admin-token-file",
+            "admin.token",
+        ],
+    )
+}
+
 impl Front {
     /// A front with HTTP and MongoDB (passthrough) listeners, the API, and agents allowed on
     /// loopback. `extra` is added to the `api:` settings.
     fn start(extra_api: &str) -> Front {
         let site = Site::new();
         let (http, mongodb, api) = (free_port(), free_port(), free_port());
-        write(
-            site.path(),
-            "state/base.yaml",
+        let daemon = start_daemon(
+            &site,
             &format!(
-                "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{http}\" }}\n  mongodb: {{ bind: \"127.0.0.1:{mongodb}\", tls: passthrough }}\napi:\n  apps_domain: apps.example.com\n  mongodb_domain: mongodb.example.com\n  allowed_networks: [ \"127.0.0.0/8\" ]\n{extra_api}{}",
-                site.target_block(true)
-                    .replace(
-                        "config: live/",
-                        &format!("config: {}/live/", site.path().display())
-                    )
-                    .replace(
-                        "state_dir: state,",
-                        &format!("state_dir: {}/daemon,", site.path().display())
-                    )
+                "  http: {{ bind: \"127.0.0.1:{http}\" }}\n  mongodb: {{ bind: \"127.0.0.1:{mongodb}\", tls: passthrough }}\n"
             ),
-        );
-        write(site.path(), "admin.token", ADMIN);
-        let daemon = Daemon::start(
-            site.path(),
-            "state",
-            &[
-                "--api",
-                &format!("127.0.0.1:{api}"),
-                "--admin-token-file",
-                "admin.token",
-            ],
+            extra_api,
+            api,
         );
         assert!(
             wait_for_port(api, Duration::from_secs(20)),
@@ -254,16 +265,7 @@ fn the_deployment_agents_flow_end_to_end_with_real_traffic() {
         ..
     } = front;
     daemon.stop();
-    let daemon = Daemon::start(
-        site.path(),
-        "state",
-        &[
-            "--api",
-            &format!("127.0.0.1:{api}"),
-            "--admin-token-file",
-            "admin.token",
-        ],
-    );
+    let daemon = api_daemon(&site, api);
     daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
     assert!(wait_for_port(api, Duration::from_secs(10)));
     let reply = tls_exchange(&ca_test, mongodb, "agent-1.mongodb.example.com", "again").unwrap();
@@ -1067,33 +1069,14 @@ fn mongodb_terminated_at_the_front_uses_the_private_ca_per_name_and_csrs_and_ren
         "state/certs/default.pem",
         &other.leaf(&["default.mongodb.example.com"]).combined(),
     );
-    write(
-        site.path(),
-        "state/base.yaml",
+    let daemon = start_daemon(
+        &site,
         &format!(
-            "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{}\" }}\n  mongodb: {{ bind: \"127.0.0.1:{mongodb}\", tls: terminate, certificates: certs }}\napi:\n  apps_domain: apps.example.com\n  mongodb_domain: mongodb.example.com\n  allowed_networks: [ \"127.0.0.0/8\" ]\n{}",
-            free_port(),
-            site.target_block(true)
-                .replace(
-                    "config: live/",
-                    &format!("config: {}/live/", site.path().display())
-                )
-                .replace(
-                    "state_dir: state,",
-                    &format!("state_dir: {}/daemon,", site.path().display())
-                )
+            "  http: {{ bind: \"127.0.0.1:{}\" }}\n  mongodb: {{ bind: \"127.0.0.1:{mongodb}\", tls: terminate, certificates: certs }}\n",
+            free_port()
         ),
-    );
-    write(site.path(), "admin.token", ADMIN);
-    let daemon = Daemon::start(
-        site.path(),
-        "state",
-        &[
-            "--api",
-            &format!("127.0.0.1:{api}"),
-            "--admin-token-file",
-            "admin.token",
-        ],
+        "",
+        api,
     );
     daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
     assert!(wait_for_port(api, Duration::from_secs(10)));

@@ -270,15 +270,7 @@ fn folder_state(site: &Site, port: u16, shop: u16, blog: u16, isolate: bool, age
         "state/base.yaml",
         &format!(
             "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\nagents:\n  a1: {{ address: 127.0.0.1 }}\nglobal:\n  isolate_invalid: {isolate}\n{}",
-            site.target_block(true)
-                .replace(
-                    "config: live/",
-                    &format!("config: {}/live/", site.path().display())
-                )
-                .replace(
-                    "state_dir: state,",
-                    &format!("state_dir: {}/daemon-state,", site.path().display())
-                )
+            site.folder_target_block("daemon-state")
         ),
     );
     write(

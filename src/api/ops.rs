@@ -5,7 +5,7 @@
 
 use super::auth::{AdminToken, Kind, RateLimiter, TokenStore, ct_eq, hash_secret};
 use super::certs::{Ca, Issued};
-use super::store::{AgentEntry, BackendEntry, Commit, DomainEntry, Fragment, ServerEntry, Store};
+use super::store::{self, AgentEntry, Commit, Fragment, Store};
 use crate::model::names::{self, Duration as StateDuration};
 use crate::model::{ListenerKind, Model, ServerTarget, TcpTls, validate};
 use crate::spec::load::Source;
@@ -561,28 +561,15 @@ impl Api {
         if let Some(owner) = self.other_owner(agent, &domain, &all, &model) {
             return Err(ApiError::conflict(format!("{domain} belongs to {owner}")));
         }
-        let backend = backend_name(agent, subdomain);
-        fragment.backends.insert(
-            backend.clone(),
-            BackendEntry {
-                servers: vec![ServerEntry {
-                    agent: agent.to_string(),
-                    port,
-                    other: BTreeMap::new(),
-                }],
+        fragment.route(
+            agent,
+            &domain,
+            store::Route {
+                backend: backend_name(agent, subdomain),
+                port,
+                listener: None,
                 health_check: check.then_some(serde_yaml::Value::Bool(true)),
                 tls: use_tls.then_some(serde_yaml::Value::Bool(true)),
-                owner: Some(agent.to_string()),
-                other: BTreeMap::new(),
-            },
-        );
-        fragment.domains.insert(
-            domain.clone(),
-            DomainEntry {
-                backend,
-                listener: None,
-                owner: Some(agent.to_string()),
-                other: BTreeMap::new(),
             },
         );
         self.save(
@@ -727,28 +714,15 @@ impl Api {
             }
             _ => None,
         };
-        let backend = backend_name(agent, "mongodb");
-        fragment.backends.insert(
-            backend.clone(),
-            BackendEntry {
-                servers: vec![ServerEntry {
-                    agent: agent.to_string(),
-                    port,
-                    other: BTreeMap::new(),
-                }],
+        fragment.route(
+            agent,
+            &domain,
+            store::Route {
+                backend: backend_name(agent, "mongodb"),
+                port,
+                listener: Some(listener_name),
                 health_check: Some(serde_yaml::Value::Bool(true)),
                 tls,
-                owner: Some(agent.to_string()),
-                other: BTreeMap::new(),
-            },
-        );
-        fragment.domains.insert(
-            domain.clone(),
-            DomainEntry {
-                backend,
-                listener: Some(listener_name),
-                owner: Some(agent.to_string()),
-                other: BTreeMap::new(),
             },
         );
         self.save(

@@ -64,9 +64,46 @@ pub struct DomainEntry {
     pub other: BTreeMap<String, serde_yaml::Value>,
 }
 
+/// What `Fragment::route` writes for one route of an agent.
+pub struct Route {
+    pub backend: String,
+    pub port: u16,
+    pub listener: Option<String>,
+    pub health_check: Option<serde_yaml::Value>,
+    pub tls: Option<serde_yaml::Value>,
+}
+
 impl Fragment {
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty() && self.backends.is_empty() && self.domains.is_empty()
+    }
+
+    /// Routes `domain` (on `listener`, or the HTTP listeners) to a backend of one server on the
+    /// agent's `port`, both owned by the agent; replaces what the fragment had under those names.
+    pub fn route(&mut self, agent: &str, domain: &str, route: Route) {
+        self.backends.insert(
+            route.backend.clone(),
+            BackendEntry {
+                servers: vec![ServerEntry {
+                    agent: agent.to_string(),
+                    port: route.port,
+                    other: BTreeMap::new(),
+                }],
+                health_check: route.health_check,
+                tls: route.tls,
+                owner: Some(agent.to_string()),
+                other: BTreeMap::new(),
+            },
+        );
+        self.domains.insert(
+            domain.to_string(),
+            DomainEntry {
+                backend: route.backend,
+                listener: route.listener,
+                owner: Some(agent.to_string()),
+                other: BTreeMap::new(),
+            },
+        );
     }
 
     /// As a JSON object in the state's shape, to merge into a document.

@@ -539,6 +539,15 @@ impl Site {
         )
     }
 
+    /// `target_block` for a state kept in a folder below the site: its paths absolute, and
+    /// the target's own files in `state_dir` (a folder outside the state).
+    pub fn folder_target_block(&self, state_dir: &str) -> String {
+        let d = self.path().display();
+        self.target_block(true)
+            .replace("config: live/", &format!("config: {d}/live/"))
+            .replace("state_dir: state,", &format!("state_dir: {d}/{state_dir},"))
+    }
+
     /// Writes `state.yaml` (atomically, as an editor would).
     pub fn write_state(&self, yaml: &str) {
         let tmp = self.path().join(".state.yaml.tmp");
@@ -764,23 +773,8 @@ pub fn http_json(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    parse_response(&response).unwrap()
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    exchange_json(stream, method, path, token, body)
 }
 
 /// `http_json` from a chosen loopback source address (each agent is its own client).
@@ -799,7 +793,17 @@ pub fn http_json_from(
     socket
         .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
         .unwrap();
-    let mut stream: TcpStream = socket.into();
+    exchange_json(socket.into(), method, path, token, body)
+}
+
+/// One JSON request on a connected stream: the status and the body of the answer.
+fn exchange_json(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, String) {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();

@@ -156,6 +156,18 @@ pub fn apply_with(
     let staged_config = staging.dir.join(&request.options.config_name);
     let config_name = &request.options.config_name;
     let mut notes = Vec::new();
+    // Puts the new files in place of the live ones, once `haproxy -c` accepted them.
+    let swap = || {
+        files::write_files(dir, &request.files, &live.files, config_name).map_err(|e| {
+            rollback(
+                target,
+                request,
+                &live.files,
+                format!("writing the files: {e}"),
+                start,
+            )
+        })
+    };
     let ops = running
         .as_ref()
         .map(|_| runtime::plan_ops(&live.files, &request.files, &request.options));
@@ -195,15 +207,7 @@ pub fn apply_with(
                 },
             });
         }
-        if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
-            return Err(rollback(
-                target,
-                request,
-                &live.files,
-                format!("writing the files: {e}"),
-                start,
-            ));
-        }
+        swap()?;
         match runtime {
             Ok(commands) => How::Runtime { commands },
             Err(e) => {
@@ -221,15 +225,7 @@ pub fn apply_with(
     } else {
         process::check_config(&target.haproxy_bin, &staged_config)
             .map_err(|e| refused(staging.clean(&e)))?;
-        if let Err(e) = files::write_files(dir, &request.files, &live.files, config_name) {
-            return Err(rollback(
-                target,
-                request,
-                &live.files,
-                format!("writing the files: {e}"),
-                start,
-            ));
-        }
+        swap()?;
         if let Some(Err(reason)) = &ops {
             notes.push(format!("reload: {reason}"));
         }
