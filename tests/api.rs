@@ -730,14 +730,11 @@ fn oversized_bodies_floods_and_slow_clients_are_refused() {
         .unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let started = std::time::Instant::now();
+    // The server closes the connection (an end of file), rather than this client giving up
+    // after its 20 s read timeout (an error).
     let mut buf = Vec::new();
-    let _ = slow.read_to_end(&mut buf);
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "the slow client was held {:?}",
-        started.elapsed()
-    );
+    let read = slow.read_to_end(&mut buf);
+    assert!(read.is_ok(), "the slow client was held: {read:?}");
 }
 
 #[test]

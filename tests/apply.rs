@@ -293,16 +293,18 @@ fn route_changes_apply_without_a_reload() {
             Box::new(|| {
                 let seen: std::collections::BTreeSet<String> = (0..12)
                     .map(|_| {
-                        http_get(port, "m.example.com", "/")
-                            .unwrap()
-                            .1
-                            .split(' ')
-                            .next()
-                            .unwrap()
-                            .to_string()
+                        let (status, body) = http_get(port, "m.example.com", "/").unwrap();
+                        assert_eq!(status, 200, "{body}");
+                        body.split(' ').next().unwrap().to_string()
                     })
                     .collect();
                 assert!(seen.contains("backend=three"), "{seen:?}");
+                assert!(
+                    seen.iter()
+                        .all(|b| ["backend=one", "backend=two", "backend=three"]
+                            .contains(&b.as_str())),
+                    "{seen:?}"
+                );
             }),
         ),
         (
@@ -318,12 +320,14 @@ fn route_changes_apply_without_a_reload() {
                 "  one.example.com: { backend: two }\n  m.example.com: { backend: multi }\n",
             ),
             Box::new(|| {
+                // Every answer comes from a remaining server: a 503 (no server) fails too.
                 for _ in 0..8 {
+                    let (status, body) = http_get(port, "m.example.com", "/").unwrap();
                     assert!(
-                        !http_get(port, "m.example.com", "/")
-                            .unwrap()
-                            .1
-                            .starts_with("backend=three")
+                        status == 200
+                            && (body.starts_with("backend=one ")
+                                || body.starts_with("backend=two ")),
+                        "{status} {body}"
                     );
                 }
             }),
@@ -462,6 +466,9 @@ fn no_request_fails_while_50_applies_run_mixing_runtime_changes_and_reloads() {
         Duration::from_secs(5),
     );
 
+    // Clients on keep-alive connections, as real ones: a reload must not break a connection
+    // under a request (an old worker answers with `Connection: close`, then the client opens
+    // a new connection to the new worker).
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -469,9 +476,12 @@ fn no_request_fails_while_50_applies_run_mixing_runtime_changes_and_reloads() {
         .map(|_| {
             let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
             std::thread::spawn(move || {
+                let mut client = KeepAliveClient::new(port);
                 let deadline = Instant::now() + Duration::from_secs(180);
+                let mut requests = 0u64;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match http_get(port, "app.example.com", "/") {
+                    requests += 1;
+                    match client.get("app.example.com", "/") {
                         Ok((200, body))
                             if body.starts_with("backend=blue ")
                                 || body.starts_with("backend=green ") =>
@@ -480,13 +490,17 @@ fn no_request_fails_while_50_applies_run_mixing_runtime_changes_and_reloads() {
                         }
                         other => failures.lock().unwrap().push(format!("{other:?}")),
                     }
+                    // A steady load, not a busy loop that starves the applies on a small machine.
+                    std::thread::sleep(Duration::from_millis(2));
                 }
+                (requests, client.connections)
             })
         })
         .collect();
 
     let (reloads_before, _) = site.generation();
-    let mut kinds = (0, 0);
+    let (mut runtime, mut reloads) = (0, 0);
+    let mut wrong = Vec::new();
     let (mut backend, mut tunnel) = ("blue", "1h");
     for i in 0..50 {
         // Even: move the route (runtime). Odd: change a global timeout (reload).
@@ -496,34 +510,55 @@ fn no_request_fails_while_50_applies_run_mixing_runtime_changes_and_reloads() {
             tunnel = if tunnel == "1h" { "2h" } else { "1h" };
         }
         site.write_state(&yaml(backend, tunnel));
+        let before = site.generation();
         let out = site.apply();
-        if out.contains("through the runtime API") {
-            kinds.0 += 1;
-        } else if out.contains("HAProxy reloaded") {
-            kinds.1 += 1;
+        let after = site.generation();
+        // What lunafront says it did, and what HAProxy's master says happened.
+        let said_runtime = out.contains("through the runtime API");
+        let said_reload = out.contains("HAProxy reloaded");
+        let reloaded = after.0 == before.0 + 1 && after.1.iter().all(|p| !before.1.contains(p));
+        match (i % 2 == 0, said_runtime, said_reload) {
+            (true, true, false) if after == before => runtime += 1,
+            (false, false, true) if reloaded => reloads += 1,
+            _ => wrong.push(format!(
+                "apply {i}: show proc {before:?} -> {after:?}, lunafront said:\n{out}"
+            )),
         }
     }
     stop.store(true, Ordering::Relaxed);
+    let (mut requests, mut connections) = (0, 0);
     for c in clients {
-        c.join().unwrap();
+        let (r, c) = c.join().unwrap();
+        requests += r;
+        connections += c;
     }
     let (reloads_after, _) = site.generation();
     let failures = failures.lock().unwrap();
     let served = ok.load(Ordering::Relaxed);
     println!(
-        "50 applies: {} runtime, {} reloads (master counted {}); {served} requests served, {} failed",
-        kinds.0,
-        kinds.1,
+        "50 applies: {runtime} runtime, {reloads} reloads (master counted {}); {served} of {requests} requests served over {connections} connections, {} failed",
         reloads_after - reloads_before,
         failures.len()
     );
-    assert!(kinds.0 >= 20 && kinds.1 >= 20, "the mix was {kinds:?}");
-    assert!(served > 100, "too few requests to mean anything: {served}");
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!((runtime, reloads), (25, 25));
+    assert_eq!(
+        reloads_after - reloads_before,
+        25,
+        "the master counted other reloads"
+    );
     assert!(
         failures.is_empty(),
         "{} failed requests: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
+    );
+    assert_eq!(served, requests);
+    assert!(served > 100, "too few requests to mean anything: {served}");
+    // Keep-alive it was: connections are reused across requests, and renewed across reloads.
+    assert!(
+        connections >= 3 && connections < requests / 2,
+        "{connections} connections for {requests} requests"
     );
 }
 
@@ -832,11 +867,8 @@ fn certificates_rotate_at_runtime_and_keys_are_never_printed() {
     let (_, workers) = site.generation();
 
     // A second certificate: added at runtime, no reload.
-    write(
-        site.path(),
-        "certs/new.pem",
-        &ca.leaf(&["new.example.com"]).combined(),
-    );
+    let first = ca.leaf(&["new.example.com"]);
+    write(site.path(), "certs/new.pem", &first.combined());
     let out = site.apply();
     assert!(out.contains("through the runtime API"), "{out}");
     assert!(!out.contains("PRIVATE KEY"), "{out}");
@@ -846,13 +878,15 @@ fn certificates_rotate_at_runtime_and_keys_are_never_printed() {
             .1
             .starts_with("backend=shop ")
     );
-    // Renewed: replaced at runtime.
-    write(
-        site.path(),
-        "certs/new.pem",
-        &ca.leaf(&["new.example.com", "www.new.example.com"])
-            .combined(),
+    assert!(
+        served_certificate(&ca, port, "new.example.com").unwrap() == first.der(),
+        "HAProxy does not present the certificate just added"
     );
+    // Renewed: replaced at runtime, and the new one (its own serial and names) is the one
+    // HAProxy presents from then on.
+    let renewed = ca.leaf(&["new.example.com", "www.new.example.com"]);
+    assert_ne!(renewed.der(), first.der());
+    write(site.path(), "certs/new.pem", &renewed.combined());
     let out = site.apply();
     assert!(out.contains("through the runtime API"), "{out}");
     assert!(
@@ -860,6 +894,10 @@ fn certificates_rotate_at_runtime_and_keys_are_never_printed() {
             .unwrap()
             .1
             .starts_with("backend=shop ")
+    );
+    assert!(
+        served_certificate(&ca, port, "new.example.com").unwrap() == renewed.der(),
+        "HAProxy still presents the certificate before the renewal"
     );
     // Removed: gone at runtime.
     std::fs::remove_file(site.path().join("certs/new.pem")).unwrap();

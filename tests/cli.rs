@@ -394,7 +394,7 @@ groups:
     let (code, stdout, stderr) = run(&["validate", "state.yaml"], dir.path());
     assert_eq!(code, 1, "{stdout}{stderr}");
     for expected in [
-        "state.yaml:12:67: error[unknown-listener]: listener `htpp` is not defined\n  hint: did you mean `http`?",
+        "state.yaml:12:61: error[unknown-listener]: listener `htpp` is not defined\n  hint: did you mean `http`?",
         "error[invalid-bind]: target `edge-2` bind `10.0.0.6` for listener `http`",
         "error[bind-conflict]: on target `edge-3`, listeners `alt` and `http` would both bind 127.0.0.1:8081",
         "edge-4",

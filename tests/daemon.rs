@@ -57,8 +57,14 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
         "a new domain reloaded HAProxy"
     );
     // One save is one reconcile: neither the access time the daemon's own read of the file
-    // updates nor the polling fallback (every second) reports the same change again.
-    std::thread::sleep(Duration::from_millis(1_500));
+    // updates nor the polling fallback reports the same change again. Two polls after the
+    // change was live, the fallback has looked at the folder since.
+    let polls = counter(&daemon, "lunafront_watch_polls_total");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&daemon, "lunafront_watch_polls_total") < polls + 2 {
+        assert!(Instant::now() < deadline, "the state folder is not polled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         reconciles(&daemon) - reconciled,
         1,
@@ -136,6 +142,16 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
     let (code, body) = daemon.post("/reconcile");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"result\":\"unchanged\""), "{body}");
+}
+
+/// A counter of /metrics.
+fn counter(daemon: &Daemon, name: &str) -> u64 {
+    daemon
+        .get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 /// Reconciles the daemon ran so far, whatever their result (from /metrics).
@@ -360,8 +376,9 @@ fn with_isolation_the_valid_rest_is_applied_and_the_invalid_entry_keeps_its_last
     assert_eq!(daemon.get("/health").0, 503);
     // A whole file that does not parse keeps its entries too.
     write(site.path(), "state/agents.d/a1.yaml", "backends: [\n");
+    // The reconcile that read it is over (it applied what it applies before /status says
+    // so): the entries of the file it could not read are still served.
     daemon.wait_for("/status", 200, "yaml-syntax", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(500));
     assert!(
         http_get(port, "shop.example.com", "/")
             .unwrap()
@@ -392,7 +409,27 @@ fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges(
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
     daemon.wait_for("/health", 200, "ok", Duration::from_secs(30));
 
-    for (round, delay) in [40u64, 120, 250].into_iter().enumerate() {
+    // The moments to kill at, each waited for (not guessed with a delay): while the new files
+    // are staged and checked, and once HAProxy reloaded on them (before the daemon records
+    // it). Killed between the file swap and the reload is issue 11's case 3 (an interrupted
+    // apply finished or undone on restart), tested with its fix.
+    let staged = |site: &Site| {
+        std::fs::read_dir(site.path().join("live"))
+            .unwrap()
+            .any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".lunafront-staging-")
+            })
+    };
+    let reloaded = |site: &Site, before: u32| {
+        site.master()
+            .show_proc(Duration::from_millis(100))
+            .is_ok_and(|p| p.reloads > before)
+    };
+    for round in 0..2 {
+        let reloads = site.generation().0;
         // A change that needs a reload and rewrites the big map.
         let alt = free_port();
         let next = base_state(
@@ -407,7 +444,18 @@ fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges(
             &format!("  alt{round}: {{ bind: \"127.0.0.1:{alt}\" }}\nagents:\n"),
         );
         site.write_state(&next);
-        std::thread::sleep(Duration::from_millis(delay));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(if round == 0 {
+            staged(&site)
+        } else {
+            reloaded(&site, reloads)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the moment never came"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         daemon.kill();
         // Whatever the moment: every file HAProxy reads is whole, and the config checks.
         haproxy_check(&site.path().join("live/haproxy.cfg"))

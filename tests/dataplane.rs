@@ -1,16 +1,63 @@
 //! `type: dataplane` targets against the Data Plane API test server (tests/support/dpapi.rs),
 //! which runs a real HAProxy: plan and apply through the API, map-only changes at runtime,
 //! version conflicts, server errors, timeouts, a failing reload, stale saved plans, and a
-//! password that never shows.
+//! password that never shows. Every request and answer of every test is checked against the
+//! API's specification when its server is dropped.
 
 mod support;
 
-use std::path::Path;
+use base64::Engine;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-use support::dpapi::{DataplaneApi, Faults};
+use support::dpapi::{DataplaneApi, Exchange, Faults, spec};
 use support::*;
 
 const PASSWORD: &str = "Dp-s3cret-7f2a91c4";
+
+/// Every form the password takes on its way to the API: itself, `user:password` in base64,
+/// and the Authorization header that carries it. None may appear in any output.
+fn secrets(password: &str) -> Vec<String> {
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("admin:{password}"));
+    vec![
+        password.to_string(),
+        basic.clone(),
+        format!("Basic {basic}"),
+        format!("Authorization: Basic {basic}"),
+    ]
+}
+
+/// Fails when `text` (named `what`) holds the password in any form, or an Authorization
+/// header at all.
+fn assert_no_secret(text: &str, what: &str, password: &str) {
+    for secret in secrets(password) {
+        assert!(!text.contains(&secret), "{what} holds {secret:?}:\n{text}");
+    }
+    assert!(
+        !text.to_ascii_lowercase().contains("authorization: basic"),
+        "{what} holds an Authorization header:\n{text}"
+    );
+}
+
+/// Every regular file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.is_file() {
+                // Regular files: HAProxy's sockets live there too.
+                out.push(path);
+            }
+        }
+    }
+    out
+}
 
 /// A front server managed through its Data Plane API, with backends and a state folder.
 struct Edge {
@@ -125,12 +172,8 @@ fn lunafront_with_password(dir: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
-    for text in [&stdout, &stderr] {
-        assert!(
-            !text.contains(PASSWORD),
-            "the password was printed:\n{text}"
-        );
-    }
+    assert_no_secret(&stdout, "stdout", PASSWORD);
+    assert_no_secret(&stderr, "stderr (debug level)", PASSWORD);
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
@@ -227,6 +270,59 @@ fn plan_and_apply_through_the_api_with_map_changes_at_runtime() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(edge.serves("shop.example.com", "blog"));
     assert!(stdout.contains("through its Data Plane API"), "{stdout}");
+
+    // A domain pinned to a listener gets a map of its own, removed with its last domain; a
+    // removed domain is deleted from HAProxy's map at runtime.
+    let alt = format!("  alt: {{ bind: \"127.0.0.1:{second}\" }}\n");
+    edge.write(
+        &[
+            ("shop.example.com", "shop"),
+            ("blog.example.com", "blog"),
+            ("pinned.example.com", "blog, listener: alt"),
+        ],
+        &alt,
+    );
+    edge.apply();
+    assert!(edge.api.dir.join("maps/listener-alt.map").exists());
+    edge.write(
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        &alt,
+    );
+    edge.apply();
+    assert!(!edge.api.dir.join("maps/listener-alt.map").exists());
+    edge.write(&[("shop.example.com", "shop")], &alt);
+    assert!(edge.apply().contains("through the runtime API"));
+    assert_eq!(http_get(edge.port, "blog.example.com", "/").unwrap().0, 404);
+
+    // Every operation lunafront's client uses was called, and checked against the
+    // specification (when the server is dropped).
+    let called: std::collections::BTreeSet<String> = edge
+        .api
+        .exchanges()
+        .iter()
+        .filter_map(spec::operation_id)
+        .collect();
+    for operation in [
+        "getHAProxyConfiguration",
+        "postHAProxyConfiguration",
+        "getReload",
+        "getOneStorageMap",
+        "createStorageMapFile",
+        "replaceStorageMapFile",
+        "deleteStorageMap",
+        "getOneStorageGeneralFile",
+        "createStorageGeneralFile",
+        "replaceStorageGeneralFile",
+        "showRuntimeMap",
+        "addMapEntry",
+        "replaceRuntimeMapEntry",
+        "deleteRuntimeMapEntry",
+    ] {
+        assert!(
+            called.contains(operation),
+            "{operation} never called: {called:?}"
+        );
+    }
 }
 
 #[test]
@@ -319,9 +415,10 @@ fn server_errors_timeouts_and_bad_answers_are_clear_errors_that_change_nothing()
         "reads are tried 3 times"
     );
 
-    // Too slow: the timeout applies to each request.
+    // Too slow: the timeout applies to each request. (The answers wait until the faults
+    // change, far beyond the 1s timeout: no race between the two.)
     edge.api.set_faults(Faults {
-        delay: Some(Duration::from_millis(1500)),
+        delay: Some(Duration::from_secs(300)),
         ..Faults::default()
     });
     let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
@@ -387,7 +484,10 @@ fn server_errors_timeouts_and_bad_answers_are_clear_errors_that_change_nothing()
         "a failed apply changed the configuration"
     );
     assert!(edge.serves("shop.example.com", "shop"));
-    assert!(!wait_for_port(second, Duration::from_millis(100)));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", second)).is_err(),
+        "the listener of a failed apply is open"
+    );
 }
 
 #[test]
@@ -451,46 +551,66 @@ fn a_saved_plan_is_refused_once_the_version_moved() {
 
 #[test]
 fn the_password_never_shows_and_a_wrong_one_is_a_clear_error() {
-    // Every run goes through `lunafront_with_password`, which fails on the password in any
-    // output; these runs cover success, failure, plan, saved plan and history.
+    // Every run goes through `lunafront_with_password` (debug logging), which fails on the
+    // password in any form in stdout or stderr; these runs cover a plan, its JSON, a saved
+    // plan, an apply at runtime, one with a reload, one that fails and is rolled back, the
+    // history, a rollback, and read errors.
     let edge = Edge::with_shop("5s");
+    edge.write(
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+    );
+    assert_eq!(edge.lunafront(&["plan", "state.yaml", "--json"]).0, 0);
+    assert_eq!(
+        edge.lunafront(&["plan", "state.yaml", "--out", "p.plan"]).0,
+        0
+    );
+    assert!(edge.apply().contains("through the runtime API"));
+    edge.write(
+        &[("shop.example.com", "shop")],
+        &format!("  alt: {{ bind: \"127.0.0.1:{}\" }}\n", free_port()),
+    );
+    assert!(edge.apply().contains("HAProxy reloaded"));
+    edge.api.set_faults(Faults {
+        push_errors: 1,
+        ..Faults::default()
+    });
+    edge.write(
+        &[("shop.example.com", "blog")],
+        &format!("  alt2: {{ bind: \"127.0.0.1:{}\" }}\n", free_port()),
+    );
+    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 3, "{stderr}");
     edge.api.set_faults(Faults {
         errors: 1000,
         ..Faults::default()
     });
-    let (code, _, _) = edge.lunafront(&["plan", "state.yaml", "--json"]);
+    let (code, _, stderr) = edge.lunafront(&["plan", "state.yaml", "--json"]);
     assert_eq!(code, 1);
+    assert!(stderr.contains("answered 500"), "{stderr}");
     edge.api.set_faults(Faults::default());
-    edge.lunafront(&["plan", "state.yaml", "--out", "p.plan"]);
-    edge.lunafront(&["history", "state.yaml"]);
-    let mut files = vec![edge.work.path().join("p.plan")];
-    let history = edge.api.dir.join("lunafront");
-    let mut stack = vec![history];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    assert!(files.len() > 3, "{files:?}");
-    for file in files {
-        let bytes = std::fs::read(&file).unwrap();
-        assert!(
-            !String::from_utf8_lossy(&bytes).contains(PASSWORD),
-            "{} holds the password",
-            file.display()
-        );
+    assert_eq!(edge.lunafront(&["history", "state.yaml"]).0, 0);
+    let (code, stdout, stderr) =
+        edge.lunafront(&["rollback", "state.yaml", "--steps", "1", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+
+    // Every file lunafront wrote: the saved plan, the history, and what it stored on the target.
+    let mut files = files_under(edge.work.path());
+    files.extend(files_under(&edge.api.dir));
+    let history = files_under(&edge.api.dir.join("lunafront/history"));
+    assert!(history.len() > 6, "{history:?}");
+    for file in &files {
+        let text = String::from_utf8_lossy(&std::fs::read(file).unwrap()).into_owned();
+        assert_no_secret(&text, &file.display().to_string(), PASSWORD);
     }
 
-    // A wrong password: the API's 401, named, without either password.
+    // A wrong password: the API's 401, named, without the password in any form.
+    let wrong = "wrong-password-123";
     let out = lunafront()
         .args(["plan", "state.yaml"])
         .current_dir(edge.work.path())
-        .env("DPAPI_PASSWORD", "wrong-password-123")
+        .env("DPAPI_PASSWORD", wrong)
+        .env("LUNAFRONT_LOG", "debug")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -499,7 +619,8 @@ fn the_password_never_shows_and_a_wrong_one_is_a_clear_error() {
         stderr.contains("target edge: reading the configuration: the Data Plane API answered 401"),
         "{stderr}"
     );
-    assert!(!stderr.contains("wrong-password-123"), "{stderr}");
+    assert_no_secret(&stderr, "stderr", wrong);
+    assert_no_secret(&String::from_utf8_lossy(&out.stdout), "stdout", wrong);
 
     // No password at all: the variable is named.
     let out = lunafront()
@@ -511,6 +632,172 @@ fn the_password_never_shows_and_a_wrong_one_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr.contains("DPAPI_PASSWORD"), "{stderr}");
+}
+
+#[test]
+fn a_password_file_is_read_and_never_shown() {
+    let edge = Edge::new("5s");
+    // As an operator writes it: 0600, with a trailing newline that is not part of it.
+    let secret = edge.work.path().join("dpapi.password");
+    std::fs::write(&secret, format!("{PASSWORD}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let with_file = |file: &Path| {
+        edge.write(&[("shop.example.com", "shop")], "");
+        let path = edge.work.path().join("state.yaml");
+        let text = std::fs::read_to_string(&path).unwrap().replace(
+            "password_env: DPAPI_PASSWORD",
+            &format!("password_file: {}", file.display()),
+        );
+        assert!(text.contains("password_file"));
+        std::fs::write(path, text).unwrap();
+    };
+    with_file(&secret);
+    // Without the variable in the environment: the file is the only source.
+    let run = |args: &[&str]| {
+        let out = lunafront()
+            .args(args)
+            .current_dir(edge.work.path())
+            .env_remove("DPAPI_PASSWORD")
+            .env("LUNAFRONT_LOG", "debug")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert_no_secret(&stdout, "stdout", PASSWORD);
+        assert_no_secret(&stderr, "stderr (debug level)", PASSWORD);
+        (out.status.code().unwrap_or(-1), stdout, stderr)
+    };
+    let (code, stdout, stderr) = run(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    let (code, stdout, stderr) = run(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(edge.serves("shop.example.com", "shop"));
+    assert_eq!(run(&["history", "state.yaml"]).0, 0);
+    for file in files_under(&edge.api.dir).into_iter().chain(
+        files_under(edge.work.path())
+            .into_iter()
+            .filter(|f| *f != secret),
+    ) {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+        assert_no_secret(&text, &file.display().to_string(), PASSWORD);
+    }
+
+    // A file that is not there: named, nothing else said.
+    let missing = edge.work.path().join("nowhere/dpapi.password");
+    with_file(&missing);
+    let (code, _, stderr) = run(&["plan", "state.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!(
+            "target edge: cannot read its password file {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    // A file with a wrong password: the API's 401, and neither password shown.
+    let wrong = edge.work.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password-42\n").unwrap();
+    with_file(&wrong);
+    let (code, _, stderr) = run(&["plan", "state.yaml"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("answered 401"), "{stderr}");
+    assert_no_secret(&stderr, "stderr", "not-the-password-42");
+}
+
+/// The specification check is no rubber stamp: exchanges the specification does not allow
+/// are each reported, and a correct one is not.
+#[test]
+fn the_specification_check_refuses_what_the_api_does_not_allow() {
+    let exchange = |method: &str, path: &str, query: &[(&str, &str)], status: u16| Exchange {
+        method: method.into(),
+        path: path.into(),
+        query: query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        content_type: None,
+        body: Vec::new(),
+        status,
+        headers: Vec::new(),
+        response: Vec::new(),
+    };
+    let raw = "/v3/services/haproxy/configuration/raw";
+    let mut push = exchange("POST", raw, &[("version", "3")], 202);
+    push.content_type = Some("text/plain".into());
+    push.body = b"global\n".to_vec();
+    push.headers = vec![
+        ("Configuration-Version".into(), "4".into()),
+        ("Reload-Id".into(), "2026-11-28-1".into()),
+    ];
+    assert_eq!(spec::check(&push), Vec::<String>::new());
+    let reload = |status: &str| {
+        let mut e = exchange("GET", "/v3/services/haproxy/reloads/2026-11-28-1", &[], 200);
+        e.headers = vec![("Content-Type".into(), "application/json".into())];
+        e.response = format!("{{\"id\": \"2026-11-28-1\", \"status\": \"{status}\"}}").into_bytes();
+        e
+    };
+    assert_eq!(spec::check(&reload("succeeded")), Vec::<String>::new());
+
+    let mut cases: Vec<(&str, Exchange)> = vec![
+        (
+            "no such path",
+            exchange("GET", "/v3/services/haproxy/nope", &[], 200),
+        ),
+        ("has no DELETE operation", exchange("DELETE", raw, &[], 204)),
+        ("not a parameter of this operation", {
+            let mut e = push.clone();
+            e.query.push(("dry_run".into(), "true".into()));
+            e
+        }),
+        ("query parameter version", {
+            let mut e = push.clone();
+            e.query = vec![("version".into(), "latest".into())];
+            e
+        }),
+        ("query parameter only_validate", {
+            let mut e = push.clone();
+            e.query.push(("only_validate".into(), "yes".into()));
+            e
+        }),
+        (
+            "path parameter id",
+            exchange("GET", "/v3/services/haproxy/reloads/42", &[], 200),
+        ),
+        ("does not declare", {
+            let mut e = push.clone();
+            e.status = 200;
+            e
+        }),
+        ("header x-reload", {
+            let mut e = push.clone();
+            e.headers.push(("X-Reload".into(), "1".into()));
+            e
+        }),
+        ("required parameter data is missing", {
+            let mut e = push.clone();
+            e.body.clear();
+            e
+        }),
+        ("body sent as", {
+            let mut e = push.clone();
+            e.content_type = Some("application/json".into());
+            e
+        }),
+        ("answer 200", reload("done")),
+    ];
+    let mut form = exchange("POST", "/v3/services/haproxy/storage/maps", &[], 201);
+    form.content_type = Some("multipart/form-data; boundary=b".into());
+    form.body = b"--b\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"x.map\"\r\n\r\nx\r\n--b--\r\n".to_vec();
+    cases.push(("form field upload is not declared", form));
+    for (expected, case) in cases {
+        let problems = spec::check(&case);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{expected}: {problems:?}"
+        );
+    }
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! The plan's promise, checked for every kind of change: a change marked `runtime` really needs
-//! no reload (the configuration differs only in what the runtime API changes), and whenever a
-//! reload is needed some change says so and why. Pure: no HAProxy here (the apply tests prove
-//! the runtime path on a live one).
+//! no reload, and whenever a reload is needed some change says so and why. The judge is a real
+//! HAProxy: each change is planned, then applied to a running one, and what HAProxy did —
+//! its worker PIDs and the reload counter of its master CLI's `show proc` — must be what the
+//! plan promised. The pure tests beside it check the plan's own consistency.
+
+mod support;
 
 use lunafront::model::{Model, validate};
 use lunafront::plan::diff::{Action, Kind, Mode};
@@ -9,6 +12,7 @@ use lunafront::plan::{Live, make_plan};
 use lunafront::render::{RenderOptions, Rendered, render};
 use lunafront::spec::load::{Source, SourceFile};
 use serde_json::{Value, json};
+use support::*;
 
 fn base() -> Value {
     json!({
@@ -401,6 +405,98 @@ fn each_change_kind_applies_with_the_promised_mode() {
         report.push(format!("{what}: {truth:?}"));
     }
     println!("{}", report.join("\n"));
+}
+
+/// `doc` on the site: its listeners on free loopback ports (the same port for the same
+/// address in every case), applied to the site's HAProxy.
+fn on_site(doc: &Value, site: &Site, ports: &std::collections::BTreeMap<&str, u16>) -> Value {
+    let mut doc = doc.clone();
+    if let Some(listeners) = doc.get_mut("listeners").and_then(Value::as_object_mut) {
+        for listener in listeners.values_mut() {
+            let bind = listener["bind"].as_str().unwrap().to_string();
+            let port = ports
+                .get(bind.as_str())
+                .unwrap_or_else(|| panic!("no free port for {bind}"));
+            listener["bind"] = json!(format!("127.0.0.1:{port}"));
+        }
+    }
+    let d = site.path().display();
+    doc["targets"] = json!({
+        "local": {
+            "type": "haproxy", "config": "live/haproxy.cfg", "state_dir": "state", "spawn": true,
+            "master_socket": format!("{d}/state/master.sock"),
+            "runtime_socket": format!("{d}/state/admin.sock"), "reload_timeout": "10s"
+        }
+    });
+    doc
+}
+
+/// What the plan of `doc` against the target promises: a reload when any change says so.
+fn promised(site: &Site) -> Mode {
+    let (code, stdout, stderr) = site.lunafront(&["plan", "state.yaml", "--json"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    let changes = plan["changes"].as_array().unwrap();
+    assert!(!changes.is_empty(), "no change: {stdout}");
+    if changes.iter().any(|c| c["mode"] == "reload") {
+        Mode::Reload
+    } else {
+        assert!(changes.iter().all(|c| c["mode"] == "runtime"), "{stdout}");
+        Mode::Runtime
+    }
+}
+
+/// What HAProxy did between two `show proc` readings: nothing (same workers, same reload
+/// counter) or exactly one reload (a new worker, the counter up by one).
+fn what_haproxy_did(before: &(u32, Vec<u32>), after: &(u32, Vec<u32>)) -> Result<Mode, String> {
+    if after == before {
+        Ok(Mode::Runtime)
+    } else if after.0 == before.0 + 1 && after.1.iter().all(|pid| !before.1.contains(pid)) {
+        Ok(Mode::Reload)
+    } else {
+        Err(format!("show proc went from {before:?} to {after:?}"))
+    }
+}
+
+#[test]
+fn each_promised_mode_is_what_a_real_haproxy_did() {
+    let site = Site::new();
+    let ports: std::collections::BTreeMap<&str, u16> = [
+        ("127.0.0.1:8080", free_port()),
+        ("127.0.0.1:27017", free_port()),
+        ("127.0.0.1:8081", free_port()),
+    ]
+    .into_iter()
+    .collect();
+    let write = |doc: &Value| {
+        site.write_state(&serde_json::to_string_pretty(&on_site(doc, &site, &ports)).unwrap())
+    };
+    write(&base());
+    let out = site.apply();
+    assert!(out.contains("HAProxy started"), "{out}");
+    let mut wrong = Vec::new();
+    let mut report = Vec::new();
+    for (what, edit, expected) in cases() {
+        // From the base state, as HAProxy runs it.
+        write(&base());
+        site.apply();
+        let before = site.generation();
+        let mut new = base();
+        edit(&mut new);
+        write(&new);
+        let promise = promised(&site);
+        let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+        assert_eq!(code, 0, "{what}: apply failed:\n{stdout}{stderr}");
+        let did = what_haproxy_did(&before, &site.generation());
+        report.push(format!("{what}: promised {promise:?}, HAProxy did {did:?}"));
+        if did.as_ref() != Ok(&promise) || promise != expected {
+            wrong.push(format!(
+                "{what}: the plan promised {promise:?} (expected {expected:?}), HAProxy did {did:?}\n{stdout}"
+            ));
+        }
+    }
+    println!("{}", report.join("\n"));
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[test]

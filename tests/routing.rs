@@ -202,9 +202,11 @@ domains:
 fn mongodb_sni_passthrough_reaches_the_right_tls_backend() {
     let dir = TempDir::new().unwrap();
     let ca = TestCa::new();
-    let db7 = tls_backend("agent-7-db", &ca.leaf(&["agent-7.mongodb.example.com"]));
-    let db8 = tls_backend("agent-8-db", &ca.leaf(&["agent-8.mongodb.example.com"]));
-    let dbw = tls_backend("wild-db", &ca.leaf(&["*.shard.example.com"]));
+    let (db7, served7) =
+        tls_backend_counted("agent-7-db", &ca.leaf(&["agent-7.mongodb.example.com"]));
+    let (db8, served8) =
+        tls_backend_counted("agent-8-db", &ca.leaf(&["agent-8.mongodb.example.com"]));
+    let (dbw, servedw) = tls_backend_counted("wild-db", &ca.leaf(&["*.shard.example.com"]));
     let port = free_port();
     let state = format!(
         "version: 1
@@ -247,17 +249,37 @@ domains:
         reply,
         "tls-backend=wild-db sni=s1.shard.example.com got=ping"
     );
-    // An unknown name is closed, never sent to another tenant's database. (agent-8-db is
-    // health-checked, so its connection count moves on its own; the others must not move.)
-    use std::sync::atomic::Ordering::Relaxed;
-    let before = (db7.connections.load(Relaxed), dbw.connections.load(Relaxed));
-    assert!(tls_exchange(&ca, port, "agent-9.mongodb.example.com", "ping").is_err());
-    assert!(tls_exchange(&ca, port, "evil.example.com", "ping").is_err());
-    assert!(tls_exchange(&ca, port, "shard.example.com", "ping").is_err());
-    assert_eq!(
-        (db7.connections.load(Relaxed), dbw.connections.load(Relaxed)),
-        before
-    );
+    // An unknown name is closed, never sent to any tenant's database: names next to each
+    // tenant's (a prefix, a suffix, one label more or less) reach none of them. Exchanges are
+    // counted, not connections: agent-8-db's health checks connect on their own.
+    use std::sync::atomic::Ordering::SeqCst;
+    let served = || {
+        (
+            served7.load(SeqCst),
+            served8.load(SeqCst),
+            servedw.load(SeqCst),
+        )
+    };
+    assert_eq!(served(), (1, 1, 1));
+    for name in [
+        "agent-9.mongodb.example.com",
+        "xagent-7.mongodb.example.com",
+        "agent-7.mongodb.example.com.evil.example",
+        "agent-8.mongodb.example.co",
+        "a.agent-8.mongodb.example.com",
+        "mongodb.example.com",
+        "shard.example.com",
+        "a.s1.shard.example.com",
+        "s1.shard.example.comx",
+        "evil.example.com",
+    ] {
+        assert!(
+            tls_exchange(&ca, port, name, "ping").is_err(),
+            "{name} was answered"
+        );
+        assert_eq!(served(), (1, 1, 1), "{name} reached a tenant's database");
+    }
+    drop((db7, db8, dbw));
 }
 
 #[test]

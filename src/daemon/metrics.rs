@@ -20,6 +20,8 @@ pub struct Metrics {
     apply_durations: Mutex<(Vec<u64>, f64, u64)>,
     pub state_valid: AtomicU64,
     pub domains: AtomicU64,
+    /// Polls of the state folder (shared with the watcher).
+    pub watch_polls: std::sync::Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -102,6 +104,12 @@ impl Metrics {
             "lunafront_haproxy_restarts_total",
             "Times the supervised HAProxy died and was restarted.",
             self.haproxy_restarts.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_watch_polls_total",
+            "Times the state folder was polled for changes file notifications missed.",
+            self.watch_polls.load(Ordering::Relaxed),
         );
         let h = self.apply_durations.lock().expect("metrics").clone();
         let _ = writeln!(

@@ -117,6 +117,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
             quiet: options.debounce_quiet,
             cap: options.debounce_cap,
             poll: Duration::from_secs(1),
+            polls: metrics.watch_polls.clone(),
         },
         requests.clone(),
         stop.clone(),

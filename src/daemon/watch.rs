@@ -21,6 +21,8 @@ pub struct WatchOptions {
     pub quiet: Duration,
     pub cap: Duration,
     pub poll: Duration,
+    /// Counts the polls (`lunafront_watch_polls_total`).
+    pub polls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Whether a change at `path` can change the state: YAML files and certificates, outside
@@ -139,6 +141,7 @@ pub fn spawn(
                 }
                 due = Instant::now() + options.poll;
                 let now = snapshot(&options);
+                options.polls.fetch_add(1, Ordering::Relaxed);
                 let seen_by_notify = notified.swap(false, Ordering::SeqCst);
                 if now != last {
                     last = now;

@@ -248,7 +248,9 @@ impl<'a> Checker<'a> {
         T::deserialize(value).ok()
     }
 
-    /// Reports a reference to a name that is not defined, with a "did you mean".
+    /// Reports a reference to a name that is not defined, with a "did you mean". `key`: the
+    /// name is a mapping key (a target's `binds`), so the position is the key's.
+    #[allow(clippy::too_many_arguments)]
     fn unknown(
         &mut self,
         code: &'static str,
@@ -256,6 +258,7 @@ impl<'a> Checker<'a> {
         section: &str,
         name: &str,
         pointer: &str,
+        key: bool,
         known: &BTreeSet<&str>,
     ) {
         if self.partial {
@@ -271,7 +274,7 @@ impl<'a> Checker<'a> {
         self.error(
             code,
             pointer,
-            false,
+            key,
             format!("{kind} {} is not defined", quote(name)),
             hint,
         );
@@ -715,6 +718,7 @@ impl<'a> Checker<'a> {
                             "agents",
                             agent,
                             &format!("{}/agent", pointer()),
+                            false,
                             agent_names,
                         );
                     }
@@ -885,6 +889,7 @@ impl<'a> Checker<'a> {
                         "backends",
                         &raw.backend,
                         &format!("{pointer}/backend"),
+                        false,
                         backend_names,
                     );
                 }
@@ -902,6 +907,7 @@ impl<'a> Checker<'a> {
                                 "listeners",
                                 listener,
                                 &format!("{pointer}/listener"),
+                                false,
                                 listener_names,
                             );
                         }
@@ -1152,6 +1158,7 @@ impl<'a> Checker<'a> {
                     "listeners",
                     listener,
                     &at,
+                    true,
                     listener_names,
                 );
                 ok = false;
@@ -1370,6 +1377,7 @@ impl<'a> Checker<'a> {
                             "targets",
                             member,
                             &format!("{pointer}/{i}"),
+                            false,
                             target_names,
                         );
                     }
@@ -1442,3 +1450,6 @@ impl<'a> Checker<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,11 +1,15 @@
-//! A Data Plane API test server: the endpoints lunafront uses, as
-//! `../shared/reference/dataplaneapi-v3.4-spec.yaml` specifies them, backed by a real HAProxy.
+//! A Data Plane API test server: the endpoints lunafront uses, as the API's specification
+//! (`tests/fixtures/dataplaneapi/dataplaneapi-v3.4-spec.yaml`, HAProxy Technologies' own,
+//! Apache-2.0) specifies them, backed by a real HAProxy.
 //! It keeps the configuration file with its `# _version=N` line, checks pushes with
 //! `haproxy -c`, reloads HAProxy through its master CLI (reload IDs, in_progress → succeeded or
 //! failed), keeps map files and general files in storage folders, and changes HAProxy's maps
 //! through its runtime API. Faults can be injected: a conflicting writer (409), 5xx answers,
 //! slow answers, malformed answers. It stands in for the real API (a Go service we do not
-//! ship); everything behind it is real.
+//! ship); everything behind it is real. Every request and answer is checked against the
+//! specification (`spec_problems`; paths, methods, parameters, content types, status codes,
+//! headers and JSON bodies), so neither lunafront's client nor this server can drift from the
+//! real API unnoticed: a test fails when its server is dropped with a problem.
 
 use super::{Haproxy, Server, haproxy_bin, haproxy_check};
 use base64::Engine;
@@ -39,6 +43,9 @@ pub struct Faults {
     /// Pushes answered 201 once HAProxy reloaded (no reload ID to wait on), as an API that
     /// reloads before answering does.
     pub answer_201: bool,
+    /// Once a push error is injected, the next this many requests are answered 500 too: the
+    /// API stays down while lunafront tries to put the previous configuration back.
+    pub then_errors: u32,
 }
 
 struct ApiState {
@@ -48,6 +55,22 @@ struct ApiState {
     /// `METHOD path?query` of every request, in order.
     log: Vec<String>,
     faults: Faults,
+    /// Every request and its answer, for the specification check (never cleared).
+    exchanges: Vec<Exchange>,
+}
+
+/// One request and the answer it got.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub method: String,
+    /// As sent, percent-encoded.
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub response: Vec<u8>,
 }
 
 struct Shared {
@@ -55,6 +78,8 @@ struct Shared {
     authorization: String,
     haproxy: HaproxyTarget,
     state: Mutex<ApiState>,
+    /// Signalled when the faults change: a delayed answer waits on it.
+    faults_changed: std::sync::Condvar,
     /// One reload at a time, as the real API's reload agent does.
     reloading: Mutex<()>,
 }
@@ -108,7 +133,9 @@ impl DataplaneApi {
                 next_reload: 1,
                 log: Vec::new(),
                 faults: Faults::default(),
+                exchanges: Vec::new(),
             }),
+            faults_changed: std::sync::Condvar::new(),
             reloading: Mutex::new(()),
         });
         let handler = shared.clone();
@@ -128,6 +155,17 @@ impl DataplaneApi {
 
     pub fn set_faults(&self, faults: Faults) {
         self.shared.state.lock().unwrap().faults = faults;
+        self.shared.faults_changed.notify_all();
+    }
+
+    /// Every request and its answer so far.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        self.shared.state.lock().unwrap().exchanges.clone()
+    }
+
+    /// What the requests and answers so far do that the specification does not allow.
+    pub fn spec_problems(&self) -> Vec<String> {
+        self.exchanges().iter().flat_map(spec::check).collect()
     }
 
     /// What is left of the injected faults.
@@ -185,6 +223,9 @@ fn strip_version(text: &str) -> String {
 struct Request {
     method: String,
     path: String,
+    /// The path and query as sent (for the specification check).
+    raw_path: String,
+    raw_query: Vec<(String, String)>,
     query: BTreeMap<String, String>,
     headers: BTreeMap<String, String>,
     body: Vec<u8>,
@@ -255,7 +296,7 @@ fn read_request(stream: &mut TcpStream) -> Option<Request> {
     let mut body = vec![0; length];
     reader.read_exact(&mut body).ok()?;
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let query = query
+    let raw_query: Vec<(String, String)> = query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -266,7 +307,9 @@ fn read_request(stream: &mut TcpStream) -> Option<Request> {
     Some(Request {
         method,
         path: path.to_string(),
-        query,
+        raw_path: path.to_string(),
+        query: raw_query.iter().cloned().collect(),
+        raw_query,
         headers,
         body,
     })
@@ -319,7 +362,17 @@ fn handle(shared: &Arc<Shared>, mut stream: TcpStream) {
         (state.faults.delay, fail)
     };
     if let Some(delay) = delay {
-        std::thread::sleep(delay);
+        // Slow until the delay passes, or stalled until the test changes the faults: the
+        // client gave up long ago, and the request is dropped unanswered.
+        let state = shared.state.lock().unwrap();
+        let (state, wait) = shared
+            .faults_changed
+            .wait_timeout_while(state, delay, |s| s.faults.delay == Some(delay))
+            .unwrap();
+        if !wait.timed_out() {
+            drop(state);
+            return;
+        }
     }
     let response = if request.headers.get("authorization") != Some(&shared.authorization) {
         error(401, "invalid credentials")
@@ -339,6 +392,16 @@ fn handle(shared: &Arc<Shared>, mut stream: TcpStream) {
         409 => "Conflict",
         _ => "Error",
     };
+    shared.state.lock().unwrap().exchanges.push(Exchange {
+        method: request.method.clone(),
+        path: request.raw_path.clone(),
+        query: request.raw_query.clone(),
+        content_type: request.headers.get("content-type").cloned(),
+        body: request.body.clone(),
+        status: response.status,
+        headers: response.headers.clone(),
+        response: response.body.clone(),
+    });
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", response.status);
     for (name, value) in &response.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -427,6 +490,7 @@ fn post_raw(shared: &Arc<Shared>, r: &Request) -> Response {
     }
     if state.faults.push_errors > 0 && !r.flag("only_validate") {
         state.faults.push_errors -= 1;
+        state.faults.errors += state.faults.then_errors;
         return error(500, "injected failure");
     }
     let body = strip_version(&String::from_utf8_lossy(&r.body));
@@ -628,4 +692,353 @@ fn runtime_map(
         _ => return error(404, "not found"),
     };
     result.unwrap_or_else(|e| error(404, &e.to_string()))
+}
+
+impl Drop for DataplaneApi {
+    /// Whatever the test checked, the API was spoken as specified.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let problems = self.spec_problems();
+        assert!(
+            problems.is_empty(),
+            "requests or answers the Data Plane API specification does not allow:\n{}",
+            problems.join("\n")
+        );
+    }
+}
+
+/// The Data Plane API specification (Swagger 2.0), read from the file HAProxy Technologies
+/// publishes, and the check of one exchange against it.
+pub mod spec {
+    use super::Exchange;
+    use serde_json::{Value, json};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    pub const PATH: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/dataplaneapi/dataplaneapi-v3.4-spec.yaml"
+    );
+
+    pub fn document() -> &'static Value {
+        static SPEC: OnceLock<Value> = OnceLock::new();
+        SPEC.get_or_init(|| {
+            let text = std::fs::read_to_string(PATH).expect("the Data Plane API specification");
+            let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+            to_json(yaml)
+        })
+    }
+
+    /// YAML → JSON, with the response codes YAML reads as numbers kept as their text.
+    fn to_json(v: serde_yaml::Value) -> Value {
+        match v {
+            serde_yaml::Value::Null => Value::Null,
+            serde_yaml::Value::Bool(b) => Value::Bool(b),
+            serde_yaml::Value::Number(n) => serde_json::to_value(&n).unwrap(),
+            serde_yaml::Value::String(s) => Value::String(s),
+            serde_yaml::Value::Sequence(items) => items.into_iter().map(to_json).collect(),
+            serde_yaml::Value::Mapping(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| {
+                        let key = match k {
+                            serde_yaml::Value::String(s) => s,
+                            serde_yaml::Value::Number(n) => n.to_string(),
+                            other => panic!("unexpected key {other:?}"),
+                        };
+                        (key, to_json(v))
+                    })
+                    .collect(),
+            ),
+            serde_yaml::Value::Tagged(t) => to_json(t.value),
+        }
+    }
+
+    fn resolve(v: &Value) -> &Value {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => document()
+                .pointer(r.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("unresolved {r}")),
+            None => v,
+        }
+    }
+
+    /// `value` is valid for `schema` (a fragment of the specification, whose `$ref`s point
+    /// into its `definitions`).
+    fn valid(schema: &Value, value: &Value) -> Result<(), String> {
+        static VALIDATORS: OnceLock<Mutex<HashMap<String, jsonschema::Validator>>> =
+            OnceLock::new();
+        let key = schema.to_string();
+        let mut cache = VALIDATORS.get_or_init(Default::default).lock().unwrap();
+        if !cache.contains_key(&key) {
+            let mut root = schema.clone();
+            if let Some(object) = root.as_object_mut() {
+                object.insert("definitions".into(), document()["definitions"].clone());
+            }
+            let validator = jsonschema::options()
+                .with_draft(jsonschema::Draft::Draft4)
+                .build(&root)
+                .map_err(|e| format!("the specification's schema does not compile: {e}"))?;
+            cache.insert(key.clone(), validator);
+        }
+        let errors: Vec<String> = cache[&key]
+            .iter_errors(value)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn decode(segment: &str) -> String {
+        super::decode(segment)
+    }
+
+    /// The path template of the specification a request path matches (the most literal one),
+    /// with its parameters' values.
+    fn template(path: &str) -> Option<(&'static str, Vec<(String, String)>)> {
+        let base = document()["basePath"].as_str().unwrap_or("");
+        let rest = path.strip_prefix(base)?;
+        let segments: Vec<&str> = rest.split('/').collect();
+        document()["paths"]
+            .as_object()?
+            .keys()
+            .filter_map(|t| {
+                let parts: Vec<&str> = t.split('/').collect();
+                if parts.len() != segments.len() {
+                    return None;
+                }
+                let mut params = Vec::new();
+                let mut literal = 0;
+                for (part, segment) in parts.iter().zip(&segments) {
+                    if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                        if segment.is_empty() {
+                            return None;
+                        }
+                        params.push((name.to_string(), decode(segment)));
+                    } else if part == segment {
+                        literal += 1;
+                    } else {
+                        return None;
+                    }
+                }
+                Some((literal, t.as_str(), params))
+            })
+            .max_by_key(|(literal, ..)| *literal)
+            .map(|(_, t, params)| (t, params))
+    }
+
+    /// A parameter's value as the JSON its declared type makes of the text.
+    fn typed(param: &Value, text: &str) -> Value {
+        match param["type"].as_str() {
+            Some("boolean") => match text {
+                "true" => json!(true),
+                "false" => json!(false),
+                _ => json!(text),
+            },
+            Some("integer") => text.parse::<i64>().map(|n| json!(n)).unwrap_or(json!(text)),
+            _ => json!(text),
+        }
+    }
+
+    /// The JSON Schema part of a (non-body) parameter.
+    fn param_schema(param: &Value) -> Value {
+        let mut schema = serde_json::Map::new();
+        for key in [
+            "type",
+            "pattern",
+            "enum",
+            "minimum",
+            "maximum",
+            "maxLength",
+            "minLength",
+        ] {
+            if let Some(v) = param.get(key) {
+                schema.insert(key.into(), v.clone());
+            }
+        }
+        Value::Object(schema)
+    }
+
+    /// The specification's name of the operation `exchange` called, if it names one.
+    pub fn operation_id(exchange: &Exchange) -> Option<String> {
+        let (template, _) = template(&exchange.path)?;
+        document()["paths"][template]
+            .get(exchange.method.to_ascii_lowercase())?
+            .get("operationId")?
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// Everything `exchange` does that the specification does not allow.
+    pub fn check(exchange: &Exchange) -> Vec<String> {
+        let what = format!("{} {}", exchange.method, exchange.path);
+        let mut problems = Vec::new();
+        let Some((template, path_values)) = template(&exchange.path) else {
+            return vec![format!("{what}: no such path in the specification")];
+        };
+        let item = &document()["paths"][template];
+        let Some(operation) = item.get(exchange.method.to_ascii_lowercase()) else {
+            return vec![format!(
+                "{what}: {template} has no {} operation",
+                exchange.method
+            )];
+        };
+        let what = format!(
+            "{what} ({})",
+            operation["operationId"].as_str().unwrap_or("?")
+        );
+        let params: Vec<&Value> = item
+            .get("parameters")
+            .and_then(Value::as_array)
+            .into_iter()
+            .chain(operation.get("parameters").and_then(Value::as_array))
+            .flatten()
+            .map(resolve)
+            .collect();
+        let declared = |location: &str, name: &str| {
+            params
+                .iter()
+                .find(|p| p["in"] == location && p["name"] == name)
+                .copied()
+        };
+
+        // The request: path and query parameters, body, content type.
+        for (name, value) in &path_values {
+            match declared("path", name) {
+                Some(p) => {
+                    if let Err(e) = valid(&param_schema(p), &typed(p, value)) {
+                        problems.push(format!("{what}: path parameter {name}={value:?}: {e}"));
+                    }
+                }
+                None => problems.push(format!("{what}: path parameter {name} is not declared")),
+            }
+        }
+        for (name, value) in &exchange.query {
+            match declared("query", name) {
+                Some(p) => {
+                    if let Err(e) = valid(&param_schema(p), &typed(p, value)) {
+                        problems.push(format!("{what}: query parameter {name}={value:?}: {e}"));
+                    }
+                }
+                None => problems.push(format!(
+                    "{what}: query parameter {name} is not a parameter of this operation"
+                )),
+            }
+        }
+        for p in &params {
+            let name = p["name"].as_str().unwrap_or_default();
+            let required = p["required"] == json!(true);
+            let present = match p["in"].as_str() {
+                Some("query") => exchange.query.iter().any(|(k, _)| k == name),
+                Some("body") => !exchange.body.is_empty(),
+                _ => true,
+            };
+            if required && !present {
+                problems.push(format!("{what}: required parameter {name} is missing"));
+            }
+        }
+        let content_type = exchange
+            .content_type
+            .as_deref()
+            .map(|c| c.split(';').next().unwrap_or_default().trim().to_string());
+        if !exchange.body.is_empty() {
+            let consumes = operation
+                .get("consumes")
+                .or_else(|| document().get("consumes"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            match &content_type {
+                Some(c) if consumes.iter().any(|x| x == c.as_str()) => {}
+                other => problems.push(format!(
+                    "{what}: body sent as {other:?}; the operation consumes {consumes:?}"
+                )),
+            }
+            if content_type.as_deref() == Some("multipart/form-data") {
+                let form = String::from_utf8_lossy(&exchange.body);
+                for field in form.split("; name=\"").skip(1) {
+                    let name = field.split('"').next().unwrap_or_default();
+                    if declared("formData", name).is_none() {
+                        problems.push(format!("{what}: form field {name} is not declared"));
+                    }
+                }
+            }
+            if content_type.as_deref() == Some("application/json")
+                && let Some(body) = params.iter().find(|p| p["in"] == "body")
+            {
+                match serde_json::from_slice::<Value>(&exchange.body) {
+                    Ok(v) => {
+                        if let Err(e) = valid(&body["schema"], &v) {
+                            problems.push(format!("{what}: request body: {e}"));
+                        }
+                    }
+                    Err(e) => problems.push(format!("{what}: request body is not JSON: {e}")),
+                }
+            }
+        }
+
+        // The answer: a declared status (a success must be declared explicitly; an error may
+        // be the `default` one), declared headers, and a body of the declared schema.
+        let responses = &operation["responses"];
+        let status = exchange.status.to_string();
+        let response = match responses.get(&status) {
+            Some(r) => resolve(r),
+            None if exchange.status >= 400 && responses.get("default").is_some() => {
+                resolve(&responses["default"])
+            }
+            None => {
+                problems.push(format!(
+                    "{what}: answered {status}, which the operation does not declare (it declares {:?})",
+                    responses.as_object().map(|r| r.keys().collect::<Vec<_>>())
+                ));
+                return problems;
+            }
+        };
+        let declared_headers: Vec<String> = response
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| h.keys().map(|k| k.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
+        for (name, _) in &exchange.headers {
+            let name = name.to_ascii_lowercase();
+            if !matches!(name.as_str(), "content-type" | "content-length")
+                && !declared_headers.contains(&name)
+            {
+                problems.push(format!(
+                    "{what}: answer {status} has header {name}, which it does not declare"
+                ));
+            }
+        }
+        // Operations that produce text (the raw configuration) declare their errors as text
+        // too, while the API's handlers answer them with its JSON error object
+        // (dataplaneapi handlers/raw.go: `...Default(code).WithPayload(e)`), as this server
+        // does: JSON bodies are checked where the operation produces JSON.
+        let produces_json = operation
+            .get("produces")
+            .or_else(|| document().get("produces"))
+            .and_then(Value::as_array)
+            .is_some_and(|p| p.iter().any(|x| x == "application/json"));
+        let json_answer = exchange
+            .headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v == "application/json");
+        if produces_json
+            && json_answer
+            && let Some(schema) = response.get("schema")
+        {
+            match serde_json::from_slice::<Value>(&exchange.response) {
+                Ok(v) => {
+                    if let Err(e) = valid(schema, &v) {
+                        problems.push(format!("{what}: answer {status}: {e}"));
+                    }
+                }
+                Err(e) => problems.push(format!("{what}: answer {status} is not JSON: {e}")),
+            }
+        }
+        problems
+    }
 }

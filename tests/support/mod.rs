@@ -390,26 +390,7 @@ fn server_config(leaf: &Leaf) -> Arc<rustls::ServerConfig> {
 /// A TLS backend (a stand-in for MongoDB with TLS): answers each line with
 /// `tls-backend=<name> sni=<server name it saw> got=<line>`.
 pub fn tls_backend(name: &str, leaf: &Leaf) -> Server {
-    let config = server_config(leaf);
-    let name = name.to_string();
-    Server::spawn(move |stream| {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-            return;
-        };
-        let mut tls = rustls::StreamOwned::new(conn, stream);
-        let mut line = String::new();
-        let mut reader = BufReader::new(&mut tls);
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let sni = tls.conn.server_name().unwrap_or("-").to_string();
-        let reply = format!("tls-backend={name} sni={sni} got={}\n", line.trim_end());
-        let _ = tls.write_all(reply.as_bytes());
-        let _ = tls.flush();
-        tls.conn.send_close_notify();
-        let _ = tls.flush();
-    })
+    tls_backend_counted(name, leaf).0
 }
 
 /// A plain TCP backend (behind a TLS-terminating listener): answers
@@ -820,4 +801,142 @@ fn exchange_json(
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     parse_response(&response).unwrap()
+}
+
+// ---- Added for issue 17: keep-alive clients, served certificates, counted exchanges. ----
+
+/// An HTTP/1.1 client that keeps its connection open between requests, as browsers and load
+/// balancers do, and opens a new one only when the server said `Connection: close` (or before
+/// the first request).
+pub struct KeepAliveClient {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+    /// Connections opened so far.
+    pub connections: u64,
+}
+
+impl KeepAliveClient {
+    pub fn new(port: u16) -> KeepAliveClient {
+        KeepAliveClient {
+            port,
+            conn: None,
+            connections: 0,
+        }
+    }
+
+    /// One GET on the open connection; returns (status, body). An error is a failed request:
+    /// the connection is dropped and the next request opens a new one.
+    pub fn get(&mut self, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+        let result = self.exchange(host, path);
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+        if self.conn.is_none() {
+            let stream = TcpStream::connect(("127.0.0.1", self.port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            self.connections += 1;
+            self.conn = Some(BufReader::new(stream));
+        }
+        let reader = self.conn.as_mut().expect("connected");
+        // One write: a request in pieces waits on Nagle and delayed ACKs.
+        reader
+            .get_mut()
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+        let mut status_line = String::new();
+        if reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection without an answer",
+            ));
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no status in {status_line:?}")))?;
+        let (mut length, mut close) = (0usize, false);
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection in the headers",
+                ));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    "connection" => close = v.trim().eq_ignore_ascii_case("close"),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        if close {
+            self.conn = None;
+        }
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+impl Leaf {
+    /// The certificate, DER-encoded: what a TLS server presents.
+    pub fn der(&self) -> Vec<u8> {
+        rustls_pki_certs(&self.cert_pem)[0].to_vec()
+    }
+}
+
+/// The certificate (DER) a TLS server on 127.0.0.1:`port` presents for server name `sni`,
+/// verified against `ca`.
+pub fn served_certificate(ca: &TestCa, port: u16, sni: &str) -> std::io::Result<Vec<u8>> {
+    let server_name =
+        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+    let mut conn = rustls::ClientConnection::new(ca.client_config(), server_name)
+        .map_err(std::io::Error::other)?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut stream)?;
+    }
+    conn.peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|c| c.to_vec())
+        .ok_or_else(|| std::io::Error::other("no certificate presented"))
+}
+
+/// `tls_backend`, also counting the exchanges it answered (a health check's bare connect is a
+/// connection, not an exchange).
+pub fn tls_backend_counted(name: &str, leaf: &Leaf) -> (Server, Arc<AtomicU64>) {
+    let config = server_config(leaf);
+    let name = name.to_string();
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let counted = exchanges.clone();
+    let server = Server::spawn(move |stream| {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+            return;
+        };
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        let mut line = String::new();
+        if BufReader::new(&mut tls).read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        counted.fetch_add(1, Ordering::SeqCst);
+        let sni = tls.conn.server_name().unwrap_or("-").to_string();
+        let reply = format!("tls-backend={name} sni={sni} got={}\n", line.trim_end());
+        let _ = tls.write_all(reply.as_bytes());
+        let _ = tls.flush();
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    });
+    (server, exchanges)
 }

@@ -1,0 +1,867 @@
+//! Faults a production machine sees, injected on purpose into the branches of the apply path
+//! and the daemon that only run when something goes wrong: `haproxy -c` refusing once runtime
+//! commands went live, a runtime command failing (the fallback reload), the file swap failing,
+//! every way putting the previous configuration back can fail too (exit 4), the supervised
+//! HAProxy dying, `/health` after a rolled-back apply, and drift that cannot be put back.
+//!
+//! The faults are real ones: an `haproxy` executable that refuses or does something on its
+//! `-c` (a wrapper around the real one, named by the target's `haproxy_bin`), a master socket
+//! that disappears, a file a configuration needs removed between the check and the reload,
+//! folders made immutable (`chattr +i`: even root cannot write there), a port someone else
+//! took, a server added by hand through the runtime API, a Data Plane API that goes down.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Backends on loopback.
+struct Apps {
+    shop: Server,
+    blog: Server,
+}
+
+impl Apps {
+    fn new() -> Apps {
+        Apps {
+            shop: http_backend("shop"),
+            blog: http_backend("blog"),
+        }
+    }
+}
+
+/// A state: an HTTP listener on `port`, agent `a1` (127.0.0.1) with the pooled apps shop and
+/// blog, `domains` as (host, backend), `extra` YAML lines appended to `listeners:`, and the
+/// site's target (its `haproxy_bin` when given; started by lunafront when `spawn`).
+fn state(
+    site: &Site,
+    port: u16,
+    apps: &Apps,
+    domains: &[(&str, &str)],
+    extra: &str,
+    haproxy_bin: Option<&Path>,
+    spawn: bool,
+) -> String {
+    let mut s = format!(
+        "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\n{extra}agents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {} }} ] }}\n  blog: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n",
+        apps.shop.port, apps.blog.port
+    );
+    for (host, backend) in domains {
+        s.push_str(&format!("  {host}: {{ backend: {backend} }}\n"));
+    }
+    let mut target = site.target_block(spawn);
+    if let Some(bin) = haproxy_bin {
+        target = target.replace(
+            "type: haproxy,",
+            &format!("type: haproxy, haproxy_bin: {},", bin.display()),
+        );
+    }
+    s.push_str(&target);
+    s
+}
+
+/// An `haproxy` executable that runs `on_check` (shell) instead of the plain check when
+/// lunafront runs `haproxy -c ...` while the fault is armed (`armed` exists); every other
+/// use (starting, the master re-executing itself on reload) is the real HAProxy's.
+struct FaultyHaproxy {
+    bin: PathBuf,
+    armed: PathBuf,
+}
+
+impl FaultyHaproxy {
+    fn new(dir: &Path, on_check: &str) -> FaultyHaproxy {
+        let bin = dir.join("faulty-haproxy");
+        let armed = dir.join("fault-armed");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\n# haproxy with a fault injected into `haproxy -c` while {armed} exists\nif [ \"$1\" = \"-c\" ] && [ -e {armed} ]; then\n{on_check}\nfi\nexec {real} \"$@\"\n",
+                armed = armed.display(),
+                real = haproxy_bin(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        FaultyHaproxy { bin, armed }
+    }
+
+    fn arm(&self) {
+        std::fs::write(&self.armed, "").unwrap();
+    }
+
+    fn disarm(&self) {
+        let _ = std::fs::remove_file(&self.armed);
+    }
+}
+
+/// `chattr +i`: nothing can be created, removed or renamed in the folder (not even by root)
+/// until the guard is dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(path: &Path) -> Immutable {
+        chattr("+i", path);
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
+fn chattr(flag: &str, path: &Path) {
+    let out = Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .output()
+        .expect("chattr (e2fsprogs) runs");
+    assert!(
+        out.status.success(),
+        "chattr {flag} {}: {} (these tests run as root on a file system with attributes, as CI does)",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `show proc` says changed between two readings: (reloads, failed reloads).
+fn proc_counters(site: &Site) -> (u32, u32) {
+    let proc = site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .expect("master answers");
+    (proc.reloads, proc.failed)
+}
+
+fn serves(port: u16, host: &str, backend: &str) -> bool {
+    http_get(port, host, "/").is_ok_and(|(status, body)| {
+        status == 200 && body.starts_with(&format!("backend={backend} "))
+    })
+}
+
+/// Moves the master socket away (as a `/run` cleanup would) until dropped.
+struct HiddenSocket {
+    path: PathBuf,
+    hidden: PathBuf,
+}
+
+impl HiddenSocket {
+    fn shell(path: &Path) -> String {
+        format!("mv {} {}.hidden", path.display(), path.display())
+    }
+
+    fn guard(path: &Path) -> HiddenSocket {
+        HiddenSocket {
+            path: path.to_path_buf(),
+            hidden: PathBuf::from(format!("{}.hidden", path.display())),
+        }
+    }
+}
+
+impl Drop for HiddenSocket {
+    fn drop(&mut self) {
+        if self.hidden.exists() {
+            let _ = std::fs::rename(&self.hidden, &self.path);
+        }
+    }
+}
+
+// ---- The apply path ----
+
+#[test]
+fn haproxy_c_refusing_after_runtime_commands_went_live_puts_haproxy_back_on_its_files() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        "echo '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+    );
+    let bin = Some(faulty.bin.as_path());
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        bin,
+        true,
+    ));
+    site.apply();
+    let before = site.live_files();
+    let counters = proc_counters(&site);
+
+    // A new domain: a runtime change, live at once, while `haproxy -c` refuses the files.
+    faulty.arm();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        bin,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("HAProxy refused the new configuration (haproxy -c); nothing was changed")
+            && stderr.contains("(injected) the configuration is refused"),
+        "{stderr}"
+    );
+    // The files were never replaced, and HAProxy was reloaded on them once: the runtime change
+    // is gone again.
+    assert_eq!(site.live_files(), before);
+    assert_eq!(proc_counters(&site), (counters.0 + 1, counters.1));
+    assert_eq!(http_get(port, "blog.example.com", "/").unwrap().0, 404);
+    assert!(serves(port, "shop.example.com", "shop"));
+    let (code, history, _) = site.lunafront(&["history", "state.yaml"]);
+    assert_eq!((code, history.lines().count()), (0, 2), "{history}");
+}
+
+#[test]
+fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let master = site.path().join("state/master.sock");
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        &format!(
+            "{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+            HiddenSocket::shell(&master)
+        ),
+    );
+    let bin = Some(faulty.bin.as_path());
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        bin,
+        true,
+    ));
+    site.apply();
+    let before = site.live_files();
+
+    faulty.arm();
+    let _hidden = HiddenSocket::guard(&master);
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        bin,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("haproxy -c refused the new files")
+            && stderr.contains("the master CLI is unreachable")
+            && stderr.contains("HAProxy needs attention"),
+        "{stderr}"
+    );
+    // The refused files never reached the disk.
+    assert_eq!(site.live_files(), before);
+}
+
+#[test]
+fn a_runtime_command_that_fails_falls_back_to_a_reload() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        None,
+        true,
+    ));
+    site.apply();
+    let (reloads, workers) = site.generation();
+
+    // Someone already added the server the next apply adds, by hand, at another address: the
+    // apply's `add server` is refused, and a reload brings HAProxy to the files instead.
+    let fresh = http_backend("fresh");
+    site.runtime()
+        .run(
+            "add server agent:a1/fresh 127.0.0.1:9",
+            lunafront::target::haproxy::socket::Expect::Prefix("New server registered"),
+        )
+        .unwrap();
+    let yaml = state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("fresh.example.com", "fresh")],
+        "",
+        None,
+        true,
+    )
+    .replace(
+        "domains:\n",
+        &format!(
+            "  fresh: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n",
+            fresh.port
+        ),
+    );
+    site.write_state(&yaml);
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("the runtime change did not go through")
+            && stdout.contains("reloaded instead"),
+        "{stdout}"
+    );
+    let (reloads_after, workers_after) = site.generation();
+    assert_eq!(reloads_after, reloads + 1, "exactly one reload");
+    assert!(workers_after.iter().all(|w| !workers.contains(w)));
+    assert!(serves(port, "fresh.example.com", "fresh"));
+    assert!(serves(port, "shop.example.com", "shop"));
+    let (code, plan, _) = site.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 0, "{plan}");
+}
+
+#[test]
+fn a_file_swap_that_fails_is_rolled_back_with_exit_3() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        None,
+        true,
+    ));
+    site.apply();
+    let before = site.live_files();
+    let (reloads, _) = site.generation();
+
+    // A new listener with a domain of its own (a reload): the swap must create its map in a
+    // folder nothing can be written to.
+    let alt = free_port();
+    let _maps = Immutable::new(&site.path().join("live/maps"));
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[
+            ("shop.example.com", "shop"),
+            ("alt.example.com", "blog, listener: alt"),
+        ],
+        &format!("  alt: {{ bind: \"127.0.0.1:{alt}\" }}\n"),
+        None,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("writing the files")
+            && stderr.contains("listener-alt.map")
+            && stderr.contains("the previous configuration was put back and HAProxy runs it again"),
+        "{stderr}"
+    );
+    assert_eq!(site.live_files(), before, "the files were not put back");
+    assert_eq!(
+        site.generation().0,
+        reloads + 1,
+        "HAProxy was not reloaded on them"
+    );
+    assert!(serves(port, "shop.example.com", "shop"));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", alt)).is_err());
+}
+
+#[test]
+fn files_that_cannot_be_restored_after_a_failed_swap_are_exit_4() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        None,
+        true,
+    ));
+    site.apply();
+    let before = site.live_files();
+    let counters = proc_counters(&site);
+
+    // A new listener (a reload) and a new domain in hosts.map, in a folder nothing can be
+    // written to: the swap fails there, and putting the old hosts.map back fails the same way.
+    let _maps = Immutable::new(&site.path().join("live/maps"));
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        &format!("  alt: {{ bind: \"127.0.0.1:{}\" }}\n", free_port()),
+        None,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("writing the files")
+            && stderr.contains("restoring the files")
+            && stderr.contains("hosts.map"),
+        "{stderr}"
+    );
+    // What was written before the failure was put back; HAProxy never saw the new files.
+    assert_eq!(site.live_files(), before);
+    assert_eq!(proc_counters(&site), counters);
+    assert!(serves(port, "shop.example.com", "shop"));
+}
+
+#[test]
+fn a_reload_that_fails_and_whose_rollback_reload_fails_too_is_exit_4() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    // A backend verified against a CA file; removed right after `haproxy -c` accepted the
+    // files (a package upgrade, a cleanup), every reload from then on fails.
+    let ca = TestCa::new();
+    let ca_file = write(site.path(), "ca/ca.pem", &ca.cert_pem);
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        &format!(
+            "{} \"$@\" || exit $?\nrm -f {}\nexit 0",
+            haproxy_bin(),
+            ca_file.display()
+        ),
+    );
+    let bin = Some(faulty.bin.as_path());
+    let with_tls = |yaml: String| {
+        yaml.replace(
+            "  blog: { servers:",
+            &format!(
+                "  blog: {{ tls: {{ verify: true, ca_file: {} }}, servers:",
+                ca_file.display()
+            ),
+        )
+    };
+    let domains = [("shop.example.com", "shop"), ("blog.example.com", "blog")];
+    site.write_state(&with_tls(state(
+        &site, port, &apps, &domains, "", bin, true,
+    )));
+    site.apply();
+    let before = site.live_files();
+    let (reloads, failed) = proc_counters(&site);
+
+    faulty.arm();
+    // A global setting: a reload.
+    site.write_state(
+        &with_tls(state(&site, port, &apps, &domains, "", bin, true))
+            .replace("targets:", "global:\n  timeouts: { tunnel: 2h }\ntargets:"),
+    );
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr
+            .matches("HAProxy refused the new configuration on reload")
+            .count()
+            == 2
+            && stderr.contains("HAProxy needs attention"),
+        "{stderr}"
+    );
+    assert_eq!(site.live_files(), before, "the previous files are not back");
+    // Two reloads tried, both failed; the workers that ran before still serve.
+    let (reloads_after, failed_after) = proc_counters(&site);
+    assert_eq!(
+        failed_after,
+        failed + 2,
+        "reloads {reloads} -> {reloads_after}"
+    );
+    assert!(serves(port, "shop.example.com", "shop"));
+}
+
+#[test]
+fn haproxy_that_cannot_start_again_after_a_failed_start_is_exit_4() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let domains = [("shop.example.com", "shop")];
+    site.write_state(&state(&site, port, &apps, &domains, "", None, true));
+    site.apply();
+    site.stop_haproxy();
+    let before = site.live_files();
+
+    // HAProxy is down and someone took its port: starting on the new files fails, and
+    // starting again on the previous ones fails the same way.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        None,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.matches("HAProxy did not start").count() == 2
+            && stderr.contains("HAProxy needs attention"),
+        "{stderr}"
+    );
+    assert_eq!(site.live_files(), before);
+    assert!(site.master().show_proc(Duration::from_millis(200)).is_err());
+    drop(taken);
+}
+
+#[test]
+fn a_master_that_disappears_during_an_apply_is_exit_4() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let master = site.path().join("state/master.sock");
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        &format!(
+            "{} \"$@\" || exit $?\n{}\nexit 0",
+            haproxy_bin(),
+            HiddenSocket::shell(&master)
+        ),
+    );
+    let bin = Some(faulty.bin.as_path());
+    // An operator's HAProxy (not started by lunafront).
+    let domains = [("shop.example.com", "shop")];
+    std::fs::create_dir_all(site.path().join("state")).unwrap();
+    site.write_state(&state(&site, port, &apps, &domains, "", bin, false));
+    assert_eq!(
+        site.lunafront(&["render", "state.yaml", "--out", "live"]).0,
+        0
+    );
+    let _haproxy = Haproxy::start(&site.path().join("live/haproxy.cfg"), &master, &[port]);
+    site.apply();
+    let before = site.live_files();
+
+    // A reload is needed; the master socket is gone by the time it is asked for.
+    faulty.arm();
+    let _hidden = HiddenSocket::guard(&master);
+    site.write_state(
+        &state(&site, port, &apps, &domains, "", bin, false)
+            .replace("targets:", "global:\n  timeouts: { tunnel: 2h }\ntargets:"),
+    );
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 4, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("the master CLI is unreachable")
+            && stderr.contains("HAProxy is not running")
+            && stderr.contains("HAProxy needs attention"),
+        "{stderr}"
+    );
+    assert_eq!(site.live_files(), before, "the previous files are not back");
+    assert!(serves(port, "shop.example.com", "shop"));
+}
+
+#[test]
+fn a_data_plane_api_that_goes_down_during_an_apply_is_exit_4() {
+    use support::dpapi::{DataplaneApi, Faults};
+    let api_dir = TempDir::new().unwrap();
+    let work = TempDir::new().unwrap();
+    let port = free_port();
+    let api = DataplaneApi::start(api_dir.path(), "pw-0123456789", port);
+    let apps = Apps::new();
+    let write_state = |extra: &str| {
+        std::fs::write(
+            work.path().join("state.yaml"),
+            format!(
+                "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\n{extra}agents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n  shop.example.com: {{ backend: shop }}\ntargets:\n  edge: {{ type: dataplane, url: \"{}\", username: admin, password_env: DPAPI_PASSWORD, timeout: 5s, maps_dir: {d}/maps, runtime_socket: {d}/admin.sock, state_dir: {d}/lunafront }}\n",
+                apps.shop.port,
+                api.url(),
+                d = api.dir.display()
+            ),
+        )
+        .unwrap();
+    };
+    let apply = || {
+        let out = lunafront()
+            .args(["apply", "state.yaml", "--auto-approve"])
+            .current_dir(work.path())
+            .env("DPAPI_PASSWORD", "pw-0123456789")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    write_state("");
+    assert_eq!(apply().0, 0);
+    let before = api.config_file();
+
+    // The push is answered 500, and the API stays down while lunafront reads what it holds
+    // to put the previous configuration back.
+    api.set_faults(Faults {
+        push_errors: 1,
+        then_errors: 100,
+        ..Faults::default()
+    });
+    write_state(&format!(
+        "  alt: {{ bind: \"127.0.0.1:{}\" }}\n",
+        free_port()
+    ));
+    let (code, stderr) = apply();
+    assert_eq!(code, 4, "{stderr}");
+    assert!(
+        stderr.contains("target edge: the apply failed")
+            && stderr.contains("pushing the configuration: the Data Plane API answered 500")
+            && stderr.contains("putting the previous configuration back failed too")
+            && stderr.contains("reading the configuration"),
+        "{stderr}"
+    );
+    // The failed push changed nothing that HAProxy runs.
+    assert_eq!(api.config_file(), before);
+    api.set_faults(Faults::default());
+    assert!(serves(port, "shop.example.com", "shop"));
+}
+
+// ---- The daemon ----
+
+#[test]
+fn the_supervisor_restarts_a_dead_haproxy_backing_off_while_it_cannot_start() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        "echo '[ALERT] (injected) cannot start' >&2; exit 1",
+    );
+    let bin = Some(faulty.bin.as_path());
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        bin,
+        true,
+    ));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    assert!(serves(port, "shop.example.com", "shop"));
+
+    // HAProxy dies (SIGKILL to its master), and cannot start for a while: each attempt fails
+    // at `haproxy -c`, and the supervisor waits longer after each.
+    faulty.arm();
+    // (Counted from here: when the supervisor looks between the first reconcile writing the
+    // files and starting HAProxy, it starts HAProxy itself and counts a restart.)
+    let restarted = || daemon.log_text().matches("HAProxy restarted").count();
+    let restarts = restarted();
+    let master = site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .unwrap()
+        .master_pid;
+    kill(master);
+    let failed_attempts = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("HAProxy restart failed"))
+            .map(timestamp)
+            .collect::<Vec<f64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failed_attempts(&daemon.log_text()).len() < 3 {
+        assert!(Instant::now() < deadline, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.wait_for(
+        "/health",
+        503,
+        "runtime API does not answer",
+        Duration::from_secs(5),
+    );
+    // The pauses between attempts grow: 0.5 s, then 1 s at least (lower bounds read from the
+    // daemon's own clock, which a loaded machine can only make longer).
+    let times = failed_attempts(&daemon.log_text());
+    for (i, minimum) in [0.5, 1.0].iter().enumerate() {
+        let gap = times[i + 1] - times[i];
+        assert!(
+            gap >= *minimum,
+            "attempt {}: {gap:.3}s after the previous one: {times:?}",
+            i + 2
+        );
+    }
+
+    // Once it can start, it is back, and restarted once.
+    faulty.disarm();
+    wait_until(Duration::from_secs(30), || {
+        serves(port, "shop.example.com", "shop")
+    });
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), || restarted() > restarts);
+    assert_eq!(restarted(), restarts + 1, "{}", daemon.log_text());
+}
+
+#[test]
+fn health_is_503_after_a_rolled_back_apply_and_200_once_fixed() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let domains = [("shop.example.com", "shop")];
+    site.write_state(&state(&site, port, &apps, &domains, "", None, true));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+
+    // A listener on a port someone else holds: `haproxy -c` passes, the reload fails, the
+    // previous configuration is put back.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "blog")],
+        &format!("  busy: {{ bind: \"127.0.0.1:{busy}\" }}\n"),
+        None,
+        true,
+    ));
+    let body = daemon.wait_for("/health", 503, "rolled_back", Duration::from_secs(20));
+    assert!(
+        body.contains("the previous configuration was put back"),
+        "{body}"
+    );
+    let (_, status) = daemon.get("/status");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["last_error"]["result"], "rolled_back", "{status}");
+    assert_eq!(status["haproxy"]["running"], true, "{status}");
+    daemon.wait_for(
+        "/metrics",
+        200,
+        "lunafront_reconciles_total{result=\"rolled_back\"} 1\n",
+        Duration::from_secs(5),
+    );
+    // HAProxy still runs what it ran.
+    assert!(serves(port, "shop.example.com", "shop"));
+
+    drop(taken);
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "blog")],
+        "",
+        None,
+        true,
+    ));
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    assert!(serves(port, "shop.example.com", "blog"));
+}
+
+#[test]
+fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    // A backend verified against a CA file: without the file, no reload can succeed.
+    let ca = TestCa::new();
+    let ca_file = write(site.path(), "ca/ca.pem", &ca.cert_pem);
+    let yaml = state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        None,
+        true,
+    )
+    .replace(
+        "  blog: { servers:",
+        &format!(
+            "  blog: {{ tls: {{ verify: true, ca_file: {} }}, servers:",
+            ca_file.display()
+        ),
+    );
+    site.write_state(&yaml);
+    let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    // A pooled app's server: weight 0 (`use-server` picks it, balancing never does).
+    let weight = || {
+        lunafront::target::haproxy::read_servers(&site.runtime(), "agent:a1")
+            .unwrap()
+            .get("shop")
+            .map(|s| s.weight)
+    };
+    assert_eq!(weight(), Some(0));
+
+    // Someone changes a server by hand (drift a reload puts back), and the CA file is gone.
+    std::fs::remove_file(&ca_file).unwrap();
+    site.runtime()
+        .run(
+            "set server agent:a1/shop weight 7",
+            lunafront::target::haproxy::socket::Expect::Empty,
+        )
+        .unwrap();
+    let body = daemon.wait_for(
+        "/health",
+        503,
+        "checking runtime drift",
+        Duration::from_secs(20),
+    );
+    assert!(
+        body.contains("HAProxy refused the new configuration on reload"),
+        "{body}"
+    );
+    let (_, metrics) = daemon.get("/metrics");
+    assert!(
+        metrics.contains("lunafront_drift_corrections_total 0\n"),
+        "{metrics}"
+    );
+    assert!(serves(port, "shop.example.com", "shop"));
+    assert_eq!(weight(), Some(7), "the drift is still there");
+
+    // The file is back: the next check puts the drift back, counted once.
+    write(site.path(), "ca/ca.pem", &ca.cert_pem);
+    daemon.wait_for(
+        "/metrics",
+        200,
+        "lunafront_drift_corrections_total 1\n",
+        Duration::from_secs(20),
+    );
+    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    assert_eq!(weight(), Some(0));
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) on the HAProxy master this test's daemon started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Waits for `condition`, failing after `timeout`.
+fn wait_until(timeout: Duration, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Seconds of the day of a log line's RFC 3339 timestamp (`2026-12-01T08:30:01.425447Z …`).
+fn timestamp(line: &str) -> f64 {
+    let time = line
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.split('T').nth(1))
+        .unwrap_or_else(|| panic!("no timestamp in {line:?}"))
+        .trim_end_matches('Z');
+    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
