@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod reconcile;
 pub mod supervise;
 pub mod watch;
