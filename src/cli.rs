@@ -29,7 +29,7 @@ pub enum LogFormat {
 /// What `lunafront generate` writes (for packagers).
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum Generated {
-    /// The man page (roff), lunafront.1.
+    /// The man pages (roff): lunafront.1 and lunafront-COMMAND.1, into --out DIR.
     Man,
     CompleteBash,
     CompleteZsh,
@@ -219,6 +219,9 @@ pub enum Command {
     Generate {
         #[arg(value_enum)]
         what: Generated,
+        /// For `man`: the folder to write lunafront.1 and a page per command into.
+        #[arg(long, value_name = "DIR", required_if_eq("what", "man"))]
+        out: Option<PathBuf>,
     },
     /// Run demo HTTP apps (NAME=ADDRESS:PORT ...) standing in for an agent, for the quickstart.
     DemoBackends {

@@ -154,7 +154,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Import { config, out, json } => cmd::import::run(config, out.as_deref(), *json),
-        Command::Generate { what } => cmd::generate::run(*what),
+        Command::Generate { what, out } => cmd::generate::run(*what, out.as_deref()),
     }
 }
 
