@@ -40,7 +40,7 @@ pub fn run(o: Options<'_>) -> ExitCode {
         && let Some(model) = &validation.model
     {
         diagnostics.extend(certs::check(model, lunafront::clock::unix_now() as i64));
-        match haproxy_check(model, o.target) {
+        match haproxy_check(model, &source, o.target) {
             Ok(found) => {
                 haproxy_checked = Some(found.is_empty());
                 diagnostics.extend(found);
@@ -111,7 +111,11 @@ fn print_json(
 /// Renders the model into a private temporary folder and runs `haproxy -c` on it (from `/`,
 /// as an apply does). HAProxy's complaints become diagnostics; an `Err` means the check could
 /// not run at all.
-fn haproxy_check(model: &Model, target_name: Option<&str>) -> Result<Vec<Diagnostic>, String> {
+fn haproxy_check(
+    model: &Model,
+    source: &load::Source,
+    target_name: Option<&str>,
+) -> Result<Vec<Diagnostic>, String> {
     let chosen = match target_name {
         Some(_) => Some(
             target::select(model, target_name)
@@ -133,20 +137,105 @@ fn haproxy_check(model: &Model, target_name: Option<&str>) -> Result<Vec<Diagnos
         files::write_files(&dir, &new, &Default::default(), &options.config_name)
             .map_err(|e| e.to_string())?;
         let config = dir.join(&options.config_name);
-        Ok(match haproxy::process::check_config(&haproxy_bin, &config) {
-            Ok(()) => Vec::new(),
-            Err(message) if message.starts_with("cannot run") => return Err(message),
-            Err(message) => vec![
-                Diagnostic::error(
-                    "haproxy-check",
-                    format!("HAProxy refuses the rendered configuration:\n{message}"),
-                )
-                .hint("the messages name lines of the rendering: `lunafront render --out DIR` writes it"),
-            ],
-        })
+        Ok(
+            match haproxy::process::check_config(&haproxy_bin, &config) {
+                Ok(()) => Vec::new(),
+                Err(message) if message.starts_with("cannot run") => return Err(message),
+                Err(message) => locate_refusals(&message, &rendered.config, model, source),
+            },
+        )
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Turns `haproxy -c`'s alerts into diagnostics. An alert about a line that came from an
+/// `extra:` entry points at that entry in the state (file:line:col); the others are reported
+/// together, naming lines of the rendering.
+fn locate_refusals(
+    message: &str,
+    config: &str,
+    model: &Model,
+    source: &load::Source,
+) -> Vec<Diagnostic> {
+    let rendered: Vec<&str> = config.lines().collect();
+    let mut out = Vec::new();
+    let mut unplaced = Vec::new();
+    for alert in message.lines() {
+        let line_no = alert
+            .split_once(".cfg:")
+            .and_then(|(_, rest)| rest.split(']').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let text = line_no
+            .and_then(|n| rendered.get(n.wrapping_sub(1)))
+            .map(|l| l.trim());
+        let extra = text.and_then(|text| {
+            let listeners = model
+                .listeners
+                .iter()
+                .map(|(n, l)| ("listeners", "listener", n, &l.extra));
+            let backends = model
+                .backends
+                .iter()
+                .map(|(n, b)| ("backends", "backend", n, &b.extra));
+            listeners
+                .chain(backends)
+                .find_map(|(section, kind, name, extra)| {
+                    extra
+                        .iter()
+                        .position(|l| l.trim() == text)
+                        .map(|i| (section, kind, name, i))
+                })
+        });
+        match extra {
+            Some((section, kind, name, i)) => {
+                let pointer = format!(
+                    "/{section}/{}/extra/{i}",
+                    lunafront::spec::spans::escape_pointer_token(name)
+                );
+                let said = alert.rsplit(" : ").next().unwrap_or(alert).trim();
+                // Drop the temporary file's name: the diagnostic points at the state.
+                let said = said
+                    .split_once("]: ")
+                    .filter(|(head, _)| head.starts_with("parsing ["))
+                    .map_or(said, |(_, rest)| rest);
+                out.push(
+                    Diagnostic::error(
+                        "haproxy-check",
+                        format!(
+                            "HAProxy refuses extra line {} of {kind} `{name}`: {said}",
+                            i + 1
+                        ),
+                    )
+                    .hint("fix or remove the line: it is written as is into the configuration")
+                    .at(source.locate(&pointer, false))
+                    .pointer(pointer),
+                );
+            }
+            // Alerts naming no line ("Fatal errors found in configuration.") only sum up.
+            None if line_no.is_some() => unplaced.push(alert),
+            None => {}
+        }
+    }
+    if !unplaced.is_empty() || out.is_empty() {
+        out.push(
+            Diagnostic::error(
+                "haproxy-check",
+                format!(
+                    "HAProxy refuses the rendered configuration:\n{}",
+                    if unplaced.is_empty() {
+                        message.to_string()
+                    } else {
+                        unplaced.join("\n")
+                    }
+                ),
+            )
+            .hint(
+                "the messages name lines of the rendering: `lunafront render --out DIR` writes it",
+            ),
+        );
+    }
+    out
 }
 
 fn private_temp_dir() -> Result<PathBuf, String> {

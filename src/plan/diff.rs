@@ -79,6 +79,10 @@ pub struct Change {
     pub after: Option<Value>,
     pub mode: Mode,
     pub reason: String,
+    /// The change is to raw HAProxy lines (`extra:`), which lunafront passes through
+    /// unchecked: plans mark it for review.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 impl Change {
@@ -98,6 +102,7 @@ impl Change {
             after: None,
             mode,
             reason: reason.into(),
+            raw: false,
         }
     }
 
@@ -204,6 +209,12 @@ fn global_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     };
     let show = |m: Option<u32>| m.map(|m| m.to_string()).unwrap_or_else(|| "auto".into());
     field("maxconn", show(o.maxconn), show(n.maxconn));
+    let stats = |b: &Option<crate::model::names::Bind>| {
+        b.as_ref()
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "none".into())
+    };
+    field("stats", stats(&o.stats), stats(&n.stats));
     field(
         "hard_stop_after",
         o.hard_stop_after.to_string(),
@@ -253,7 +264,51 @@ fn describe_listener(l: &Listener) -> String {
     }
 }
 
+/// A change of an entry's raw `extra:` lines (created and deleted entries included): always a
+/// reload, and marked raw.
+fn extra_change(
+    kind: Kind,
+    name: &str,
+    old: Option<&[String]>,
+    new: Option<&[String]>,
+) -> Option<Change> {
+    let (before, after) = (old.unwrap_or_default(), new.unwrap_or_default());
+    if before == after {
+        return None;
+    }
+    let action = match (old, new) {
+        (None, _) => Action::Create,
+        (_, None) => Action::Delete,
+        _ => Action::Update,
+    };
+    let mut change = Change::new(
+        action,
+        kind,
+        name,
+        Mode::Reload,
+        "raw HAProxy lines change with a reload; lunafront passes them through unchecked (haproxy -c still checks them)",
+    )
+    .detail(format!(
+        ": extra: {} raw line(s) → {}",
+        before.len(),
+        after.len()
+    ))
+    .values(Some(json!({ "extra": before })), Some(json!({ "extra": after })));
+    change.raw = true;
+    Some(change)
+}
+
 fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let names: std::collections::BTreeSet<&String> =
+        old.listeners.keys().chain(new.listeners.keys()).collect();
+    for name in names {
+        out.extend(extra_change(
+            Kind::Listener,
+            name,
+            old.listeners.get(name).map(|l| l.extra.as_slice()),
+            new.listeners.get(name).map(|l| l.extra.as_slice()),
+        ));
+    }
     let d = diff_maps(&old.listeners, &new.listeners);
     for (name, l) in d.added {
         out.push(
@@ -438,6 +493,16 @@ fn describe_backend(b: &Backend) -> String {
 }
 
 fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let names: std::collections::BTreeSet<&String> =
+        old.backends.keys().chain(new.backends.keys()).collect();
+    for name in names {
+        out.extend(extra_change(
+            Kind::Backend,
+            name,
+            old.backends.get(name).map(|b| b.extra.as_slice()),
+            new.backends.get(name).map(|b| b.extra.as_slice()),
+        ));
+    }
     let d = diff_maps(&old.backends, &new.backends);
     for (name, b) in d.added {
         let (mode, reason) = match layout::pooled_agent(b) {
@@ -490,7 +555,9 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
 }
 
 fn dedicated_reason(b: &Backend, base: &str) -> String {
-    let why = if b.servers.len() > 1 {
+    let why = if !b.extra.is_empty() {
+        "it has raw `extra:` lines"
+    } else if b.servers.len() > 1 {
         "it has several servers"
     } else if matches!(
         b.servers.first().map(|s| &s.target),

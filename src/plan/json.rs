@@ -17,6 +17,9 @@ struct JsonChange<'a> {
     note: Option<&'a str>,
     mode: Mode,
     reason: &'a str,
+    /// A change of raw HAProxy lines (`extra:`), passed through unchecked.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw: bool,
 }
 
 impl<'a> JsonChange<'a> {
@@ -32,6 +35,7 @@ impl<'a> JsonChange<'a> {
                 .then(|| c.detail.trim_start_matches([':', ' ', '→'])),
             mode: c.mode,
             reason: &c.reason,
+            raw: c.raw,
         }
     }
 }

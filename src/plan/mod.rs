@@ -134,6 +134,7 @@ pub fn plan_files(
             after: None,
             mode: Mode::Reload,
             reason: "the configuration differs beyond what the runtime API can change".into(),
+            raw: false,
         });
     }
     Plan {
@@ -227,6 +228,7 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
                 "drift in maps and certificates is corrected through the runtime API".into()
             }
         },
+        raw: false,
     }
 }
 
