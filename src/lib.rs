@@ -8,6 +8,7 @@
 pub mod api;
 pub mod clock;
 pub mod daemon;
+pub mod import;
 pub mod model;
 pub mod plan;
 pub mod render;
