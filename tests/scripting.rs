@@ -305,7 +305,7 @@ fn validate_check_parses_certificates_matches_keys_and_warns_before_expiry() {
             )
         })
         .collect();
-    let key_line = format!("{other}").lines().count() as u64 + 1;
+    let key_line = other.lines().count() as u64 + 1;
     for expected in [
         (
             "certificate-key-mismatch".to_string(),
