@@ -4,7 +4,7 @@
 //! Exit 0 applied or nothing to do, 1 error or refused, 3 failed and rolled back, 4 failed and
 //! the rollback failed too.
 
-use super::{exit, load_model, stdout_color};
+use super::{exit, stdout_color};
 use crate::cli::ColorChoice;
 use lunafront::clock;
 use lunafront::model::Target;
@@ -23,6 +23,8 @@ pub struct Options<'a> {
     pub saved: Option<&'a Path>,
     pub parallel: usize,
     pub color: ColorChoice,
+    /// One JSON document on stdout (the plans and each target's result) instead of text.
+    pub json: bool,
 }
 
 /// One target's part of an apply.
@@ -40,36 +42,158 @@ pub fn run(o: Options<'_>) -> ExitCode {
             Ok(p) => (vec![p], None),
             Err(code) => return code,
         },
-        None => match from_state(o.state, o.targets, o.color) {
+        None => match from_state(o.state, o.targets, o.color, o.json) {
             Ok(p) => p,
             Err(code) => return code,
         },
     };
-    for p in &prepared {
-        print!("{}", text::render(&p.plan, stdout_color(o.color)));
+    if !o.json {
+        for p in &prepared {
+            print!("{}", text::render(&p.plan, stdout_color(o.color)));
+        }
     }
     let pending: Vec<&Prepared> = prepared
         .iter()
         .filter(|p| !p.plan.is_empty() || must_start(&p.target))
         .collect();
     if pending.is_empty() {
+        if o.json {
+            let results: Vec<Outcome> = prepared
+                .iter()
+                .map(|_| Outcome::Applied(unchanged()))
+                .collect();
+            print_json(&prepared, &results, revision.as_deref());
+        }
         return ExitCode::from(exit::OK);
     }
     let names: Vec<&str> = pending.iter().map(|p| p.name.as_str()).collect();
-    if !o.auto_approve && !confirm(&names) {
+    if !o.auto_approve && !confirm(&names, o.json) {
+        if o.json {
+            let results: Vec<Outcome> = prepared.iter().map(|_| Outcome::NotStarted).collect();
+            print_json(&prepared, &results, revision.as_deref());
+        }
         return ExitCode::from(exit::ERROR);
     }
     if prepared.len() == 1 {
         let p = &prepared[0];
-        return match apply_one(p, None, o.saved.is_some()) {
+        let result = apply_one(p, None, o.saved.is_some());
+        if o.json {
+            let outcome = match &result {
+                Ok(applied) => Outcome::Applied(applied.clone()),
+                Err(e) => Outcome::Failed(clone_error(e)),
+            };
+            print_json(&prepared, &[outcome], revision.as_deref());
+        }
+        return match result {
             Ok(applied) => {
-                report_applied(&p.name, &applied);
+                if !o.json {
+                    report_applied(&p.name, &applied);
+                }
                 ExitCode::from(exit::OK)
             }
             Err(e) => fail(&e, o.saved.is_some()),
         };
     }
-    rollout(&prepared, revision.unwrap_or_default(), o.parallel.max(1))
+    rollout(
+        &prepared,
+        revision.unwrap_or_default(),
+        o.parallel.max(1),
+        o.json,
+    )
+}
+
+fn unchanged() -> Applied {
+    Applied {
+        how: How::Unchanged,
+        seq: None,
+        notes: Vec::new(),
+    }
+}
+
+/// The error as the JSON document reports it (ApplyError is not Clone: it is rebuilt as the
+/// variant that keeps its message and exit code).
+fn clone_error(e: &ApplyError) -> ApplyError {
+    match e {
+        ApplyError::RolledBack { target, reason } => ApplyError::RolledBack {
+            target: target.clone(),
+            reason: reason.clone(),
+        },
+        ApplyError::RollbackFailed {
+            target,
+            reason,
+            rollback,
+        } => ApplyError::RollbackFailed {
+            target: target.clone(),
+            reason: reason.clone(),
+            rollback: rollback.clone(),
+        },
+        other => ApplyError::Prepare {
+            target: String::new(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// One target's result, as `apply --json` and `rollback --json` report it.
+pub fn result_value(result: &Result<Applied, ApplyError>) -> serde_json::Value {
+    match result {
+        Ok(applied) => applied_value(applied),
+        Err(e) => error_value(e),
+    }
+}
+
+fn applied_value(applied: &Applied) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "result": if applied.how == How::Unchanged { "unchanged" } else { "applied" },
+        "how": applied.how.label(),
+        "history_entry": applied.seq,
+        "notes": applied.notes,
+    });
+    match &applied.how {
+        How::Runtime { commands } => v["commands"] = (*commands).into(),
+        How::Reloaded { worker } | How::Started { worker } => v["worker"] = (*worker).into(),
+        How::RemoteReload { reload_id } => v["reload_id"] = reload_id.clone().into(),
+        How::Unchanged => {}
+    }
+    v
+}
+
+fn error_value(e: &ApplyError) -> serde_json::Value {
+    let result = match e {
+        ApplyError::RolledBack { .. } => "rolled_back",
+        ApplyError::RollbackFailed { .. } => "rollback_failed",
+        _ => "failed",
+    };
+    serde_json::json!({ "result": result, "error": e.to_string(), "exit_code": e.exit_code() })
+}
+
+/// `apply --json`: each target with its plan and what happened to it.
+fn print_json(prepared: &[Prepared], outcomes: &[Outcome], revision: Option<&str>) {
+    let targets: Vec<serde_json::Value> = prepared
+        .iter()
+        .zip(outcomes)
+        .map(|(p, outcome)| {
+            let mut v = match outcome {
+                Outcome::Applied(a) => applied_value(a),
+                Outcome::Failed(e) => error_value(e),
+                Outcome::Unhealthy(e) => serde_json::json!({ "result": "unhealthy", "error": e }),
+                Outcome::NotStarted => serde_json::json!({ "result": "not_applied" }),
+            };
+            v["target"] = p.name.clone().into();
+            v["revision_before"] = p.before.clone().into();
+            v["plan"] = lunafront::plan::json::value(&p.plan);
+            v
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "format_version": "1",
+        "revision": revision,
+        "targets": targets,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&doc).expect("apply serializes")
+    );
 }
 
 /// A spawned HAProxy that is not running must be started even when the files match.
@@ -81,8 +205,9 @@ fn from_state(
     state: &Path,
     names: &[String],
     color: ColorChoice,
+    json: bool,
 ) -> Result<(Vec<Prepared>, Option<String>), ExitCode> {
-    let (model, _) = load_model(state, color)?;
+    let (model, _) = super::load_model_for(state, color, json)?;
     let result = (|| -> anyhow::Result<Vec<Prepared>> {
         let mut out = Vec::new();
         for (name, target) in fleet::resolve(&model, names)? {
@@ -93,6 +218,9 @@ fn from_state(
     match result {
         Ok(p) => Ok((p, Some(fleet::revision_of(model.document_text().json())))),
         Err(e) => {
+            if json {
+                super::print_json_error(&format!("{e:#}; nothing was changed"));
+            }
             eprintln!("error: {e:#}; nothing was changed");
             Err(ExitCode::from(exit::ERROR))
         }
@@ -197,18 +325,26 @@ pub fn fail(e: &ApplyError, saved: bool) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
-pub fn confirm(targets: &[&str]) -> bool {
+/// Asks on the terminal; with `json`, the question goes to stderr so stdout stays one
+/// document.
+pub fn confirm(targets: &[&str], json: bool) -> bool {
     if !std::io::stdin().is_terminal() {
         eprintln!(
             "error: refusing to apply without confirmation: stdin is not a terminal; pass --auto-approve to apply non-interactively"
         );
         return false;
     }
-    print!(
+    let question = format!(
         "\nApply these changes to target(s) {}? Only `yes` is accepted: ",
         targets.join(", ")
     );
-    let _ = std::io::stdout().flush();
+    if json {
+        eprint!("{question}");
+        let _ = std::io::stderr().flush();
+    } else {
+        print!("{question}");
+        let _ = std::io::stdout().flush();
+    }
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     if answer.trim() == "yes" {
@@ -229,24 +365,33 @@ enum Outcome {
 
 /// Canary first (applied, then its health URL must answer 2xx), then the rest `parallel` at
 /// a time; the first failure stops the rollout. Ends with which target holds which revision.
-fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode {
+fn rollout(prepared: &[Prepared], revision: String, parallel: usize, json: bool) -> ExitCode {
     let mut outcomes: Vec<Outcome> = prepared.iter().map(|_| Outcome::NotStarted).collect();
     let canary = &prepared[0];
-    println!(
-        "\nRolling out revision {revision} to {} targets; canary: {}.",
-        prepared.len(),
-        canary.name
-    );
+    let report = |name: &str, applied: &Applied| {
+        if !json {
+            report_applied(name, applied)
+        }
+    };
+    if !json {
+        println!(
+            "\nRolling out revision {revision} to {} targets; canary: {}.",
+            prepared.len(),
+            canary.name
+        );
+    }
     outcomes[0] = match apply_one(canary, None, false) {
         Ok(applied) => {
-            report_applied(&canary.name, &applied);
+            report(&canary.name, &applied);
             match &canary.target.fleet().health_check {
                 Some(check) => match fleet::check_health(check) {
                     Ok(()) => {
-                        println!(
-                            "Canary {} answers its health check ({}).",
-                            canary.name, check.url
-                        );
+                        if !json {
+                            println!(
+                                "Canary {} answers its health check ({}).",
+                                canary.name, check.url
+                            );
+                        }
                         Outcome::Applied(applied)
                     }
                     Err(e) => Outcome::Unhealthy(e),
@@ -275,7 +420,7 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode
         for (i, result) in results {
             outcomes[i] = match result {
                 Ok(applied) => {
-                    report_applied(&prepared[i].name, &applied);
+                    report(&prepared[i].name, &applied);
                     Outcome::Applied(applied)
                 }
                 Err(e) => {
@@ -286,6 +431,19 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode
         }
     }
 
+    let code = outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Unhealthy(_) => exit::ERROR,
+            Outcome::Failed(e) => e.exit_code(),
+            _ => exit::OK,
+        })
+        .max()
+        .unwrap_or(exit::OK);
+    if json {
+        print_json(prepared, &outcomes, Some(&revision));
+        return ExitCode::from(code);
+    }
     println!("\n{:<16} {:<14} revision", "target", "result");
     let mut code = exit::OK;
     for (p, outcome) in prepared.iter().zip(&outcomes) {

@@ -35,7 +35,7 @@ fn select(model: &Model, name: Option<&str>) -> Result<(String, Target), ExitCod
         })
 }
 
-pub fn list(state: &Path, target: Option<&str>) -> ExitCode {
+pub fn list(state: &Path, target: Option<&str>, json: bool) -> ExitCode {
     let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
         Ok(t) => t,
         Err(code) => return code,
@@ -47,6 +47,19 @@ pub fn list(state: &Path, target: Option<&str>) -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    if json {
+        let newest_first: Vec<_> = entries.iter().rev().collect();
+        let doc = serde_json::json!({
+            "format_version": "1",
+            "target": name,
+            "entries": newest_first,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("history serializes")
+        );
+        return ExitCode::from(exit::OK);
+    }
     if entries.is_empty() {
         println!("No applied states recorded for target {name} yet.");
         return ExitCode::from(exit::OK);
@@ -84,6 +97,7 @@ pub fn rollback(
     target: Option<&str>,
     steps: u64,
     auto_approve: bool,
+    json: bool,
     color: ColorChoice,
 ) -> ExitCode {
     let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
@@ -128,19 +142,45 @@ pub fn rollback(
             return ExitCode::from(exit::ERROR);
         }
     };
-    println!(
-        "Rolling target {name} back to entry {} (applied {}).",
-        entry.seq, entry.time
-    );
-    print!("{}", text::render(&plan, stdout_color(color)));
-    if plan.is_empty() {
+    let plan_value = lunafront::plan::json::value(&plan);
+    let target_name = name.clone();
+    let to_json = |result: serde_json::Value| {
+        let mut doc = serde_json::json!({
+            "format_version": "1",
+            "target": target_name,
+            "rollback_to": entry.seq,
+            "plan": plan_value.clone(),
+        });
+        doc.as_object_mut()
+            .expect("object")
+            .extend(result.as_object().cloned().unwrap_or_default());
         println!(
-            "Target {name} already holds entry {}; nothing to do.",
-            entry.seq
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("rollback serializes")
         );
+    };
+    if !json {
+        println!(
+            "Rolling target {name} back to entry {} (applied {}).",
+            entry.seq, entry.time
+        );
+        print!("{}", text::render(&plan, stdout_color(color)));
+    }
+    if plan.is_empty() {
+        if json {
+            to_json(serde_json::json!({ "result": "unchanged" }));
+        } else {
+            println!(
+                "Target {name} already holds entry {}; nothing to do.",
+                entry.seq
+            );
+        }
         return ExitCode::from(exit::OK);
     }
-    if !auto_approve && !super::apply::confirm(&[&name]) {
+    if !auto_approve && !super::apply::confirm(&[&name], json) {
+        if json {
+            to_json(serde_json::json!({ "result": "cancelled" }));
+        }
         return ExitCode::from(exit::ERROR);
     }
     let prepared = super::apply::Prepared {
@@ -149,9 +189,15 @@ pub fn rollback(
         plan,
         before: None,
     };
-    match super::apply::apply_one(&prepared, Some(entry.seq), false) {
+    let result = super::apply::apply_one(&prepared, Some(entry.seq), false);
+    if json {
+        to_json(super::apply::result_value(&result));
+    }
+    match result {
         Ok(applied) => {
-            super::apply::report_applied(&prepared.name, &applied);
+            if !json {
+                super::apply::report_applied(&prepared.name, &applied);
+            }
             ExitCode::from(exit::OK)
         }
         Err(e) => super::apply::fail(&e, false),

@@ -1,5 +1,6 @@
-//! The daemon's HTTP endpoints (I/O edge): `GET /health`, `GET /status`, `GET /metrics`,
-//! `POST /reconcile`. Handlers never touch HAProxy themselves: a reconcile goes through the
+//! The daemon's HTTP endpoints (I/O edge): `GET /health` (liveness: the daemon runs and
+//! HAProxy answers), `GET /ready` (readiness: the last reconcile succeeded too), `GET /status`,
+//! `GET /metrics`, `POST /reconcile`. Handlers never touch HAProxy themselves: a reconcile goes through the
 //! reconcile loop like any other change.
 
 use super::metrics::Metrics;
@@ -42,6 +43,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reconcile", post(reconcile))
@@ -62,13 +64,40 @@ fn haproxy_info(target: &HaproxyTarget) -> serde_json::Value {
     })
 }
 
-async fn health(State(app): State<AppState>) -> Response {
+/// Whether HAProxy's runtime API answers.
+async fn haproxy_answers(app: &AppState) -> bool {
     let target = app.target.clone();
-    let answers = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         RuntimeApi::new(&target.runtime_socket).worker_pid().is_ok()
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or(false)
+}
+
+fn verdict(reasons: Vec<String>, bad: &str) -> Response {
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": bad, "reasons": reasons})),
+        )
+            .into_response()
+    }
+}
+
+/// Liveness: the daemon answers and HAProxy answers. A state that does not validate is not a
+/// reason to restart a daemon that keeps serving the last good one: that is `/ready`'s job.
+async fn health(State(app): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if !haproxy_answers(&app).await {
+        reasons.push("HAProxy's runtime API does not answer".to_string());
+    }
+    verdict(reasons, "unhealthy")
+}
+
+/// Readiness: HAProxy answers and the last reconcile succeeded (it serves the desired state).
+async fn ready(State(app): State<AppState>) -> Response {
     let last = app.status.lock().expect("status").last_reconcile.clone();
     let mut reasons = Vec::new();
     match &last {
@@ -80,18 +109,10 @@ async fn health(State(app): State<AppState>) -> Response {
         )),
         Some(_) => {}
     }
-    if !answers {
+    if !haproxy_answers(&app).await {
         reasons.push("HAProxy's runtime API does not answer".to_string());
     }
-    if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unhealthy", "reasons": reasons})),
-        )
-            .into_response()
-    }
+    verdict(reasons, "not ready")
 }
 
 async fn status(State(app): State<AppState>) -> Response {

@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod reconcile;
 pub mod supervise;
 pub mod watch;
@@ -215,17 +216,14 @@ fn serve(
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        tracing::info!("listening on http://{listen}");
-        eprintln!(
-            "lunafront daemon: listening on http://{listen} (health, status, metrics, reconcile)"
-        );
+        tracing::info!("listening on http://{listen} (health, ready, status, metrics, reconcile)");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let api_task = match api {
             Some((api_listen, api_state)) => {
                 let api_listener = tokio::net::TcpListener::bind(api_listen)
                     .await
                     .map_err(|e| format!("cannot listen on {api_listen}: {e}"))?;
-                eprintln!("lunafront daemon: API on http://{api_listen}");
+                tracing::info!("API on http://{api_listen}");
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(crate::api::serve(
                     api_listener,

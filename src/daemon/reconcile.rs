@@ -152,15 +152,17 @@ impl Reconciler {
             *self.metrics.last_success.lock().expect("metrics") = crate::clock::unix_now();
         }
         match outcome.result {
+            // One event with every diagnostic, so a log pipeline (--log-format json) keeps
+            // them together with the reconcile they belong to.
             "invalid" | "partial" | "failed" | "rolled_back" => {
+                let diagnostics: Vec<String> =
+                    outcome.diagnostics.iter().map(|d| d.to_string()).collect();
                 tracing::error!(
                     result = outcome.result,
+                    diagnostics = %diagnostics.join("\n"),
                     "reconcile: {}",
                     outcome.message.clone().unwrap_or_default()
                 );
-                for d in &outcome.diagnostics {
-                    tracing::error!("{d}");
-                }
             }
             result => tracing::info!(
                 result,
@@ -176,6 +178,8 @@ impl Reconciler {
             status.last_error = Some(outcome.clone());
         }
         status.last_reconcile = Some(outcome.clone());
+        drop(status);
+        super::notify::reconciled(&outcome);
         outcome
     }
 

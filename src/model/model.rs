@@ -85,6 +85,8 @@ impl Model {
 pub struct Listener {
     pub bind: Bind,
     pub kind: ListenerKind,
+    /// Raw HAProxy lines for its frontend (`extra:`), each checked by `names::check_raw_line`.
+    pub extra: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +151,8 @@ pub struct Backend {
     pub balance: Balance,
     /// HTTP or TCP, from the listeners of the domains that use it.
     pub mode: Mode,
+    /// Raw HAProxy lines for its backend section (`extra:`): such a backend is never pooled.
+    pub extra: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +307,8 @@ pub struct Global {
     pub timeouts: Timeouts,
     /// Apply the valid rest of a state when some domains or backends are invalid (daemon).
     pub isolate_invalid: bool,
+    /// Where HAProxy serves its own Prometheus exporter (`/metrics`) and stats page (`/stats`).
+    pub stats: Option<Bind>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -337,6 +343,7 @@ impl Default for Global {
                 check: Duration::from_ms(3_000),
             },
             isolate_invalid: false,
+            stats: None,
         }
     }
 }

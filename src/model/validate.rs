@@ -85,6 +85,14 @@ struct RawListener {
     tls: Option<String>,
 }
 
+/// The `extra:` list of an entry, when it has one.
+#[derive(Deserialize, Default)]
+struct RawExtra {
+    #[serde(default)]
+    extra: Vec<String>,
+    owner: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct RawAgent {
     address: String,
@@ -185,6 +193,12 @@ struct RawGlobal {
     isolate_invalid: bool,
     #[serde(default)]
     timeouts: BTreeMap<String, Value>,
+    stats: Option<RawStats>,
+}
+
+#[derive(Deserialize)]
+struct RawStats {
+    bind: String,
 }
 
 struct Checker<'a> {
@@ -319,6 +333,23 @@ impl<'a> Checker<'a> {
         let targets = self.targets(&listeners, &listener_names);
         let groups = self.groups(&target_names);
         let global = self.global();
+        if let Some(stats) = &global.stats
+            && let Some((name, _)) = listeners.iter().find(|(_, l)| l.bind.conflicts_with(stats))
+        {
+            let note = self.at(&format!("/listeners/{name}/bind"), false);
+            let d = Diagnostic::error(
+                "bind-conflict",
+                format!(
+                    "the stats listener binds {stats}, which listener {} already holds",
+                    quote(name)
+                ),
+            )
+            .hint("give the stats listener its own address:port")
+            .at(self.at("/global/stats/bind", false))
+            .pointer("/global/stats/bind")
+            .note(note, "the listener binds here");
+            self.push(d);
+        }
 
         Some(Model {
             listeners,
@@ -450,7 +481,10 @@ impl<'a> Checker<'a> {
                 }
                 ListenerKind::Http { certificates }
             };
-            out.insert(name.to_string(), Listener { bind, kind });
+            let Some(extra) = self.extra("listener", name, &pointer, value) else {
+                continue;
+            };
+            out.insert(name.to_string(), Listener { bind, kind, extra });
         }
         out
     }
@@ -516,6 +550,47 @@ impl<'a> Checker<'a> {
             }
         }
         ok.then_some(Certificates { dir: path, files })
+    }
+
+    /// An entry's `extra:` lines: each must pass `names::check_raw_line`, and an entry an
+    /// agent owns (written through the API) may not carry any: raw configuration is the
+    /// operator's alone. `None` when a line is refused (each is reported at its place).
+    fn extra(
+        &mut self,
+        kind: &str,
+        name: &str,
+        pointer: &str,
+        value: &Value,
+    ) -> Option<Vec<String>> {
+        let raw = Self::raw::<RawExtra>(value).unwrap_or_default();
+        let mut ok = true;
+        if !raw.extra.is_empty() && raw.owner.as_deref().is_some_and(|o| o != "admin") {
+            self.error(
+                "extra-not-allowed",
+                &format!("{pointer}/extra"),
+                true,
+                format!(
+                    "{kind} {} belongs to agent {}: raw HAProxy lines (`extra:`) are for the operator only",
+                    quote(name),
+                    quote(raw.owner.as_deref().unwrap_or_default())
+                ),
+                "move the lines to an entry the operator owns, or remove `owner:`",
+            );
+            ok = false;
+        }
+        for (i, line) in raw.extra.iter().enumerate() {
+            if let Err(message) = names::check_raw_line(line) {
+                self.error(
+                    "invalid-extra",
+                    &format!("{pointer}/extra/{i}"),
+                    false,
+                    format!("{kind} {} extra line {}: {message}", quote(name), i + 1),
+                    "write one HAProxy directive per list item; `lunafront validate --check` runs `haproxy -c` on it",
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(raw.extra)
     }
 
     fn agents(&mut self) -> BTreeMap<String, Agent> {
@@ -681,10 +756,13 @@ impl<'a> Checker<'a> {
                 Some("source") => Balance::Source,
                 _ => Balance::RoundRobin,
             };
+            let extra = self.extra("backend", name, &pointer, value);
+            ok &= extra.is_some();
             if ok {
                 out.insert(
                     name.to_string(),
                     Backend {
+                        extra: extra.unwrap_or_default(),
                         servers,
                         health_check,
                         tls,
@@ -1434,6 +1512,22 @@ impl<'a> Checker<'a> {
                 defaults.hard_stop_after,
             )
             .unwrap_or(defaults.hard_stop_after);
+        let stats = raw
+            .stats
+            .as_ref()
+            .and_then(|s| match names::parse_bind(&s.bind) {
+                Ok(bind) => Some(bind),
+                Err(message) => {
+                    self.error(
+                        "invalid-bind",
+                        "/global/stats/bind",
+                        false,
+                        format!("stats bind {}: {message}", quote(&s.bind)),
+                        "write `address:port`, such as `127.0.0.1:8404`",
+                    );
+                    None
+                }
+            });
         Global {
             maxconn: raw.maxconn,
             hard_stop_after,
@@ -1447,6 +1541,7 @@ impl<'a> Checker<'a> {
             }),
             timeouts,
             isolate_invalid: raw.isolate_invalid,
+            stats,
         }
     }
 }

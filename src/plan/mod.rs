@@ -130,8 +130,11 @@ pub fn plan_files(
             kind: Kind::Global,
             name: options.config_name.clone(),
             detail: ": the generated configuration changed".into(),
+            before: None,
+            after: None,
             mode: Mode::Reload,
             reason: "the configuration differs beyond what the runtime API can change".into(),
+            raw: false,
         });
     }
     Plan {
@@ -216,6 +219,8 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
         kind: Kind::Global,
         name: name.to_string(),
         detail,
+        before: None,
+        after: None,
         mode,
         reason: match mode {
             Mode::Reload => "drift in the configuration file is corrected with a reload".into(),
@@ -223,6 +228,7 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
                 "drift in maps and certificates is corrected through the runtime API".into()
             }
         },
+        raw: false,
     }
 }
 

@@ -636,9 +636,15 @@ pub struct Daemon {
 impl Daemon {
     /// `lunafront daemon <state> --target local` with `extra` arguments.
     pub fn start(dir: &Path, state: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(dir, state, extra, &[])
+    }
+
+    /// `start`, with environment variables set for the daemon.
+    pub fn start_with_env(dir: &Path, state: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let port = free_port();
         let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).unwrap();
         let child = lunafront()
+            .envs(env.iter().copied())
             .args([
                 "daemon",
                 state,
