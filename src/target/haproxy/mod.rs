@@ -316,13 +316,21 @@ fn rollback(
     }
 }
 
-/// Runs operations through the runtime API; returns how many commands were sent.
+/// Runs operations through the runtime API; returns how many commands were sent. A map
+/// replacement's new version is read back before `commit map`: a version that does not hold
+/// exactly the new entries is never committed (it is cleared, and the apply fails, which makes
+/// it reload instead).
 pub fn execute(api: &RuntimeApi, ops: &[Op]) -> Result<usize, String> {
     let mut sent = 0;
     for op in ops {
         let mut version = String::new();
         for command in op.commands() {
             let text = command.text.replace("@VERSION", &format!("@{version}"));
+            if let Op::MapReplace { map, entries } = op
+                && text.starts_with("commit map ")
+            {
+                check_prepared(api, map, &version, entries)?;
+            }
             let answer = match (op, command.expect) {
                 // A server with connections still attached cannot be deleted yet: they close
                 // once it is in maintenance and no route points to it.
@@ -346,6 +354,32 @@ pub fn execute(api: &RuntimeApi, ops: &[Op]) -> Result<usize, String> {
         }
     }
     Ok(sent)
+}
+
+/// Compares a prepared (uncommitted) map version with the entries it must hold; clears it when
+/// it differs, so that it can never be committed by mistake.
+fn check_prepared(
+    api: &RuntimeApi,
+    map: &str,
+    version: &str,
+    entries: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "map {map}: `prepare map` gave no version number ({version:?}); nothing committed"
+        ));
+    }
+    let prepared = read_map(api, &format!("@{version} {map}")).map_err(|e| e.to_string())?;
+    if prepared == *entries {
+        return Ok(());
+    }
+    let _ = api.run(&format!("clear map @{version} {map}"), Expect::Empty);
+    Err(format!(
+        "map {map}: the prepared version @{version} holds {} entries, {} differing from the {} expected; it was not committed",
+        prepared.len(),
+        differing(&prepared, entries),
+        entries.len()
+    ))
 }
 
 fn run_patiently(
@@ -462,7 +496,7 @@ fn differing(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> usiz
         + b.keys().filter(|k| !a.contains_key(*k)).count()
 }
 
-/// `show map <map>`: `0x55d… key value` per line.
+/// `show map <map>`: `0x55d… key value` per line. `map` may name a version (`@3 maps/x.map`).
 pub fn read_map(api: &RuntimeApi, map: &str) -> Result<BTreeMap<String, String>, SocketError> {
     let text = api.run(&format!("show map {map}"), Expect::Any)?;
     let mut out = BTreeMap::new();
