@@ -34,6 +34,8 @@ pub enum Trigger {
     Timer,
     /// `POST /reconcile` or an API change.
     Request,
+    /// SIGHUP.
+    Signal,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -292,7 +294,10 @@ impl Reconciler {
 
         if plan.is_empty() && running {
             // Nothing to write; someone may still have changed HAProxy through its socket.
-            if matches!(trigger, Trigger::Timer | Trigger::Start | Trigger::Request) {
+            if matches!(
+                trigger,
+                Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Signal
+            ) {
                 match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
                     Ok(Some(what)) => {
                         self.metrics

@@ -77,6 +77,10 @@ pub enum ApplyError {
         "target {target}: HAProxy is not running ({detail}); start it (systemctl start haproxy), or set `spawn: true` to let lunafront run it"
     )]
     NotRunning { target: String, detail: String },
+    #[error(
+        "target {target}: {detail}; nothing was changed (a second HAProxy is never started beside it: if it is stopped or overloaded, try again once it answers)"
+    )]
+    Unresponsive { target: String, detail: String },
     #[error("target {target}: another apply is in progress (lock {lock})")]
     Busy { target: String, lock: PathBuf },
     #[error("target {target}: {detail}; nothing was changed")]

@@ -133,6 +133,14 @@ pub fn apply_with(
         });
     }
     let running = process::running(target);
+    if running.is_none()
+        && let Some(detail) = process::existing_master(target)
+    {
+        return Err(ApplyError::Unresponsive {
+            target: name.to_string(),
+            detail,
+        });
+    }
     if running.is_none() && !target.spawn {
         return Err(ApplyError::NotRunning {
             target: name.to_string(),
