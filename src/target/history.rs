@@ -155,8 +155,10 @@ impl History {
         let mut out = Files::new();
         fn walk(dir: &Path, root: &Path, out: &mut Files) -> std::io::Result<()> {
             for entry in fs::read_dir(dir)? {
-                let path = entry?.path();
-                if path.is_dir() {
+                let entry = entry?;
+                let path = entry.path();
+                // Not through symlinks: an entry holds real folders only.
+                if entry.file_type()?.is_dir() {
                     walk(&path, root, out)?;
                 } else {
                     let rel = path

@@ -94,7 +94,8 @@ pub fn clean_leftovers(dir: &Path) {
                 let _ = fs::remove_dir_all(&path);
             } else if name.contains(".lunafront-tmp-") {
                 let _ = fs::remove_file(&path);
-            } else if path.is_dir() && !name.starts_with('.') {
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) && !name.starts_with('.') {
+                // Not through symlinks: lunafront writes real folders only.
                 walk(&path);
             }
         }
