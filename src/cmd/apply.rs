@@ -32,6 +32,8 @@ pub struct Prepared {
     pub plan: Plan,
     /// The revision the target holds before the apply.
     pub before: Option<String>,
+    /// The git commit the state was read at (recorded with the apply).
+    pub git_commit: Option<String>,
 }
 
 pub fn run(o: Options<'_>) -> ExitCode {
@@ -59,17 +61,21 @@ pub fn run(o: Options<'_>) -> ExitCode {
     if !o.auto_approve && !confirm(&names) {
         return ExitCode::from(exit::ERROR);
     }
-    if prepared.len() == 1 {
+    finish_before_exiting();
+    let code = if prepared.len() == 1 {
         let p = &prepared[0];
-        return match apply_one(p, None, o.saved.is_some()) {
+        match apply_one(p, None, o.saved.is_some()) {
             Ok(applied) => {
                 report_applied(&p.name, &applied);
-                ExitCode::from(exit::OK)
+                ExitCode::from(applied_code(&p.name, &applied))
             }
             Err(e) => fail(&e, o.saved.is_some()),
-        };
-    }
-    rollout(&prepared, revision.unwrap_or_default(), o.parallel.max(1))
+        }
+    } else {
+        rollout(&prepared, revision.unwrap_or_default(), o.parallel.max(1))
+    };
+    report_interrupt();
+    code
 }
 
 /// A spawned HAProxy that is not running must be started even when the files match.
@@ -82,11 +88,16 @@ fn from_state(
     names: &[String],
     color: ColorChoice,
 ) -> Result<(Vec<Prepared>, Option<String>), ExitCode> {
+    let commit_before = git_commit_of(state);
     let (model, _) = load_model(state, color)?;
+    // A checkout that moved while the state was read is no one commit.
+    let git_commit = commit_before.filter(|c| git_commit_of(state).as_ref() == Some(c));
     let result = (|| -> anyhow::Result<Vec<Prepared>> {
         let mut out = Vec::new();
         for (name, target) in fleet::resolve(&model, names)? {
-            out.push(prepare(&model, &name, target)?);
+            let mut p = prepare(&model, &name, target)?;
+            p.git_commit = git_commit.clone();
+            out.push(p);
         }
         Ok(out)
     })();
@@ -97,6 +108,16 @@ fn from_state(
             Err(ExitCode::from(exit::ERROR))
         }
     }
+}
+
+/// The commit checked out where the state is, when it is a git checkout.
+pub fn git_commit_of(state: &Path) -> Option<String> {
+    let dir = if state.is_dir() {
+        state.to_path_buf()
+    } else {
+        state.parent()?.to_path_buf()
+    };
+    lunafront::daemon::reconcile::git_head(&dir)
 }
 
 /// Renders for the target, reads what it holds, and plans.
@@ -112,6 +133,7 @@ pub fn prepare(
         target: target.clone(),
         before: fleet::live_revision(&live),
         plan: plan::make_plan(name, model, &rendered, &live),
+        git_commit: None,
     })
 }
 
@@ -141,6 +163,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         target: saved.target,
         plan,
         before: None,
+        git_commit: None,
     })
 }
 
@@ -158,8 +181,48 @@ pub fn apply_one(
         changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
         rollback_of,
         retry_conflicts: !saved,
+        git_commit: p.git_commit.clone(),
     };
     target::apply(&p.target, &request)
+}
+
+/// From here on, SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) no longer
+/// end the process in the middle of an apply: an apply stops at its point of no return with
+/// nothing changed, or, past it, completes (see `target::interrupt`).
+pub fn finish_before_exiting() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the action only stores to an atomic, which is async-signal-safe.
+        let registered = unsafe { signal_hook_registry::register(signal, target::interrupt) };
+        if let Err(e) = registered {
+            eprintln!(
+                "warning: cannot handle signal {signal}: {e}; an interrupt could stop an apply halfway"
+            );
+        }
+    }
+}
+
+/// Says what an interrupt did, once the applies returned.
+pub fn report_interrupt() {
+    if target::interrupted() {
+        eprintln!(
+            "Interrupted: applies that had not started changing their target stopped with nothing changed; one under way was completed first."
+        );
+    }
+}
+
+/// The exit code of an apply that went through: 0, or `exit::UNRECORDED` when it could not
+/// be recorded (said on stderr: the change is live, and `rollback` cannot return to it).
+pub fn applied_code(name: &str, applied: &Applied) -> u8 {
+    match &applied.unrecorded {
+        Some(why) => {
+            eprintln!(
+                "error: target {name}: the change is live, but it could not be recorded: {why}; `lunafront rollback` cannot return to this state (exit code {})",
+                exit::UNRECORDED
+            );
+            exit::UNRECORDED
+        }
+        None => exit::OK,
+    }
 }
 
 pub fn report_applied(name: &str, applied: &Applied) {
@@ -262,6 +325,9 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode
         if stopped {
             break;
         }
+        if target::interrupted() {
+            break;
+        }
         let results: Vec<(usize, Result<Applied, ApplyError>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()
@@ -291,7 +357,12 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode
     for (p, outcome) in prepared.iter().zip(&outcomes) {
         let before = p.before.clone().unwrap_or_else(|| "none".into());
         let (result, held) = match outcome {
-            Outcome::Applied(a) => (a.how.label().to_string(), revision.clone()),
+            Outcome::Applied(a) => {
+                if applied_code(&p.name, a) != exit::OK && code == exit::OK {
+                    code = exit::UNRECORDED;
+                }
+                (a.how.label().to_string(), revision.clone())
+            }
             Outcome::Unhealthy(e) => {
                 eprintln!("error: canary {}: {e}; the rollout stopped", p.name);
                 code = code.max(exit::ERROR);

@@ -76,7 +76,7 @@ pub struct Revision {
     pub applied_at: Option<String>,
     /// SHA-256 of the recorded state (the manifest beside haproxy.cfg).
     pub state_sha256: Option<String>,
-    /// The commit checked out in the state folder, when it is a git checkout.
+    /// The commit the applied state was read at, when the state folder is a git checkout.
     pub git_commit: Option<String>,
 }
 
@@ -203,10 +203,15 @@ impl Reconciler {
             o
         };
         let mut timer = PhaseTimer::new();
+        // The commit the state is read at: recorded with what gets applied (a checkout that
+        // moved while it was read is no one commit).
+        let commit_before = git_head(&self.state_folder());
         let source = match load::load_path(&self.state) {
             Ok(source) => source,
             Err(e) => return fail("invalid", e.to_string(), Vec::new()),
         };
+        let git_commit =
+            commit_before.filter(|c| git_head(&self.state_folder()).as_ref() == Some(c));
         timer.lap("load");
         let validation = validate(&source);
         timer.lap("validate");
@@ -318,6 +323,8 @@ impl Reconciler {
                     }
                 }
             }
+            // HAProxy runs this state: the commit it was read at describes what runs.
+            haproxy::marker::set_git_commit(&self.target, git_commit.as_deref());
             return finish(self.outcome(trigger, "unchanged"));
         }
 
@@ -334,6 +341,7 @@ impl Reconciler {
             changes: plan.changes.iter().map(|c| c.summary()).collect(),
             rollback_of: None,
             retry_conflicts: true,
+            git_commit,
         };
         let apply_started = Instant::now();
         let result = match &self.supervisor {
@@ -357,8 +365,17 @@ impl Reconciler {
                 let mut o = self.outcome(trigger, "applied");
                 o.how = Some(applied.how.label());
                 o.changes = request.changes;
-                if !applied.notes.is_empty() {
-                    o.message = Some(applied.notes.join("; "));
+                let mut notes = applied.notes.clone();
+                if let Some(why) = &applied.unrecorded {
+                    tracing::error!(
+                        "the change is live, but it could not be recorded: {why}; `lunafront rollback` cannot return to this state"
+                    );
+                    notes.push(format!(
+                        "the change is live, but it could not be recorded: {why}"
+                    ));
+                }
+                if !notes.is_empty() {
+                    o.message = Some(notes.join("; "));
                 }
                 match applied.how {
                     How::Runtime { commands } => {
@@ -386,25 +403,32 @@ impl Reconciler {
         }
     }
 
-    fn revision(&self) -> Revision {
-        let last = History::new(&self.target.state_dir)
-            .list()
-            .ok()
-            .and_then(|l| l.last().cloned());
-        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
-        let state_dir = if self.state.is_dir() {
+    /// The folder holding the state (the state itself, or the folder of a state file).
+    fn state_folder(&self) -> PathBuf {
+        if self.state.is_dir() {
             self.state.clone()
         } else {
             self.state
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default()
-        };
+        }
+    }
+
+    /// What HAProxy runs: the last history entry, the manifest, and the git commit recorded
+    /// with the applied state (not the checkout's HEAD now: it may hold a state that was not
+    /// applied).
+    fn revision(&self) -> Revision {
+        let last = History::new(&self.target.state_dir)
+            .list()
+            .ok()
+            .and_then(|l| l.last().cloned());
+        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
         Revision {
             history_entry: last.as_ref().map(|e| e.seq),
             applied_at: last.map(|e| e.time),
             state_sha256: manifest.map(|m| crate::plan::sha256_hex(&m)),
-            git_commit: git_head(&state_dir),
+            git_commit: haproxy::marker::read(&self.target.state_dir).and_then(|m| m.git_commit),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! second master beside it would serve too, with another configuration.
 
 use crate::model::HaproxyTarget;
-use crate::target::haproxy::process;
+use crate::target::haproxy::{marker, process};
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -111,7 +111,10 @@ impl Supervisor {
         process::record_master(target, child.id());
         *child_slot = Some(child);
         drop(child_slot);
-        process::wait_ready(target, target.reload_timeout.as_std())
+        let worker = process::wait_ready(target, target.reload_timeout.as_std())?;
+        // It read the files on disk: it runs them (an interrupted apply is finished by this).
+        marker::started_on_disk(target);
+        Ok(worker)
     }
 
     /// Watches HAProxy until `stop`: restarts it (with a growing pause) when its master is gone.

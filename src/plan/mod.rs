@@ -27,6 +27,9 @@ pub struct Live {
     pub previous_error: Option<String>,
     /// The configuration's version, for targets that version it (the Data Plane API).
     pub version: Option<u64>,
+    /// Why HAProxy is not known to run these files (an apply was interrupted between writing
+    /// them and HAProxy running them): the plan then reloads it.
+    pub interrupted: Option<String>,
 }
 
 impl Live {
@@ -122,7 +125,18 @@ pub fn plan_files(
     // What the target holds but the last apply did not write: drift, or a foreign config.
     changes.extend(drift_changes(&options.config_name, live));
 
-    let reload_required = needs_reload(live, &new_files, &options.config_name);
+    if let Some(why) = &live.interrupted {
+        changes.push(Change {
+            action: Action::Update,
+            kind: Kind::Global,
+            name: "haproxy".into(),
+            detail: format!(": {why}"),
+            mode: Mode::Reload,
+            reason: "HAProxy may run neither the previous files nor these: a reload makes it run what the files say, which finishes the apply".into(),
+        });
+    }
+    let reload_required =
+        live.interrupted.is_some() || needs_reload(live, &new_files, &options.config_name);
     if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
         // The configuration text changed with no change of the state: a new lunafront version.
         changes.push(Change {

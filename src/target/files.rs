@@ -183,6 +183,7 @@ pub fn observe_dir(
         recorded_files,
         previous_error,
         version: None,
+        interrupted: None,
     })
 }
 
@@ -191,9 +192,11 @@ fn is_relative_inside(path: &str) -> bool {
     !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
-/// Writes `new` into `dir`, each file atomically and the configuration (`config_name`) last so
-/// it never names a file that is not there yet, and removes the files of `live` that `new`
-/// does not have. Unchanged files are not touched. Returns the paths written or removed.
+/// Writes `new` into `dir`, each file atomically: the configuration (`config_name`) after the
+/// files it names, so it never names a file that is not there yet, and the manifest last, so
+/// it never records files that are not all there. Removes the files of `live` that `new`
+/// does not have. Files whose content `live` already has are not touched. Returns the paths
+/// written or removed.
 pub fn write_files(
     dir: &Path,
     new: &Files,
@@ -203,8 +206,9 @@ pub fn write_files(
     let mut written = Vec::new();
     let ordered = new
         .iter()
-        .filter(|(p, _)| *p != config_name)
-        .chain(new.get_key_value(config_name));
+        .filter(|(p, _)| *p != config_name && *p != MANIFEST)
+        .chain(new.get_key_value(config_name))
+        .chain(new.get_key_value(MANIFEST));
     for (path, bytes) in ordered {
         let target = dir.join(path);
         let mode = mode_for(path);

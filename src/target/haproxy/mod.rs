@@ -6,6 +6,7 @@
 //! (maps and servers as HAProxy reports them, or the new worker) → record it in the history.
 //! If anything fails after the swap, the previous files are put back and HAProxy reloads them.
 
+pub mod marker;
 pub mod process;
 pub mod runtime;
 pub mod socket;
@@ -32,7 +33,9 @@ pub fn observe(
     target: &HaproxyTarget,
     wanted: impl IntoIterator<Item = String>,
 ) -> Result<Live, files::FileError> {
-    files::observe_dir(config_dir(target), wanted)
+    let mut live = files::observe_dir(config_dir(target), wanted)?;
+    live.interrupted = marker::interrupted(target, marker::digest(&live.files).as_deref());
+    Ok(live)
 }
 
 /// Holds the target's apply lock for its lifetime: one apply at a time, across processes.
@@ -148,11 +151,12 @@ pub fn apply_with(
             detail: format!("no master answers on {}", target.master_socket.display()),
         });
     }
-    if running.is_some() && live.files == request.files {
+    if running.is_some() && live.files == request.files && live.interrupted.is_none() {
         return Ok(Applied {
             how: How::Unchanged,
             seq: None,
             notes: Vec::new(),
+            unrecorded: None,
         });
     }
 
@@ -165,8 +169,20 @@ pub fn apply_with(
     let staged_config = staging.dir.join(&request.options.config_name);
     let config_name = &request.options.config_name;
     let mut notes = Vec::new();
+    // The point of no return: an interrupt that came before it stops the apply here, with
+    // nothing changed; one that comes later is noted and the apply completes. The marker says
+    // an apply is under way until HAProxy is verified to run it.
+    let go_live = || {
+        if super::interrupted() {
+            return Err(ApplyError::Interrupted {
+                target: name.to_string(),
+            });
+        }
+        marker::begin(target, &request.files)
+            .map_err(|e| prepare(format!("recording the apply under way: {e}")))
+    };
     // Puts the new files in place of the live ones, once `haproxy -c` accepted them.
-    let swap = || {
+    let swap = |live_changed: bool| {
         files::write_files(dir, &request.files, &live.files, config_name).map_err(|e| {
             rollback(
                 target,
@@ -174,18 +190,21 @@ pub fn apply_with(
                 &live.files,
                 format!("writing the files: {e}"),
                 start,
+                live_changed,
             )
         })
     };
-    let ops = running
-        .as_ref()
-        .map(|_| runtime::plan_ops(&live.files, &request.files, &request.options));
+    let ops = running.as_ref().map(|_| match &live.interrupted {
+        Some(why) => Err(format!("{why}: a reload makes HAProxy run the files")),
+        None => runtime::plan_ops(&live.files, &request.files, &request.options),
+    });
 
     let how = if let Some(Ok(ops)) = &ops {
         // A runtime change goes live first: HAProxy checks each command as it applies it while
         // `haproxy -c` checks the staged files beside it, and the files are swapped only once
         // both agree. So the route answers without waiting for the check, and the files on
         // disk are still never replaced by ones `haproxy -c` refuses.
+        go_live()?;
         let haproxy_bin = target.haproxy_bin.clone();
         let check = std::thread::spawn(move || process::check_config(&haproxy_bin, &staged_config));
         let api = RuntimeApi::new(&target.runtime_socket);
@@ -208,7 +227,10 @@ pub fn apply_with(
         if let Err(detail) = checked {
             // The previous files are untouched: a reload puts HAProxy back on them.
             return Err(match process::reload(target) {
-                Ok(_) => refused(detail),
+                Ok(_) => {
+                    let _ = marker::runs(target, &live.files, None);
+                    refused(detail)
+                }
                 Err(e) => ApplyError::RollbackFailed {
                     target: name.to_string(),
                     reason: format!("haproxy -c refused the new files: {detail}"),
@@ -216,7 +238,7 @@ pub fn apply_with(
                 },
             });
         }
-        swap()?;
+        swap(true)?;
         match runtime {
             Ok(commands) => How::Runtime { commands },
             Err(e) => {
@@ -226,7 +248,14 @@ pub fn apply_with(
                 match process::reload(target) {
                     Ok(worker) => How::Reloaded { worker },
                     Err(e) => {
-                        return Err(rollback(target, request, &live.files, e.to_string(), start));
+                        return Err(rollback(
+                            target,
+                            request,
+                            &live.files,
+                            e.to_string(),
+                            start,
+                            true,
+                        ));
                     }
                 }
             }
@@ -234,19 +263,45 @@ pub fn apply_with(
     } else {
         process::check_config(&target.haproxy_bin, &staged_config)
             .map_err(|e| refused(staging.clean(&e)))?;
-        swap()?;
+        go_live()?;
+        swap(false)?;
         if let Some(Err(reason)) = &ops {
             notes.push(format!("reload: {reason}"));
         }
         match activate(target, running.is_some(), start) {
             Ok(how) => how,
-            Err(reason) => return Err(rollback(target, request, &live.files, reason, start)),
+            Err(reason) => {
+                return Err(rollback(target, request, &live.files, reason, start, true));
+            }
         }
     };
     drop(staging);
-    let seq =
-        History::new(&target.state_dir).record_applied(request, &how, target.history, &mut notes);
-    Ok(Applied { how, seq, notes })
+    if super::interrupted() {
+        notes.push(
+            "interrupted while the change was going live: the apply was completed first".into(),
+        );
+    }
+    let mut unrecorded = marker::runs(target, &request.files, request.git_commit.as_deref())
+        .err()
+        .map(|e| {
+            format!("what HAProxy runs could not be recorded ({e}): the next plan reloads it")
+        });
+    let seq = match History::new(&target.state_dir).record_applied(request, &how, target.history) {
+        Ok(seq) => Some(seq),
+        Err(e) => {
+            unrecorded = Some(match unrecorded {
+                Some(first) => format!("{first}; {e}"),
+                None => e.to_string(),
+            });
+            None
+        }
+    };
+    Ok(Applied {
+        how,
+        seq,
+        notes,
+        unrecorded,
+    })
 }
 
 /// The new files written into a folder beside the configuration (so relative paths resolve the
@@ -289,12 +344,18 @@ fn activate(target: &HaproxyTarget, running: bool, start: Starter<'_>) -> Result
     Ok(How::Reloaded { worker })
 }
 
+/// Puts the previous files back and brings HAProxy back onto what the files say: a reload
+/// (or a start, for a spawned HAProxy that was not running). The files are compared with what
+/// is on disk now, so a file whose write failed (and still holds its old content) is left
+/// alone; and HAProxy is reloaded even when some file could not be restored, so that it never
+/// keeps runtime changes that no file holds.
 fn rollback(
     target: &HaproxyTarget,
     request: &ApplyRequest,
     old: &Files,
     reason: String,
     start: Starter<'_>,
+    live_changed: bool,
 ) -> ApplyError {
     let name = request.target_name.clone();
     let dir = config_dir(target);
@@ -303,25 +364,38 @@ fn rollback(
         reason: reason.clone(),
         rollback,
     };
-    if let Err(e) = files::write_files(dir, old, &request.files, &request.options.config_name) {
-        return failed(format!("restoring the files: {e}"));
-    }
+    let paths = old.keys().chain(request.files.keys()).cloned().collect();
+    let restored = files::read_files(dir, &paths)
+        .map_err(|e| e.to_string())
+        .and_then(|now| {
+            files::write_files(dir, old, &now, &request.options.config_name)
+                .map_err(|e| e.to_string())
+        });
     let restarted = match process::running(target) {
-        Some(_) => process::reload(target)
+        Some(_) if live_changed || restored.is_err() => process::reload(target)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Some(_) => Ok(()),
         None if old.contains_key(&request.options.config_name) && target.spawn => {
             start(target).map(|_| ())
         }
         None if !old.contains_key(&request.options.config_name) => Ok(()),
         None => Err("HAProxy is not running".to_string()),
     };
-    match restarted {
-        Ok(()) => ApplyError::RolledBack {
-            target: name,
-            reason,
-        },
-        Err(e) => failed(e),
+    match (restored, restarted) {
+        (Ok(_), Ok(())) => {
+            // HAProxy runs the previous files again (or nothing, when there were none).
+            let _ = marker::runs(target, old, None);
+            ApplyError::RolledBack {
+                target: name,
+                reason,
+            }
+        }
+        (Err(e), Ok(())) => failed(format!(
+            "restoring the files: {e}; HAProxy was reloaded onto the files as they are, and the next plan shows what differs"
+        )),
+        (Ok(_), Err(e)) => failed(e),
+        (Err(files), Err(e)) => failed(format!("restoring the files: {files}; {e}")),
     }
 }
 

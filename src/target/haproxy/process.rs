@@ -164,6 +164,7 @@ pub fn start_background(target: &HaproxyTarget) -> Result<u32, String> {
     if let Some(proc) = running(target) {
         record_master(target, proc.master_pid);
     }
+    super::marker::started_on_disk(target);
     Ok(worker)
 }
 
