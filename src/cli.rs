@@ -113,6 +113,10 @@ pub enum Command {
         /// Apply a plan saved by `plan --out FILE` (refused if the target changed since).
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
+        /// Apply even when the change removes more domains or backends than
+        /// `global.delete_guard` lets through (by default more than 10 and more than 10%).
+        #[arg(long)]
+        allow_deletes: bool,
     },
     /// Put back an earlier applied state of a target.
     Rollback {

@@ -67,12 +67,14 @@ fn main() -> ExitCode {
             parallel,
             auto_approve,
             plan,
+            allow_deletes,
         } => cmd::apply::run(cmd::apply::Options {
             state: &state.state,
             targets,
             auto_approve: *auto_approve,
             saved: plan.as_deref(),
             parallel: *parallel,
+            allow_deletes: *allow_deletes,
             color: cli.color,
         }),
         Command::Rollback {

@@ -22,6 +22,8 @@ pub struct Options<'a> {
     pub auto_approve: bool,
     pub saved: Option<&'a Path>,
     pub parallel: usize,
+    /// Apply a plan that removes more than `global.delete_guard` lets through.
+    pub allow_deletes: bool,
     pub color: ColorChoice,
 }
 
@@ -56,6 +58,24 @@ pub fn run(o: Options<'_>) -> ExitCode {
         .collect();
     if pending.is_empty() {
         return ExitCode::from(exit::OK);
+    }
+    let guarded: Vec<&&Prepared> = pending
+        .iter()
+        .filter(|p| p.plan.mass_delete.is_some())
+        .collect();
+    if !o.allow_deletes && !guarded.is_empty() {
+        for p in guarded {
+            let mass = p.plan.mass_delete.as_ref().expect("guarded");
+            eprintln!(
+                "error: target {}: {}; nothing was changed",
+                p.name,
+                mass.describe()
+            );
+        }
+        eprintln!(
+            "  a file cut short, emptied or half written looks like this: check the state; if the removal is intended, run again with --allow-deletes"
+        );
+        return ExitCode::from(exit::ERROR);
     }
     let names: Vec<&str> = pending.iter().map(|p| p.name.as_str()).collect();
     if !o.auto_approve && !confirm(&names) {
@@ -153,6 +173,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         live_fingerprint: saved.live_fingerprint.clone(),
         new_files,
         options: saved.options.clone(),
+        mass_delete: saved.mass_delete.clone(),
     };
     println!(
         "Saved plan made {} for target {}.",

@@ -20,6 +20,8 @@ pub struct Metrics {
     apply_durations: Mutex<(Vec<u64>, f64, u64)>,
     pub state_valid: AtomicU64,
     pub domains: AtomicU64,
+    /// 1 while a change is held by `global.delete_guard`.
+    pub change_held: AtomicU64,
 }
 
 impl Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             "partial",
             "failed",
             "rolled_back",
+            "held",
         ] {
             let _ = writeln!(
                 out,
@@ -136,6 +139,11 @@ impl Metrics {
             out,
             "# HELP lunafront_domains Domains in the applied state.\n# TYPE lunafront_domains gauge\nlunafront_domains {}",
             self.domains.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_change_held Whether a change is held because it removes many domains or backends at once (global.delete_guard): see /status.\n# TYPE lunafront_change_held gauge\nlunafront_change_held {}",
+            self.change_held.load(Ordering::Relaxed)
         );
         out
     }

@@ -155,6 +155,7 @@ fn run_with(
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
+        holding: None,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

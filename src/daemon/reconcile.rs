@@ -36,6 +36,8 @@ pub enum Trigger {
     Request,
     /// SIGHUP.
     Signal,
+    /// A held change's settle time is over: the state is read again.
+    Settle,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -46,7 +48,7 @@ pub struct Request {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    /// applied, unchanged, invalid, partial, failed, rolled_back
+    /// applied, unchanged, invalid, partial, failed, rolled_back, held
     pub result: &'static str,
     pub at: String,
     pub trigger: Trigger,
@@ -97,6 +99,34 @@ pub struct Status {
     pub drift_corrections: u64,
     /// The plan of the last reconcile (what it applied, or would have).
     pub pending_plan: Option<PendingPlan>,
+    /// A change held by `global.delete_guard`, while it is.
+    pub held: Option<Held>,
+    /// The revision `POST /approve` approved, until a reconcile uses it.
+    #[serde(skip)]
+    pub approved: Option<String>,
+}
+
+/// A change held because it removes many domains or backends at once (a file cut short looks
+/// like that): not applied until the state stays the same for the settle time, or
+/// `POST /approve?revision=<revision>` approves it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    /// The revision of the state held (`POST /approve?revision=` names it).
+    pub revision: String,
+    #[serde(flatten)]
+    pub removes: crate::plan::MassDelete,
+    pub message: String,
+    /// RFC 3339: when the change was first seen, and when it is applied if the state stays
+    /// the same until then.
+    pub since: String,
+    pub settles_at: String,
+}
+
+/// A held change as the reconcile loop tracks it.
+pub struct Holding {
+    pub revision: String,
+    pub since: Instant,
+    pub due: Instant,
 }
 
 pub struct Reconciler {
@@ -110,13 +140,32 @@ pub struct Reconciler {
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
     pub after_reconcile: Option<fn()>,
+    /// The change held by the delete guard, if any.
+    pub holding: Option<Holding>,
 }
 
 impl Reconciler {
     /// Serves requests until the channel closes. Requests that queue while a reconcile runs
     /// are answered together by the next one (changes coalesce into one apply, one reload).
     pub fn run(mut self, requests: Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
+        loop {
+            // A held change is looked at again once its settle time is over.
+            let first = match self.holding.as_ref().map(|h| h.due) {
+                Some(due) => {
+                    match requests.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(request) => request,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Request {
+                            trigger: Trigger::Settle,
+                            reply: None,
+                        },
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match requests.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
+            };
             let mut batch = vec![first];
             while let Ok(more) = requests.try_recv() {
                 batch.push(more);
@@ -153,7 +202,15 @@ impl Reconciler {
         if outcome.ok() || outcome.result == "partial" {
             *self.metrics.last_success.lock().expect("metrics") = crate::clock::unix_now();
         }
+        self.metrics
+            .change_held
+            .store(u64::from(self.holding.is_some()), Ordering::Relaxed);
         match outcome.result {
+            "held" => tracing::warn!(
+                result = outcome.result,
+                "reconcile: change held: {}",
+                outcome.message.clone().unwrap_or_default()
+            ),
             "invalid" | "partial" | "failed" | "rolled_back" => {
                 tracing::error!(
                     result = outcome.result,
@@ -181,7 +238,7 @@ impl Reconciler {
         outcome
     }
 
-    fn outcome(&self, trigger: Trigger, result: &'static str) -> Outcome {
+    fn outcome(trigger: Trigger, result: &'static str) -> Outcome {
         Outcome {
             result,
             at: crate::clock::rfc3339_now(),
@@ -197,7 +254,7 @@ impl Reconciler {
 
     fn reconcile_inner(&mut self, trigger: Trigger) -> Outcome {
         let fail = |result, message: String, diagnostics: Vec<Diagnostic>| {
-            let mut o = self.outcome(trigger, result);
+            let mut o = Self::outcome(trigger, result);
             o.message = Some(message);
             o.diagnostics = diagnostics;
             o
@@ -295,6 +352,17 @@ impl Reconciler {
             changes: plan.changes.clone(),
             reload_required: plan.reload_required,
         });
+        if let Some(mass) = &plan.mass_delete
+            && let Some(held) = self.hold(&model, mass)
+        {
+            let mut o = Self::outcome(trigger, "held");
+            o.message = Some(held);
+            o.changes = plan.changes.iter().map(|c| c.summary()).collect();
+            return finish(o);
+        }
+        if plan.mass_delete.is_none() {
+            self.release_hold();
+        }
         let running = haproxy::process::running(&self.target).is_some();
 
         if plan.is_empty() && running {
@@ -308,7 +376,7 @@ impl Reconciler {
                         self.metrics
                             .drift_corrections
                             .fetch_add(1, Ordering::Relaxed);
-                        let mut o = self.outcome(trigger, "applied");
+                        let mut o = Self::outcome(trigger, "applied");
                         o.how = Some("runtime");
                         o.message = Some(format!("runtime drift put back: {what}"));
                         return finish(o);
@@ -325,7 +393,7 @@ impl Reconciler {
             }
             // HAProxy runs this state: the commit it was read at describes what runs.
             haproxy::marker::set_git_commit(&self.target, git_commit.as_deref());
-            return finish(self.outcome(trigger, "unchanged"));
+            return finish(Self::outcome(trigger, "unchanged"));
         }
 
         // Counted once the drift is actually put back.
@@ -362,7 +430,7 @@ impl Reconciler {
                         .drift_corrections
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                let mut o = self.outcome(trigger, "applied");
+                let mut o = Self::outcome(trigger, "applied");
                 o.how = Some(applied.how.label());
                 o.changes = request.changes;
                 let mut notes = applied.notes.clone();
@@ -400,6 +468,78 @@ impl Reconciler {
                 o.changes = request.changes;
                 finish(o)
             }
+        }
+    }
+
+    /// The delete guard: a change removing many domains or backends at once (what a file cut
+    /// short or emptied looks like) waits until the state read again after the settle time is
+    /// still the same, or until `POST /approve` names it. Returns why it is held, or `None`
+    /// when it may be applied now.
+    fn hold(
+        &mut self,
+        model: &crate::model::Model,
+        mass: &crate::plan::MassDelete,
+    ) -> Option<String> {
+        let revision = crate::target::fleet::revision_of(model.document_text().json());
+        let settle = model.global.delete_guard.settle;
+        let approved = {
+            let mut status = self.status.lock().expect("status");
+            match status.approved.take() {
+                Some(approved) if approved == revision => true,
+                // An approval of another revision approves nothing that is held now.
+                _ => false,
+            }
+        };
+        let settled = self
+            .holding
+            .as_ref()
+            .is_some_and(|h| h.revision == revision && Instant::now() >= h.due);
+        if approved || settled {
+            tracing::info!(
+                revision,
+                "applying the held change ({}): {}",
+                if approved {
+                    "approved".to_string()
+                } else {
+                    format!("the state stayed the same for {settle}")
+                },
+                mass.describe()
+            );
+            self.release_hold();
+            return None;
+        }
+        let now = Instant::now();
+        let holding = match self.holding.take() {
+            Some(h) if h.revision == revision => h,
+            _ => Holding {
+                revision: revision.clone(),
+                since: now,
+                due: now + settle.as_std(),
+            },
+        };
+        let message = format!(
+            "{}; held, HAProxy keeps serving the last applied state: it is applied if the state read again in {settle} is the same, or with POST /approve?revision={revision}",
+            mass.describe()
+        );
+        let wall = |at: Instant| {
+            let offset = at.saturating_duration_since(now).as_secs() as i64
+                - now.saturating_duration_since(at).as_secs() as i64;
+            crate::clock::rfc3339(crate::clock::unix_now() as i64 + offset)
+        };
+        self.status.lock().expect("status").held = Some(Held {
+            revision,
+            removes: mass.clone(),
+            message: message.clone(),
+            since: wall(holding.since),
+            settles_at: wall(holding.due),
+        });
+        self.holding = Some(holding);
+        Some(message)
+    }
+
+    fn release_hold(&mut self) {
+        if self.holding.take().is_some() {
+            self.status.lock().expect("status").held = None;
         }
     }
 

@@ -185,6 +185,14 @@ struct RawGlobal {
     isolate_invalid: bool,
     #[serde(default)]
     timeouts: BTreeMap<String, Value>,
+    delete_guard: Option<Toggle<RawDeleteGuard>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDeleteGuard {
+    count: Option<u32>,
+    percent: Option<u32>,
+    settle: Option<String>,
 }
 
 struct Checker<'a> {
@@ -1426,6 +1434,26 @@ impl<'a> Checker<'a> {
                 defaults.hard_stop_after,
             )
             .unwrap_or(defaults.hard_stop_after);
+        let guard = defaults.delete_guard;
+        let delete_guard = match &raw.delete_guard {
+            None | Some(Toggle::Flag(true)) => guard,
+            Some(Toggle::Flag(false)) => DeleteGuard {
+                enabled: false,
+                ..guard
+            },
+            Some(Toggle::Settings(settings)) => DeleteGuard {
+                enabled: true,
+                count: settings.count.unwrap_or(guard.count),
+                percent: settings.percent.unwrap_or(guard.percent),
+                settle: self
+                    .duration(
+                        settings.settle.as_deref(),
+                        "/global/delete_guard/settle",
+                        guard.settle,
+                    )
+                    .unwrap_or(guard.settle),
+            },
+        };
         Global {
             maxconn: raw.maxconn,
             hard_stop_after,
@@ -1439,6 +1467,7 @@ impl<'a> Checker<'a> {
             }),
             timeouts,
             isolate_invalid: raw.isolate_invalid,
+            delete_guard,
         }
     }
 }

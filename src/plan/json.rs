@@ -11,6 +11,9 @@ struct JsonPlan<'a> {
     changes: &'a [Change],
     reload_required: bool,
     files: Vec<JsonFile<'a>>,
+    /// Set when the plan trips `global.delete_guard`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mass_delete: Option<&'a super::MassDelete>,
 }
 
 #[derive(Serialize)]
@@ -78,5 +81,6 @@ fn document(plan: &Plan) -> JsonPlan<'_> {
         changes: &plan.changes,
         reload_required: plan.reload_required,
         files,
+        mass_delete: plan.mass_delete.as_ref(),
     }
 }
