@@ -745,6 +745,91 @@ fn an_interrupt_inside_the_apply_window_completes_the_apply() {
     }
 }
 
+#[test]
+fn an_interrupt_before_the_point_of_no_return_changes_nothing() {
+    let site = Site::new();
+    let _reaper = Reaper(site.path().to_path_buf());
+    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
+    let port = free_port();
+    site.write_state(&state(
+        port,
+        shop.port,
+        blog.port,
+        "",
+        KEEP,
+        &site.target_block(true),
+    ));
+    site.apply();
+    let alt = free_port();
+    site.write_state(&state(
+        port,
+        shop.port,
+        blog.port,
+        &format!("  alt: {{ bind: \"127.0.0.1:{alt}\" }}\n"),
+        KEEP,
+        &site.target_block(false),
+    ));
+    let files = site.live_files();
+    // The master is stopped, so the apply waits for it in its first question to HAProxy
+    // (whether it runs), long before anything changes; the interrupt comes then.
+    let master = site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .unwrap()
+        .master_pid;
+    signal(master, libc::SIGSTOP);
+    let cont = Continue(master);
+    let mut child = lunafront()
+        .args(["apply", "state.yaml", "--auto-approve"])
+        .current_dir(site.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its first socket is the master CLI's.
+    let fds = format!("/proc/{}/fd", child.id());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_dir(&fds)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+    {
+        assert!(
+            child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "the apply never asked HAProxy"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    signal(child.id(), libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(cont);
+    let code = wait_bounded(&mut child, Duration::from_secs(30), "the interrupted apply");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted before anything was changed"),
+        "{stderr}"
+    );
+    assert_eq!(site.live_files(), files, "the files changed");
+    assert!(http_get(alt, "keep-0.example.com", "/").is_err());
+    let (code, plan, _) = site.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 2, "{plan}");
+    assert!(
+        !plan.contains("interrupted"),
+        "nothing was under way:\n{plan}"
+    );
+}
+
 // ---- 4. Partial writes and mass deletes ----
 
 /// A state folder: the listener, agent, backends and target in `base.yaml`, the domains in

@@ -375,6 +375,10 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize) -> ExitCode
 
     println!("\n{:<16} {:<14} revision", "target", "result");
     let mut code = exit::OK;
+    if target::interrupted() && outcomes.iter().any(|o| matches!(o, Outcome::NotStarted)) {
+        eprintln!("error: interrupted: the rollout stopped before every target was applied");
+        code = exit::ERROR;
+    }
     for (p, outcome) in prepared.iter().zip(&outcomes) {
         let before = p.before.clone().unwrap_or_else(|| "none".into());
         let (result, held) = match outcome {

@@ -193,6 +193,9 @@ impl MasterCli {
                         break;
                     }
                 }
+                // A signal (the apply's interrupt handler) ends a read with a timeout early,
+                // whatever SA_RESTART says: read on.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
