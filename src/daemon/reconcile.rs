@@ -125,8 +125,11 @@ pub struct Held {
 /// A held change as the reconcile loop tracks it.
 pub struct Holding {
     pub revision: String,
-    pub since: Instant,
+    /// When it is looked at again.
     pub due: Instant,
+    /// RFC 3339 times for `/status`: first seen, looked at again.
+    pub since_at: String,
+    pub due_at: String,
 }
 
 pub struct Reconciler {
@@ -508,30 +511,28 @@ impl Reconciler {
             self.release_hold();
             return None;
         }
-        let now = Instant::now();
         let holding = match self.holding.take() {
             Some(h) if h.revision == revision => h,
-            _ => Holding {
-                revision: revision.clone(),
-                since: now,
-                due: now + settle.as_std(),
-            },
+            _ => {
+                let now = crate::clock::unix_now() as i64;
+                Holding {
+                    revision: revision.clone(),
+                    due: Instant::now() + settle.as_std(),
+                    since_at: crate::clock::rfc3339(now),
+                    due_at: crate::clock::rfc3339(now + settle.as_std().as_secs() as i64),
+                }
+            }
         };
         let message = format!(
             "{}; held, HAProxy keeps serving the last applied state: it is applied if the state read again in {settle} is the same, or with POST /approve?revision={revision}",
             mass.describe()
         );
-        let wall = |at: Instant| {
-            let offset = at.saturating_duration_since(now).as_secs() as i64
-                - now.saturating_duration_since(at).as_secs() as i64;
-            crate::clock::rfc3339(crate::clock::unix_now() as i64 + offset)
-        };
         self.status.lock().expect("status").held = Some(Held {
             revision,
             removes: mass.clone(),
             message: message.clone(),
-            since: wall(holding.since),
-            settles_at: wall(holding.due),
+            since: holding.since_at.clone(),
+            settles_at: holding.due_at.clone(),
         });
         self.holding = Some(holding);
         Some(message)

@@ -87,12 +87,31 @@ pub fn runs(
     files: &Files,
     git_commit: Option<&str>,
 ) -> Result<(), files::FileError> {
+    runs_with(target, digest(files), git_commit.map(str::to_string))
+}
+
+/// HAProxy was put back on `files` (a refused or failed apply): it runs them again, and the
+/// git commit recorded with them is kept when they are the files it was recorded for.
+pub fn back_to(target: &HaproxyTarget, files: &Files) {
+    let previous = read(&target.state_dir).unwrap_or_default();
+    let runs = digest(files);
+    let git_commit = previous.git_commit.filter(|_| previous.runs == runs);
+    if let Err(e) = runs_with(target, runs, git_commit) {
+        tracing::warn!("cannot record what HAProxy runs: {e}");
+    }
+}
+
+fn runs_with(
+    target: &HaproxyTarget,
+    runs: Option<String>,
+    git_commit: Option<String>,
+) -> Result<(), files::FileError> {
     write(
         &target.state_dir,
         &Marker {
-            runs: digest(files),
+            runs,
             pending: None,
-            git_commit: git_commit.map(str::to_string),
+            git_commit,
             at: String::new(),
         },
     )
@@ -102,24 +121,8 @@ pub fn runs(
 /// them is kept when they are the files it was recorded for.
 pub fn started_on_disk(target: &HaproxyTarget) {
     let dir = super::config_dir(target);
-    let Ok(on_disk) = files::read_files(dir, &[MANIFEST.to_string()].into()) else {
-        return;
-    };
-    let previous = read(&target.state_dir).unwrap_or_default();
-    let runs = digest(&on_disk);
-    let git_commit = previous
-        .git_commit
-        .filter(|_| previous.runs.is_some() && previous.runs == runs);
-    if let Err(e) = write(
-        &target.state_dir,
-        &Marker {
-            runs,
-            pending: None,
-            git_commit,
-            at: String::new(),
-        },
-    ) {
-        tracing::warn!("cannot record what HAProxy runs: {e}");
+    if let Ok(on_disk) = files::read_files(dir, &[MANIFEST.to_string()].into()) {
+        back_to(target, &on_disk);
     }
 }
 

@@ -228,7 +228,7 @@ pub fn apply_with(
             // The previous files are untouched: a reload puts HAProxy back on them.
             return Err(match process::reload(target) {
                 Ok(_) => {
-                    let _ = marker::runs(target, &live.files, None);
+                    marker::back_to(target, &live.files);
                     refused(detail)
                 }
                 Err(e) => ApplyError::RollbackFailed {
@@ -385,7 +385,7 @@ fn rollback(
     match (restored, restarted) {
         (Ok(_), Ok(())) => {
             // HAProxy runs the previous files again (or nothing, when there were none).
-            let _ = marker::runs(target, old, None);
+            marker::back_to(target, old);
             ApplyError::RolledBack {
                 target: name,
                 reason,
