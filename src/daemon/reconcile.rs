@@ -175,6 +175,17 @@ impl Reconciler {
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
             let outcome = self.reconcile(trigger);
+            // A reconcile past the settle time that neither applied nor held the change again
+            // ended before it (the state does not validate now): what was held is no longer
+            // what the state says; a valid state is looked at afresh.
+            if self
+                .holding
+                .as_ref()
+                .is_some_and(|h| h.due <= Instant::now())
+            {
+                self.release_hold();
+                self.metrics.change_held.store(0, Ordering::Relaxed);
+            }
             if let Some(release) = self.after_reconcile {
                 release();
             }

@@ -158,9 +158,17 @@ fn collect_yaml(
         let path = entry.path();
         let meta = match std::fs::metadata(&path) {
             Ok(meta) => meta,
-            // A dangling or looping symlink is not a state file.
-            Err(_) if entry.file_type().is_ok_and(|t| t.is_symlink()) => continue,
-            Err(e) => return Err(e),
+            // A dangling or looping symlink is no folder of state files; named like a state
+            // file, it is one that cannot be read (never a state without its entries).
+            Err(_) if !is_yaml_name(&name) && entry.file_type().is_ok_and(|t| t.is_symlink()) => {
+                continue;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                ));
+            }
         };
         if meta.is_dir() {
             if is_yaml_name(&name) {
@@ -778,7 +786,7 @@ mod tests {
         std::fs::write(dir.join("sub/b.yaml"), "domains: {}\n").unwrap();
         std::os::unix::fs::symlink(".", dir.join("loop")).unwrap();
         std::os::unix::fs::symlink("..", dir.join("sub/up")).unwrap();
-        std::os::unix::fs::symlink("missing", dir.join("dangling.yaml")).unwrap();
+        std::os::unix::fs::symlink("missing", dir.join("dangling")).unwrap();
         std::fs::create_dir(dir.join("c.yaml")).unwrap();
         let source = load_path(&dir).unwrap();
         let names: Vec<String> = source
@@ -789,6 +797,10 @@ mod tests {
         assert_eq!(names, ["a.yaml", "sub/b.yaml"]);
         assert_eq!(source.diagnostics.len(), 1, "{:?}", source.diagnostics);
         assert_eq!(source.diagnostics[0].code, "not-a-file");
+        // A state file that is a dangling symlink cannot be read: an error, not no entries.
+        std::os::unix::fs::symlink("missing", dir.join("gone.yaml")).unwrap();
+        let error = load_path(&dir).unwrap_err().to_string();
+        assert!(error.contains("gone.yaml"), "{error}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

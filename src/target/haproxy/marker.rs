@@ -55,7 +55,9 @@ fn write(state_dir: &Path, marker: &Marker) -> Result<(), files::FileError> {
     let mut marker = marker.clone();
     marker.at = crate::clock::rfc3339_now();
     let text = serde_json::to_string_pretty(&marker).expect("marker serializes") + "\n";
-    files::write_atomic(&path(state_dir), text.as_bytes(), files::SECRET_MODE)
+    // Written twice per apply: not synced (see `write_atomic_unsynced`; after a power cut
+    // HAProxy starts on the files on disk, which is what a stale record then asks for).
+    files::write_atomic_unsynced(&path(state_dir), text.as_bytes(), files::SECRET_MODE)
 }
 
 /// Why HAProxy is not known to run the files in `live` (their manifest `on_disk`), if so.

@@ -2,9 +2,11 @@
 //! folder of its haproxy.cfg (I/O edge).
 //!
 //! An apply: check the plan is not stale → render into a staging folder → `haproxy -c` on it →
-//! swap the files atomically → apply the change through the runtime API, or reload → verify
-//! (maps and servers as HAProxy reports them, or the new worker) → record it in the history.
-//! If anything fails after the swap, the previous files are put back and HAProxy reloads them.
+//! (the point of no return: an interrupt stops the apply before it; `marker` records the apply
+//! under way) → swap the files atomically → apply the change through the runtime API, or
+//! reload → verify (maps and servers as HAProxy reports them, or the new worker) → record what
+//! HAProxy runs (`marker`) and the history. If anything fails once something went live, the
+//! previous files are put back and HAProxy reloads them.
 
 pub mod marker;
 pub mod process;
