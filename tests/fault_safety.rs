@@ -580,17 +580,42 @@ fn a_second_daemon_on_the_same_target_is_refused() {
 
 // ---- 3. Interrupted applies ----
 
-/// Starts `apply` for a change that needs a reload and freezes it inside the window between
-/// the file swap and the reload: HAProxy's master is stopped once the staging folder appears
-/// (so the reload waits for it), and this returns once the new configuration is on disk.
-/// Returns the apply process and the master's PID (stopped; a `Continue` guard resumes it).
+/// The site's target, not spawned, with `haproxy -c` held until the test opens a gate (a
+/// check as slow as on a loaded machine; the real HAProxy still checks): the test can then act
+/// while an apply is known to be before its point of no return.
+fn gated_check_target(site: &Site) -> String {
+    let d = site.path().display();
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = \"-c\" ]; then\n  : > {d}/check-started\n  while [ ! -e {d}/check-gate ]; do sleep 0.01; done\nfi\nexec haproxy \"$@\"\n"
+    );
+    let path = site.path().join("gated-haproxy");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(site.path().join("check-gate"), "").unwrap();
+    site.target_block(false).replace(
+        "reload_timeout: 10s }",
+        &format!("reload_timeout: 10s, haproxy_bin: {d}/gated-haproxy }}"),
+    )
+}
+
+/// Starts `apply` for a change that needs a reload (on a `gated_check_target`) and freezes it
+/// inside the window between the file swap and the reload: while its `haproxy -c` is held,
+/// HAProxy's master is stopped (so the reload waits for it); this returns once the new
+/// configuration is on disk. Returns the apply process and a guard that resumes the master.
 fn apply_frozen_in_the_window(site: &Site, alt: u16) -> (Child, Continue) {
     let master = site
         .master()
         .show_proc(Duration::from_secs(2))
         .unwrap()
         .master_pid;
-    let log = std::fs::File::create(site.path().join(format!("apply-{alt}.log"))).unwrap();
+    let (started, gate) = (
+        site.path().join("check-started"),
+        site.path().join("check-gate"),
+    );
+    let _ = std::fs::remove_file(&started);
+    std::fs::remove_file(&gate).unwrap();
+    let log_path = site.path().join(format!("apply-{alt}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut child = lunafront()
         .args(["apply", "state.yaml", "--auto-approve"])
         .current_dir(site.path())
@@ -599,31 +624,26 @@ fn apply_frozen_in_the_window(site: &Site, alt: u16) -> (Child, Continue) {
         .stderr(log)
         .spawn()
         .unwrap();
-    let live = site.path().join("live");
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let staging = std::fs::read_dir(&live).unwrap().flatten().any(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".lunafront-staging-")
-        });
-        if staging {
-            break;
-        }
+    while !started.exists() {
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
-                "the apply ended before staging ({status}): {}",
-                std::fs::read_to_string(site.path().join(format!("apply-{alt}.log"))).unwrap()
+                "the apply ended before its check ({status}): {}",
+                std::fs::read_to_string(&log_path).unwrap()
             );
         }
-        assert!(Instant::now() < deadline, "no staging folder appeared");
-        std::thread::sleep(Duration::from_millis(1));
+        assert!(
+            Instant::now() < deadline,
+            "the apply never checked its files"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     signal(master, libc::SIGSTOP);
     let cont = Continue(master);
+    std::fs::write(&gate, "").unwrap();
     let needle = format!("127.0.0.1:{alt}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(live.join("haproxy.cfg"))
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(site.path().join("live/haproxy.cfg"))
         .unwrap_or_default()
         .contains(&needle)
     {
@@ -631,7 +651,7 @@ fn apply_frozen_in_the_window(site: &Site, alt: u16) -> (Child, Continue) {
             let _ = child.kill();
             panic!(
                 "the new configuration was never swapped in: {}",
-                std::fs::read_to_string(site.path().join(format!("apply-{alt}.log"))).unwrap()
+                std::fs::read_to_string(&log_path).unwrap()
             );
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -663,7 +683,7 @@ fn killed_between_the_file_swap_and_the_reload_the_next_run_finishes_the_apply()
         blog.port,
         &format!("  alt: {{ bind: \"127.0.0.1:{alt}\" }}\n"),
         KEEP,
-        &site.target_block(false),
+        &gated_check_target(&site),
     ));
     let (mut child, cont) = apply_frozen_in_the_window(&site, alt);
     child.kill().unwrap();
@@ -710,17 +730,13 @@ fn an_interrupt_inside_the_apply_window_completes_the_apply() {
         &site.target_block(true),
     ));
     site.apply();
+    let target = gated_check_target(&site);
     let mut listeners = String::new();
     for (round, sig) in [("SIGINT", libc::SIGINT), ("SIGTERM", libc::SIGTERM)] {
         let alt = free_port();
         listeners.push_str(&format!("  alt{alt}: {{ bind: \"127.0.0.1:{alt}\" }}\n"));
         site.write_state(&state(
-            port,
-            shop.port,
-            blog.port,
-            &listeners,
-            KEEP,
-            &site.target_block(false),
+            port, shop.port, blog.port, &listeners, KEEP, &target,
         ));
         let (mut child, cont) = apply_frozen_in_the_window(&site, alt);
         signal(child.id(), sig);
@@ -943,7 +959,7 @@ fn a_mass_delete_is_held_until_it_settles_or_is_approved() {
         port,
         shop.port,
         blog.port,
-        "  delete_guard: { settle: 2s }\n",
+        "  delete_guard: { settle: 4s }\n",
     );
     let domains = site.path().join("state/domains.yaml");
     std::fs::write(&domains, thirty_domains(0..30)).unwrap();
