@@ -146,7 +146,8 @@ pub enum Command {
         /// Address of the health/status/metrics endpoints.
         #[arg(long, default_value = "127.0.0.1:9180")]
         listen: std::net::SocketAddr,
-        /// Run HAProxy as a child (as `spawn: true` does).
+        /// Run HAProxy as a child (as `spawn: true` does); its sockets stay where the state puts
+        /// them, so `plan` and `apply` reach the same HAProxy.
         #[arg(long)]
         spawn: bool,
         /// How often to check for drift (hand edits of files or of HAProxy's runtime state).
