@@ -145,6 +145,10 @@ pub enum Command {
         /// Print the plans and each target's result as one JSON document on stdout.
         #[arg(long)]
         json: bool,
+        /// Apply even when the change removes more domains or backends than
+        /// `global.delete_guard` lets through (by default more than 10 and more than 10%).
+        #[arg(long)]
+        allow_deletes: bool,
     },
     /// Put back an earlier applied state of a target.
     Rollback {
@@ -180,7 +184,8 @@ pub enum Command {
         /// Address of the health/status/metrics endpoints.
         #[arg(long, default_value = "127.0.0.1:9180")]
         listen: std::net::SocketAddr,
-        /// Run HAProxy as a child (as `spawn: true` does).
+        /// Run HAProxy as a child (as `spawn: true` does); its sockets stay where the state puts
+        /// them, so `plan` and `apply` reach the same HAProxy.
         #[arg(long)]
         spawn: bool,
         /// How often to check for drift (hand edits of files or of HAProxy's runtime state).

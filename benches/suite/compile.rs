@@ -104,6 +104,7 @@ pub fn child(domains: usize, runs: usize) {
             recorded_files: recorded(&rendered),
             previous_error: None,
             version: None,
+            interrupted: None,
         };
         let source2 = Source::parse(vec![SourceFile::new("state.yaml".into(), edited.clone())]);
         let t = Instant::now();

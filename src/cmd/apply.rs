@@ -22,6 +22,8 @@ pub struct Options<'a> {
     pub auto_approve: bool,
     pub saved: Option<&'a Path>,
     pub parallel: usize,
+    /// Apply a plan that removes more than `global.delete_guard` lets through.
+    pub allow_deletes: bool,
     pub color: ColorChoice,
     /// One JSON document on stdout (the plans and each target's result) instead of text.
     pub json: bool,
@@ -34,6 +36,8 @@ pub struct Prepared {
     pub plan: Plan,
     /// The revision the target holds before the apply.
     pub before: Option<String>,
+    /// The git commit the state was read at (recorded with the apply).
+    pub git_commit: Option<String>,
 }
 
 pub fn run(o: Options<'_>) -> ExitCode {
@@ -66,6 +70,24 @@ pub fn run(o: Options<'_>) -> ExitCode {
         }
         return ExitCode::from(exit::OK);
     }
+    let guarded: Vec<&&Prepared> = pending
+        .iter()
+        .filter(|p| p.plan.mass_delete.is_some())
+        .collect();
+    if !o.allow_deletes && !guarded.is_empty() {
+        for p in guarded {
+            let mass = p.plan.mass_delete.as_ref().expect("guarded");
+            eprintln!(
+                "error: target {}: {}; nothing was changed",
+                p.name,
+                mass.describe()
+            );
+        }
+        eprintln!(
+            "  a file cut short, emptied or half written looks like this: check the state; if the removal is intended, run again with --allow-deletes"
+        );
+        return ExitCode::from(exit::ERROR);
+    }
     let names: Vec<&str> = pending.iter().map(|p| p.name.as_str()).collect();
     if !o.auto_approve && !confirm(&names, o.json) {
         if o.json {
@@ -74,7 +96,8 @@ pub fn run(o: Options<'_>) -> ExitCode {
         }
         return ExitCode::from(exit::ERROR);
     }
-    if prepared.len() == 1 {
+    finish_before_exiting();
+    let code = if prepared.len() == 1 {
         let p = &prepared[0];
         let result = apply_one(p, None, o.saved.is_some());
         if o.json {
@@ -84,22 +107,25 @@ pub fn run(o: Options<'_>) -> ExitCode {
             };
             print_json(&prepared, &[outcome], revision.as_deref());
         }
-        return match result {
+        match result {
             Ok(applied) => {
                 if !o.json {
                     report_applied(&p.name, &applied);
                 }
-                ExitCode::from(exit::OK)
+                ExitCode::from(applied_code(&p.name, &applied))
             }
             Err(e) => fail(&e, o.saved.is_some()),
-        };
-    }
-    rollout(
-        &prepared,
-        revision.unwrap_or_default(),
-        o.parallel.max(1),
-        o.json,
-    )
+        }
+    } else {
+        rollout(
+            &prepared,
+            revision.unwrap_or_default(),
+            o.parallel.max(1),
+            o.json,
+        )
+    };
+    report_interrupt();
+    code
 }
 
 fn unchanged() -> Applied {
@@ -107,6 +133,7 @@ fn unchanged() -> Applied {
         how: How::Unchanged,
         seq: None,
         notes: Vec::new(),
+        unrecorded: None,
     }
 }
 
@@ -149,6 +176,11 @@ fn applied_value(applied: &Applied) -> serde_json::Value {
         "history_entry": applied.seq,
         "notes": applied.notes,
     });
+    if let Some(why) = &applied.unrecorded {
+        // Live, but not in the history: exit code 5, and the reason in the document too.
+        v["unrecorded"] = why.clone().into();
+        v["exit_code"] = 5.into();
+    }
     match &applied.how {
         How::Runtime { commands } => v["commands"] = (*commands).into(),
         How::Reloaded { worker } | How::Started { worker } => v["worker"] = (*worker).into(),
@@ -207,11 +239,16 @@ fn from_state(
     color: ColorChoice,
     json: bool,
 ) -> Result<(Vec<Prepared>, Option<String>), ExitCode> {
+    let commit_before = git_commit_of(state);
     let (model, _) = super::load_model_for(state, color, json)?;
+    // A checkout that moved while the state was read is no one commit.
+    let git_commit = commit_before.filter(|c| git_commit_of(state).as_ref() == Some(c));
     let result = (|| -> anyhow::Result<Vec<Prepared>> {
         let mut out = Vec::new();
         for (name, target) in fleet::resolve(&model, names)? {
-            out.push(prepare(&model, &name, target)?);
+            let mut p = prepare(&model, &name, target)?;
+            p.git_commit = git_commit.clone();
+            out.push(p);
         }
         Ok(out)
     })();
@@ -227,6 +264,16 @@ fn from_state(
     }
 }
 
+/// The commit checked out where the state is, when it is a git checkout.
+pub fn git_commit_of(state: &Path) -> Option<String> {
+    let dir = if state.is_dir() {
+        state.to_path_buf()
+    } else {
+        state.parent()?.to_path_buf()
+    };
+    lunafront::daemon::reconcile::git_head(&dir)
+}
+
 /// Renders for the target, reads what it holds, and plans.
 pub fn prepare(
     model: &lunafront::model::Model,
@@ -240,6 +287,7 @@ pub fn prepare(
         target: target.clone(),
         before: fleet::live_revision(&live),
         plan: plan::make_plan(name, model, &rendered, &live),
+        git_commit: None,
     })
 }
 
@@ -259,6 +307,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         live_fingerprint: saved.live_fingerprint.clone(),
         new_files,
         options: saved.options.clone(),
+        mass_delete: saved.mass_delete.clone(),
     };
     println!(
         "Saved plan made {} for target {}.",
@@ -269,6 +318,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         target: saved.target,
         plan,
         before: None,
+        git_commit: None,
     })
 }
 
@@ -286,8 +336,48 @@ pub fn apply_one(
         changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
         rollback_of,
         retry_conflicts: !saved,
+        git_commit: p.git_commit.clone(),
     };
     target::apply(&p.target, &request)
+}
+
+/// From here on, SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) no longer
+/// end the process in the middle of an apply: an apply stops at its point of no return with
+/// nothing changed, or, past it, completes (see `target::interrupt`).
+pub fn finish_before_exiting() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the action only stores to an atomic, which is async-signal-safe.
+        let registered = unsafe { signal_hook_registry::register(signal, target::interrupt) };
+        if let Err(e) = registered {
+            eprintln!(
+                "warning: cannot handle signal {signal}: {e}; an interrupt could stop an apply halfway"
+            );
+        }
+    }
+}
+
+/// Says what an interrupt did, once the applies returned.
+pub fn report_interrupt() {
+    if target::interrupted() {
+        eprintln!(
+            "Interrupted: applies that had not started changing their target stopped with nothing changed; one under way was completed first."
+        );
+    }
+}
+
+/// The exit code of an apply that went through: 0, or `exit::UNRECORDED` when it could not
+/// be recorded (said on stderr: the change is live, and `rollback` cannot return to it).
+pub fn applied_code(name: &str, applied: &Applied) -> u8 {
+    match &applied.unrecorded {
+        Some(why) => {
+            eprintln!(
+                "error: target {name}: the change is live, but it could not be recorded: {why}; `lunafront rollback` cannot return to this state (exit code {})",
+                exit::UNRECORDED
+            );
+            exit::UNRECORDED
+        }
+        None => exit::OK,
+    }
 }
 
 pub fn report_applied(name: &str, applied: &Applied) {
@@ -407,6 +497,9 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize, json: bool)
         if stopped {
             break;
         }
+        if target::interrupted() {
+            break;
+        }
         let results: Vec<(usize, Result<Applied, ApplyError>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()
@@ -446,10 +539,19 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize, json: bool)
     }
     println!("\n{:<16} {:<14} revision", "target", "result");
     let mut code = exit::OK;
+    if target::interrupted() && outcomes.iter().any(|o| matches!(o, Outcome::NotStarted)) {
+        eprintln!("error: interrupted: the rollout stopped before every target was applied");
+        code = exit::ERROR;
+    }
     for (p, outcome) in prepared.iter().zip(&outcomes) {
         let before = p.before.clone().unwrap_or_else(|| "none".into());
         let (result, held) = match outcome {
-            Outcome::Applied(a) => (a.how.label().to_string(), revision.clone()),
+            Outcome::Applied(a) => {
+                if applied_code(&p.name, a) != exit::OK && code == exit::OK {
+                    code = exit::UNRECORDED;
+                }
+                (a.how.label().to_string(), revision.clone())
+            }
             Outcome::Unhealthy(e) => {
                 eprintln!("error: canary {}: {e}; the rollout stopped", p.name);
                 code = code.max(exit::ERROR);

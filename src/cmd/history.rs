@@ -112,10 +112,28 @@ pub fn rollback(
             return ExitCode::from(exit::ERROR);
         }
     };
-    let Some(index) = entries.len().checked_sub(1 + steps as usize) else {
+    // Steps count from the state the target holds, found by its manifest: the newest entry
+    // normally, none when its last apply could not be recorded (then one step back is the
+    // newest entry, the state that was live before it).
+    let options = target::render_options(&target);
+    let live_manifest = target::observe_paths(&name, &target, &options, [MANIFEST.to_string()])
+        .ok()
+        .and_then(|live| live.files.get(MANIFEST).cloned());
+    let live_index = live_manifest.as_ref().and_then(|live| {
+        entries
+            .iter()
+            .rposition(|e| history.file(e.seq, MANIFEST).ok().as_ref() == Some(live))
+    });
+    if live_manifest.is_some() && live_index.is_none() && !entries.is_empty() {
+        println!(
+            "Target {name} holds a state its history does not record (its last apply could not be recorded): counting from there."
+        );
+    }
+    let base = live_index.unwrap_or(entries.len());
+    let Some(index) = base.checked_sub(steps as usize) else {
         eprintln!(
-            "error: target {name} has {} recorded state(s): cannot go back {steps} step(s)",
-            entries.len()
+            "error: target {name} has {} recorded state(s) before the one it holds: cannot go back {steps} step(s)",
+            base
         );
         return ExitCode::from(exit::ERROR);
     };
@@ -131,7 +149,6 @@ pub fn rollback(
         let model = validate(&source)
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
-        let options = target::render_options(&target);
         let live = target::observe_paths(&name, &target, &options, files.keys().cloned())?;
         Ok(plan::plan_files(&name, &model, files, &options, &live))
     })();
@@ -188,18 +205,22 @@ pub fn rollback(
         target,
         plan,
         before: None,
+        git_commit: entry.git_commit.clone(),
     };
+    super::apply::finish_before_exiting();
     let result = super::apply::apply_one(&prepared, Some(entry.seq), false);
     if json {
         to_json(super::apply::result_value(&result));
     }
-    match result {
+    let code = match result {
         Ok(applied) => {
             if !json {
                 super::apply::report_applied(&prepared.name, &applied);
             }
-            ExitCode::from(exit::OK)
+            ExitCode::from(super::apply::applied_code(&prepared.name, &applied))
         }
         Err(e) => super::apply::fail(&e, false),
-    }
+    };
+    super::apply::report_interrupt();
+    code
 }

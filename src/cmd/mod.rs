@@ -23,6 +23,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const CHANGES: u8 = 2;
+    /// Applied (the change is live) but not recorded in the history.
+    pub const UNRECORDED: u8 = 5;
 }
 
 pub fn use_color(choice: ColorChoice, stream_is_terminal: bool) -> bool {

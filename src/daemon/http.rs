@@ -1,7 +1,8 @@
 //! The daemon's HTTP endpoints (I/O edge): `GET /health` (liveness: the daemon runs and
 //! HAProxy answers), `GET /ready` (readiness: the last reconcile succeeded too), `GET /status`,
-//! `GET /metrics`, `POST /reconcile`. Handlers never touch HAProxy themselves: a reconcile goes through the
-//! reconcile loop like any other change.
+//! `GET /metrics`, `POST /reconcile`, `POST /approve?revision=R` (a change the delete guard
+//! holds). Handlers never touch HAProxy themselves: a reconcile goes through the reconcile loop
+//! like any other change.
 
 use super::metrics::Metrics;
 use super::reconcile::{Outcome, Request, Status, Trigger};
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reconcile", post(reconcile))
+        .route("/approve", post(approve))
         .with_state(state)
 }
 
@@ -102,7 +104,10 @@ async fn ready(State(app): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     match &last {
         None => reasons.push("no reconcile has finished yet".to_string()),
-        Some(o) if !o.ok() => reasons.push(format!(
+        // A held change is waiting for confirmation, not a failure: HAProxy serves the last
+        // applied state as it should (and a probe restarting the daemon would only restart
+        // the wait).
+        Some(o) if !o.ok() && o.result != "held" => reasons.push(format!(
             "last reconcile: {}: {}",
             o.result,
             o.message.clone().unwrap_or_default()
@@ -135,11 +140,53 @@ async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 async fn reconcile(State(app): State<AppState>) -> Response {
+    answer_reconcile(&app).await
+}
+
+#[derive(serde::Deserialize)]
+struct Approval {
+    revision: Option<String>,
+}
+
+/// Approves the change the delete guard holds, named by its revision (from `/status`, so that
+/// what is approved is what was looked at), and applies it at once.
+async fn approve(
+    State(app): State<AppState>,
+    axum::extract::Query(approval): axum::extract::Query<Approval>,
+) -> Response {
+    let conflict =
+        |error: String| (StatusCode::CONFLICT, Json(json!({ "error": error }))).into_response();
+    let Some(revision) = approval.revision else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "name the change you approve: POST /approve?revision=<held.revision from /status>"})),
+        )
+            .into_response();
+    };
+    {
+        let mut status = app.status.lock().expect("status");
+        match &status.held {
+            None => return conflict("no change is held".into()),
+            Some(held) if held.revision != revision => {
+                return conflict(format!(
+                    "the change held is revision {}, not {revision}: the state changed since; read /status again",
+                    held.revision
+                ));
+            }
+            Some(_) => status.approved = Some(revision.clone()),
+        }
+    }
+    tracing::info!(revision, "POST /approve: the held change is approved");
+    answer_reconcile(&app).await
+}
+
+async fn answer_reconcile(app: &AppState) -> Response {
     match app.reconcile(Trigger::Request).await {
         Some(outcome) => {
             let code = match outcome.result {
                 "applied" | "unchanged" => StatusCode::OK,
                 "invalid" | "partial" => StatusCode::UNPROCESSABLE_ENTITY,
+                "held" => StatusCode::CONFLICT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             (code, Json(outcome)).into_response()

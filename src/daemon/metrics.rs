@@ -23,6 +23,8 @@ pub struct Metrics {
     pub domains: AtomicU64,
     /// Polls of the state folder (shared with the watcher).
     pub watch_polls: std::sync::Arc<AtomicU64>,
+    /// 1 while a change is held by `global.delete_guard`.
+    pub change_held: AtomicU64,
 }
 
 impl Metrics {
@@ -69,6 +71,7 @@ impl Metrics {
             "partial",
             "failed",
             "rolled_back",
+            "held",
         ] {
             let _ = writeln!(
                 out,
@@ -145,6 +148,11 @@ impl Metrics {
             out,
             "# HELP lunafront_domains Domains in the applied state.\n# TYPE lunafront_domains gauge\nlunafront_domains {}",
             self.domains.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_change_held Whether a change is held because it removes many domains or backends at once (global.delete_guard): see /status.\n# TYPE lunafront_change_held gauge\nlunafront_change_held {}",
+            self.change_held.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -309,6 +309,40 @@ pub struct Global {
     pub isolate_invalid: bool,
     /// Where HAProxy serves its own Prometheus exporter (`/metrics`) and stats page (`/stats`).
     pub stats: Option<Bind>,
+    /// When a change removes many domains or backends at once, it is held (see `DeleteGuard`).
+    pub delete_guard: DeleteGuard,
+}
+
+/// A change that removes more than `count` and more than `percent` % of the domains (or of
+/// the backends) is not applied as it comes: `apply` refuses it without `--allow-deletes`, the
+/// daemon holds it until the state stayed the same for `settle` or someone approves it. A
+/// file cut short, emptied or half written looks like that.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeleteGuard {
+    pub enabled: bool,
+    pub count: u32,
+    pub percent: u32,
+    pub settle: Duration,
+}
+
+impl Default for DeleteGuard {
+    fn default() -> Self {
+        DeleteGuard {
+            enabled: true,
+            count: 10,
+            percent: 10,
+            settle: Duration::from_ms(10_000),
+        }
+    }
+}
+
+impl DeleteGuard {
+    /// Whether removing `removed` of `before` entries goes past the guard.
+    pub fn trips(&self, removed: usize, before: usize) -> bool {
+        self.enabled
+            && removed > self.count as usize
+            && removed * 100 > self.percent as usize * before
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -344,6 +378,7 @@ impl Default for Global {
             },
             isolate_invalid: false,
             stats: None,
+            delete_guard: DeleteGuard::default(),
         }
     }
 }

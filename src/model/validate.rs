@@ -194,11 +194,19 @@ struct RawGlobal {
     #[serde(default)]
     timeouts: BTreeMap<String, Value>,
     stats: Option<RawStats>,
+    delete_guard: Option<Toggle<RawDeleteGuard>>,
 }
 
 #[derive(Deserialize)]
 struct RawStats {
     bind: String,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDeleteGuard {
+    count: Option<u32>,
+    percent: Option<u32>,
+    settle: Option<String>,
 }
 
 struct Checker<'a> {
@@ -1528,6 +1536,26 @@ impl<'a> Checker<'a> {
                     None
                 }
             });
+        let guard = defaults.delete_guard;
+        let delete_guard = match &raw.delete_guard {
+            None | Some(Toggle::Flag(true)) => guard,
+            Some(Toggle::Flag(false)) => DeleteGuard {
+                enabled: false,
+                ..guard
+            },
+            Some(Toggle::Settings(settings)) => DeleteGuard {
+                enabled: true,
+                count: settings.count.unwrap_or(guard.count),
+                percent: settings.percent.unwrap_or(guard.percent),
+                settle: self
+                    .duration(
+                        settings.settle.as_deref(),
+                        "/global/delete_guard/settle",
+                        guard.settle,
+                    )
+                    .unwrap_or(guard.settle),
+            },
+        };
         Global {
             maxconn: raw.maxconn,
             hard_stop_after,
@@ -1542,6 +1570,7 @@ impl<'a> Checker<'a> {
             timeouts,
             isolate_invalid: raw.isolate_invalid,
             stats,
+            delete_guard,
         }
     }
 }

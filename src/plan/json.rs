@@ -47,6 +47,9 @@ struct JsonPlan<'a> {
     changes: Vec<JsonChange<'a>>,
     reload_required: bool,
     files: Vec<JsonFile<'a>>,
+    /// Set when the plan trips `global.delete_guard`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mass_delete: Option<&'a super::MassDelete>,
 }
 
 #[derive(Serialize)]
@@ -119,5 +122,6 @@ fn document(plan: &Plan) -> JsonPlan<'_> {
         changes: plan.changes.iter().map(JsonChange::new).collect(),
         reload_required: plan.reload_required,
         files,
+        mass_delete: plan.mass_delete.as_ref(),
     }
 }

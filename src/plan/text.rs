@@ -110,6 +110,19 @@ pub fn render(plan: &Plan, color: bool) -> String {
             )
         );
     }
+    if let Some(mass) = &plan.mass_delete {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.paint(
+                RED,
+                &format!(
+                    "Guarded: {}. `apply` needs --allow-deletes; the daemon holds it until the state stays the same or it is approved.",
+                    mass.describe()
+                )
+            )
+        );
+    }
     for file in &plan.files {
         out.push('\n');
         file_diff(&mut out, file, &p);

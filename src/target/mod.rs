@@ -90,8 +90,28 @@ pub fn state_dir(target: &Target) -> &std::path::Path {
     }
 }
 
+/// Set when the process was asked to stop (SIGINT, SIGTERM, SIGHUP: see `lunafront apply`):
+/// an apply that has not reached its point of no return stops there with nothing changed,
+/// one past it completes (a process killed in between is what the haproxy target's marker is
+/// for).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks applies to stop at their next point of no return. Async-signal-safe (an atomic store).
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Applies to any target.
 pub fn apply(target: &Target, request: &ApplyRequest) -> Result<Applied, ApplyError> {
+    if interrupted() {
+        return Err(ApplyError::Interrupted {
+            target: request.target_name.clone(),
+        });
+    }
     match target {
         Target::Haproxy(t) => haproxy::apply(t, request),
         Target::Dataplane(t) => dataplane::apply(t, request),
