@@ -15,7 +15,9 @@ pub struct Metrics {
     pub runtime_updates: AtomicU64,
     pub runtime_commands: AtomicU64,
     pub drift_corrections: AtomicU64,
-    pub haproxy_restarts: AtomicU64,
+    /// HAProxy restarts by the supervisor (shared with it: counted when they happen, not at
+    /// the next reconcile).
+    pub haproxy_restarts: std::sync::Arc<AtomicU64>,
     /// Seconds since the epoch of the last successful reconcile (0: none yet).
     pub last_success: Mutex<f64>,
     apply_durations: Mutex<(Vec<u64>, f64, u64)>,

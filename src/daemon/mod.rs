@@ -135,7 +135,7 @@ fn run_with(
 
     let supervisor = target
         .spawn
-        .then(|| supervise::Supervisor::new(target.clone()));
+        .then(|| supervise::Supervisor::new(target.clone(), metrics.haproxy_restarts.clone()));
     // Whatever way this function returns, the HAProxy it runs (or adopted) is stopped.
     let _stop_haproxy = StopOnExit(supervisor.clone());
     if let Some(supervisor) = &supervisor {
@@ -276,7 +276,9 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!("listening on http://{listen} (health, ready, status, metrics, reconcile, approve)");
+    tracing::info!(
+        "listening on http://{listen} (health, ready, status, metrics, reconcile, approve)"
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let api_task = match api {
         Some((api_listener, api_state)) => {

@@ -206,13 +206,6 @@ impl Reconciler {
         let mut outcome = self.reconcile_inner(trigger);
         outcome.duration_ms = started.elapsed().as_millis() as u64;
         self.metrics.count_reconcile(outcome.result);
-        self.metrics.haproxy_restarts.store(
-            self.supervisor
-                .as_ref()
-                .map(|s| s.restarts.load(Ordering::Relaxed))
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
         if outcome.ok() || outcome.result == "partial" {
             *self.metrics.last_success.lock().expect("metrics") = crate::clock::unix_now();
         }

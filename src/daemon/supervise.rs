@@ -19,16 +19,21 @@ pub struct Supervisor {
     target: HaproxyTarget,
     child: Mutex<Option<Child>>,
     stopping: AtomicBool,
-    pub restarts: AtomicU64,
+    /// Restarts made (the daemon's metric reads the same counter).
+    restarts: Arc<AtomicU64>,
+    /// Whether a master of this target ever ran while this daemon watched: until then the
+    /// first reconcile starts HAProxy, and a missing master is no restart.
+    ever_ran: AtomicBool,
 }
 
 impl Supervisor {
-    pub fn new(target: HaproxyTarget) -> Arc<Supervisor> {
+    pub fn new(target: HaproxyTarget, restarts: Arc<AtomicU64>) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             target,
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            restarts: AtomicU64::new(0),
+            restarts,
+            ever_ran: AtomicBool::new(false),
         })
     }
 
@@ -61,6 +66,7 @@ impl Supervisor {
         {
             // Adopted (or ours): recorded, so that it is stopped with the daemon.
             process::record_master(target, proc.master_pid);
+            self.ever_ran.store(true, Ordering::SeqCst);
             return Ok(worker.pid);
         }
         // Our HAProxy, or one started before us, exists but does not answer (yet): a large
@@ -109,6 +115,7 @@ impl Supervisor {
             .map_err(|e| format!("cannot start {}: {e}", target.haproxy_bin.display()))?;
         tracing::info!(pid = child.id(), "started HAProxy");
         process::record_master(target, child.id());
+        self.ever_ran.store(true, Ordering::SeqCst);
         *child_slot = Some(child);
         drop(child_slot);
         let worker = process::wait_ready(target, target.reload_timeout.as_std())?;
@@ -128,6 +135,7 @@ impl Supervisor {
                     break;
                 }
                 if self.master_exists() {
+                    self.ever_ran.store(true, Ordering::SeqCst);
                     let answers = process::running(&self.target).is_some();
                     if !answers && !silent {
                         tracing::warn!(
@@ -140,7 +148,9 @@ impl Supervisor {
                     pause = Duration::from_millis(500);
                     continue;
                 }
-                if !self.target.config.exists() {
+                // Before HAProxy ever ran, starting it is the first reconcile's job: the files
+                // may be half way through being written, and it would be no restart.
+                if !self.target.config.exists() || !self.ever_ran.load(Ordering::SeqCst) {
                     continue;
                 }
                 tracing::warn!("HAProxy is not running: restarting it");

@@ -780,7 +780,7 @@ mod tests {
 
     #[test]
     fn symlink_loops_and_folders_named_like_files_in_a_state_folder() {
-        let dir = tempfile_dir("load-loops");
+        let dir = tempfile_dir("symlink_loops");
         std::fs::write(dir.join("a.yaml"), "version: 1\n").unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/b.yaml"), "domains: {}\n").unwrap();

@@ -66,6 +66,23 @@ const ROWS: &[Row] = &[
         )],
         "state.yaml:4:3: error[yaml-syntax]: agents: `agent-7` is defined twice in the same mapping",
     ),
+    // A file emptied or cut short before its first entry (an editor's truncate-then-write, a
+    // disk full): never read as a state without entries.
+    row(
+        "empty-file",
+        &[("state.yaml", "# the state\ndomains:\n")],
+        "state.yaml:1:1: error[empty-file]: the file names sections but holds no entries: a file cut short or still being written? It is not read as a state without entries",
+    ),
+    // A folder named like a state file (a file replaced by a folder).
+    row(
+        "not-a-file",
+        &[
+            ("a.yaml", "version: 1\n"),
+            ("b.yaml", "domains: {}\n"),
+            ("c.yaml/readme.txt", "a folder, not a file\n"),
+        ],
+        "c.yaml:1:1: error[not-a-file]: a folder has the name of a state file",
+    ),
     // ---- the JSON Schema ----
     row(
         "unknown-field",
@@ -335,6 +352,23 @@ const ROWS: &[Row] = &[
             "version: 1\nlisteners:\n  http: { bind: \":80\" }\ntargets:\n  t: { type: haproxy, config: /x/haproxy.cfg, binds: { htpp: \"10.0.0.5:80\" } }\n",
         )],
         "state.yaml:5:56: error[unknown-listener]: listener `htpp` is not defined",
+    ),
+    // Raw HAProxy lines are the operator's: an entry an agent owns cannot carry them.
+    row(
+        "extra-not-allowed",
+        &[(
+            "state.yaml",
+            "version: 1\nagents:\n  a1: { address: 10.0.0.7 }\nbackends:\n  shop: { owner: a1, servers: [ { agent: a1, port: 80 } ], extra: [ \"timeout queue 5s\" ] }\n",
+        )],
+        "state.yaml:5:60: error[extra-not-allowed]: backend `shop` belongs to agent `a1`: raw HAProxy lines (`extra:`) are for the operator only",
+    ),
+    row(
+        "invalid-extra",
+        &[(
+            "state.yaml",
+            "version: 1\nbackends:\n  shop: { servers: [ { address: 10.0.0.8, port: 80 } ], extra: [ \"backend other\" ] }\n",
+        )],
+        "state.yaml:3:66: error[invalid-extra]: backend `shop` extra line 1: the line starts a new `backend` section; extra lines belong to their own section",
     ),
     row(
         "no-http-listener",
