@@ -51,7 +51,9 @@ pub struct Turn {
     pub cpu_us_per_request: f64,
     /// The front's CPU time over the turn's wall time: at most 1 on one pinned CPU.
     pub cpu_share: f64,
-    pub errors: u64,
+    /// Answers other than 2xx/3xx.
+    pub failed: u64,
+    pub socket_errors: u64,
 }
 
 /// `rounds` rounds of a `seconds` wrk run against each front, in rotated order; a warm-up
@@ -76,7 +78,8 @@ pub fn measure(fronts: &[Front], hosts: &Path, rounds: usize, seconds: u64) -> V
                 p99_ms: r.p99_us / 1000.0,
                 cpu_us_per_request: used.as_secs_f64() * 1e6 / r.requests.max(1) as f64,
                 cpu_share: used.as_secs_f64() / wall.as_secs_f64(),
-                errors: r.status_errors + r.socket_errors(),
+                failed: r.status_errors,
+                socket_errors: r.socket_errors(),
             });
         }
     }
@@ -117,10 +120,11 @@ pub fn sanity(label: &str, fronts: &[Front], turns: &[Vec<Turn>]) -> Vec<String>
                 front.label
             ));
         }
-        let errors: u64 = turns.iter().map(|t| t.errors).sum();
-        if errors > 0 {
+        let failed: u64 = turns.iter().map(|t| t.failed).sum();
+        let socket: u64 = turns.iter().map(|t| t.socket_errors).sum();
+        if failed + socket > 0 {
             problems.push(format!(
-                "{label}: front {}: {errors} failed requests",
+                "{label}: front {}: {failed} answers other than 2xx/3xx and {socket} socket errors (wrk)",
                 front.label
             ));
         }

@@ -257,11 +257,7 @@ fn main() -> ExitCode {
                 }
             }
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into());
+                let message = report::panic_message(panic.as_ref());
                 report.failures.push(format!("{scenario}: {message}"));
             }
         }

@@ -167,7 +167,8 @@ pub fn haproxy_with(bin: &HaproxyBin, config: &Path, cpu: &str, port: u16) -> Pr
         .args(["-db", "-f"])
         .arg(config);
     let mut proc = Proc::spawn("haproxy", cmd, &config.with_extension("log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // 50,000 ACL rules or servers in one backend take a minute to load on a quiet machine.
+    let deadline = Instant::now() + Duration::from_secs(600);
     while !wait_port(port, Duration::from_millis(100)) {
         let exited = proc.child.try_wait().ok().flatten().is_some();
         if exited || Instant::now() > deadline {
@@ -211,15 +212,32 @@ pub fn origin(dir: &Path) -> (Proc, u16) {
 pub fn origin_on(dir: &Path, ports: u16) -> (Proc, u16) {
     let base = free_port_range(ports);
     let config = dir.join(format!("origin-{ports}.cfg"));
+    // HAProxy needs about 2 × maxconn + its listeners in file descriptors, within the limit.
+    let fds = open_files_limit();
+    let maxconn = 9_000.min(fds.saturating_sub(ports as u64 + 200) / 2);
     std::fs::write(
         &config,
         format!(
-            "global\n    maxconn 9000\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n    timeout http-keep-alive 1s\nfrontend origin\n    bind 0.0.0.0:{base}-{}\n    http-request return status 200 content-type text/plain string \"ok\\n\"\n",
+            "global\n    maxconn {maxconn}\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n    timeout http-keep-alive 1s\nfrontend origin\n    bind 0.0.0.0:{base}-{}\n    http-request return status 200 content-type text/plain string \"ok\\n\"\n",
             base + ports - 1
         ),
     )
     .unwrap();
     (haproxy(&config, CLIENT_CPU, base), base)
+}
+
+/// The hard limit on open files (what HAProxy may raise its own limit to).
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_max
+    } else {
+        1024
+    }
 }
 
 pub fn wait_port(port: u16, timeout: Duration) -> bool {

@@ -153,6 +153,25 @@ impl Report {
     }
 }
 
+/// Runs one part of a scenario (one size, one HAProxy); a panic in it becomes a failure of
+/// the run (`what: message`) and the scenario goes on with its other parts and tables.
+pub fn guarded(report: &mut Report, what: &str, part: impl FnOnce(&mut Report)) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part(&mut *report)));
+    if let Err(panic) = outcome {
+        report
+            .failures
+            .push(format!("{what}: {}", panic_message(panic.as_ref())));
+    }
+}
+
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
 /// A figure of `latest` worse than the same figure of `baseline` by more than `tolerance`
 /// (0.10: 10%).
 pub struct Regression {

@@ -11,7 +11,7 @@
 
 use crate::fronts::{self, CONNECTIONS, Front, Turn};
 use crate::procs::{self, HaproxyBin, Platform};
-use crate::report::{Better, Report, Table, median};
+use crate::report::{Better, Report, Table, guarded, median};
 use lunafront::target::haproxy::socket::MasterCli;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -133,79 +133,95 @@ pub fn run(report: &mut Report, root: &Path, quick: bool, bins: &[HaproxyBin]) {
             ),
         ] {
             let dir = root.join(format!("topology-{v}-{key}"));
-            let mut platform = Platform::new(&dir, apps, origin_port);
-            platform.apps_per_agent = per_agent;
-            platform.origin_ports = per_agent.max(100) as u16;
-            let (b_config, generated) = fronts::render_lunafront(&mut platform, &dir);
-            let d = fronts::write_config(&dir, &generated, "d", |h, p, path| {
-                fronts::map_per_app(h, p, &platform, path)
-            });
-            let fronts = [
-                Front::start(bin, "b", &b_config, platform.http_port),
-                Front::start(bin, "d", &d.0, d.1),
-            ];
-            fronts::check_routes(&fronts, apps);
-            let turns =
-                fronts::measure(&fronts, &platform.hosts_file(), sizes.rounds, sizes.seconds);
-            report.failures.extend(fronts::sanity(
+            guarded(
+                report,
                 &format!("topology {label}, HAProxy {v}"),
-                &fronts,
-                &turns,
-            ));
-            let rps = |i: usize| fronts::median_of(&turns[i], |t| t.rps);
-            let cpu = |i: usize| fronts::median_of(&turns[i], |t| t.cpu_us_per_request);
-            let b_d = fronts::ratio(&turns[0], &turns[1], |t| t.rps);
-            // The same comparison read off each front's own CPU: less swayed by what else
-            // runs on a shared machine than requests/s.
-            let b_d_cpu = fronts::ratio(&turns[1], &turns[0], |t| t.cpu_us_per_request);
-            let p99 = fronts::ratio(&turns[0], &turns[1], |t| t.p99_ms);
-            let (mb, md) = (fronts[0].memory_mb().0, fronts[1].memory_mb().0);
-            let name = format!("topology.haproxy{v}.{key}_{}", apps);
-            report.figure(format!("{name}.b_rps"), rps(0), "req/s", Better::Higher);
-            report.figure(format!("{name}.d_rps"), rps(1), "req/s", Better::Higher);
-            report.figure(format!("{name}.b_over_d_rps"), b_d, "ratio", Better::Higher);
-            report.figure(
-                format!("{name}.b_over_d_by_cpu"),
-                b_d_cpu,
-                "ratio",
-                Better::Higher,
+                |report| {
+                    let mut platform = Platform::new(&dir, apps, origin_port);
+                    platform.apps_per_agent = per_agent;
+                    platform.origin_ports = per_agent.max(100) as u16;
+                    let (b_config, generated) = fronts::render_lunafront(&mut platform, &dir);
+                    let d = fronts::write_config(&dir, &generated, "d", |h, p, path| {
+                        fronts::map_per_app(h, p, &platform, path)
+                    });
+                    let fronts = [
+                        Front::start(bin, "b", &b_config, platform.http_port),
+                        Front::start(bin, "d", &d.0, d.1),
+                    ];
+                    fronts::check_routes(&fronts, apps);
+                    let turns = fronts::measure(
+                        &fronts,
+                        &platform.hosts_file(),
+                        sizes.rounds,
+                        sizes.seconds,
+                    );
+                    report.failures.extend(fronts::sanity(
+                        &format!("topology {label}, HAProxy {v}"),
+                        &fronts,
+                        &turns,
+                    ));
+                    let rps = |i: usize| fronts::median_of(&turns[i], |t| t.rps);
+                    let cpu = |i: usize| fronts::median_of(&turns[i], |t| t.cpu_us_per_request);
+                    let b_d = fronts::ratio(&turns[0], &turns[1], |t| t.rps);
+                    // The same comparison read off each front's own CPU: less swayed by what else
+                    // runs on a shared machine than requests/s.
+                    let b_d_cpu = fronts::ratio(&turns[1], &turns[0], |t| t.cpu_us_per_request);
+                    let p99 = fronts::ratio(&turns[0], &turns[1], |t| t.p99_ms);
+                    let (mb, md) = (fronts[0].memory_mb().0, fronts[1].memory_mb().0);
+                    let name = format!("topology.haproxy{v}.{key}_{}", apps);
+                    report.figure(format!("{name}.b_rps"), rps(0), "req/s", Better::Higher);
+                    report.figure(format!("{name}.d_rps"), rps(1), "req/s", Better::Higher);
+                    report.figure(format!("{name}.b_over_d_rps"), b_d, "ratio", Better::Higher);
+                    report.figure(
+                        format!("{name}.b_over_d_by_cpu"),
+                        b_d_cpu,
+                        "ratio",
+                        Better::Higher,
+                    );
+                    report.figure(
+                        format!("{name}.b_cpu_us_per_request"),
+                        cpu(0),
+                        "µs",
+                        Better::Lower,
+                    );
+                    topologies.row(vec![
+                        bin.version.clone(),
+                        label.clone(),
+                        format!("{:.0}", rps(0)),
+                        format!("{:.0}", rps(1)),
+                        format!("**{b_d:.3}**"),
+                        format!("{b_d_cpu:.3}"),
+                        format!("{p99:.2}"),
+                        format!("{:.1} / {:.1} µs", cpu(0), cpu(1)),
+                        format!("{:.1} / {:.1} s", fronts[0].start_s, fronts[1].start_s),
+                        format!("{mb:.0} / {md:.0} MB"),
+                    ]);
+                    report.goal(
+                    "topology",
+                    format!(
+                        "lunafront / hand-written map → backend per app ≥ 0.95, {label} (HAProxy {v})"
+                    ),
+                    format!("{b_d:.3} (by CPU per request {b_d_cpu:.3})"),
+                    b_d >= 0.95,
+                );
+                    drop(fronts);
+                    if key == "one_agent" {
+                        new_app_check(report, &mut new_app, bin, &dir, &mut platform, ADDED);
+                    }
+                    drop(platform);
+                },
             );
-            report.figure(
-                format!("{name}.b_cpu_us_per_request"),
-                cpu(0),
-                "µs",
-                Better::Lower,
-            );
-            topologies.row(vec![
-                bin.version.clone(),
-                label.clone(),
-                format!("{:.0}", rps(0)),
-                format!("{:.0}", rps(1)),
-                format!("**{b_d:.3}**"),
-                format!("{b_d_cpu:.3}"),
-                format!("{p99:.2}"),
-                format!("{:.1} / {:.1} µs", cpu(0), cpu(1)),
-                format!("{:.1} / {:.1} s", fronts[0].start_s, fronts[1].start_s),
-                format!("{mb:.0} / {md:.0} MB"),
-            ]);
-            report.goal(
-                "topology",
-                format!(
-                    "lunafront / hand-written map → backend per app ≥ 0.95, {label} (HAProxy {v})"
-                ),
-                format!("{b_d:.3} (by CPU per request {b_d_cpu:.3})"),
-                b_d >= 0.95,
-            );
-            drop(fronts);
-            if key == "one_agent" {
-                new_app_check(report, &mut new_app, bin, &dir, &mut platform, ADDED);
-            }
-            drop(platform);
             let _ = std::fs::remove_dir_all(&dir);
         }
 
-        one_app_row(report, &mut one_app, bin, root, origin_port, &sizes);
-        memory_row(report, &mut memory, bin, root, origin_port, &sizes);
+        guarded(report, &format!("one app, HAProxy {v}"), |report| {
+            one_app_row(report, &mut one_app, bin, root, origin_port, &sizes)
+        });
+        guarded(
+            report,
+            &format!("{} apps, HAProxy {v}", sizes.memory),
+            |report| memory_row(report, &mut memory, bin, root, origin_port, &sizes),
+        );
     }
     topologies.note("Both configurations share lunafront's `global` and `defaults`, the upstreams (every app its own port of an origin HAProxy on the other CPU; one agent: one address) and the forwarded headers; d routes with `use_backend %[req.hdr(host),field(1,:),lower,map(…)]` to one backend of one server per app — the best a hand-written configuration does. HAProxy resolves a dynamic `use-server` by walking its backend's servers: with every app of an agent in one pool backend, b's cost grows with the apps on the agent.");
     one_app.note("bare: one frontend, one backend, one server, no host routing; +XFF adds `option forwardfor`, +XFP `http-request set-header X-Forwarded-Proto http` (what every lunafront HTTP frontend adds); *lunafront without the headers* is lunafront's configuration with those two lines removed: its routing alone. Each ratio is taken within a round.");

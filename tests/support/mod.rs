@@ -47,7 +47,14 @@ pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
 pub fn haproxy_bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
     BIN.get_or_init(|| {
-        let bin = std::env::var("LUNAFRONT_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        let mut bin = std::env::var("LUNAFRONT_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        // A path made absolute: tests run lunafront and HAProxy from other folders.
+        if bin.contains('/') {
+            bin = std::fs::canonicalize(&bin)
+                .unwrap_or_else(|e| panic!("LUNAFRONT_TEST_HAPROXY={bin}: {e}"))
+                .display()
+                .to_string();
+        }
         let version = haproxy_version_of(&bin);
         if let Ok(wanted) = std::env::var("LUNAFRONT_TEST_HAPROXY_VERSION") {
             assert!(
@@ -76,12 +83,6 @@ fn haproxy_version_of(bin: &str) -> String {
         .to_string()
 }
 
-/// The version line of the HAProxy the tests drive.
-pub fn haproxy_version() -> &'static str {
-    static VERSION: OnceLock<String> = OnceLock::new();
-    VERSION.get_or_init(|| haproxy_version_of(haproxy_bin()))
-}
-
 /// With `$LUNAFRONT_TEST_HAPROXY` set: a PATH whose first folder holds `haproxy` (a link to it),
 /// so that lunafront run by a test (a target's default `haproxy_bin: haproxy`: `haproxy -c`,
 /// `spawn`, the daemon) drives the same HAProxy as the test itself.
@@ -92,10 +93,8 @@ pub fn haproxy_path() -> Option<&'static str> {
         if std::env::var_os("LUNAFRONT_TEST_HAPROXY_VERSION").is_some() {
             haproxy_bin();
         }
-        let bin = std::env::var("LUNAFRONT_TEST_HAPROXY").ok()?;
-        haproxy_bin();
-        let bin = std::fs::canonicalize(&bin)
-            .unwrap_or_else(|e| panic!("LUNAFRONT_TEST_HAPROXY={bin}: {e}"));
+        std::env::var_os("LUNAFRONT_TEST_HAPROXY")?;
+        let bin = PathBuf::from(haproxy_bin());
         // One folder per HAProxy; the link is replaced atomically (test processes may race).
         let key = {
             use std::hash::{Hash, Hasher};
