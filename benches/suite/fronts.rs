@@ -64,8 +64,7 @@ pub fn measure(fronts: &[Front], hosts: &Path, rounds: usize, seconds: u64) -> V
     }
     let mut turns = vec![Vec::with_capacity(rounds); fronts.len()];
     for round in 0..rounds {
-        for k in 0..fronts.len() {
-            let i = (round + k) % fronts.len();
+        for i in order(round, fronts.len()) {
             let front = &fronts[i];
             std::thread::sleep(PAUSE);
             let before = procs::cpu_time(front.proc.pid());
@@ -110,26 +109,67 @@ fn per_round_ratios(x: &[Turn], y: &[Turn], f: fn(&Turn) -> f64) -> Vec<f64> {
 
 /// Problems no honest measurement shows: a front using more than its one CPU, failed requests.
 pub fn sanity(label: &str, fronts: &[Front], turns: &[Vec<Turn>]) -> Vec<String> {
+    let labels: Vec<&str> = fronts.iter().map(|f| f.label.as_str()).collect();
+    sanity_of(label, &labels, turns)
+}
+
+fn sanity_of(label: &str, fronts: &[&str], turns: &[Vec<Turn>]) -> Vec<String> {
     let mut problems = Vec::new();
     for (front, turns) in fronts.iter().zip(turns) {
         let worst = turns.iter().map(|t| t.cpu_share).fold(0.0, f64::max);
         // /proc counts in clock ticks (10 ms): a little over 1 is rounding.
         if worst > 1.05 {
             problems.push(format!(
-                "{label}: front {} used {worst:.2} CPU-seconds per second on one pinned CPU: the CPU measurement is wrong",
-                front.label
+                "{label}: front {front} used {worst:.2} CPU-seconds per second on one pinned CPU: the CPU measurement is wrong"
             ));
         }
         let failed: u64 = turns.iter().map(|t| t.failed).sum();
         let socket: u64 = turns.iter().map(|t| t.socket_errors).sum();
         if failed + socket > 0 {
             problems.push(format!(
-                "{label}: front {}: {failed} answers other than 2xx/3xx and {socket} socket errors (wrk)",
-                front.label
+                "{label}: front {front}: {failed} answers other than 2xx/3xx and {socket} socket errors (wrk)"
             ));
         }
     }
     problems
+}
+
+/// The turn order and the sanity rules, checked on known inputs (`--check` runs it).
+pub fn self_check() -> Vec<String> {
+    let mut problems = Vec::new();
+    let turn = |cpu_share: f64, failed: u64, socket_errors: u64| Turn {
+        rps: 1000.0,
+        cpu_share,
+        failed,
+        socket_errors,
+        ..Turn::default()
+    };
+    let honest = vec![vec![turn(0.99, 0, 0), turn(1.04, 0, 0)]];
+    if !sanity_of("x", &["a"], &honest).is_empty() {
+        problems.push("self-check: an honest front is flagged".into());
+    }
+    for (what, turns) in [
+        (
+            "more than one CPU",
+            vec![vec![turn(0.5, 0, 0), turn(1.2, 0, 0)]],
+        ),
+        ("a failed answer", vec![vec![turn(0.5, 1, 0)]]),
+        ("a socket error", vec![vec![turn(0.5, 0, 1)]]),
+    ] {
+        if sanity_of("x", &["a"], &turns).len() != 1 {
+            problems.push(format!("self-check: {what} is not flagged"));
+        }
+    }
+    let orders: Vec<Vec<usize>> = (0..3).map(|round| order(round, 3)).collect();
+    if orders != [vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1]] {
+        problems.push(format!("self-check: turns do not rotate: {orders:?}"));
+    }
+    problems
+}
+
+/// The fronts' order in `round`: rotated by one each round.
+fn order(round: usize, fronts: usize) -> Vec<usize> {
+    (0..fronts).map(|k| (round + k) % fronts).collect()
 }
 
 /// Every front answers 200 for the first, middle and last host.

@@ -359,6 +359,7 @@ fn compare(path: &Path, latest: &Report) -> bool {
 /// reported, not failures.
 fn check(report: &Report, args: &Args) -> bool {
     let mut problems = report::self_check();
+    problems.extend(fronts::self_check());
     let prefixes = [
         ("compile", "compile."),
         ("dataplane", "dataplane."),
@@ -375,17 +376,7 @@ fn check(report: &Report, args: &Args) -> bool {
             problems.push(format!("scenario {scenario} produced no figures"));
         }
     }
-    for f in &report.figures {
-        if !f.value.is_finite() || f.value < 0.0 {
-            problems.push(format!("figure {} is {}", f.name, f.value));
-        }
-        if f.zero_tolerance && f.value != 0.0 {
-            problems.push(format!(
-                "figure {} is {} {}: it must be 0",
-                f.name, f.value, f.unit
-            ));
-        }
-    }
+    problems.extend(report::figure_problems(&report.figures));
     if report.goals.is_empty() {
         problems.push("no goal was evaluated".into());
     }

@@ -256,6 +256,24 @@ pub fn upper_middle(values: &[f64]) -> f64 {
     percentile(&v, 0.5)
 }
 
+/// What is wrong with the figures themselves: a value that is not a finite number, a
+/// zero-tolerance count (failed requests, socket errors) that is not 0.
+pub fn figure_problems(figures: &[Figure]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in figures {
+        if !f.value.is_finite() || f.value < 0.0 {
+            problems.push(format!("figure {} is {}", f.name, f.value));
+        }
+        if f.zero_tolerance && f.value != 0.0 {
+            problems.push(format!(
+                "figure {} is {} {}: it must be 0",
+                f.name, f.value, f.unit
+            ));
+        }
+    }
+    problems
+}
+
 /// The statistics this suite's figures rest on, checked on known inputs (`--check` runs it:
 /// this bench target has no test harness). Returns what is wrong.
 pub fn self_check() -> Vec<String> {
@@ -293,6 +311,18 @@ pub fn self_check() -> Vec<String> {
     expect(
         "0 against a baseline of 0 is not flagged",
         compare(&zero, &zero, 0.10).0.is_empty(),
+    );
+    let mut counts = Report::default();
+    counts.zero_figure("failed", 0.0, "requests");
+    expect(
+        "a zero-tolerance figure of 0 passes",
+        figure_problems(&counts.figures).is_empty(),
+    );
+    counts.zero_figure("errors", 1.0, "errors");
+    counts.figure("nan", f64::NAN, "ms", Better::Lower);
+    expect(
+        "a zero-tolerance figure above 0 and a NaN fail",
+        figure_problems(&counts.figures).len() == 2,
     );
     let base = report(&[("ms", 100.0, Better::Lower), ("rps", 100.0, Better::Higher)]);
     let worse = report(&[("ms", 109.0, Better::Lower), ("rps", 89.0, Better::Higher)]);
