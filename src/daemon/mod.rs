@@ -96,6 +96,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
+        last_reload: None,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));
@@ -166,6 +167,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
                     model: valid_model.clone(),
                     requests: requests.clone(),
                     status: status.clone(),
+                    daemon_listen: options.listen,
                 },
             )?,
         )),
@@ -228,7 +230,7 @@ fn serve(
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(crate::api::serve(
                     api_listener,
-                    crate::api::router(api_state),
+                    api_state,
                     async move {
                         let _ = stop.changed().await;
                     },

@@ -108,6 +108,9 @@ pub struct Reconciler {
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
     pub after_reconcile: Option<fn()>,
+    /// When the last reload was applied: reloads are at least `api.limits.reload_interval`
+    /// apart, and the changes that need one meanwhile share the next.
+    pub last_reload: Option<Instant>,
 }
 
 impl Reconciler {
@@ -279,8 +282,21 @@ impl Reconciler {
                 Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
             };
         timer.lap("render+observe");
+        let running = haproxy::process::running(&self.target).is_some();
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
         timer.lap("plan");
+        // Reloads are spaced: wait for the interval to pass, then start over so that every
+        // change written meanwhile goes into this one reload.
+        if plan.reload_required
+            && running
+            && let Some(last) = self.last_reload
+        {
+            let interval = crate::api::ops::reload_interval(&model);
+            if last.elapsed() < interval {
+                std::thread::sleep(interval - last.elapsed());
+                return self.reconcile_inner(trigger);
+            }
+        }
         self.metrics
             .domains
             .store(model.domains.len() as u64, Ordering::Relaxed);
@@ -288,8 +304,6 @@ impl Reconciler {
             changes: plan.changes.clone(),
             reload_required: plan.reload_required,
         });
-        let running = haproxy::process::running(&self.target).is_some();
-
         if plan.is_empty() && running {
             // Nothing to write; someone may still have changed HAProxy through its socket.
             if matches!(trigger, Trigger::Timer | Trigger::Start | Trigger::Request) {
@@ -364,6 +378,7 @@ impl Reconciler {
                     }
                     How::Reloaded { .. } | How::RemoteReload { .. } => {
                         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                        self.last_reload = Some(Instant::now());
                     }
                     How::Started { .. } | How::Unchanged => {}
                 }

@@ -84,6 +84,16 @@ pub struct Source {
 
 /// Reads the state at `path` (a file or a directory) and the certificate folders it names.
 pub fn load_path(path: &Path) -> Result<Source, LoadError> {
+    load_path_with(path, None)
+}
+
+/// `load_path`, with one file of a state folder seen as `text` instead of what is on disk
+/// (None: as if it did not exist), whether or not it exists: the state as it would be once
+/// that file is written. The API checks a change this way before writing anything.
+pub fn load_path_with(
+    path: &Path,
+    replace: Option<(&Path, Option<&str>)>,
+) -> Result<Source, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -92,6 +102,12 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
     let paths = if meta.is_dir() {
         let mut found = Vec::new();
         collect_yaml(path, &mut found).map_err(io)?;
+        if let Some((file, text)) = replace {
+            found.retain(|p| p != file);
+            if text.is_some() {
+                found.push(file.to_path_buf());
+            }
+        }
         found.sort();
         if found.is_empty() {
             return Err(LoadError::NoStateFiles(path.to_path_buf()));
@@ -102,10 +118,13 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
     };
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let text = match replace {
+            Some((file, Some(text))) if p == file => text.to_string(),
+            _ => std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
+                path: p.clone(),
+                source,
+            })?,
+        };
         files.push(SourceFile::new(p, text));
     }
     let mut source = Source::parse(files);
