@@ -207,9 +207,11 @@ impl TokenStore {
 
     /// The key hash set for `agent` by its last enrollment, if any.
     pub fn key_of(&self, agent: &str) -> Option<String> {
-        self.read().ok()?.records.into_iter().find_map(|r| {
-            (r.kind == Kind::Key && r.agent == agent).then_some(r.hash)
-        })
+        self.read()
+            .ok()?
+            .records
+            .into_iter()
+            .find_map(|r| (r.kind == Kind::Key && r.agent == agent).then_some(r.hash))
     }
 
     /// Whether a key with this hash was revoked.
@@ -374,9 +376,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
 /// host usually holds a whole /64, so its addresses are one client).
 pub fn client_key(ip: IpAddr) -> IpAddr {
     match crate::model::address::canonical(ip) {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
-            u128::from(v6) & (u128::MAX << 64),
-        )),
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
         v4 => v4,
     }
 }
@@ -461,7 +461,10 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         assert!((0..3).all(|_| limiter.check(&ip, rate).is_ok()));
         let wait = limiter.check(&ip, rate).unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         assert!(
             limiter.check(&"192.0.2.2".parse().unwrap(), rate).is_ok(),
             "another client has its own bucket"

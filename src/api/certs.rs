@@ -241,7 +241,10 @@ mod tests {
             .unwrap();
         assert!(new);
         assert!(front.not_after - crate::clock::unix_now() as i64 > 80 * 86_400);
-        assert_ne!(front.cert_pem, a.cert_pem, "the front's certificate is its own");
+        assert_ne!(
+            front.cert_pem, a.cert_pem,
+            "the front's certificate is its own"
+        );
         let (again, new) = ca
             .for_front("agent-7", "agent-7.mongodb.example.com")
             .unwrap();

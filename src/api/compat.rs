@@ -32,7 +32,6 @@ pub fn routes() -> Router<AppState> {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-
 fn certificates(app: &AppState, issued: Option<&super::certs::Issued>) -> serde_json::Value {
     json!({
         "caCert": app.api.ca.cert_pem,
@@ -107,7 +106,8 @@ async fn authenticate(
         let (agent, key) = (f.text("serverId"), f.text("agentToken"));
         f.done()?;
         let agent2 = agent.clone();
-        app.blocking(move |api| api.check_key(&agent2, &key)).await?;
+        app.blocking(move |api| api.check_key(&agent2, &key))
+            .await?;
         return Ok(Json(json!({
             "success": true,
             "agentId": agent,
@@ -322,7 +322,11 @@ async fn add_database_route(
     }
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let (agent, host, port) = (f.text("agentId"), f.text("targetHost"), f.port("targetPort"));
+    let (agent, host, port) = (
+        f.text("agentId"),
+        f.text("targetHost"),
+        f.port("targetPort"),
+    );
     let use_tls = match body.pointer("/options/useTls") {
         None | Some(serde_json::Value::Null) => true,
         Some(_) => f.flag(&["options", "useTls"]),
@@ -330,9 +334,7 @@ async fn add_database_route(
     f.done()?;
     app.limit_changes(&caller)?;
     let (route, _) = app
-        .blocking(move |api| {
-            api.add_mongodb(&caller, &agent, ("targetHost", &host), port, use_tls)
-        })
+        .blocking(move |api| api.add_mongodb(&caller, &agent, ("targetHost", &host), port, use_tls))
         .await?;
     app.make_live().await?;
     Ok(Json(json!({

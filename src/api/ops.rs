@@ -256,7 +256,9 @@ pub fn check_target_ip(text: &str, settings: &Settings) -> Result<IpAddr, String
 pub fn judge_address(ip: IpAddr, settings: &Settings) -> Result<IpAddr, String> {
     let canonical = address::canonical(ip);
     if !address::is_connectable(ip) {
-        return Err(format!("{ip} is not a public address: nothing can connect to it"));
+        return Err(format!(
+            "{ip} is not a public address: nothing can connect to it"
+        ));
     }
     if settings.allowed_networks.iter().any(|n| n.contains(ip)) {
         return Ok(canonical);
@@ -435,7 +437,9 @@ fn own_listener(
         }
         let hit = match bind.filter(|b| !b.is_unspecified()) {
             Some(b) => address::same_host(b, addr),
-            None => address::is_loopback(addr) || local.iter().any(|l| address::same_host(*l, addr)),
+            None => {
+                address::is_loopback(addr) || local.iter().any(|l| address::same_host(*l, addr))
+            }
         };
         hit.then(|| match bind {
             Some(b) => SocketAddr::new(*b, port).to_string(),
@@ -850,7 +854,8 @@ impl Api {
     fn write_front_pem(&self, agent: &str, dns: &str, dir: &Path) -> Result<bool, ApiError> {
         let path = dir.join(front_pem_name(agent));
         let previous = self.ca.front_certificate(agent);
-        let combined = |i: &Issued| format!("{}{}", i.cert_pem, i.key_pem.clone().unwrap_or_default());
+        let combined =
+            |i: &Issued| format!("{}{}", i.cert_pem, i.key_pem.clone().unwrap_or_default());
         let on_disk = std::fs::read_to_string(&path).ok();
         if let Some(text) = &on_disk
             && previous.as_ref().map(combined).as_deref() != Some(text.as_str())
@@ -860,10 +865,7 @@ impl Api {
                 path.display()
             )));
         }
-        let (issued, _) = self
-            .ca
-            .for_front(agent, dns)
-            .map_err(ApiError::internal)?;
+        let (issued, _) = self.ca.for_front(agent, dns).map_err(ApiError::internal)?;
         let pem = combined(&issued);
         if on_disk.as_deref() == Some(pem.as_str()) {
             return Ok(false);
@@ -1024,14 +1026,15 @@ impl Api {
         let Some(root) = settings.mongodb_domain.clone() else {
             return Ok(false);
         };
-        let terminate = self.mongodb_listener(&model, &settings).ok().and_then(|(_, l)| {
-            match &l.kind {
+        let terminate = self
+            .mongodb_listener(&model, &settings)
+            .ok()
+            .and_then(|(_, l)| match &l.kind {
                 ListenerKind::Tcp {
                     tls: TcpTls::Terminate(certs),
                 } => Some(certs.dir.clone()),
                 _ => None,
-            }
-        });
+            });
         let _guard = self.store.lock();
         let all = self
             .store
@@ -1047,7 +1050,9 @@ impl Api {
             match &terminate {
                 Some(dir) => match self.write_front_pem(agent, &domain, dir) {
                     Ok(c) => changed |= c,
-                    Err(e) => tracing::error!(agent, "renewing {domain}'s certificate: {}", e.message),
+                    Err(e) => {
+                        tracing::error!(agent, "renewing {domain}'s certificate: {}", e.message)
+                    }
                 },
                 None => {
                     if let Some(cert) = self.ca.agent_certificate(agent)
@@ -1246,13 +1251,17 @@ impl Api {
         }
         let merged = match validation.model {
             Some(m) => m,
-            None if isolation_enabled(&source.document) => {
-                crate::model::isolate::isolate(&source, &validation, Some(model))
-                    .map(|i| i.model)
-                    .ok_or_else(|| ApiError::unavailable(
-                        "the state has errors the administrator must fix first; nothing was written",
-                    ))?
-            }
+            None if isolation_enabled(&source.document) => crate::model::isolate::isolate(
+                &source,
+                &validation,
+                Some(model),
+            )
+            .map(|i| i.model)
+            .ok_or_else(|| {
+                ApiError::unavailable(
+                    "the state has errors the administrator must fix first; nothing was written",
+                )
+            })?,
             None => {
                 return Err(ApiError::unavailable(format!(
                     "the state has errors the administrator must fix first ({}); nothing was written",
@@ -1282,7 +1291,9 @@ impl Api {
             .iter()
             .any(|c| {
                 c.mode == ChangeMode::Reload
-                    && names.iter().any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
+                    && names
+                        .iter()
+                        .any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
             });
         if reload && let Caller::Agent(me) = caller {
             self.reloads
@@ -1337,11 +1348,20 @@ impl Api {
             return Ok(());
         };
         let served = merged.with_binds(&self.binds);
-        let mut own: Vec<(Option<IpAddr>, u16)> =
-            served.listeners.values().map(|l| (l.bind.addr, l.bind.port)).collect();
+        let mut own: Vec<(Option<IpAddr>, u16)> = served
+            .listeners
+            .values()
+            .map(|l| (l.bind.addr, l.bind.port))
+            .collect();
         own.extend(self.front.iter().map(|a| (Some(a.ip()), a.port())));
-        let needs_local = own.iter().any(|(a, _)| a.is_none_or(|a| a.is_unspecified()));
-        let local = if needs_local { local_addresses() } else { Vec::new() };
+        let needs_local = own
+            .iter()
+            .any(|(a, _)| a.is_none_or(|a| a.is_unspecified()));
+        let local = if needs_local {
+            local_addresses()
+        } else {
+            Vec::new()
+        };
         for (name, backend) in &fragment.backends {
             for server in backend.servers.iter().filter(|s| s.agent == agent) {
                 if let Some(listener) = own_listener(addr, server.port, &own, &local) {
@@ -1558,7 +1578,10 @@ mod tests {
     #[test]
     fn target_url_schemes_say_whether_the_app_speaks_tls() {
         assert_eq!(parse_target_url("http://10.0.0.5:3000"), Ok((3000, false)));
-        assert_eq!(parse_target_url("https://10.0.0.5:3443/x"), Ok((3443, true)));
+        assert_eq!(
+            parse_target_url("https://10.0.0.5:3443/x"),
+            Ok((3443, true))
+        );
         assert_eq!(parse_target_url("https://app.internal"), Ok((443, true)));
     }
 
@@ -1625,7 +1648,10 @@ mod tests {
     fn backend_names_are_injective_identifiers() {
         assert_eq!(backend_name("agent-7", "shop"), "agent-7_shop");
         // The collision of the old `<agent>--<app>` scheme.
-        assert_ne!(backend_name("gamma", "x--web"), backend_name("gamma--x", "web"));
+        assert_ne!(
+            backend_name("gamma", "x--web"),
+            backend_name("gamma--x", "web")
+        );
         assert_ne!(backend_name("a", "mongodb"), mongodb_backend("a"));
         assert_ne!(backend_name("a_b", "c"), backend_name("a", "b-c"));
         let long = backend_name(&"a".repeat(40), &"b".repeat(40));

@@ -116,7 +116,9 @@ impl Cidr {
 
     fn network(&self) -> IpAddr {
         match self.addr {
-            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from((u32::from(a) as u128 & self.mask()) as u32)),
+            IpAddr::V4(a) => {
+                IpAddr::V4(Ipv4Addr::from((u32::from(a) as u128 & self.mask()) as u32))
+            }
             IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & self.mask())),
         }
     }
@@ -126,7 +128,9 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let mask = self.mask();
         match (canonical(ip), canonical(self.addr)) {
-            (IpAddr::V4(a), IpAddr::V4(n)) => u32::from(a) as u128 & mask == u32::from(n) as u128 & mask,
+            (IpAddr::V4(a), IpAddr::V4(n)) => {
+                u32::from(a) as u128 & mask == u32::from(n) as u128 & mask
+            }
             (IpAddr::V6(a), IpAddr::V6(n)) => u128::from(a) & mask == u128::from(n) & mask,
             _ => false,
         }
@@ -164,7 +168,10 @@ const SPECIAL_V4: &[(&str, Cidr)] = &[
     ("documentation (TEST-NET-1)", Cidr::v4(192, 0, 2, 0, 24)),
     ("AS112-v4", Cidr::v4(192, 31, 196, 0, 24)),
     ("AMT", Cidr::v4(192, 52, 193, 0, 24)),
-    ("6to4 relay anycast (deprecated)", Cidr::v4(192, 88, 99, 0, 24)),
+    (
+        "6to4 relay anycast (deprecated)",
+        Cidr::v4(192, 88, 99, 0, 24),
+    ),
     ("private-use", Cidr::v4(192, 168, 0, 0, 16)),
     ("direct delegation AS112", Cidr::v4(192, 175, 48, 0, 24)),
     ("benchmarking", Cidr::v4(198, 18, 0, 0, 15)),
@@ -182,23 +189,47 @@ const SPECIAL_V6: &[(&str, Cidr)] = &[
     ("loopback", Cidr::v6([0, 0, 0, 0, 0, 0, 0, 1], 128)),
     ("PCP anycast", Cidr::v6([0x2001, 1, 0, 0, 0, 0, 0, 1], 128)),
     ("TURN anycast", Cidr::v6([0x2001, 1, 0, 0, 0, 0, 0, 2], 128)),
-    ("IPv4-IPv6 translation (local use)", Cidr::v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48)),
+    (
+        "IPv4-IPv6 translation (local use)",
+        Cidr::v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),
+    ),
     ("discard-only", Cidr::v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64)),
     ("benchmarking", Cidr::v6([0x2001, 2, 0, 0, 0, 0, 0, 0], 48)),
     ("AS112-v6", Cidr::v6([0x2001, 4, 0x112, 0, 0, 0, 0, 0], 48)),
-    ("direct delegation AS112", Cidr::v6([0x2620, 0x4f, 0x8000, 0, 0, 0, 0, 0], 48)),
+    (
+        "direct delegation AS112",
+        Cidr::v6([0x2620, 0x4f, 0x8000, 0, 0, 0, 0, 0], 48),
+    ),
     ("TEREDO", Cidr::v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32)),
     ("AMT", Cidr::v6([0x2001, 3, 0, 0, 0, 0, 0, 0], 32)),
-    ("documentation", Cidr::v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32)),
-    ("ORCHID (deprecated)", Cidr::v6([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28)),
+    (
+        "documentation",
+        Cidr::v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32),
+    ),
+    (
+        "ORCHID (deprecated)",
+        Cidr::v6([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28),
+    ),
     ("ORCHIDv2", Cidr::v6([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28)),
-    ("drone remote ID", Cidr::v6([0x2001, 0x30, 0, 0, 0, 0, 0, 0], 28)),
-    ("IETF protocol assignments", Cidr::v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23)),
+    (
+        "drone remote ID",
+        Cidr::v6([0x2001, 0x30, 0, 0, 0, 0, 0, 0], 28),
+    ),
+    (
+        "IETF protocol assignments",
+        Cidr::v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),
+    ),
     ("documentation", Cidr::v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20)),
-    ("segment routing (SRv6) SIDs", Cidr::v6([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16)),
+    (
+        "segment routing (SRv6) SIDs",
+        Cidr::v6([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16),
+    ),
     ("unique-local", Cidr::v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7)),
     ("link-local", Cidr::v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10)),
-    ("site-local (deprecated)", Cidr::v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10)),
+    (
+        "site-local (deprecated)",
+        Cidr::v6([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),
+    ),
     ("multicast", Cidr::v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8)),
 ];
 
@@ -217,9 +248,8 @@ pub fn special(ip: IpAddr) -> Option<Special> {
     };
     match ip {
         IpAddr::V4(_) => find(SPECIAL_V4, ip),
-        IpAddr::V6(v6) => find(SPECIAL_V6, ip).or_else(|| {
-            embedded_v4(v6).and_then(|(_, v4)| find(SPECIAL_V4, IpAddr::V4(v4)))
-        }),
+        IpAddr::V6(v6) => find(SPECIAL_V6, ip)
+            .or_else(|| embedded_v4(v6).and_then(|(_, v4)| find(SPECIAL_V4, IpAddr::V4(v4)))),
     }
 }
 

@@ -1400,7 +1400,10 @@ impl<'a> Checker<'a> {
     fn api_settings(&mut self) {
         let doc = self.source.document.clone();
         for key in ["allowed_networks", "trusted_proxies"] {
-            let Some(list) = doc.pointer(&format!("/api/{key}")).and_then(Value::as_array) else {
+            let Some(list) = doc
+                .pointer(&format!("/api/{key}"))
+                .and_then(Value::as_array)
+            else {
                 continue;
             };
             for (i, item) in list.iter().enumerate() {
