@@ -657,12 +657,14 @@ impl ApiFront {
     }
 
     /// `start`, with `files` (path in the site → text) written before the daemon starts.
+    /// `{API}` in `extra` is the API's port.
     pub fn start_with(tls: &str, api: &str, extra: &str, files: &[(&str, String)]) -> ApiFront {
         let site = super::Site::new();
         for (path, text) in files {
             super::write(site.path(), path, text);
         }
         let (http, tcp, api_port) = (super::free_port(), super::free_port(), super::free_port());
+        let extra = extra.replace("{API}", &api_port.to_string());
         let clock = site.path().join("clock-offset");
         std::fs::write(&clock, "0").unwrap();
         super::write(
@@ -693,6 +695,27 @@ impl ApiFront {
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
         let (status, text) = super::http_json(self.api, method, path, token, body.as_ref());
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
+    /// `call` from a loopback address of its own (each client has its own rate limit).
+    pub fn call_from(
+        &self,
+        source: &str,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let (status, text) = super::http_json_from(
+            source.parse().unwrap(),
+            self.api,
+            method,
+            path,
+            token,
+            body.as_ref(),
+        );
         let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         (status, value)
     }
