@@ -542,7 +542,7 @@ fn generated_names_cannot_collide_and_a_change_the_state_would_refuse_is_never_w
 }
 
 #[test]
-fn admin_ids_are_checked_and_files_outside_the_api_s_are_never_touched() {
+fn data_folders_made_by_agent_enroll_before_the_daemon_are_as_closed_as_its_own() {
     // Folders made by `agent enroll` before any daemon ran are as closed as the daemon's.
     let site = Site::new();
     write(
@@ -556,7 +556,10 @@ fn admin_ids_are_checked_and_files_outside_the_api_s_are_never_touched() {
     assert_eq!(mode(&site.path().join("daemon")), 0o700);
     assert_eq!(mode(&site.path().join("daemon/api")), 0o700);
     assert_eq!(mode(&site.path().join("daemon/api/tokens.json")), 0o600);
+}
 
+#[test]
+fn admin_ids_are_checked_and_files_outside_the_api_s_are_never_touched() {
     let admin_cert = TestCa::new().leaf(&["mongodb.example.net"]).combined();
     let front = ApiFront::start_with(
         "terminate, certificates: certs",
@@ -565,9 +568,17 @@ fn admin_ids_are_checked_and_files_outside_the_api_s_are_never_touched() {
         &[
             ("state/certs/default.pem", admin_cert.clone()),
             ("state/victim.yaml", "domains: {}\n".to_string()),
+            ("outside.yaml", "agents: {}\n".to_string()),
         ],
     );
+    // An agent named `default` gets a MongoDB certificate without touching the
+    // administrator's certs/default.pem.
+    let jwt = front.register("default", "127.0.0.1");
+    // With agents.d in place (an agent registered), ids that are paths would name files
+    // outside it: in the state folder, and outside the state folder.
     for (method, path) in [
+        ("DELETE", "/v1/agents/..%2Fvictim"),
+        ("DELETE", "/v1/agents/..%2F..%2Foutside"),
         ("DELETE", "/v1/agents/%2F..%2Fvictim"),
         ("GET", "/v1/agents/%2F..%2Fvictim"),
         ("POST", "/v1/agents/..%2Fvictim/enroll"),
@@ -581,12 +592,12 @@ fn admin_ids_are_checked_and_files_outside_the_api_s_are_never_touched() {
     }
     assert!(
         front.site.path().join("state/victim.yaml").exists(),
-        "a file outside agents.d was deleted"
+        "a state file outside agents.d was deleted"
     );
-
-    // An agent named `default` gets a MongoDB certificate without touching the
-    // administrator's certs/default.pem.
-    let jwt = front.register("default", "127.0.0.1");
+    assert!(
+        front.site.path().join("outside.yaml").exists(),
+        "a file outside the state folder was deleted"
+    );
     let mongod = tcp_backend("mongod");
     let (status, body) = front.call(
         "POST",

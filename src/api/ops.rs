@@ -1251,7 +1251,7 @@ impl Api {
         }
         let merged = match validation.model {
             Some(m) => m,
-            None if isolation_enabled(&source.document) => crate::model::isolate::isolate(
+            None if crate::daemon::reconcile::isolation_enabled(&source.document) => crate::model::isolate::isolate(
                 &source,
                 &validation,
                 Some(model),
@@ -1443,14 +1443,6 @@ fn another_agents_address(
                     .is_ok_and(|other| address::same_host(other, ip))
             })
         })
-}
-
-/// `global.isolate_invalid`, read from the raw document (the state may not validate).
-fn isolation_enabled(document: &Value) -> bool {
-    document
-        .pointer("/global/isolate_invalid")
-        .and_then(Value::as_bool)
-        == Some(true)
 }
 
 /// The answer to a change the state would refuse: 400 naming the agent's own fields when every

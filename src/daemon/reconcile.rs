@@ -421,7 +421,7 @@ impl Reconciler {
 
 /// `global.isolate_invalid`, read from the raw document: the setting must work even when the
 /// state does not validate.
-fn isolation_enabled(document: &serde_json::Value) -> bool {
+pub(crate) fn isolation_enabled(document: &serde_json::Value) -> bool {
     document
         .pointer("/global/isolate_invalid")
         .and_then(serde_json::Value::as_bool)
