@@ -636,7 +636,7 @@ fn hostile_inputs_are_refused_with_every_field_named_and_nothing_written() {
         "POST",
         "/api/agent/register",
         None,
-        Some(json!({"agentId": "bad id", "agentKey": "short", "targetIp": "10.0.0.1"})),
+        Some(json!({"agentId": "bad id", "agentKey": "short", "targetIp": "10.0.0.1x"})),
     );
     assert_eq!(status, 400, "{body}");
     for f in ["agentId", "agentKey", "targetIp"] {

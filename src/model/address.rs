@@ -81,25 +81,30 @@ impl Cidr {
     /// Parses `address/prefix`; the prefix fits the family and no host bit is set (a network
     /// written with host bits, `10.0.0.1/8`, is almost always a typo for something else).
     pub fn parse(text: &str) -> Result<Cidr, String> {
+        // Quoted: a hostile value cannot carry control characters into a message.
+        let quote = crate::spec::diagnostics::quote;
         let Some((addr, prefix)) = text.split_once('/') else {
             return Err(format!(
-                "`{text}` is not a network: write address/prefix, such as 10.0.0.0/8 or fd00::/8"
+                "{} is not a network: write address/prefix, such as 10.0.0.0/8 or fd00::/8",
+                quote(text)
             ));
         };
         let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("`{addr}` is not an IP address"))?;
+            .map_err(|_| format!("{} is not an IP address", quote(addr)))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix: u8 = prefix
-            .parse()
-            .ok()
-            .filter(|p| *p <= max)
-            .ok_or_else(|| format!("the prefix `/{prefix}` is not 0 to {max}"))?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| {
+            format!(
+                "the prefix {} is not 0 to {max}",
+                quote(&format!("/{prefix}"))
+            )
+        })?;
         let cidr = Cidr { addr, prefix };
         let network = cidr.network();
         if network != addr {
             return Err(format!(
-                "`{text}` has host bits set: the network is {network}/{prefix}"
+                "{} has host bits set: the network is {network}/{prefix}",
+                quote(text)
             ));
         }
         Ok(cidr)
