@@ -313,6 +313,61 @@ fn the_unchanged_agent_installs_deploys_redeploys_and_registers_mongodb_for_more
     let answer = axios_get(front.api, "/api/proxy/routes", &jwt);
     assert_eq!(answer.status, 401, "day 802: {}", answer.body);
     assert!(mongod.connections.load(Ordering::Relaxed) >= 1);
+
+    // Day 802, 23 days before mongod's certificate ends (the daemon warns): what the agent
+    // must do is the installer's certificate step again — authenticate with its key, fetch
+    // its config — which hands out a new certificate.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !front.daemon.log_text().contains("must fetch a new one") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning about the certificate's end: {}",
+            front.daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let auth = curl(&[
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:{}/api/agents/authenticate", front.api),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &format!("{{\"agentId\":\"{SERVER_ID}\",\"agentKey\":\"{agent_token}\"}}"),
+    ]);
+    assert_eq!(auth.status, 200, "{}", auth.body);
+    let jwt = auth.json()["token"].as_str().unwrap().to_string();
+    let config = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {jwt}"),
+        &format!("http://127.0.0.1:{}/api/config/{SERVER_ID}", front.api),
+    ])
+    .json();
+    let renewed = config["certificates"]["serverCert"].as_str().unwrap();
+    assert_ne!(renewed, server_cert, "not renewed at day 802");
+    let renewed_mongod = mongod_stand_in(
+        "mongod-renewed",
+        renewed,
+        config["certificates"]["serverKey"].as_str().unwrap(),
+    );
+    let answer = axios_post(
+        front.api,
+        "/api/mongodb/register",
+        &jwt,
+        &format!(
+            "{{\"agentId\":\"{SERVER_ID}\",\"targetIp\":\"{PUBLIC_IP}\",\"targetPort\":{},\"useTls\":true}}",
+            renewed_mongod.port
+        ),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let mut conn = LongLived::open(
+        client_config_at(&ca, at(1600)),
+        front.tcp,
+        &format!("{SERVER_ID}.mongodb.example.com"),
+    )
+    .unwrap();
+    conn.handshake()
+        .expect("the renewed certificate is valid at day 1600");
 }
 
 #[test]
