@@ -291,9 +291,9 @@ impl Reconciler {
             && running
             && let Some(last) = self.last_reload
         {
-            let interval = crate::api::ops::reload_interval(&model);
-            if last.elapsed() < interval {
-                std::thread::sleep(interval - last.elapsed());
+            let (interval, elapsed) = (crate::api::ops::reload_interval(&model), last.elapsed());
+            if elapsed < interval {
+                std::thread::sleep(interval - elapsed);
                 return self.reconcile_inner(trigger);
             }
         }
