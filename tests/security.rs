@@ -689,3 +689,62 @@ fn what_already_held_cross_tenant_access_injection_and_oversized_bodies() {
     assert_eq!(status, 413, "{body}");
     let _: Value = body;
 }
+
+#[test]
+fn reload_forcing_changes_of_many_tenants_share_reloads() {
+    let front = ApiFront::start(
+        "passthrough",
+        "  allowed_networks: [ \"127.0.0.0/8\" ]\n",
+        "",
+    );
+    let app = App::start("app");
+    let tenants: Vec<(String, String)> = (1..=8)
+        .map(|i| {
+            let agent = format!("tenant-{i}");
+            let jwt = front.register(&agent, &format!("127.0.3.{i}"));
+            (agent, jwt)
+        })
+        .collect();
+    let route = |agent: &str, jwt: &str, i: usize, check: bool| {
+        axios_post(
+            front.api,
+            "/api/proxy/http",
+            jwt,
+            &format!(
+                "{{\"agentId\":\"{agent}\",\"subdomain\":\"{agent}-app\",\"targetUrl\":\"http://127.0.3.{i}:{}\",\"options\":{{\"useTls\":true,\"check\":{check}}}}}",
+                app.port
+            ),
+        )
+    };
+    for (i, (agent, jwt)) in tenants.iter().enumerate() {
+        assert_eq!(route(agent, jwt, i + 1, false).status, 200);
+    }
+    // Each tenant turns its health check on (a reload each), a quarter of a second apart.
+    let (before, _) = front.generation();
+    std::thread::scope(|scope| {
+        for (i, (agent, jwt)) in tenants.iter().enumerate() {
+            let route = &route;
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_millis(250 * i as u64));
+                let answer = route(agent, jwt, i + 1, true);
+                assert_eq!(answer.status, 200, "{agent}: {}", answer.body);
+            });
+        }
+    });
+    let (after, _) = front.generation();
+    assert!(
+        after - before <= 3,
+        "8 reload-forcing changes in 2 s made {} reloads",
+        after - before
+    );
+    // Every change is live.
+    for (i, _) in tenants.iter().enumerate() {
+        let (status, _) = http_get(
+            front.http,
+            &format!("tenant-{}-app.apps.example.com", i + 1),
+            "/",
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+    }
+}

@@ -207,7 +207,7 @@ impl AppState {
             .lock()
             .map_err(|_| ApiError::unavailable("the daemon is stopping"))?
             .send(Request {
-                trigger: Trigger::Request,
+                trigger: Trigger::Api,
                 reply: Some(tx),
             })
             .map_err(|_| ApiError::unavailable("the daemon is stopping"))?;

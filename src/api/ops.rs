@@ -134,8 +134,8 @@ pub struct Limits {
     /// Changes that need HAProxy to reload (each reload leaves old workers serving long-lived
     /// connections until they end or `mworker_max_reloads` ends them).
     pub reloads: Rate,
-    /// The daemon applies at most one reload per this: changes that need one meanwhile wait
-    /// and share the next.
+    /// Reloads asked for by the API are at least this far apart: changes that need one
+    /// meanwhile wait and share the next.
     pub reload_interval: Duration,
     /// Domains one agent may have.
     pub routes_per_agent: usize,
@@ -228,7 +228,8 @@ impl Settings {
     }
 }
 
-/// `api.limits.reload_interval` (default 2s): the daemon's reloads are at least this far apart.
+/// `api.limits.reload_interval` (default 2s): a reload the agent API asks for comes at least
+/// this long after the previous one.
 pub fn reload_interval(model: &Model) -> Duration {
     model
         .api

@@ -97,6 +97,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
         last_reload: None,
+        for_api: false,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

@@ -32,8 +32,10 @@ pub enum Trigger {
     Files,
     /// The drift timer.
     Timer,
-    /// `POST /reconcile` or an API change.
+    /// `POST /reconcile`.
     Request,
+    /// A change made through the agent API.
+    Api,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -108,9 +110,11 @@ pub struct Reconciler {
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
     pub after_reconcile: Option<fn()>,
-    /// When the last reload was applied: reloads are at least `api.limits.reload_interval`
-    /// apart, and the changes that need one meanwhile share the next.
+    /// When the last reload was applied: reloads the agent API asks for are at least
+    /// `api.limits.reload_interval` after it, and the changes that need one meanwhile share it.
     pub last_reload: Option<Instant>,
+    /// The reconcile being run serves an agent API change.
+    pub for_api: bool,
 }
 
 impl Reconciler {
@@ -123,6 +127,7 @@ impl Reconciler {
                 batch.push(more);
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
+            self.for_api = batch.iter().any(|r| r.trigger == Trigger::Api);
             let outcome = self.reconcile(trigger);
             if let Some(release) = self.after_reconcile {
                 release();
@@ -285,10 +290,12 @@ impl Reconciler {
         let running = haproxy::process::running(&self.target).is_some();
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
         timer.lap("plan");
-        // Reloads are spaced: wait for the interval to pass, then start over so that every
-        // change written meanwhile goes into this one reload.
+        // Reloads that agents cause are spaced (a tenant must not be able to reload away the
+        // others' long-lived connections): wait for the interval to pass, then start over so
+        // that every change written meanwhile goes into this one reload.
         if plan.reload_required
             && running
+            && self.for_api
             && let Some(last) = self.last_reload
         {
             let (interval, elapsed) = (crate::api::ops::reload_interval(&model), last.elapsed());
@@ -306,7 +313,10 @@ impl Reconciler {
         });
         if plan.is_empty() && running {
             // Nothing to write; someone may still have changed HAProxy through its socket.
-            if matches!(trigger, Trigger::Timer | Trigger::Start | Trigger::Request) {
+            if matches!(
+                trigger,
+                Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Api
+            ) {
                 match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
                     Ok(Some(what)) => {
                         self.metrics
