@@ -134,9 +134,6 @@ pub struct Limits {
     /// Changes that need HAProxy to reload (each reload leaves old workers serving long-lived
     /// connections until they end or `mworker_max_reloads` ends them).
     pub reloads: Rate,
-    /// Reloads asked for by the API are at least this far apart: changes that need one
-    /// meanwhile wait and share the next.
-    pub reload_interval: Duration,
     /// Domains one agent may have.
     pub routes_per_agent: usize,
 }
@@ -152,7 +149,6 @@ impl Default for Limits {
                 per_minute: 12.0 / 60.0,
                 burst: 4.0,
             },
-            reload_interval: Duration::from_secs(2),
             routes_per_agent: 100,
         }
     }
@@ -219,7 +215,6 @@ impl Settings {
                         .unwrap_or(defaults.reloads.per_minute),
                     burst: limit("reload_burst").unwrap_or(defaults.reloads.burst),
                 },
-                reload_interval: reload_interval(model),
                 routes_per_agent: limit("routes_per_agent")
                     .map(|n| n as usize)
                     .unwrap_or(defaults.routes_per_agent),
@@ -238,7 +233,7 @@ pub fn reload_interval(model: &Model) -> Duration {
         .and_then(Value::as_str)
         .and_then(|t| names::parse_duration(t).ok())
         .map(|d| d.as_std())
-        .unwrap_or(Limits::default().reload_interval)
+        .unwrap_or(Duration::from_secs(2))
 }
 
 /// The address policy: an agent's address is one the world can reach (or in a network the
@@ -393,11 +388,6 @@ pub fn parse_target_url(url: &str) -> Result<(u16, bool), String> {
         _ => default,
     };
     Ok((port, tls))
-}
-
-/// The port of a target URL.
-pub fn port_of_url(url: &str) -> Result<u16, String> {
-    parse_target_url(url).map(|(port, _)| port)
 }
 
 /// The backend of an agent's app: `<agent>_<label>`. Injective: a label never holds `_` or
@@ -1545,6 +1535,7 @@ mod tests {
 
     #[test]
     fn target_urls_give_their_port() {
+        let port_of_url = |url: &str| parse_target_url(url).map(|(port, _)| port);
         assert_eq!(port_of_url("http://127.0.0.1:3000"), Ok(3000));
         assert_eq!(port_of_url("https://app.internal/health"), Ok(443));
         assert_eq!(port_of_url("http://[::1]:8080/x"), Ok(8080));
