@@ -437,6 +437,23 @@ fn the_rate_limit_sees_the_real_client_behind_proxies_and_never_a_forged_header(
         .map(|_| attempt("127.0.6.1", front.http, "api.example.com", "").status)
         .collect();
     assert!(statuses.contains(&429), "{statuses:?}");
+    // Nor can a client behind the proxy dodge its limit with a forged X-Forwarded-For (HAProxy
+    // appends the address it sees; the rightmost untrusted one is the client).
+    let statuses: Vec<u16> = (0..12)
+        .map(|i| {
+            attempt(
+                "127.0.6.2",
+                front.http,
+                "api.example.com",
+                &format!("X-Forwarded-For: 198.51.100.{i}\r\n"),
+            )
+            .status
+        })
+        .collect();
+    assert!(
+        statuses.contains(&429),
+        "a forged header behind the proxy reset the limit: {statuses:?}"
+    );
     // A direct client forging X-Forwarded-For is still itself.
     let statuses: Vec<u16> = (0..12)
         .map(|i| {
