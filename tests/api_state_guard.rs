@@ -316,6 +316,28 @@ fn every_write_that_would_make_the_merged_state_invalid_is_refused_and_writes_no
         "alias.example.com",
     );
 
+    // Removing an agent with more routes than the delete guard lets one change remove: the
+    // daemon would hold it (and answer "saved but not live"), so the API refuses it.
+    let e = front.register("e", "127.0.3.5");
+    for i in 0..12 {
+        let (status, body) = front.call(
+            "POST",
+            "/api/proxy/http",
+            Some(&e),
+            Some(json!({"agentId": "e", "subdomain": format!("app{i}"), "targetUrl": "http://127.0.0.1:3000"})),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    r.check(
+        "removing an agent with more routes than the delete guard lets through",
+        "DELETE",
+        "/v1/agents/e",
+        ADMIN,
+        None,
+        409,
+        "delete_guard",
+    );
+
     // Every write operation of the document was driven into a refusal.
     let spec: Value = serde_yaml::from_str(
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml")).unwrap(),

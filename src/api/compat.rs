@@ -55,6 +55,15 @@ async fn register(
         f.text("agentKey"),
         f.text("targetIp"),
     );
+    if !key.is_empty() && !super::ops::is_agent_key(&key) {
+        f.errors
+            .insert("agentKey".into(), super::ops::AGENT_KEY_RULE.into());
+    }
+    if !ip.is_empty()
+        && let Err(e) = super::ops::parse_ip(&ip)
+    {
+        f.errors.insert("targetIp".into(), e);
+    }
     // Read for its type only: the agent's display name is not kept.
     let _name = f.optional_text("agentName");
     let csr = f.optional_text("csr");

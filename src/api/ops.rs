@@ -1396,6 +1396,19 @@ impl Api {
             }
         };
         self.check_own_listeners(agent, fragment, &merged)?;
+        // The daemon would hold a change that removes this much (`global.delete_guard`): the
+        // answer would be "saved but not live". An API call removes a few at a time.
+        if let Some(mass) = crate::plan::MassDelete::between(model, &merged) {
+            return Err(ApiError::conflict(format!(
+                "the change removes {} of {} domains and {} of {} backends: more than `global.delete_guard` lets one change remove (more than {} and more than {}%); nothing was written: remove the routes a few at a time, or the administrator removes them in the files",
+                mass.domains_removed,
+                mass.domains_before,
+                mass.backends_removed,
+                mass.backends_before,
+                mass.count,
+                mass.percent
+            )));
+        }
         // The plan's own typed diff says whether this agent's change needs a reload.
         let old = self
             .store
