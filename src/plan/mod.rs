@@ -8,6 +8,7 @@ pub mod saved;
 pub mod text;
 
 use crate::model::Model;
+use crate::render::layout::SlotPools;
 use crate::render::{MANIFEST, RenderOptions, Rendered, readback};
 use crate::target::files::Files;
 use diff::{Action, Change, Kind, Mode};
@@ -47,6 +48,14 @@ impl Live {
 
     pub fn config<'a>(&'a self, config_name: &str) -> Option<&'a [u8]> {
         self.files.get(config_name).map(Vec::as_slice)
+    }
+
+    /// The app slots of the configuration the target holds (none when it holds none): what a
+    /// rendering for it starts from (`render::render_onto`).
+    pub fn slot_pools(&self, config_name: &str) -> SlotPools {
+        self.config(config_name)
+            .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
+            .unwrap_or_default()
     }
 }
 
@@ -115,7 +124,15 @@ pub fn plan_files(
     let empty = empty_model();
     let previous = live.previous.as_deref().unwrap_or(&empty);
     let model = &*model.with_binds(&options.binds);
-    let mut changes = diff::diff_models(previous, model);
+    let slots_after = new_files
+        .get(&options.config_name)
+        .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
+        .unwrap_or_default();
+    let slots = diff::Slots {
+        before: &live.slot_pools(&options.config_name),
+        after: &slots_after,
+    };
+    let mut changes = diff::diff_models(previous, model, &slots);
 
     let files = file_changes(&new_files, live);
 
@@ -228,21 +245,16 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
 
 /// The ground truth of reload versus runtime: a reload is needed when the configuration on the
 /// target differs from the new one in anything but what the runtime API changes (server
-/// address, port, weight, state; servers added or removed; map and certificate contents).
+/// address, port, weight, state; servers added or removed; map and certificate contents), or
+/// when a change at runtime could not be made safely (`readback::runtime_blocker`).
 pub fn needs_reload(live: &Live, new_files: &Files, config_name: &str) -> bool {
     let (Some(config), Some(new_config)) = (live.config(config_name), new_files.get(config_name))
     else {
         return true;
     };
-    let new_config = String::from_utf8_lossy(new_config);
-    let config = String::from_utf8_lossy(config);
-    if readback::skeleton(&config) != readback::skeleton(&new_config) {
-        return true;
-    }
-    // Options fixed at a server's creation (checks, TLS) differ: a reload recreates it.
-    let before = readback::parse_servers(&config);
-    let after = readback::parse_servers(&new_config);
-    before
-        .iter()
-        .any(|(key, old)| after.get(key).is_some_and(|new| new.options != old.options))
+    readback::runtime_blocker(
+        &String::from_utf8_lossy(config),
+        &String::from_utf8_lossy(new_config),
+    )
+    .is_some()
 }

@@ -2,8 +2,8 @@
 //! `plan` and the targets can compare it with a new rendering: which servers each backend has,
 //! which map entries, and whether anything besides those differs (then a reload is needed).
 
-use super::layout::ServerLine;
-use std::collections::BTreeMap;
+use super::layout::{self, ServerLine, SlotPools};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// `(backend, server)` → server, for every `server` line of a rendered configuration.
@@ -73,6 +73,82 @@ pub fn skeleton(config: &str) -> String {
         .filter(|l| !l.trim_start().starts_with("server "))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The app slots of a configuration: each pool's size (its highest slot backend) and which app
+/// each slot holds (the name of its server). What the next rendering starts from, so that apps
+/// keep their slots (`layout::assign_slots`).
+pub fn slot_pools(config: &str) -> SlotPools {
+    let mut pools = SlotPools::default();
+    let mut slot = None;
+    for line in config.lines() {
+        if let Some(name) = line.strip_prefix("backend ") {
+            slot = layout::parse_slot_name(name.trim());
+            if let Some((mode, index)) = slot {
+                let pool = pools.pool_mut(mode);
+                pool.capacity = pool.capacity.max(index);
+            }
+            continue;
+        }
+        if !line.starts_with(' ') && !line.is_empty() {
+            slot = None;
+        }
+        let (Some((mode, index)), Some(rest)) = (slot, line.trim_start().strip_prefix("server "))
+        else {
+            continue;
+        };
+        if let Some(name) = rest.split_whitespace().next() {
+            // A slot holds one app; should one be listed twice, it keeps its lowest slot.
+            let apps = &mut pools.pool_mut(mode).apps;
+            let held = apps.entry(name.to_string()).or_insert(index);
+            *held = (*held).min(index);
+        }
+    }
+    pools
+}
+
+/// Why HAProxy cannot be taken from configuration `old` to `new` through its runtime API, or
+/// `None` when it can: the one rule that `plan` (reload or not) and the haproxy target's
+/// runtime operations share.
+pub fn runtime_blocker(old: &str, new: &str) -> Option<String> {
+    if skeleton(old) != skeleton(new) {
+        return Some("the configuration changes beyond servers and maps".into());
+    }
+    let (before, after) = (parse_servers(old), parse_servers(new));
+    for (key, server) in &before {
+        if after.get(key).is_some_and(|s| s.options != server.options) {
+            return Some(format!(
+                "server {}/{} changes settings fixed at its creation (checks, TLS)",
+                key.0, key.1
+            ));
+        }
+    }
+    // A slot whose app changes in one step: at runtime the old app's routes could still
+    // point at the slot while the new app's server is in it. A reload switches both at once.
+    let names = |servers: &Servers, backend: &str| -> BTreeSet<String> {
+        servers
+            .range((backend.to_string(), String::new())..)
+            .take_while(|((b, _), _)| b == backend)
+            .map(|((_, n), _)| n.clone())
+            .collect()
+    };
+    let slots: BTreeSet<&str> = before
+        .keys()
+        .chain(after.keys())
+        .map(|(b, _)| b.as_str())
+        .filter(|b| layout::parse_slot_name(b).is_some())
+        .collect();
+    for slot in slots {
+        let (was, now) = (names(&before, slot), names(&after, slot));
+        if was.difference(&now).next().is_some() && now.difference(&was).next().is_some() {
+            return Some(format!(
+                "slot {slot} passes from app {} to app {}",
+                was.iter().cloned().collect::<Vec<_>>().join(", "),
+                now.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    None
 }
 
 /// Entries of a map file (`key value` per line; blank lines and `#` comments skipped).
