@@ -199,6 +199,39 @@ impl Slots<'_> {
         }
     }
 
+    /// Why app `name` of `mode` entering or leaving a slot needs a reload: its pool is
+    /// resized, or its slot passes between it and another app in this one change (what a
+    /// rollback to files rendered earlier can ask). At runtime the old app's routes could
+    /// still point at the slot while the new app's server is in it; a reload switches both
+    /// at once.
+    fn reload_reason_for(&self, name: &str, mode: BackendMode) -> Option<String> {
+        if let Some(reason) = self.reload_reason(mode) {
+            return Some(reason);
+        }
+        let (before, after) = (self.before.pool(mode), self.after.pool(mode));
+        let handover = |slot: Option<&u32>, other: &layout::SlotPool| {
+            let slot = *slot?;
+            let holder = other
+                .apps
+                .iter()
+                .find(|(a, s)| **s == slot && *a != name)?
+                .0;
+            Some((slot, holder.clone()))
+        };
+        if let Some((slot, holder)) = handover(after.apps.get(name), before) {
+            return Some(format!(
+                "{} passes from app {holder} to app {name}: a reload switches both at once",
+                layout::slot_name(mode, slot)
+            ));
+        }
+        handover(before.apps.get(name), after).map(|(slot, holder)| {
+            format!(
+                "{} passes from app {name} to app {holder}: a reload switches both at once",
+                layout::slot_name(mode, slot)
+            )
+        })
+    }
+
     fn slot(pools: &SlotPools, name: &str, mode: BackendMode) -> String {
         pools
             .slot_of(name, mode)
@@ -495,7 +528,7 @@ fn backend_changes(old: &Model, new: &Model, slots: &Slots<'_>, out: &mut Vec<Ch
     let d = diff_maps(&old.backends, &new.backends);
     for (name, b) in d.added {
         let (mode, reason) = if layout::is_app(b) {
-            match slots.reload_reason(b.mode) {
+            match slots.reload_reason_for(name, b.mode) {
                 Some(reason) => (Mode::Reload, reason),
                 None => (
                     Mode::Runtime,
@@ -518,7 +551,7 @@ fn backend_changes(old: &Model, new: &Model, slots: &Slots<'_>, out: &mut Vec<Ch
     }
     for (name, b) in d.removed {
         let (mode, reason) = if layout::is_app(b) {
-            match slots.reload_reason(b.mode) {
+            match slots.reload_reason_for(name, b.mode) {
                 Some(reason) => (Mode::Reload, reason),
                 None => (
                     Mode::Runtime,
@@ -593,8 +626,8 @@ fn backend_update(slots: &Slots<'_>, name: &str, o: &Backend, n: &Backend, out: 
             if from != to {
                 // Another pool (mode), or moved down as its pool shrinks.
                 let reason = slots
-                    .reload_reason(o.mode)
-                    .or_else(|| slots.reload_reason(n.mode));
+                    .reload_reason_for(name, o.mode)
+                    .or_else(|| slots.reload_reason_for(name, n.mode));
                 let (mode, reason) = match reason {
                     Some(reason) => (Mode::Reload, reason),
                     None => (

@@ -139,16 +139,20 @@ pub fn plan_files(
     // What the target holds but the last apply did not write: drift, or a foreign config.
     changes.extend(drift_changes(&options.config_name, live));
 
-    let reload_required = needs_reload(live, &new_files, &options.config_name);
-    if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
-        // The configuration text changed with no change of the state: a new lunafront version.
+    let blocker = runtime_blocker(live, &new_files, &options.config_name);
+    let reload_required = blocker.is_some();
+    if let Some(reason) = blocker
+        && !changes.iter().any(|c| c.mode == Mode::Reload)
+    {
+        // The configuration text changed with no change of the state that explains it: a new
+        // lunafront version, or files rendered earlier (a rollback).
         changes.push(Change {
             action: Action::Update,
             kind: Kind::Global,
             name: options.config_name.clone(),
             detail: ": the generated configuration changed".into(),
             mode: Mode::Reload,
-            reason: "the configuration differs beyond what the runtime API can change".into(),
+            reason,
         });
     }
     Plan {
@@ -243,18 +247,18 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
     }
 }
 
-/// The ground truth of reload versus runtime: a reload is needed when the configuration on the
-/// target differs from the new one in anything but what the runtime API changes (server
-/// address, port, weight, state; servers added or removed; map and certificate contents), or
-/// when a change at runtime could not be made safely (`readback::runtime_blocker`).
-pub fn needs_reload(live: &Live, new_files: &Files, config_name: &str) -> bool {
+/// The ground truth of reload versus runtime: why the target cannot get `new_files` through
+/// the runtime API, if it cannot. A reload is needed when the configuration on the target
+/// differs from the new one in anything but what the runtime API changes (server address,
+/// port, weight, state; servers added or removed; map and certificate contents), or when a
+/// change at runtime could not be made safely (`readback::runtime_blocker`).
+fn runtime_blocker(live: &Live, new_files: &Files, config_name: &str) -> Option<String> {
     let (Some(config), Some(new_config)) = (live.config(config_name), new_files.get(config_name))
     else {
-        return true;
+        return Some("there is no running configuration to change".into());
     };
     readback::runtime_blocker(
         &String::from_utf8_lossy(config),
         &String::from_utf8_lossy(new_config),
     )
-    .is_some()
 }

@@ -501,3 +501,189 @@ pub fn route_maps(model: &Model, slots: &SlotPools) -> BTreeMap<String, BTreeMap
     }
     maps
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(capacity: u32, apps: &[(&str, u32)]) -> SlotPool {
+        SlotPool {
+            capacity,
+            apps: apps.iter().map(|(a, s)| (a.to_string(), *s)).collect(),
+        }
+    }
+
+    fn slots(p: &SlotPool) -> Vec<(&str, u32)> {
+        p.apps.iter().map(|(a, s)| (a.as_str(), *s)).collect()
+    }
+
+    #[test]
+    fn pool_sizes_keep_spares_in_steps() {
+        assert_eq!(slot_capacity_for(0), 16);
+        assert_eq!(slot_capacity_for(1), 32);
+        assert_eq!(slot_capacity_for(100), 128);
+        assert_eq!(slot_capacity_for(10_000), 10_160);
+        assert_eq!(slot_capacity_for(50_000), 50_784);
+        for n in [0, 1, 15, 16, 17, 1000, 4096, 50_000] {
+            let c = slot_capacity_for(n);
+            assert!(
+                c >= n + MIN_SPARE_SLOTS && c.is_multiple_of(SLOT_STEP),
+                "{n} → {c}"
+            );
+        }
+    }
+
+    #[test]
+    fn slot_names_read_back_only_in_their_canonical_form() {
+        assert_eq!(slot_name(Mode::Http, 7), "slot:http:7");
+        assert_eq!(parse_slot_name("slot:http:7"), Some((Mode::Http, 7)));
+        assert_eq!(parse_slot_name("slot:tcp:12"), Some((Mode::Tcp, 12)));
+        for other in [
+            "slot:http:07",
+            "slot:http:0",
+            "slot:http:",
+            "slot:http:+7",
+            "slot:udp:1",
+            "agent:a",
+            "shop",
+        ] {
+            assert_eq!(parse_slot_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_first_rendering_gives_slots_in_name_order() {
+        let p = assign_pool(&["blog", "shop", "wiki"], &SlotPool::default());
+        assert_eq!(slots(&p), vec![("blog", 1), ("shop", 2), ("wiki", 3)]);
+        assert_eq!(p.capacity, 32);
+    }
+
+    #[test]
+    fn apps_keep_their_slots_and_new_ones_take_the_lowest_free() {
+        let before = pool(32, &[("shop", 5), ("wiki", 1)]);
+        let p = assign_pool(&["aaa", "shop", "wiki", "zzz"], &before);
+        assert_eq!(
+            slots(&p),
+            vec![("aaa", 2), ("shop", 5), ("wiki", 1), ("zzz", 3)]
+        );
+        assert_eq!(p.capacity, 32);
+    }
+
+    #[test]
+    fn a_slot_freed_by_a_change_is_not_reused_by_it() {
+        // shop leaves slot 1 while blog arrives: blog takes slot 2, and slot 1 waits.
+        let before = pool(16, &[("shop", 1)]);
+        let p = assign_pool(&["blog"], &before);
+        assert_eq!(slots(&p), vec![("blog", 2)]);
+        // The next change may take it.
+        let p = assign_pool(&["blog", "cart"], &p);
+        assert_eq!(slots(&p), vec![("blog", 2), ("cart", 1)]);
+    }
+
+    #[test]
+    fn a_full_pool_grows_and_new_apps_take_slots_nobody_held() {
+        let names: Vec<String> = (1..=16).map(|i| format!("app{i:02}")).collect();
+        let before = SlotPool {
+            capacity: 16,
+            apps: names.iter().cloned().zip(1..).collect(),
+        };
+        // app01 leaves (its slot is freed by this change); two new apps arrive.
+        let mut apps: Vec<&str> = names[1..].iter().map(String::as_str).collect();
+        apps.extend(["new1", "new2"]);
+        let p = assign_pool(&apps, &before);
+        assert_eq!(p.capacity, slot_capacity_for(17));
+        assert_eq!((p.apps["new1"], p.apps["new2"]), (17, 18));
+        for (i, name) in names.iter().enumerate().skip(1) {
+            assert_eq!(p.apps[name], i as u32 + 1, "{name} kept its slot");
+        }
+    }
+
+    #[test]
+    fn a_mostly_empty_pool_shrinks_and_the_apps_above_move_down() {
+        let before = pool(256, &[("low", 3), ("high", 200), ("mid", 40)]);
+        let p = assign_pool(&["high", "low", "mid"], &before);
+        assert_eq!(p.capacity, slot_capacity_for(3));
+        assert_eq!(p.apps["low"], 3, "an app below the new size stays");
+        assert!(p.apps.values().all(|s| *s <= p.capacity));
+        // A pool with spares to spare but not that many stays as it is.
+        let before = pool(64, &[("low", 3)]);
+        assert_eq!(assign_pool(&["low"], &before).capacity, 64);
+    }
+
+    /// xorshift64*: a fixed sequence, so a failure reproduces.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self, below: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % below
+        }
+    }
+
+    #[test]
+    fn any_sequence_of_changes_keeps_the_slot_invariants() {
+        let universe: Vec<String> = (0..300).map(|i| format!("app{i}")).collect();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut present: BTreeSet<&str> = BTreeSet::new();
+        let mut previous = SlotPool::default();
+        let (mut grown, mut shrunk) = (0, 0);
+        for step in 0..800 {
+            // Mostly small changes, now and then a burst of arrivals or departures.
+            let edits = match rng.next(20) {
+                0 => 60,
+                1 => 30,
+                _ => 1 + rng.next(3),
+            };
+            // Phases of growth and of decline, so that pools grow and shrink.
+            let arrivals = (rng.next(4) != 0) == ((step / 200) % 2 == 0);
+            for _ in 0..edits {
+                let app = universe[rng.next(universe.len() as u64) as usize].as_str();
+                if arrivals {
+                    present.insert(app);
+                } else {
+                    present.remove(app);
+                }
+            }
+            let apps: Vec<&str> = present.iter().copied().collect();
+            let next = assign_pool(&apps, &previous);
+            let what = format!("step {step}: {previous:?} → {next:?}");
+            // Every app exactly one slot within the pool, no slot twice.
+            assert_eq!(next.apps.len(), apps.len(), "{what}");
+            let used: BTreeSet<u32> = next.apps.values().copied().collect();
+            assert_eq!(used.len(), apps.len(), "{what}");
+            assert!(
+                used.iter().all(|s| (1..=next.capacity).contains(s)),
+                "{what}"
+            );
+            assert!(next.capacity > apps.len() as u32, "{what}");
+            // Rendering again onto the result changes nothing: a plan after an apply is empty.
+            assert_eq!(assign_pool(&apps, &next), next, "{what}");
+            if next.capacity == previous.capacity {
+                // What runtime changes can do: apps keep their slots, and no slot passes from
+                // one app to another in one step.
+                let before = previous.occupants();
+                for (app, slot) in &next.apps {
+                    if let Some(old) = previous.apps.get(app) {
+                        assert_eq!(old, slot, "{what}: {app} moved");
+                    }
+                    if let Some(holder) = before.get(slot) {
+                        assert_eq!(holder, app, "{what}: slot {slot} changed hands");
+                    }
+                }
+            } else if next.capacity < previous.capacity {
+                shrunk += 1;
+            } else if previous.capacity > 0 {
+                grown += 1;
+                // A growth moves nobody.
+                for (app, slot) in &next.apps {
+                    if let Some(old) = previous.apps.get(app) {
+                        assert_eq!(old, slot, "{what}: {app} moved in a growth");
+                    }
+                }
+            }
+            previous = next;
+        }
+        assert!(grown > 0 && shrunk > 0, "grown {grown}, shrunk {shrunk}");
+    }
+}

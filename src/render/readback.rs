@@ -142,7 +142,7 @@ pub fn runtime_blocker(old: &str, new: &str) -> Option<String> {
         let (was, now) = (names(&before, slot), names(&after, slot));
         if was.difference(&now).next().is_some() && now.difference(&was).next().is_some() {
             return Some(format!(
-                "slot {slot} passes from app {} to app {}",
+                "{slot} passes from app {} to app {}",
                 was.iter().cloned().collect::<Vec<_>>().join(", "),
                 now.iter().cloned().collect::<Vec<_>>().join(", ")
             ));

@@ -710,7 +710,7 @@ mod tests {
         let new = files(&yaml_with(&[("blog", 9002)], 1, "10.0.0.1"));
         let reason = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap_err();
         assert!(
-            reason.contains("slot slot:http:1 passes from app shop to app blog"),
+            reason.contains("slot:http:1 passes from app shop to app blog"),
             "{reason}"
         );
     }
