@@ -194,7 +194,7 @@ impl Slots<'_> {
                 "no free {m} slot was left for every new app: the pool grows from {before} to {after} slots with a reload"
             )),
             _ => Some(format!(
-                "fewer than half the {m} slots are in use: the pool shrinks from {before} to {after} slots with a reload"
+                "the {m} pool is more than twice the size its apps need: it shrinks from {before} to {after} slots with a reload"
             )),
         }
     }

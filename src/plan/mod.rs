@@ -110,7 +110,14 @@ pub fn empty_model() -> Model {
 
 /// Builds the plan for `target` from the new model and its rendering, against `live`.
 pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) -> Plan {
-    plan_files(target, model, rendered.file_map(), &rendered.options, live)
+    plan_with_slots(
+        target,
+        model,
+        rendered.file_map(),
+        &rendered.options,
+        live,
+        &rendered.slots,
+    )
 }
 
 /// Builds the plan for files already rendered (a history entry, for a rollback).
@@ -121,16 +128,28 @@ pub fn plan_files(
     options: &RenderOptions,
     live: &Live,
 ) -> Plan {
-    let empty = empty_model();
-    let previous = live.previous.as_deref().unwrap_or(&empty);
-    let model = &*model.with_binds(&options.binds);
-    let slots_after = new_files
+    let slots = new_files
         .get(&options.config_name)
         .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
         .unwrap_or_default();
+    plan_with_slots(target, model, new_files, options, live, &slots)
+}
+
+/// `slots_after`: the app slots of `new_files`' configuration.
+fn plan_with_slots(
+    target: &str,
+    model: &Model,
+    new_files: Files,
+    options: &RenderOptions,
+    live: &Live,
+    slots_after: &SlotPools,
+) -> Plan {
+    let empty = empty_model();
+    let previous = live.previous.as_deref().unwrap_or(&empty);
+    let model = &*model.with_binds(&options.binds);
     let slots = diff::Slots {
         before: &live.slot_pools(&options.config_name),
-        after: &slots_after,
+        after: slots_after,
     };
     let mut changes = diff::diff_models(previous, model, &slots);
 

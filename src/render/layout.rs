@@ -180,8 +180,8 @@ impl SlotPools {
 ///   change (or a reload);
 /// - when those free slots do not suffice, the pool grows (a reload) so that every new app
 ///   finds a slot that was never anyone's in `previous`;
-/// - when fewer than half the slots are in use the pool shrinks (a reload), and the apps
-///   above the new size move down;
+/// - when the pool is more than twice the size its apps need (`slot_capacity_for`), and that
+///   by 64 slots or more, it shrinks to that size (a reload) and the apps above it move down;
 /// - without `previous` (a first rendering, `render --out` into an empty folder), apps take
 ///   slots 1, 2, 3… in name order.
 ///
@@ -353,64 +353,59 @@ pub struct ProxyBackend {
     pub servers: Vec<ServerLine>,
 }
 
-/// Every HAProxy backend of the model, by name: the dedicated ones and every slot of `slots`
-/// (from `assign_slots`), apps in theirs.
-pub fn proxy_backends(model: &Model, slots: &SlotPools) -> BTreeMap<String, ProxyBackend> {
-    let mut out = BTreeMap::new();
-    for mode in [Mode::Http, Mode::Tcp] {
-        for index in 1..=slots.pool(mode).capacity {
-            let name = slot_name(mode, index);
-            out.insert(
-                name.clone(),
-                ProxyBackend {
-                    name,
-                    mode,
-                    balance: Balance::RoundRobin,
-                    slot: Some(index),
-                    http_check: None,
-                    servers: Vec::new(),
-                },
-            );
-        }
-    }
+/// Every HAProxy backend of the model, in the configuration's order: the dedicated ones by
+/// name, then every slot of `slots` (from `assign_slots`) by pool and number, apps in theirs.
+pub fn proxy_backends(model: &Model, slots: &SlotPools) -> Vec<ProxyBackend> {
+    let pool = |mode: Mode| -> Vec<ProxyBackend> {
+        (1..=slots.pool(mode).capacity)
+            .map(|index| ProxyBackend {
+                name: slot_name(mode, index),
+                mode,
+                balance: Balance::RoundRobin,
+                slot: Some(index),
+                http_check: None,
+                servers: Vec::new(),
+            })
+            .collect()
+    };
+    let (mut http, mut tcp) = (pool(Mode::Http), pool(Mode::Tcp));
+    let mut dedicated = Vec::new();
     for (name, backend) in &model.backends {
         let slot = is_app(backend)
-            .then(|| slots.slot_of(name, backend.mode))
+            .then(|| slots.pool(backend.mode).apps.get(name))
             .flatten();
         match slot {
-            Some(slot) => {
+            Some(index) => {
                 let mut line = server_line(model, backend, &backend.servers[0]);
                 // Named after the app: per-app statistics and logs read `slot:http:7/shop`.
                 line.name = name.clone();
-                out.get_mut(&slot)
-                    .expect("assign_slots gives every app a slot of its pool")
-                    .servers
-                    .push(line);
+                let pool = match backend.mode {
+                    Mode::Http => &mut http,
+                    Mode::Tcp => &mut tcp,
+                };
+                pool[*index as usize - 1].servers.push(line);
             }
             None => {
-                let servers = backend
+                let mut servers: Vec<ServerLine> = backend
                     .servers
                     .iter()
                     .map(|s| server_line(model, backend, s))
                     .collect();
-                out.insert(
-                    name.clone(),
-                    ProxyBackend {
-                        name: name.clone(),
-                        mode: backend.mode,
-                        balance: backend.balance,
-                        slot: None,
-                        http_check: backend.health_check.clone().filter(|h| h.path.is_some()),
-                        servers,
-                    },
-                );
+                servers.sort_by(|a, b| a.name.cmp(&b.name));
+                dedicated.push(ProxyBackend {
+                    name: name.clone(),
+                    mode: backend.mode,
+                    balance: backend.balance,
+                    slot: None,
+                    http_check: backend.health_check.clone().filter(|h| h.path.is_some()),
+                    servers,
+                });
             }
         }
     }
-    for backend in out.values_mut() {
-        backend.servers.sort_by(|a, b| a.name.cmp(&b.name));
-    }
-    out
+    dedicated.extend(http);
+    dedicated.extend(tcp);
+    dedicated
 }
 
 fn server_line(model: &Model, backend: &Backend, server: &crate::model::Server) -> ServerLine {

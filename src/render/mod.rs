@@ -97,8 +97,8 @@ pub struct Rendered {
     pub crt_lists: BTreeMap<String, Vec<String>>,
     /// Certificate file name → the certificate (PEM of certificate and key: secret).
     pub certs: BTreeMap<String, CertFile>,
-    /// HAProxy backends with their servers, for runtime changes and verification.
-    pub backends: BTreeMap<String, ProxyBackend>,
+    /// HAProxy backends with their servers, in the configuration's order.
+    pub backends: Vec<ProxyBackend>,
     /// Which slot each app holds: what the next rendering for this target starts from.
     pub slots: SlotPools,
     /// The state this was rendered from (JSON), so a later plan can say what changed.
@@ -395,15 +395,10 @@ pub fn render_onto(
             })
             .collect(),
     };
-    let backend_views: Vec<BackendView> = backends
-        .values()
-        .filter(|b| b.slot.is_none())
-        .map(view_of)
-        .collect();
-    let mut slot_backends: Vec<&ProxyBackend> =
-        backends.values().filter(|b| b.slot.is_some()).collect();
-    slot_backends.sort_by_key(|b| (b.mode, b.slot));
-    let slot_views: Vec<BackendView> = slot_backends.into_iter().map(view_of).collect();
+    let (slot_views, backend_views): (Vec<&ProxyBackend>, Vec<&ProxyBackend>) =
+        backends.iter().partition(|b| b.slot.is_some());
+    let slot_views: Vec<BackendView> = slot_views.into_iter().map(view_of).collect();
+    let backend_views: Vec<BackendView> = backend_views.into_iter().map(view_of).collect();
 
     let g = &model.global;
     let t = &g.timeouts;
