@@ -15,6 +15,7 @@ use lunafront::render::{RenderOptions, readback, render, render_onto};
 use lunafront::spec::load::{Source, SourceFile};
 use lunafront::target::haproxy::runtime::{RuntimeState, plan_ops};
 use lunafront::target::haproxy::socket::Expect;
+use lunafront::target::haproxy::{Scope, verify};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use support::*;
@@ -221,6 +222,19 @@ fn a_full_slot_pool_grows_with_one_reload_that_the_plan_explains() {
     let out = site.apply();
     assert!(out.contains("through the runtime API"), "{out}");
     assert_eq!(site.generation().0, reloads + 1);
+
+    // Drift checks read every slot's servers in one `show servers state` dump: they see a
+    // hand change of one app's server among the 34.
+    let files = site.live_files();
+    let options = RenderOptions::for_target(None);
+    let check = || verify(&site.runtime(), &files, &options, Scope::Servers);
+    check().unwrap();
+    let slot = slot_of(&site, "app17");
+    site.runtime()
+        .run(&format!("set server {slot}/app17 weight 9"), Expect::Empty)
+        .unwrap();
+    let drift = check().unwrap_err();
+    assert!(drift.contains(&format!("backend {slot}:")), "{drift}");
 }
 
 #[test]
