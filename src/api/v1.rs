@@ -381,10 +381,11 @@ async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Respons
             e.fields = fields;
             e
         })?;
-        let rendered = crate::render::render(&model, &options)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
         let live =
-            crate::target::haproxy::observe(&target, rendered.files().into_iter().map(|f| f.path))
+            crate::target::haproxy::observe(&target, crate::render::output_paths(&model, &options))
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+        let rendered =
+            crate::render::render_onto(&model, &options, &live.slot_pools(&options.config_name))
                 .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(crate::plan::json::render(&crate::plan::make_plan(
             &name, &model, &rendered, &live,

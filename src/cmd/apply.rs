@@ -280,8 +280,15 @@ pub fn prepare(
     name: &str,
     target: &Target,
 ) -> anyhow::Result<Prepared> {
-    let rendered = render::render(model, &target::render_options(target))?;
-    let live = target::observe(name, target, &rendered)?;
+    let options = target::render_options(target);
+    // Read the target first: the rendering starts from the app slots its configuration holds.
+    let live = target::observe_paths(
+        name,
+        target,
+        &options,
+        render::output_paths(model, &options),
+    )?;
+    let rendered = render::render_onto(model, &options, &live.slot_pools(&options.config_name))?;
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),

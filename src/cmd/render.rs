@@ -27,16 +27,24 @@ pub fn run(state: &Path, out: &Path, target_name: Option<&str>, color: ColorChoi
         }
         None => RenderOptions::for_target(None),
     };
-    let rendered = match render::render(&model, &options) {
-        Ok(r) => r,
+    // What a previous render left in the folder: its apps keep their slots.
+    let live = match files::observe_dir(out, render::output_paths(&model, &options)) {
+        Ok(live) => live,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: cannot read {}: {e}", out.display());
             return ExitCode::from(exit::ERROR);
         }
     };
+    let rendered =
+        match render::render_onto(&model, &options, &live.slot_pools(&options.config_name)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit::ERROR);
+            }
+        };
     let new = rendered.file_map();
-    let result = files::observe_dir(out, new.keys().cloned())
-        .and_then(|live| files::write_files(out, &new, &live.files, &rendered.options.config_name));
+    let result = files::write_files(out, &new, &live.files, &rendered.options.config_name);
     match result {
         Ok(written) => {
             println!(

@@ -352,15 +352,17 @@ impl Reconciler {
             o
         };
 
-        let rendered = match render::render(&model, &self.options) {
+        // The target first: the rendering starts from the app slots its configuration holds.
+        let live = match haproxy::observe(&self.target, render::output_paths(&model, &self.options))
+        {
+            Ok(live) => live,
+            Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
+        };
+        let slots = live.slot_pools(&self.options.config_name);
+        let rendered = match render::render_onto(&model, &self.options, &slots) {
             Ok(r) => r,
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
-        let live =
-            match haproxy::observe(&self.target, rendered.files().into_iter().map(|f| f.path)) {
-                Ok(live) => live,
-                Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
-            };
         timer.lap("render+observe");
         let running = haproxy::process::running(&self.target).is_some();
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);

@@ -9,7 +9,7 @@ pub mod readback;
 
 use crate::model::{ListenerKind, Model, Target, TcpTls};
 use crate::spec::load::CertFile;
-use layout::ProxyBackend;
+use layout::{ProxyBackend, SlotPools};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -97,8 +97,10 @@ pub struct Rendered {
     pub crt_lists: BTreeMap<String, Vec<String>>,
     /// Certificate file name → the certificate (PEM of certificate and key: secret).
     pub certs: BTreeMap<String, CertFile>,
-    /// HAProxy backends with their servers, for runtime changes and verification.
-    pub backends: BTreeMap<String, ProxyBackend>,
+    /// HAProxy backends with their servers, in the configuration's order.
+    pub backends: Vec<ProxyBackend>,
+    /// Which slot each app holds: what the next rendering for this target starts from.
+    pub slots: SlotPools,
     /// The state this was rendered from (JSON), so a later plan can say what changed.
     pub manifest: String,
 }
@@ -177,6 +179,27 @@ pub fn map_text(entries: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// The paths `render` writes for `model` (configuration first, manifest last), without
+/// rendering: what must be read from a target before rendering onto it.
+pub fn output_paths(model: &Model, options: &RenderOptions) -> Vec<String> {
+    let mut paths = vec![options.config_name.clone()];
+    paths.extend(layout::map_files(model).iter().map(|m| options.map_ref(m)));
+    let mut certs = Vec::new();
+    for (name, listener) in &model.listeners {
+        if let Some(c) = listener.certificates() {
+            paths.push(options.cert_ref(&format!("{name}.crt-list")));
+            certs.extend(
+                c.files
+                    .iter()
+                    .map(|f| options.cert_ref(&format!("{name}.{}", f.name))),
+            );
+        }
+    }
+    paths.extend(certs);
+    paths.push(MANIFEST.into());
+    paths
+}
+
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -247,7 +270,6 @@ struct BackendView {
     name: String,
     mode: &'static str,
     balance: &'static str,
-    pool_of: Option<String>,
     http_check: Option<CheckView>,
     servers: Vec<ServerView>,
     extra: Vec<String>,
@@ -274,6 +296,8 @@ struct ConfigView {
     backends: Vec<BackendView>,
     /// The bind of HAProxy's Prometheus exporter and stats page, when asked for.
     stats: Option<String>,
+    /// Slot backends, after the others, in pool and slot order.
+    slots: Vec<BackendView>,
 }
 
 #[derive(Serialize)]
@@ -288,10 +312,24 @@ struct ManifestView<'a> {
     binds: &'a BTreeMap<String, String>,
 }
 
+/// Renders `model` as a first rendering: apps take slots 1, 2, 3… in name order. For a target
+/// that already runs a configuration use `render_onto`, so that its apps keep their slots.
 pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, RenderError> {
+    render_onto(model, options, &SlotPools::default())
+}
+
+/// Renders `model` for a target whose running configuration holds the app slots `previous`
+/// (`readback::slot_pools`, or `Live::slot_pools`): apps keep their slots, new ones take free
+/// slots (see `layout::assign_slots`). The same model and `previous` give the same bytes.
+pub fn render_onto(
+    model: &Model,
+    options: &RenderOptions,
+    previous: &SlotPools,
+) -> Result<Rendered, RenderError> {
     let model = &*model.with_binds(&options.binds);
-    let backends = layout::proxy_backends(model);
-    let maps = layout::route_maps(model);
+    let slots = layout::assign_slots(model, previous);
+    let backends = layout::proxy_backends(model, &slots);
+    let maps = layout::route_maps(model, &slots);
     for (file, entries) in &maps {
         filters::check_token(file).map_err(RenderError::Unsafe)?;
         for (key, value) in entries {
@@ -345,32 +383,29 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             missing_pem.join(", ")
         )));
     }
-    let backend_views: Vec<BackendView> = backends
-        .values()
-        .map(|b| BackendView {
-            name: b.name.clone(),
-            mode: match b.mode {
-                crate::model::Mode::Http => "http",
-                crate::model::Mode::Tcp => "tcp",
-            },
-            balance: b.balance.as_str(),
-            pool_of: b.pool_of.clone(),
-            http_check: b.http_check.as_ref().map(|h| CheckView {
-                path: h.path.clone().unwrap_or_default(),
-                host: h.host.clone(),
-            }),
-            servers: b
-                .servers
-                .iter()
-                .map(|s| ServerView {
-                    name: s.name.clone(),
-                    address: s.address(),
-                    params: s.params(),
-                })
-                .collect(),
-            extra: b.extra.clone(),
-        })
-        .collect();
+    let view_of = |b: &ProxyBackend| BackendView {
+        name: b.name.clone(),
+        mode: layout::mode_str(b.mode),
+        balance: b.balance.as_str(),
+        http_check: b.http_check.as_ref().map(|h| CheckView {
+            path: h.path.clone().unwrap_or_default(),
+            host: h.host.clone(),
+        }),
+        servers: b
+            .servers
+            .iter()
+            .map(|s| ServerView {
+                name: s.name.clone(),
+                address: s.address(),
+                params: s.params(),
+            })
+            .collect(),
+        extra: b.extra.clone(),
+    };
+    let (slot_views, backend_views): (Vec<&ProxyBackend>, Vec<&ProxyBackend>) =
+        backends.iter().partition(|b| b.slot.is_some());
+    let slot_views: Vec<BackendView> = slot_views.into_iter().map(view_of).collect();
+    let backend_views: Vec<BackendView> = backend_views.into_iter().map(view_of).collect();
 
     let g = &model.global;
     let t = &g.timeouts;
@@ -403,6 +438,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         reject: layout::REJECT_BACKEND,
         backends: backend_views,
         stats: g.stats.as_ref().map(|b| b.to_string()),
+        slots: slot_views,
     };
     let config = environment()
         .get_template("haproxy.cfg.j2")?
@@ -415,6 +451,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         crt_lists,
         certs,
         backends,
+        slots,
         manifest: String::new(),
     };
     let files = rendered

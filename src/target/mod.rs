@@ -12,7 +12,7 @@ pub use apply::{Applied, ApplyError, ApplyRequest, How};
 
 use crate::model::{Model, Target};
 use crate::plan::Live;
-use crate::render::{RenderOptions, Rendered};
+use crate::render::RenderOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -57,12 +57,6 @@ pub fn select<'m>(
 
 pub fn render_options(target: &Target) -> RenderOptions {
     RenderOptions::for_target(Some(target))
-}
-
-/// Reads what the target holds now, for the files of `rendered`.
-pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
-    let wanted = rendered.files().into_iter().map(|f| f.path);
-    observe_paths(name, target, &rendered.options, wanted)
 }
 
 /// Reads what the target holds now for these files (and those its last apply recorded).
