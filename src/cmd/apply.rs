@@ -32,6 +32,8 @@ pub struct Prepared {
     pub plan: Plan,
     /// The revision the target holds before the apply.
     pub before: Option<String>,
+    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
+    pub acme_requests: Vec<String>,
 }
 
 pub fn run(o: Options<'_>) -> ExitCode {
@@ -105,13 +107,16 @@ pub fn prepare(
     name: &str,
     target: &Target,
 ) -> anyhow::Result<Prepared> {
-    let rendered = render::render(model, &target::render_options(target))?;
+    let model = lunafront::acme::for_target(model, target)
+        .map_err(|e| anyhow::anyhow!("target {name}: {e}"))?;
+    let rendered = render::render(&model, &target::render_options(target))?;
     let live = target::observe(name, target, &rendered)?;
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),
         before: fleet::live_revision(&live),
-        plan: plan::make_plan(name, model, &rendered, &live),
+        plan: plan::make_plan(name, &model, &rendered, &live),
+        acme_requests: lunafront::acme::requests(&model),
     })
 }
 
@@ -141,6 +146,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         target: saved.target,
         plan,
         before: None,
+        acme_requests: Vec::new(),
     })
 }
 

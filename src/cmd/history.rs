@@ -148,6 +148,7 @@ pub fn rollback(
         target,
         plan,
         before: None,
+        acme_requests: Vec::new(),
     };
     match super::apply::apply_one(&prepared, Some(entry.seq), false) {
         Ok(applied) => {

@@ -34,6 +34,8 @@ pub enum Trigger {
     Timer,
     /// `POST /reconcile` or an API change.
     Request,
+    /// The ACME manager has a new or renewed certificate to install.
+    Acme,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -108,6 +110,8 @@ pub struct Reconciler {
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
     pub after_reconcile: Option<fn()>,
+    /// Issuance and renewal of ACME certificates, told what the applied state wants.
+    pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
 
 impl Reconciler {
@@ -248,6 +252,14 @@ impl Reconciler {
                 }
             }
         };
+        // The certificates the ACME store holds are rendered like a certificate folder.
+        let model = match crate::acme::uses_acme(&model) {
+            true => match crate::acme::store::Store::new(&self.target.state_dir).overlay(model) {
+                Ok(model) => model,
+                Err(e) => return fail("failed", e.to_string(), Vec::new()),
+            },
+            false => model,
+        };
         let model = Arc::new(model);
         *self.valid_model.lock().expect("model") = Some(model.clone());
         let partial = !held_back.is_empty();
@@ -313,6 +325,9 @@ impl Reconciler {
                     }
                 }
             }
+            if let Some(acme) = &self.acme {
+                acme.wanted(&model);
+            }
             return finish(self.outcome(trigger, "unchanged"));
         }
 
@@ -366,6 +381,12 @@ impl Reconciler {
                         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
                     }
                     How::Started { .. } | How::Unchanged => {}
+                }
+                if let Some(acme) = &self.acme {
+                    if matches!(applied.how, How::Reloaded { .. } | How::Started { .. }) {
+                        acme.after_reload();
+                    }
+                    acme.wanted(&model);
                 }
                 finish(o)
             }
