@@ -358,7 +358,17 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
 /// Certificates from the ACME store: installed, renewed and removed at runtime, unless a
 /// listener that lists them is itself reloaded.
 fn issued_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
-    if old.issued == new.issued {
+    // By digest: a recorded model knows its certificates by digest only.
+    let digests = |m: &Model| -> BTreeMap<String, String> {
+        m.issued
+            .certs
+            .iter()
+            .map(|(d, f)| (d.clone(), f.sha256.clone()))
+            .collect()
+    };
+    let (old_certs, new_certs) = (digests(old), digests(new));
+    let fingerprint = |m: &Model| m.issued.fallback.as_ref().map(|f| f.sha256.clone());
+    if old_certs == new_certs && fingerprint(old) == fingerprint(new) {
         return;
     }
     let (wanted_old, wanted_new) = (crate::acme::wanted(old), crate::acme::wanted(new));
@@ -388,7 +398,7 @@ fn issued_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         None => (Mode::Runtime, runtime.to_string()),
     };
     let id = |domain: &str| crate::acme::cert_file(domain);
-    let d = diff_maps(&old.issued.certs, &new.issued.certs);
+    let d = diff_maps(&old_certs, &new_certs);
     for (domain, _) in d.added {
         let (mode, reason) = mode(new, domain, "new ssl cert + add ssl crt-list");
         out.push(
@@ -410,7 +420,6 @@ fn issued_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 .detail(format!(": renewed for {domain} (not shown)")),
         );
     }
-    let fingerprint = |m: &Model| m.issued.fallback.as_ref().map(|f| f.sha256.clone());
     if let (Some(a), Some(b)) = (fingerprint(old), fingerprint(new))
         && a != b
     {
