@@ -203,22 +203,39 @@ impl Store {
                 .map(|pem| CertFile::from_pem(super::fallback_file(), pem)),
             false => None,
         };
+        // A daemon overlays on every reconcile: a certificate is read and parsed again only
+        // when its file changed (size or modification time).
+        type Cache = BTreeMap<PathBuf, (std::time::SystemTime, u64, Option<CertFile>)>;
+        static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(BTreeMap::new());
+        let mut cache = CACHE.lock().expect("certificate cache");
         let mut certs = BTreeMap::new();
         for domain in wanted.keys() {
-            let Some(pem) = self.cert(domain)? else {
-                continue;
+            let path = self.cert_path(domain);
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(&path, e)),
             };
-            // Only a whole certificate for this very name is rendered: a file that does not
-            // parse or names something else is left to the manager to replace.
-            if super::pem_names(&pem)
-                .iter()
-                .any(|n| super::covers(n, domain))
-                && String::from_utf8_lossy(&pem).contains("PRIVATE KEY-----")
-            {
-                certs.insert(
-                    domain.clone(),
-                    CertFile::from_pem(super::cert_file(domain), pem),
-                );
+            let stamp = (meta.modified().map_err(|e| self.io(&path, e))?, meta.len());
+            let cert = match cache.get(&path) {
+                Some((modified, len, cert)) if (*modified, *len) == stamp => cert.clone(),
+                _ => {
+                    let Some(pem) = self.read(&path)? else {
+                        continue;
+                    };
+                    // Only a whole certificate for this very name is rendered: a file that
+                    // does not parse or names something else is left to the manager.
+                    let whole = super::pem_names(&pem)
+                        .iter()
+                        .any(|n| super::covers(n, domain))
+                        && String::from_utf8_lossy(&pem).contains("PRIVATE KEY-----");
+                    let cert = whole.then(|| CertFile::from_pem(super::cert_file(domain), pem));
+                    cache.insert(path, (stamp.0, stamp.1, cert.clone()));
+                    cert
+                }
+            };
+            if let Some(cert) = cert {
+                certs.insert(domain.clone(), cert);
             }
         }
         Ok(Issued { fallback, certs })
