@@ -118,7 +118,7 @@ pub fn rollback(
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
         let options = target::render_options(&target);
-        let live = target::observe_paths(&name, &target, &options, files.keys().cloned())?;
+        let live = target::observe_paths(&name, &target, &options, &files)?;
         Ok(plan::plan_files(&name, &model, files, &options, &live))
     })();
     let plan = match result {

@@ -61,22 +61,23 @@ pub fn render_options(target: &Target) -> RenderOptions {
 
 /// Reads what the target holds now, for the files of `rendered`.
 pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
-    let wanted = rendered.files().into_iter().map(|f| f.path);
-    observe_paths(name, target, &rendered.options, wanted)
+    observe_paths(name, target, &rendered.options, &rendered.file_map())
 }
 
-/// Reads what the target holds now for these files (and those its last apply recorded).
+/// Reads what the target holds now for the files of `expected` (and those its last apply
+/// recorded). A target that cannot give some files back (a Data Plane API's certificates)
+/// says whether it holds the expected ones.
 pub fn observe_paths(
     name: &str,
     target: &Target,
     options: &RenderOptions,
-    wanted: impl IntoIterator<Item = String>,
+    expected: &files::Files,
 ) -> Result<Live, TargetError> {
     match target {
-        Target::Haproxy(t) => Ok(haproxy::observe(t, wanted)?),
+        Target::Haproxy(t) => Ok(haproxy::observe(t, expected.keys().cloned())?),
         Target::Dataplane(t) => {
             let client = dataplane::client::Client::new(name, t).map_err(TargetError::Remote)?;
-            dataplane::observe(&client, options, wanted)
+            dataplane::observe(&client, options, expected)
                 .map_err(|e| TargetError::Remote(e.to_string()))
         }
     }
