@@ -504,7 +504,7 @@ fn a_new_domain_is_served_with_a_certificate_from_the_ca_at_runtime_and_a_restar
     assert_eq!(names_in(&blog), vec!["blog.example.com".to_string()]);
     assert_eq!(
         s.site.generation(),
-        (reloads, workers),
+        (reloads, workers.clone()),
         "the new domain's certificate reloaded HAProxy"
     );
     // The certificate is in the files HAProxy reloads from (written once `haproxy -c` has
@@ -574,10 +574,40 @@ fn a_new_domain_is_served_with_a_certificate_from_the_ca_at_runtime_and_a_restar
     assert_eq!(code, 0, "{stdout}");
     assert!(!stdout.contains("Certificates to request"), "{stdout}");
 
-    // A restart keeps the certificates: HAProxy serves them again at once, and none is
-    // requested anew (pebble is gone: a request would fail and show on /status).
+    // A domain removed: its certificate leaves HAProxy at runtime (the store keeps it).
     let store_before =
         std::fs::read(s.site.path().join("state/acme/certs/blog.example.com.pem")).unwrap();
+    s.site.write_state(&s.state("", &["shop.example.com"]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names_in(&presented(s.https, "blog.example.com")) != ["lunafront.invalid"] {
+        assert!(
+            Instant::now() < deadline,
+            "blog.example.com's certificate stayed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        s.site.generation(),
+        (reloads, workers),
+        "removing it reloaded HAProxy"
+    );
+    s.site
+        .write_state(&s.state("", &["shop.example.com", "blog.example.com"]));
+    assert_eq!(
+        wait_for_certificate(
+            &root,
+            s.https,
+            "blog.example.com",
+            None,
+            Duration::from_secs(10),
+            &|| daemon.log_text(),
+        ),
+        blog,
+        "the stored certificate is served again, not a new one"
+    );
+
+    // A restart keeps the certificates: HAProxy serves them again at once, and none is
+    // requested anew (pebble is gone: a request would fail and show on /status).
     daemon.stop();
     drop(daemon);
     let Setup { pebble, site, .. } = s;
