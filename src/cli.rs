@@ -6,15 +6,34 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(
     name = "lunafront",
-    version,
+    version = lunafront::LONG_VERSION,
     about = "A declarative front server for HAProxy: desired state in YAML, validated, compiled, planned and applied."
 )]
 pub struct Cli {
     /// When to colour output: auto (on a terminal, unless NO_COLOR is set), always, never.
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
+    /// Format of the logs on stderr: text, or json (one object per event).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What `lunafront generate` writes (for packagers).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Generated {
+    /// The man pages (roff): lunafront.1 and lunafront-COMMAND.1, into --out DIR.
+    Man,
+    CompleteBash,
+    CompleteZsh,
+    CompleteFish,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -46,6 +65,9 @@ pub enum AgentAction {
         valid: std::time::Duration,
         #[arg(long, value_name = "DIR")]
         api_data: Option<PathBuf>,
+        /// Print `{"agent", "token", "expires_at"}` as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke every token of an agent.
     Revoke {
@@ -68,6 +90,13 @@ pub enum Command {
         /// Print diagnostics as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Also render the state and run `haproxy -c` on it, and check every certificate
+        /// (parses, its key matches, not expired; a warning 30 days before it expires).
+        #[arg(long)]
+        check: bool,
+        /// With --check: render for this target's paths and use its haproxy binary.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Compile the state into haproxy.cfg, map files and certificates in a folder.
     Render {
@@ -113,6 +142,13 @@ pub enum Command {
         /// Apply a plan saved by `plan --out FILE` (refused if the target changed since).
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
+        /// Print the plans and each target's result as one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Apply even when the change removes more domains or backends than
+        /// `global.delete_guard` lets through (by default more than 10 and more than 10%).
+        #[arg(long)]
+        allow_deletes: bool,
     },
     /// Put back an earlier applied state of a target.
     Rollback {
@@ -125,6 +161,9 @@ pub enum Command {
         steps: u64,
         #[arg(long)]
         auto_approve: bool,
+        /// Print the plan and the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// List the applied states a target keeps, newest first.
     History {
@@ -132,6 +171,9 @@ pub enum Command {
         state: StateArg,
         #[arg(long)]
         target: Option<String>,
+        /// Print the entries as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Keep a target converged with the state folder: watch it, reconcile, serve health and metrics.
     Daemon {
@@ -142,7 +184,8 @@ pub enum Command {
         /// Address of the health/status/metrics endpoints.
         #[arg(long, default_value = "127.0.0.1:9180")]
         listen: std::net::SocketAddr,
-        /// Run HAProxy as a child (as `spawn: true` does).
+        /// Run HAProxy as a child (as `spawn: true` does); its sockets stay where the state puts
+        /// them, so `plan` and `apply` reach the same HAProxy.
         #[arg(long)]
         spawn: bool,
         /// How often to check for drift (hand edits of files or of HAProxy's runtime state).
@@ -165,6 +208,26 @@ pub enum Command {
     },
     /// Print the JSON Schema of the state format.
     Schema,
+    /// Translate an existing haproxy.cfg (per-host ACL chains or host maps) into a state file.
+    Import {
+        /// The HAProxy configuration to read.
+        config: PathBuf,
+        /// Where to write the state (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the state and what could not be translated as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the man page or a shell completion script on stdout (for packagers).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+        /// For `man`: the folder to write lunafront.1 and a page per command into.
+        #[arg(long, value_name = "DIR", required_if_eq("what", "man"))]
+        out: Option<PathBuf>,
+    },
     /// Run demo HTTP apps (NAME=ADDRESS:PORT ...) standing in for an agent, for the quickstart.
     DemoBackends {
         #[arg(required = true, value_name = "NAME=ADDRESS:PORT")]

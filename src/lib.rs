@@ -9,8 +9,21 @@ pub mod acme;
 pub mod api;
 pub mod clock;
 pub mod daemon;
+pub mod import;
 pub mod model;
 pub mod plan;
 pub mod render;
 pub mod spec;
 pub mod target;
+
+/// The package version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from (`unknown` outside git and release tarballs).
+pub const GIT_COMMIT: &str = env!("LUNAFRONT_GIT_COMMIT");
+/// What `lunafront --version` prints after the name.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LUNAFRONT_GIT_COMMIT"),
+    ")"
+);

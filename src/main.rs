@@ -33,17 +33,33 @@ fn release_freed_memory() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LUNAFRONT_LOG")
-                .unwrap_or_else(|_| default_log_level(&cli.command).into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error is "invalid input" (1) like any other, never clap's 2, which
+        // `plan --detailed-exitcode` uses for "changes pending".
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                cmd::exit::ERROR
+            } else {
+                cmd::exit::OK
+            });
+        }
+    };
+    init_logs(&cli);
     match &cli.command {
-        Command::Validate { state, json } => cmd::validate::run(&state.state, *json, cli.color),
+        Command::Validate {
+            state,
+            json,
+            check,
+            target,
+        } => cmd::validate::run(cmd::validate::Options {
+            state: &state.state,
+            json: *json,
+            check: *check,
+            target: target.as_deref(),
+            color: cli.color,
+        }),
         Command::Render { state, out, target } => {
             cmd::render::run(&state.state, out, target.as_deref(), cli.color)
         }
@@ -67,27 +83,37 @@ fn main() -> ExitCode {
             parallel,
             auto_approve,
             plan,
+            json,
+            allow_deletes,
         } => cmd::apply::run(cmd::apply::Options {
             state: &state.state,
             targets,
             auto_approve: *auto_approve,
             saved: plan.as_deref(),
             parallel: *parallel,
+            allow_deletes: *allow_deletes,
             color: cli.color,
+            json: *json,
         }),
         Command::Rollback {
             state,
             target,
             steps,
             auto_approve,
+            json,
         } => cmd::history::rollback(
             &state.state,
             target.as_deref(),
             *steps,
             *auto_approve,
+            *json,
             cli.color,
         ),
-        Command::History { state, target } => cmd::history::list(&state.state, target.as_deref()),
+        Command::History {
+            state,
+            target,
+            json,
+        } => cmd::history::list(&state.state, target.as_deref(), *json),
         Command::Daemon {
             state,
             target,
@@ -129,6 +155,27 @@ fn main() -> ExitCode {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS
         }
+        Command::Import { config, out, json } => cmd::import::run(config, out.as_deref(), *json),
+        Command::Generate { what, out } => cmd::generate::run(*what, out.as_deref()),
+    }
+}
+
+/// Logs go to stderr, as text (coloured on a terminal unless NO_COLOR or --color says
+/// otherwise) or as one JSON object per event.
+fn init_logs(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LUNAFRONT_LOG")
+        .unwrap_or_else(|_| default_log_level(&cli.command).into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Text => builder.with_ansi(cmd::stderr_color(cli.color)).init(),
+        cli::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init(),
     }
 }
 

@@ -68,7 +68,7 @@ impl Front {
             "the API did not listen: {}",
             daemon.log_text()
         );
-        daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+        daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
         Front {
             site,
             daemon,
@@ -266,7 +266,7 @@ fn the_deployment_agents_flow_end_to_end_with_real_traffic() {
     } = front;
     daemon.stop();
     let daemon = api_daemon(&site, api);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert!(wait_for_port(api, Duration::from_secs(10)));
     let reply = tls_exchange(&ca_test, mongodb, "agent-1.mongodb.example.com", "again").unwrap();
     assert!(reply.ends_with("got=again"), "{reply}");
@@ -585,7 +585,7 @@ fn admin_endpoints_need_the_admin_token_and_refuse_agents() {
         "state",
         &["--api", &format!("127.0.0.1:{api}")],
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert!(wait_for_port(api, Duration::from_secs(10)));
     let (status, body) = http_json(api, "GET", "/v1/agents", Some(ADMIN), None);
     assert_eq!(status, 403, "{body}");
@@ -1075,7 +1075,7 @@ fn mongodb_terminated_at_the_front_uses_the_private_ca_per_name_and_csrs_and_ren
         "",
         api,
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert!(wait_for_port(api, Duration::from_secs(10)));
 
     // Register with a CSR: the answer holds a certificate for the agent's name, and no key.

@@ -28,7 +28,7 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
     );
     site.write_state(&good);
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     wait_for_route(
         port,
         "shop.example.com",
@@ -73,7 +73,7 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
 
     // A broken file: HAProxy keeps serving, health says why.
     site.write_state("version: 1\nlisteners: [\n");
-    let body = daemon.wait_for("/health", 503, "invalid", Duration::from_secs(5));
+    let body = daemon.wait_for("/ready", 503, "invalid", Duration::from_secs(5));
     assert!(
         body.contains("HAProxy keeps serving the last applied state"),
         "{body}"
@@ -92,7 +92,7 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
     // A state that parses but does not validate is refused the same way.
     site.write_state(&good.replace("backend: shop }", "backend: nope }"));
     daemon.wait_for("/status", 200, "unknown-backend", Duration::from_secs(5));
-    assert_eq!(daemon.get("/health").0, 503);
+    assert_eq!(daemon.get("/ready").0, 503);
     assert!(
         http_get(port, "shop.example.com", "/")
             .unwrap()
@@ -105,7 +105,7 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
         "domains:\n",
         "domains:\n  fixed.example.com: { backend: blog }\n",
     ));
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(5));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(5));
     wait_for_route(
         port,
         "fixed.example.com",
@@ -179,7 +179,7 @@ fn a_restarted_daemon_serves_the_last_applied_state_even_when_the_state_is_broke
     );
     site.write_state(&good);
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     // SIGTERM: the daemon stops, and with it the HAProxy it runs.
     daemon.stop();
     assert!(
@@ -195,7 +195,7 @@ fn a_restarted_daemon_serves_the_last_applied_state_even_when_the_state_is_broke
         "backend=shop",
         Duration::from_secs(10),
     );
-    daemon.wait_for("/health", 503, "invalid", Duration::from_secs(5));
+    daemon.wait_for("/ready", 503, "invalid", Duration::from_secs(5));
     let (_, status) = daemon.get("/status");
     assert!(status.contains("invalid-address"), "{status}");
 }
@@ -213,7 +213,7 @@ fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
         "  shop.example.com: { backend: shop }\n",
     ));
     let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     wait_for_route(
         port,
         "shop.example.com",
@@ -314,7 +314,7 @@ fn isolation_site(isolate: bool) -> (Site, Server, Server, u16) {
 fn without_isolation_an_invalid_entry_blocks_the_whole_change() {
     let (site, shop, blog, port) = isolation_site(false);
     let daemon = Daemon::start(site.path(), "state", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     wait_for_route(
         port,
         "shop.example.com",
@@ -323,7 +323,7 @@ fn without_isolation_an_invalid_entry_blocks_the_whole_change() {
     );
     folder_state(&site, port, shop.port, blog.port, false, AGENT_BROKEN);
     daemon.wait_for("/status", 200, "unknown-backend", Duration::from_secs(5));
-    assert_eq!(daemon.get("/health").0, 503);
+    assert_eq!(daemon.get("/ready").0, 503);
     // All or nothing: the valid new domain is not applied either.
     assert_eq!(http_get(port, "blog.example.com", "/").unwrap().0, 404);
     assert!(
@@ -338,7 +338,7 @@ fn without_isolation_an_invalid_entry_blocks_the_whole_change() {
 fn with_isolation_the_valid_rest_is_applied_and_the_invalid_entry_keeps_its_last_version() {
     let (site, shop, blog, port) = isolation_site(true);
     let daemon = Daemon::start(site.path(), "state", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(15));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     wait_for_route(
         port,
         "shop.example.com",
@@ -373,7 +373,7 @@ fn with_isolation_the_valid_rest_is_applied_and_the_invalid_entry_keeps_its_last
         "{status}"
     );
     // Still an error to fix: health says so.
-    assert_eq!(daemon.get("/health").0, 503);
+    assert_eq!(daemon.get("/ready").0, 503);
     // A whole file that does not parse keeps its entries too.
     write(site.path(), "state/agents.d/a1.yaml", "backends: [\n");
     // The reconcile that read it is over (it applied what it applies before /status says
@@ -404,10 +404,20 @@ fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges(
             .map(|i| format!("  {prefix}{i}.example.com: {{ backend: {backend} }}\n"))
             .collect::<String>()
     };
-    let state_a = base_state(&site, port, shop.port, blog.port, &many("a", "shop"));
+    // Each round replaces all 3000 domains: a mass delete the delete guard would hold for its
+    // settle time; this test is about SIGKILL, so the guard is off.
+    let unguarded =
+        |state: String| state.replace("domains:\n", "global:\n  delete_guard: false\ndomains:\n");
+    let state_a = unguarded(base_state(
+        &site,
+        port,
+        shop.port,
+        blog.port,
+        &many("a", "shop"),
+    ));
     site.write_state(&state_a);
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(30));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(30));
 
     // The moments to kill at, each waited for (not guessed with a delay): while the new files
     // are staged and checked, and once HAProxy reloaded on them (before the daemon records
@@ -432,13 +442,13 @@ fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges(
         let reloads = site.generation().0;
         // A change that needs a reload and rewrites the big map.
         let alt = free_port();
-        let next = base_state(
+        let next = unguarded(base_state(
             &site,
             port,
             shop.port,
             blog.port,
             &many(&format!("r{round}-"), "blog"),
-        )
+        ))
         .replace(
             "agents:\n",
             &format!("  alt{round}: {{ bind: \"127.0.0.1:{alt}\" }}\nagents:\n"),
@@ -471,7 +481,7 @@ fn sigkill_in_the_middle_of_an_apply_leaves_whole_files_and_a_restart_converges(
         );
         // Restarted: it cleans what the killed one left, and converges.
         daemon = Daemon::start(site.path(), "state.yaml", &[]);
-        daemon.wait_for("/health", 200, "ok", Duration::from_secs(30));
+        daemon.wait_for("/ready", 200, "ok", Duration::from_secs(30));
         wait_for_route(
             port,
             &format!("r{round}-7.example.com"),

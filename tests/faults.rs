@@ -2,7 +2,7 @@
 //! and the daemon that only run when something goes wrong: `haproxy -c` refusing once runtime
 //! commands went live, a runtime command failing (the fallback reload), the file swap failing,
 //! every way putting the previous configuration back can fail too (exit 4), the supervised
-//! HAProxy dying, `/health` after a rolled-back apply, and drift that cannot be put back.
+//! HAProxy dying, `/ready` (and `/health`) after a rolled-back apply, and drift that cannot be put back.
 //!
 //! The faults are real ones: an `haproxy` executable that refuses or does something on its
 //! `-c` (a wrapper around the real one, named by the target's `haproxy_bin`), a master socket
@@ -374,15 +374,17 @@ fn a_file_swap_that_fails_is_rolled_back_with_exit_3() {
         "{stderr}"
     );
     assert_eq!(site.live_files(), before, "the files were not put back");
-    assert_eq!(
-        site.generation().0,
-        reloads + 1,
-        "HAProxy was not reloaded on them"
-    );
+    // Nothing went live at runtime and no file changed: HAProxy runs the files as they are,
+    // with no needless reload (before issue 11's rollback, it was reloaded anyway).
+    assert_eq!(site.generation().0, reloads, "a needless reload");
     assert!(serves(port, "shop.example.com", "shop"));
     assert!(std::net::TcpStream::connect(("127.0.0.1", alt)).is_err());
 }
 
+/// The file swap fails on haproxy.cfg after it replaced hosts.map, and putting the old
+/// hosts.map back fails too (an I/O error at the worst moment, injected by an LD_PRELOAD shim
+/// that fails chosen renames: `support/fail_rename.c`). Exit 4, HAProxy reloaded onto the files
+/// as they are (never left with runtime changes no file holds), and `plan` shows what differs.
 #[test]
 fn files_that_cannot_be_restored_after_a_failed_swap_are_exit_4() {
     let site = Site::new();
@@ -399,11 +401,10 @@ fn files_that_cannot_be_restored_after_a_failed_swap_are_exit_4() {
     ));
     site.apply();
     let before = site.live_files();
-    let counters = proc_counters(&site);
+    let (reloads, failed) = proc_counters(&site);
 
-    // A new listener (a reload) and a new domain in hosts.map, in a folder nothing can be
-    // written to: the swap fails there, and putting the old hosts.map back fails the same way.
-    let _maps = Immutable::new(&site.path().join("live/maps"));
+    // A new listener (a reload) and a new domain in hosts.map: hosts.map is written first,
+    // then haproxy.cfg fails, then restoring hosts.map fails.
     site.write_state(&state(
         &site,
         port,
@@ -413,18 +414,60 @@ fn files_that_cannot_be_restored_after_a_failed_swap_are_exit_4() {
         None,
         true,
     ));
-    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
-    assert_eq!(code, 4, "{stdout}{stderr}");
+    let out = lunafront()
+        .args(["apply", "state.yaml", "--auto-approve"])
+        .current_dir(site.path())
+        .env("LD_PRELOAD", fail_rename_shim())
+        .env(
+            "LUNAFRONT_FAIL_RENAME",
+            "live/haproxy.cfg@1,live/maps/hosts.map@2",
+        )
+        .output()
+        .expect("run lunafront");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(4), "{stdout}{stderr}");
     assert!(
         stderr.contains("writing the files")
+            && stderr.contains("haproxy.cfg")
             && stderr.contains("restoring the files")
-            && stderr.contains("hosts.map"),
+            && stderr.contains("hosts.map")
+            && stderr.contains("HAProxy was reloaded onto the files as they are"),
         "{stderr}"
     );
-    // What was written before the failure was put back; HAProxy never saw the new files.
-    assert_eq!(site.live_files(), before);
-    assert_eq!(proc_counters(&site), counters);
+    let after = site.live_files();
+    assert_eq!(after["haproxy.cfg"], before["haproxy.cfg"]);
+    assert_ne!(after["maps/hosts.map"], before["maps/hosts.map"]);
+    // HAProxy runs what the files say (one reload, not failed), and still serves.
+    assert_eq!(proc_counters(&site), (reloads + 1, failed));
     assert!(serves(port, "shop.example.com", "shop"));
+    // The next plan shows what differs, and applying it converges.
+    let (code, plan, _) = site.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
+    assert_eq!(code, 2, "{plan}");
+    site.apply();
+    assert!(serves(port, "blog.example.com", "blog"));
+}
+
+/// Builds `support/fail_rename.c` once (gcc: build-essential, which scripts/setup installs).
+fn fail_rename_shim() -> PathBuf {
+    static SHIM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        let out =
+            std::env::temp_dir().join(format!("lunafront-fail-rename-{}.so", std::process::id()));
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/fail_rename.c");
+        let status = Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&out)
+            .arg(&source)
+            .arg("-ldl")
+            .status()
+            .expect("cc runs (build-essential)");
+        assert!(status.success(), "cannot build {}", source.display());
+        out
+    })
+    .clone()
 }
 
 #[test]
@@ -709,15 +752,61 @@ fn the_supervisor_restarts_a_dead_haproxy_backing_off_while_it_cannot_start() {
     assert_eq!(restarted(), restarts + 1, "{}", daemon.log_text());
 }
 
+/// `lunafront_haproxy_restarts_total` counts a restart when it happens (it was copied from the
+/// supervisor at each reconcile only, so a scrape between a restart and the next reconcile —
+/// up to `--interval`, 30 s by default — read a count that missed it), and the first start is
+/// no restart (the supervisor used to start HAProxy itself, and count it, when it looked
+/// between the first reconcile writing the files and starting HAProxy: 2 runs in 8 under load).
 #[test]
-fn health_is_503_after_a_rolled_back_apply_and_200_once_fixed() {
+fn the_restart_counter_counts_a_restart_without_waiting_for_a_reconcile() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        None,
+        true,
+    ));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
+    let master = site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .unwrap()
+        .master_pid;
+    let restarted = || daemon.log_text().matches("HAProxy restarted").count();
+    assert_eq!(restarted(), 0, "{}", daemon.log_text());
+    assert!(
+        daemon
+            .get("/metrics")
+            .1
+            .contains("lunafront_haproxy_restarts_total 0\n"),
+        "the first start is no restart"
+    );
+    kill(master);
+    wait_until(Duration::from_secs(30), || restarted() > 0);
+    // The metric says as many restarts as the supervisor made.
+    daemon.wait_for(
+        "/metrics",
+        200,
+        &format!("lunafront_haproxy_restarts_total {}\n", restarted()),
+        Duration::from_secs(10),
+    );
+}
+
+#[test]
+fn ready_is_503_after_a_rolled_back_apply_and_200_once_fixed_while_health_stays_200() {
     let site = Site::new();
     let apps = Apps::new();
     let port = free_port();
     let domains = [("shop.example.com", "shop")];
     site.write_state(&state(&site, port, &apps, &domains, "", None, true));
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
 
     // A listener on a port someone else holds: `haproxy -c` passes, the reload fails, the
     // previous configuration is put back.
@@ -732,7 +821,10 @@ fn health_is_503_after_a_rolled_back_apply_and_200_once_fixed() {
         None,
         true,
     ));
-    let body = daemon.wait_for("/health", 503, "rolled_back", Duration::from_secs(20));
+    let body = daemon.wait_for("/ready", 503, "rolled_back", Duration::from_secs(20));
+    // Liveness is not readiness: HAProxy serves the previous state; no reason to restart.
+    let (code, health) = daemon.get("/health");
+    assert_eq!(code, 200, "{health}");
     assert!(
         body.contains("the previous configuration was put back"),
         "{body}"
@@ -760,7 +852,7 @@ fn health_is_503_after_a_rolled_back_apply_and_200_once_fixed() {
         None,
         true,
     ));
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert!(serves(port, "shop.example.com", "blog"));
 }
 
@@ -790,7 +882,7 @@ fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
     );
     site.write_state(&yaml);
     let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     // A pooled app's server: weight 0 (`use-server` picks it, balancing never does).
     let weight = || {
         lunafront::target::haproxy::read_servers(&site.runtime(), "agent:a1")
@@ -809,7 +901,7 @@ fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
         )
         .unwrap();
     let body = daemon.wait_for(
-        "/health",
+        "/ready",
         503,
         "checking runtime drift",
         Duration::from_secs(20),
@@ -834,7 +926,7 @@ fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
         "lunafront_drift_corrections_total 1\n",
         Duration::from_secs(20),
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
     assert_eq!(weight(), Some(0));
 }
 

@@ -39,8 +39,34 @@ fn long_label() -> String {
     format!("{}.example.com", "a".repeat(64))
 }
 
+/// What is hostile in a raw HAProxy line (`extra:`): spaces, quotes, `#` and `%[…]` are its
+/// syntax, but nothing may end the line, open another section or expand the environment.
+const HOSTILE_RAW_LINE: &[(&str, &str)] = &[
+    ("newline", "timeout queue 5s\nb"),
+    ("carriage return", "timeout queue 5s\rb"),
+    ("NUL", "timeout queue 5s\0b"),
+    ("tab", "timeout\tqueue 5s"),
+    (
+        "config injection",
+        "timeout queue 5s\n    server evil 192.0.2.66:80",
+    ),
+    ("a new section", "backend evil"),
+    ("a new global section", "Global"),
+    (
+        "environment",
+        "http-request set-header X-Token \"${LUNAFRONT_ADMIN_TOKEN}\"",
+    ),
+    ("unicode look-alike", "timeout queue 5\u{0455}"),
+];
+
 /// Every hostile value for the place at `pattern` (an over-long label is a valid file path).
 fn hostile_values(pattern: &str) -> Vec<(&'static str, String)> {
+    if pattern.ends_with("/extra/#") {
+        return HOSTILE_RAW_LINE
+            .iter()
+            .map(|(what, v)| (*what, v.to_string()))
+            .collect();
+    }
     let mut values: Vec<(&str, String)> = HOSTILE
         .iter()
         .map(|(what, v)| (*what, v.to_string()))
@@ -73,7 +99,7 @@ fn base() -> Value {
     json!({
         "version": 1,
         "listeners": {
-            "http": { "bind": "127.0.0.1:8080", "redirect_to": "https" },
+            "http": { "bind": "127.0.0.1:8080", "redirect_to": "https", "extra": [ "option http-buffer-request" ] },
             "https": { "bind": "127.0.0.1:8443", "certificates": "certs", "mode": "http", "acme": true, "hsts": { "max_age": "365d" } },
             "mongodb": { "bind": "127.0.0.1:27017", "tls": "passthrough" }
         },
@@ -91,7 +117,7 @@ fn base() -> Value {
                 "balance": "roundrobin",
                 "owner": "agent-7"
             },
-            "legacy": { "servers": [ { "address": "10.0.0.5", "port": 80 } ] },
+            "legacy": { "servers": [ { "address": "10.0.0.5", "port": 80 } ], "extra": [ "timeout queue 5s" ] },
             "db": { "servers": [ { "agent": "agent-7", "port": 27017 } ] }
         },
         "domains": {
@@ -119,7 +145,8 @@ fn base() -> Value {
         },
         "groups": { "fleet": [ "local", "edge" ] },
         "global": {
-            "log": "/dev/log", "hard_stop_after": "30m",
+            "log": "/dev/log", "hard_stop_after": "30m", "stats": { "bind": "127.0.0.1:8404" },
+            "delete_guard": { "count": 10, "percent": 10, "settle": "10s" },
             "timeouts": { "connect": "5s", "client": "1m", "server": "1m", "http_request": "10s", "http_keep_alive": "10s", "tunnel": "1h", "tcp_inspect": "5s", "check": "3s" }
         },
         "acme": {
@@ -141,12 +168,26 @@ fn schema() -> Value {
 }
 
 fn resolve<'a>(root: &'a Value, mut s: &'a Value) -> &'a Value {
-    while let Some(reference) = s.get("$ref").and_then(Value::as_str) {
-        s = root
-            .pointer(reference.trim_start_matches('#'))
-            .unwrap_or_else(|| panic!("unresolved {reference}"));
+    loop {
+        if let Some(reference) = s.get("$ref").and_then(Value::as_str) {
+            s = root
+                .pointer(reference.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("unresolved {reference}"));
+        } else if let Some(object) = object_branch(s) {
+            // `true`/`false` or settings (`delete_guard`): the settings hold the strings.
+            s = object;
+        } else {
+            return s;
+        }
     }
-    s
+}
+
+/// The object branch of a `oneOf` between a flag and an object of settings.
+fn object_branch(s: &Value) -> Option<&Value> {
+    let branches = s.get("oneOf")?.as_array()?;
+    branches
+        .iter()
+        .find(|b| b.get("type") == Some(&json!("object")))
 }
 
 fn is_string(s: &Value) -> bool {

@@ -68,6 +68,7 @@ fn live_after(old: &Model) -> Live {
         recorded_files: recorded(&r),
         previous_error: None,
         version: None,
+        interrupted: None,
     }
 }
 

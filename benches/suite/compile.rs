@@ -1,7 +1,9 @@
 //! Scenario 1, compile: load + validate + render + plan for 1k, 10k, 100k domains (agents and
-//! backends in proportion), on one core. Each size runs in a fresh process of this binary so
-//! its peak memory is its own; stages are medians of several runs. Growth is read off the
-//! per-domain cost between sizes.
+//! backends in proportion), on one core, and "+1 app" as `lunafront apply` does it against the
+//! files the previous state left (load the YAML, validate, render, read back the target's
+//! files and recorded state, plan). Each size runs in a fresh process of this binary so its
+//! peak memory is its own; stages are medians of several runs. Growth is read off the
+//! per-domain cost between sizes. The goals use the whole (what a user waits for).
 
 use crate::report::{Better, Report, Table, median, ms};
 use lunafront::model::validate;
@@ -64,8 +66,14 @@ pub struct SizeFigures {
     pub validate_ms: f64,
     pub render_ms: f64,
     pub plan_ms: f64,
-    /// One new app planned against the target as the previous state left it.
+    /// One new app against the files the previous state left, as `lunafront apply` does it:
+    /// load, validate, render, read back (files and the recorded state), plan.
     pub one_change_ms: f64,
+    /// Of which reading back the target's files and recorded state.
+    pub one_change_readback_ms: f64,
+    /// The figure before issue 17: validate + render + plan of the new app against the
+    /// previous model held in memory (no YAML loading, no read-back).
+    pub one_change_in_memory_ms: f64,
     pub peak_rss_kb: u64,
 }
 
@@ -77,8 +85,9 @@ pub fn child(domains: usize, runs: usize) {
         "  new-app: { servers: [ { agent: agent-0, port: 9999 } ] }\ndomains:\n",
     );
     let options = RenderOptions::for_target(None);
-    let mut stages: [Vec<f64>; 5] = Default::default();
-    for _ in 0..runs {
+    let mut stages: [Vec<f64>; 7] = Default::default();
+    let scratch = std::env::temp_dir().join(format!("lunafront-compile-{}", std::process::id()));
+    for run in 0..runs {
         let t = Instant::now();
         let source = Source::parse(vec![SourceFile::new("state.yaml".into(), yaml.clone())]);
         stages[0].push(ms(t.elapsed()));
@@ -104,15 +113,44 @@ pub fn child(domains: usize, runs: usize) {
             recorded_files: recorded(&rendered),
             previous_error: None,
             version: None,
+            interrupted: None,
         };
         let source2 = Source::parse(vec![SourceFile::new("state.yaml".into(), edited.clone())]);
         let t = Instant::now();
         let model2 = validate(&source2).model.unwrap();
         let rendered2 = render(&model2, &options).unwrap();
         let plan = make_plan("bench", &model2, &rendered2, &live);
+        stages[6].push(ms(t.elapsed()));
+        assert_eq!(plan.changes.len(), 2, "{:?}", plan.changes);
+        drop((model2, rendered2, plan, live));
+
+        // The same change as `lunafront apply` makes it: the previous state's files are on
+        // disk (a new folder each run: a fresh process has read no manifest yet).
+        let dir = scratch.join(run.to_string());
+        for f in rendered.files() {
+            let path = dir.join(&f.path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, &f.bytes).unwrap();
+        }
+        drop((model, rendered));
+        let t = Instant::now();
+        let source2 = Source::parse(vec![SourceFile::new("state.yaml".into(), edited.clone())]);
+        let model2 = validate(&source2).model.unwrap();
+        let rendered2 = render(&model2, &options).unwrap();
+        let r = Instant::now();
+        let live = lunafront::target::files::observe_dir(
+            &dir,
+            rendered2.files().into_iter().map(|f| f.path),
+        )
+        .unwrap();
+        stages[5].push(ms(r.elapsed()));
+        assert!(live.previous.is_some(), "the recorded state reads back");
+        let plan = make_plan("bench", &model2, &rendered2, &live);
         stages[4].push(ms(t.elapsed()));
         assert_eq!(plan.changes.len(), 2, "{:?}", plan.changes);
+        let _ = std::fs::remove_dir_all(&dir);
     }
+    let _ = std::fs::remove_dir_all(&scratch);
     let figures = SizeFigures {
         domains,
         load_ms: median(&stages[0]),
@@ -120,6 +158,8 @@ pub fn child(domains: usize, runs: usize) {
         render_ms: median(&stages[2]),
         plan_ms: median(&stages[3]),
         one_change_ms: median(&stages[4]),
+        one_change_readback_ms: median(&stages[5]),
+        one_change_in_memory_ms: median(&stages[6]),
         peak_rss_kb: crate::procs::memory_kb(std::process::id()).1,
     };
     println!("{}", serde_json::to_string(&figures).unwrap());
@@ -157,6 +197,8 @@ fn combine(rounds: &[SizeFigures]) -> SizeFigures {
         render_ms: stage(|f| f.render_ms),
         plan_ms: stage(|f| f.plan_ms),
         one_change_ms: stage(|f| f.one_change_ms),
+        one_change_readback_ms: stage(|f| f.one_change_readback_ms),
+        one_change_in_memory_ms: stage(|f| f.one_change_in_memory_ms),
         peak_rss_kb: rounds.iter().map(|f| f.peak_rss_kb).max().unwrap_or(0),
     }
 }
@@ -177,16 +219,17 @@ pub fn run(report: &mut Report, quick: bool) {
         &[1_000, 10_000, 100_000]
     };
     let mut table = Table::new(
-        "Compile: validate + render + plan (one core; sizes take turns, median of runs)",
+        "Compile: load + validate + render + plan, and +1 app as `apply` does it (one core; sizes take turns, median of runs)",
         &[
             "domains",
             "load (YAML)",
             "validate",
             "render",
             "plan",
-            "**validate+render+plan**",
+            "**load+validate+render+plan**",
             "per domain",
-            "+1 app",
+            "**+1 app**",
+            "of which read-back",
             "peak RSS",
         ],
     );
@@ -203,11 +246,25 @@ pub fn run(report: &mut Report, quick: bool) {
     let mut per_domain = Vec::new();
     for (&n, rounds) in sizes.iter().zip(&measured) {
         let f = combine(rounds);
-        let total = f.validate_ms + f.render_ms + f.plan_ms;
+        let total = f.load_ms + f.validate_ms + f.render_ms + f.plan_ms;
+        let without_load = f.validate_ms + f.render_ms + f.plan_ms;
         let per = total * 1000.0 / n as f64;
         per_domain.push(per);
         let k = n / 1000;
-        report.figure(format!("compile.{k}k.total_ms"), total, "ms", Better::Lower);
+        report.figure(format!("compile.{k}k.whole_ms"), total, "ms", Better::Lower);
+        // The figure the goal used before issue 17 (without loading the YAML).
+        report.figure(
+            format!("compile.{k}k.total_ms"),
+            without_load,
+            "ms",
+            Better::Lower,
+        );
+        report.figure(
+            format!("compile.{k}k.one_change_in_memory_ms"),
+            f.one_change_in_memory_ms,
+            "ms",
+            Better::Lower,
+        );
         report.figure(
             format!("compile.{k}k.load_ms"),
             f.load_ms,
@@ -234,15 +291,26 @@ pub fn run(report: &mut Report, quick: bool) {
             format!("{:.1} ms", f.plan_ms),
             format!("**{total:.1} ms**"),
             format!("{per:.1} µs"),
-            format!("{:.1} ms", f.one_change_ms),
+            format!("**{:.1} ms**", f.one_change_ms),
+            format!("{:.1} ms", f.one_change_readback_ms),
             format!("{:.0} MB", f.peak_rss_kb as f64 / 1024.0),
         ]);
         if n == 10_000 {
             report.goal(
                 "compile",
-                "10k domains: validate+render+plan < 150 ms".into(),
-                format!("{total:.1} ms"),
+                "10k domains: load+validate+render+plan < 150 ms".into(),
+                format!("{total:.1} ms (validate+render+plan {without_load:.1} ms)"),
                 total < 150.0,
+            );
+            report.goal(
+                "compile",
+                "10k domains: +1 app against the previous state, as `apply` does it, < 150 ms"
+                    .into(),
+                format!(
+                    "{:.1} ms (against the previous model in memory, without loading: {:.1} ms)",
+                    f.one_change_ms, f.one_change_in_memory_ms
+                ),
+                f.one_change_ms < 150.0,
             );
         }
     }
@@ -262,7 +330,7 @@ pub fn run(report: &mut Report, quick: bool) {
         "Per-domain cost ratio between consecutive sizes (1.00 = linear growth): {}.",
         growth.join(", ")
     ));
-    table.note("*plan* is a first plan against an empty target; *+1 app* validates, renders and plans one new app against the target as the previous state left it. *peak RSS* is the whole process at that size (the YAML text, both states, the rendering).");
+    table.note("*plan* is a first plan against an empty target. *+1 app* is one new app as `lunafront apply` handles it against the files the previous state left: load the YAML, validate, render, read back the target's files and its recorded state (validated again, as a fresh process does), plan. *peak RSS* is the whole process at that size (the YAML text, both states, the rendering). The growth ratios use load+validate+render+plan.");
     report.goal(
         "compile",
         "growth linear (per-domain cost ratio ≤ 1.25 between sizes)".into(),

@@ -4,9 +4,11 @@
 //! writes `bench/results/latest.json`, and with `--compare` flags any figure more than 10%
 //! worse than `bench/results/baseline.json`.
 //!
-//! `cargo bench --bench suite -- [--quick] [--check] [--compare [FILE]] [--only S,S] [--out FILE]`
-//! (scenarios: compile, dataplane, live, load, footprint). `bench/run` installs what it needs
-//! and passes its arguments here.
+//! `cargo bench --bench suite -- [--quick] [--check] [--compare [FILE]] [--only S,S] [--out FILE]
+//! [--haproxy CMD[,CMD]]` (scenarios: compile, dataplane, topology, live, load, footprint).
+//! `--haproxy` lists the HAProxy commands to measure (default: `haproxy` and
+//! `scripts/haproxy-3.0`): the topology scenario runs on each, the others on the first.
+//! `bench/run` installs what it needs and passes its arguments here.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -15,8 +17,10 @@ mod change_to_live;
 mod compile;
 mod dataplane_cost;
 mod footprint;
+mod fronts;
 mod procs;
 mod report;
+mod topology;
 mod under_load;
 
 use report::{Report, Table};
@@ -25,7 +29,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 5] = ["compile", "dataplane", "live", "load", "footprint"];
+const SCENARIOS: [&str; 6] = [
+    "compile",
+    "dataplane",
+    "topology",
+    "live",
+    "load",
+    "footprint",
+];
 
 struct Args {
     quick: bool,
@@ -33,6 +44,8 @@ struct Args {
     compare: Option<PathBuf>,
     only: Vec<String>,
     out: PathBuf,
+    /// The HAProxy commands to measure; the first drives every scenario.
+    haproxy: Vec<String>,
 }
 
 fn results_dir() -> PathBuf {
@@ -46,6 +59,13 @@ fn args() -> Result<Args, String> {
         compare: None,
         only: Vec::new(),
         out: results_dir().join("latest.json"),
+        haproxy: vec![
+            "haproxy".into(),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("scripts/haproxy-3.0")
+                .display()
+                .to_string(),
+        ],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -67,8 +87,8 @@ fn args() -> Result<Args, String> {
                 }
             }
             "--only" => {
-                let list =
-                    next(i).ok_or("--only needs a list: compile,dataplane,live,load,footprint")?;
+                let list = next(i)
+                    .ok_or("--only needs a list: compile,dataplane,topology,live,load,footprint")?;
                 for s in list.split(',') {
                     if !SCENARIOS.contains(&s) {
                         return Err(format!(
@@ -82,6 +102,12 @@ fn args() -> Result<Args, String> {
             }
             "--out" => {
                 args.out = PathBuf::from(next(i).ok_or("--out needs a file")?);
+                i += 1;
+            }
+            "--haproxy" => {
+                let list = next(i)
+                    .ok_or("--haproxy needs a command or a list: haproxy,scripts/haproxy-3.0")?;
+                args.haproxy = list.split(',').map(str::to_string).collect();
                 i += 1;
             }
             other => return Err(format!("unknown argument `{other}`")),
@@ -137,7 +163,7 @@ fn machine() -> BTreeMap<String, String> {
                 .trim()
                 .to_string(),
         ),
-        ("haproxy", command_line("haproxy", &["-v"])),
+        ("haproxy", command_line(&procs::primary().command, &["-v"])),
         ("wrk", command_line("wrk", &["--version"])),
         ("rustc", command_line("rustc", &["-V"])),
         ("lunafront", env!("CARGO_PKG_VERSION").to_string()),
@@ -168,18 +194,31 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    for tool in ["haproxy", "wrk", "taskset"] {
+    for tool in ["wrk", "taskset"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .map_or(true, |o| !o.status.success())
         {
             eprintln!(
-                "error: `{tool}` is missing; bench/run installs it (apt-get install haproxy wrk util-linux)"
+                "error: `{tool}` is missing; bench/run installs it (apt-get install wrk util-linux)"
             );
             return ExitCode::from(2);
         }
     }
+    let mut bins = Vec::new();
+    for command in &args.haproxy {
+        match procs::HaproxyBin::probe(command) {
+            Ok(bin) => bins.push(bin),
+            Err(e) => {
+                eprintln!(
+                    "error: HAProxy `{command}` does not run: {e}\n  bench/run installs Debian's haproxy and builds HAProxy 3.0's root (scripts/haproxy-3.0 install); or pass --haproxy haproxy"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    procs::set_primary(bins[0].clone());
 
     let mut report = Report {
         format_version: 1,
@@ -203,6 +242,7 @@ fn main() -> ExitCode {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match scenario {
             "compile" => compile::run(&mut report, args.quick),
             "dataplane" => dataplane_cost::run(&mut report, &root, args.quick),
+            "topology" => topology::run(&mut report, &root, args.quick, &bins),
             "live" => change_to_live::run(&mut report, &root, args.quick),
             "load" => under_load::run(&mut report, &root, args.quick),
             _ => footprint::run(&mut report, &root, args.quick),
@@ -217,11 +257,7 @@ fn main() -> ExitCode {
                 }
             }
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panicked".into());
+                let message = report::panic_message(panic.as_ref());
                 report.failures.push(format!("{scenario}: {message}"));
             }
         }
@@ -299,7 +335,11 @@ fn compare(path: &Path, latest: &Report) -> bool {
             format!("**{}**", r.name),
             format!("{:.3} {}", r.baseline, r.unit),
             format!("{:.3} {}", r.latest, r.unit),
-            format!("{:.0}%", r.worse_by * 100.0),
+            if r.worse_by.is_infinite() {
+                "from 0".to_string()
+            } else {
+                format!("{:.0}%", r.worse_by * 100.0)
+            },
         ]);
     }
     println!("{}", table.render());
@@ -313,13 +353,17 @@ fn compare(path: &Path, latest: &Report) -> bool {
     regressions.is_empty()
 }
 
-/// `--check`: the harness worked — every scenario that ran produced its table, figures and
-/// goals, and every figure is a finite number. Goals not met are reported, not failures.
+/// `--check`: the harness worked — its statistics give the known answers, every scenario that
+/// ran produced its table, figures and goals, every figure is a finite number, and every
+/// zero-tolerance figure (failed requests, socket errors) is 0. Other goals not met are
+/// reported, not failures.
 fn check(report: &Report, args: &Args) -> bool {
-    let mut problems = Vec::new();
+    let mut problems = report::self_check();
+    problems.extend(fronts::self_check());
     let prefixes = [
         ("compile", "compile."),
         ("dataplane", "dataplane."),
+        ("topology", "topology."),
         ("live", "live."),
         ("load", "under_load."),
         ("footprint", "footprint."),
@@ -332,11 +376,7 @@ fn check(report: &Report, args: &Args) -> bool {
             problems.push(format!("scenario {scenario} produced no figures"));
         }
     }
-    for f in &report.figures {
-        if !f.value.is_finite() || f.value < 0.0 {
-            problems.push(format!("figure {} is {}", f.name, f.value));
-        }
-    }
+    problems.extend(report::figure_problems(&report.figures));
     if report.goals.is_empty() {
         problems.push("no goal was evaluated".into());
     }

@@ -6,7 +6,72 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// An HAProxy the suite drives (`--haproxy`): a command — `haproxy`, a path, or a wrapper such
+/// as `scripts/haproxy-3.0` — and the version it reports.
+#[derive(Debug, Clone)]
+pub struct HaproxyBin {
+    pub command: String,
+    /// `2.6.12-1+deb12u3`.
+    pub version: String,
+}
+
+impl HaproxyBin {
+    /// Runs `<command> -v`; a path is made absolute (lunafront and HAProxy run from `/`).
+    pub fn probe(command: &str) -> Result<HaproxyBin, String> {
+        let command = if command.contains('/') {
+            std::fs::canonicalize(command)
+                .map_err(|e| format!("{command}: {e}"))?
+                .display()
+                .to_string()
+        } else {
+            command.to_string()
+        };
+        let out = Command::new(&command)
+            .arg("-v")
+            .output()
+            .map_err(|e| format!("{command} -v: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let version = text
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(2))
+            .filter(|_| out.status.success())
+            .ok_or_else(|| {
+                format!(
+                    "{command} -v did not print a version: {}{}",
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?
+            .to_string();
+        Ok(HaproxyBin { command, version })
+    }
+
+    /// `2.6`: the figures' names carry it.
+    pub fn short(&self) -> String {
+        self.version
+            .split('.')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+}
+
+static PRIMARY: OnceLock<HaproxyBin> = OnceLock::new();
+
+/// Sets the HAProxy of every scenario but those that compare versions (the first `--haproxy`).
+pub fn set_primary(bin: HaproxyBin) {
+    let _ = PRIMARY.set(bin);
+}
+
+pub fn primary() -> &'static HaproxyBin {
+    PRIMARY
+        .get()
+        .expect("the suite's HAProxy is set before any scenario")
+}
 
 /// The front HAProxy runs on this CPU; wrk and the origin on the other, so that the front is
 /// what saturates.
@@ -91,10 +156,19 @@ pub fn signal(pid: u32, signal: i32) {
 /// `haproxy -db -f config` pinned to `cpu` (HAProxy then runs one thread: it sizes its
 /// threads by the CPUs it may use). Waits until `port` accepts connections.
 pub fn haproxy(config: &Path, cpu: &str, port: u16) -> Proc {
+    haproxy_with(primary(), config, cpu, port)
+}
+
+/// `haproxy` with this HAProxy.
+pub fn haproxy_with(bin: &HaproxyBin, config: &Path, cpu: &str, port: u16) -> Proc {
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", cpu, "haproxy", "-db", "-f"]).arg(config);
+    cmd.args(["-c", cpu])
+        .arg(&bin.command)
+        .args(["-db", "-f"])
+        .arg(config);
     let mut proc = Proc::spawn("haproxy", cmd, &config.with_extension("log"));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // 50,000 ACL rules or servers in one backend take a minute to load on a quiet machine.
+    let deadline = Instant::now() + Duration::from_secs(600);
     while !wait_port(port, Duration::from_millis(100)) {
         let exited = proc.child.try_wait().ok().flatten().is_some();
         if exited || Instant::now() > deadline {
@@ -113,7 +187,7 @@ pub const ORIGIN_PORTS: u16 = 100;
 
 /// `count` consecutive free ports.
 fn free_port_range(count: u16) -> u16 {
-    'candidates: for base in (21_000..60_000u16).step_by(1_000) {
+    'candidates: for base in (21_000..65_000 - count).step_by(1_000) {
         let mut held = Vec::new();
         for port in base..base + count {
             match TcpListener::bind(("0.0.0.0", port)) {
@@ -131,17 +205,39 @@ fn free_port_range(count: u16) -> u16 {
 /// `ORIGIN_PORTS` ports from the one returned. It closes idle connections after 1 s, so the
 /// idle pools a front keeps to N upstreams drain between turns.
 pub fn origin(dir: &Path) -> (Proc, u16) {
-    let base = free_port_range(ORIGIN_PORTS);
-    let config = dir.join("origin.cfg");
+    origin_on(dir, ORIGIN_PORTS)
+}
+
+/// `origin` on `ports` ports (10,000 apps on one agent are 10,000 ports of one address).
+pub fn origin_on(dir: &Path, ports: u16) -> (Proc, u16) {
+    let base = free_port_range(ports);
+    let config = dir.join(format!("origin-{ports}.cfg"));
+    // HAProxy needs about 2 × maxconn + its listeners in file descriptors, within the limit.
+    let fds = open_files_limit();
+    let maxconn = 9_000.min(fds.saturating_sub(ports as u64 + 200) / 2);
     std::fs::write(
         &config,
         format!(
-            "global\n    maxconn 9000\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n    timeout http-keep-alive 1s\nfrontend origin\n    bind 0.0.0.0:{base}-{}\n    http-request return status 200 content-type text/plain string \"ok\\n\"\n",
-            base + ORIGIN_PORTS - 1
+            "global\n    maxconn {maxconn}\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n    timeout http-keep-alive 1s\nfrontend origin\n    bind 0.0.0.0:{base}-{}\n    http-request return status 200 content-type text/plain string \"ok\\n\"\n",
+            base + ports - 1
         ),
     )
     .unwrap();
     (haproxy(&config, CLIENT_CPU, base), base)
+}
+
+/// The hard limit on open files (what HAProxy may raise its own limit to).
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_max
+    } else {
+        1024
+    }
 }
 
 pub fn wait_port(port: u16, timeout: Duration) -> bool {
@@ -280,16 +376,21 @@ pub fn cpu_time(pid: u32) -> Duration {
 }
 
 /// The bench's platform: `domains` apps (`d<i>.bench.example.com`), one domain each, on
-/// `domains / 100` agents at 127.0.x.y; each app is its own upstream (its agent's address, a
-/// port of the origin's range).
+/// `domains / apps_per_agent` agents at 127.0.x.y (100 apps each unless set); each app is its
+/// own upstream (its agent's address, a port of the origin's range).
 pub struct Platform {
     pub dir: PathBuf,
     pub domains: usize,
+    pub apps_per_agent: usize,
     pub http_port: u16,
     pub origin_port: u16,
+    /// How many ports the origin listens on (at least `apps_per_agent`).
+    pub origin_ports: u16,
     /// More listeners (name, port) and domains added by changes.
     pub listeners: Vec<(String, u16)>,
     pub new_domains: Vec<String>,
+    /// Apps added on agent 0 by changes (`host(domains + k)`, after the others' ports).
+    pub extra_apps: usize,
     /// A global timeout the reload changes flip.
     pub client_timeout_s: u32,
     /// The `targets:` entry.
@@ -302,14 +403,18 @@ impl Platform {
         Platform {
             dir: dir.to_path_buf(),
             domains,
+            apps_per_agent: 100,
             http_port: free_port(),
             origin_port,
+            origin_ports: ORIGIN_PORTS,
             listeners: Vec::new(),
             new_domains: Vec::new(),
+            extra_apps: 0,
             client_timeout_s: 30,
             target: format!(
-                "  local: {{ type: haproxy, config: {d}/live/haproxy.cfg, spawn: true, state_dir: {d}/run, history: 3 }}\n",
-                d = dir.display()
+                "  local: {{ type: haproxy, config: {d}/live/haproxy.cfg, spawn: true, state_dir: {d}/run, history: 3, haproxy_bin: {bin} }}\n",
+                d = dir.display(),
+                bin = primary().command
             ),
         }
     }
@@ -319,7 +424,7 @@ impl Platform {
     }
 
     pub fn agents(&self) -> usize {
-        (self.domains / 100).max(1)
+        self.domains.div_ceil(self.apps_per_agent).max(1)
     }
 
     pub fn agent_ip(agent: usize) -> String {
@@ -331,7 +436,7 @@ impl Platform {
         let agents = self.agents();
         (
             i % agents,
-            self.origin_port + ((i / agents) % ORIGIN_PORTS as usize) as u16,
+            self.origin_port + ((i / agents) % self.origin_ports as usize) as u16,
         )
     }
 
@@ -355,8 +460,14 @@ impl Platform {
                 "  app-{i}: {{ servers: [ {{ agent: a{agent}, port: {port} }} ] }}\n"
             ));
         }
+        for i in self.domains..self.domains + self.extra_apps {
+            let port = self.origin_port + (i % self.origin_ports as usize) as u16;
+            s.push_str(&format!(
+                "  app-{i}: {{ servers: [ {{ agent: a0, port: {port} }} ] }}\n"
+            ));
+        }
         s.push_str("domains:\n");
-        for i in 0..self.domains {
+        for i in 0..self.domains + self.extra_apps {
             s.push_str(&format!("  {}: {{ backend: app-{i} }}\n", Self::host(i)));
         }
         for d in &self.new_domains {

@@ -18,6 +18,9 @@ pub struct Figure {
     pub value: f64,
     pub unit: String,
     pub better: Better,
+    /// A count that must be 0 (failed requests, socket errors): anything else fails `--check`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_tolerance: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,7 +103,16 @@ impl Report {
             value,
             unit: unit.to_string(),
             better,
+            zero_tolerance: false,
         });
+    }
+
+    /// A count that must be 0: `--check` fails on anything else.
+    pub fn zero_figure(&mut self, name: impl Into<String>, value: f64, unit: &str) {
+        self.figure(name, value, unit, Better::Lower);
+        if let Some(f) = self.figures.last_mut() {
+            f.zero_tolerance = true;
+        }
     }
 
     pub fn goal(&mut self, scenario: &str, goal: String, measured: String, met: bool) {
@@ -141,6 +153,25 @@ impl Report {
     }
 }
 
+/// Runs one part of a scenario (one size, one HAProxy); a panic in it becomes a failure of
+/// the run (`what: message`) and the scenario goes on with its other parts and tables.
+pub fn guarded(report: &mut Report, what: &str, part: impl FnOnce(&mut Report)) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| part(&mut *report)));
+    if let Err(panic) = outcome {
+        report
+            .failures
+            .push(format!("{what}: {}", panic_message(panic.as_ref())));
+    }
+}
+
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
+}
+
 /// A figure of `latest` worse than the same figure of `baseline` by more than `tolerance`
 /// (0.10: 10%).
 pub struct Regression {
@@ -164,11 +195,21 @@ pub fn compare(baseline: &Report, latest: &Report, tolerance: f64) -> (Vec<Regre
         let Some(b) = base.get(f.name.as_str()) else {
             continue;
         };
-        if b.value <= 0.0 || !b.value.is_finite() || !f.value.is_finite() {
+        if b.value < 0.0 || !b.value.is_finite() || !f.value.is_finite() {
             continue;
         }
         compared += 1;
         let worse_by = match f.better {
+            // From a baseline of 0 (no failed request), any increase is a regression: no
+            // percentage of 0 would ever flag it.
+            Better::Lower if b.value == 0.0 => {
+                if f.value > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                }
+            }
+            Better::Higher if b.value == 0.0 => 0.0,
             Better::Lower => (f.value - b.value) / b.value,
             Better::Higher => (b.value - f.value) / b.value,
         };
@@ -196,8 +237,99 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// The median: the middle value, or the mean of the two middle values of an even count.
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The method before issue 17, kept to say in the same run how the figures moved: the upper
+/// of the two middle values of an even count (the 3rd of 4).
+pub fn upper_middle(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
     percentile(&v, 0.5)
+}
+
+/// What is wrong with the figures themselves: a value that is not a finite number, a
+/// zero-tolerance count (failed requests, socket errors) that is not 0.
+pub fn figure_problems(figures: &[Figure]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in figures {
+        if !f.value.is_finite() || f.value < 0.0 {
+            problems.push(format!("figure {} is {}", f.name, f.value));
+        }
+        if f.zero_tolerance && f.value != 0.0 {
+            problems.push(format!(
+                "figure {} is {} {}: it must be 0",
+                f.name, f.value, f.unit
+            ));
+        }
+    }
+    problems
+}
+
+/// The statistics this suite's figures rest on, checked on known inputs (`--check` runs it:
+/// this bench target has no test harness). Returns what is wrong.
+pub fn self_check() -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut expect = |what: &str, ok: bool| {
+        if !ok {
+            problems.push(format!("self-check: {what}"));
+        }
+    };
+    expect(
+        "the median of 4 values is the mean of the two middle ones",
+        median(&[4.0, 1.0, 3.0, 2.0]) == 2.5 && upper_middle(&[4.0, 1.0, 3.0, 2.0]) == 3.0,
+    );
+    expect(
+        "the median of an odd count is its middle value",
+        median(&[3.0, 1.0, 2.0]) == 2.0 && median(&[7.0]) == 7.0 && median(&[]).is_nan(),
+    );
+    let report = |figures: &[(&str, f64, Better)]| {
+        let mut r = Report::default();
+        for (name, value, better) in figures {
+            r.figure(*name, *value, "x", *better);
+        }
+        r
+    };
+    let zero = report(&[("errors", 0.0, Better::Lower), ("rps", 0.0, Better::Higher)]);
+    let up = report(&[("errors", 3.0, Better::Lower), ("rps", 5.0, Better::Higher)]);
+    let (regressions, compared) = compare(&zero, &up, 0.10);
+    expect(
+        "an increase from a zero baseline is flagged (and only that)",
+        compared == 2
+            && regressions.len() == 1
+            && regressions[0].name == "errors"
+            && regressions[0].worse_by.is_infinite(),
+    );
+    expect(
+        "0 against a baseline of 0 is not flagged",
+        compare(&zero, &zero, 0.10).0.is_empty(),
+    );
+    let mut counts = Report::default();
+    counts.zero_figure("failed", 0.0, "requests");
+    expect(
+        "a zero-tolerance figure of 0 passes",
+        figure_problems(&counts.figures).is_empty(),
+    );
+    counts.zero_figure("errors", 1.0, "errors");
+    counts.figure("nan", f64::NAN, "ms", Better::Lower);
+    expect(
+        "a zero-tolerance figure above 0 and a NaN fail",
+        figure_problems(&counts.figures).len() == 2,
+    );
+    let base = report(&[("ms", 100.0, Better::Lower), ("rps", 100.0, Better::Higher)]);
+    let worse = report(&[("ms", 109.0, Better::Lower), ("rps", 89.0, Better::Higher)]);
+    let (regressions, _) = compare(&base, &worse, 0.10);
+    expect(
+        "more than 10% worse, in the figure's own direction, is flagged",
+        regressions.len() == 1 && regressions[0].name == "rps",
+    );
+    problems
 }

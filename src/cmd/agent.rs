@@ -38,6 +38,7 @@ pub fn run(action: &AgentAction) -> ExitCode {
             target,
             valid,
             api_data,
+            json,
         } => (|| {
             if !lunafront::model::names::is_identifier(name) {
                 return Err(format!(
@@ -51,6 +52,17 @@ pub fn run(action: &AgentAction) -> ExitCode {
                 .map_err(|e| e.to_string())?
                 .issue(name, Kind::Enrollment, *valid)
                 .map_err(|e| e.to_string())?;
+            if *json {
+                let expires = lunafront::clock::unix_now() as i64 + valid.as_secs() as i64;
+                let doc = serde_json::json!({
+                    "agent": name,
+                    "token": token,
+                    "kind": "enrollment",
+                    "expires_at": lunafront::clock::rfc3339(expires),
+                });
+                println!("{doc}");
+                return Ok(());
+            }
             println!("{token}");
             eprintln!(
                 "One-time enrollment token for agent {name}, valid {}s: the agent registers with it as its agentKey. It is shown once; only its hash is kept.",
@@ -76,6 +88,9 @@ pub fn run(action: &AgentAction) -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
+            if matches!(action, AgentAction::Enroll { json: true, .. }) {
+                println!("{}", serde_json::json!({ "error": e }));
+            }
             eprintln!("error: {e}");
             ExitCode::from(exit::ERROR)
         }

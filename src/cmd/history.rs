@@ -35,7 +35,7 @@ fn select(model: &Model, name: Option<&str>) -> Result<(String, Target), ExitCod
         })
 }
 
-pub fn list(state: &Path, target: Option<&str>) -> ExitCode {
+pub fn list(state: &Path, target: Option<&str>, json: bool) -> ExitCode {
     let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
         Ok(t) => t,
         Err(code) => return code,
@@ -47,6 +47,19 @@ pub fn list(state: &Path, target: Option<&str>) -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
+    if json {
+        let newest_first: Vec<_> = entries.iter().rev().collect();
+        let doc = serde_json::json!({
+            "format_version": "1",
+            "target": name,
+            "entries": newest_first,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("history serializes")
+        );
+        return ExitCode::from(exit::OK);
+    }
     if entries.is_empty() {
         println!("No applied states recorded for target {name} yet.");
         return ExitCode::from(exit::OK);
@@ -84,6 +97,7 @@ pub fn rollback(
     target: Option<&str>,
     steps: u64,
     auto_approve: bool,
+    json: bool,
     color: ColorChoice,
 ) -> ExitCode {
     let (name, target) = match targets(state).and_then(|m| select(&m, target)) {
@@ -98,10 +112,28 @@ pub fn rollback(
             return ExitCode::from(exit::ERROR);
         }
     };
-    let Some(index) = entries.len().checked_sub(1 + steps as usize) else {
+    // Steps count from the state the target holds, found by its manifest: the newest entry
+    // normally, none when its last apply could not be recorded (then one step back is the
+    // newest entry, the state that was live before it).
+    let options = target::render_options(&target);
+    let live_manifest = target::observe_paths(&name, &target, &options, [MANIFEST.to_string()])
+        .ok()
+        .and_then(|live| live.files.get(MANIFEST).cloned());
+    let live_index = live_manifest.as_ref().and_then(|live| {
+        entries
+            .iter()
+            .rposition(|e| history.file(e.seq, MANIFEST).ok().as_ref() == Some(live))
+    });
+    if live_manifest.is_some() && live_index.is_none() && !entries.is_empty() {
+        println!(
+            "Target {name} holds a state its history does not record (its last apply could not be recorded): counting from there."
+        );
+    }
+    let base = live_index.unwrap_or(entries.len());
+    let Some(index) = base.checked_sub(steps as usize) else {
         eprintln!(
-            "error: target {name} has {} recorded state(s): cannot go back {steps} step(s)",
-            entries.len()
+            "error: target {name} has {} recorded state(s) before the one it holds: cannot go back {steps} step(s)",
+            base
         );
         return ExitCode::from(exit::ERROR);
     };
@@ -117,8 +149,7 @@ pub fn rollback(
         let model = validate(&source)
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
-        let options = target::render_options(&target);
-        let live = target::observe_paths(&name, &target, &options, &files)?;
+        let live = target::observe_files(&name, &target, &options, &files)?;
         Ok(plan::plan_files(&name, &model, files, &options, &live))
     })();
     let plan = match result {
@@ -128,19 +159,45 @@ pub fn rollback(
             return ExitCode::from(exit::ERROR);
         }
     };
-    println!(
-        "Rolling target {name} back to entry {} (applied {}).",
-        entry.seq, entry.time
-    );
-    print!("{}", text::render(&plan, stdout_color(color)));
-    if plan.is_empty() {
+    let plan_value = lunafront::plan::json::value(&plan);
+    let target_name = name.clone();
+    let to_json = |result: serde_json::Value| {
+        let mut doc = serde_json::json!({
+            "format_version": "1",
+            "target": target_name,
+            "rollback_to": entry.seq,
+            "plan": plan_value.clone(),
+        });
+        doc.as_object_mut()
+            .expect("object")
+            .extend(result.as_object().cloned().unwrap_or_default());
         println!(
-            "Target {name} already holds entry {}; nothing to do.",
-            entry.seq
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("rollback serializes")
         );
+    };
+    if !json {
+        println!(
+            "Rolling target {name} back to entry {} (applied {}).",
+            entry.seq, entry.time
+        );
+        print!("{}", text::render(&plan, stdout_color(color)));
+    }
+    if plan.is_empty() {
+        if json {
+            to_json(serde_json::json!({ "result": "unchanged" }));
+        } else {
+            println!(
+                "Target {name} already holds entry {}; nothing to do.",
+                entry.seq
+            );
+        }
         return ExitCode::from(exit::OK);
     }
-    if !auto_approve && !super::apply::confirm(&[&name]) {
+    if !auto_approve && !super::apply::confirm(&[&name], json) {
+        if json {
+            to_json(serde_json::json!({ "result": "cancelled" }));
+        }
         return ExitCode::from(exit::ERROR);
     }
     let prepared = super::apply::Prepared {
@@ -149,12 +206,22 @@ pub fn rollback(
         plan,
         before: None,
         acme_requests: Vec::new(),
+        git_commit: entry.git_commit.clone(),
     };
-    match super::apply::apply_one(&prepared, Some(entry.seq), false) {
+    super::apply::finish_before_exiting();
+    let result = super::apply::apply_one(&prepared, Some(entry.seq), false);
+    if json {
+        to_json(super::apply::result_value(&result));
+    }
+    let code = match result {
         Ok(applied) => {
-            super::apply::report_applied(&prepared.name, &applied);
-            ExitCode::from(exit::OK)
+            if !json {
+                super::apply::report_applied(&prepared.name, &applied);
+            }
+            ExitCode::from(super::apply::applied_code(&prepared.name, &applied))
         }
         Err(e) => super::apply::fail(&e, false),
-    }
+    };
+    super::apply::report_interrupt();
+    code
 }

@@ -3,7 +3,9 @@
 pub mod agent;
 pub mod apply;
 pub mod demo;
+pub mod generate;
 pub mod history;
+pub mod import;
 pub mod plan;
 pub mod render;
 pub mod validate;
@@ -21,6 +23,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const CHANGES: u8 = 2;
+    /// Applied (the change is live) but not recorded in the history.
+    pub const UNRECORDED: u8 = 5;
 }
 
 pub fn use_color(choice: ColorChoice, stream_is_terminal: bool) -> bool {
@@ -62,9 +66,31 @@ pub fn print_diagnostics(diagnostics: &[Diagnostic], color: bool) {
 
 /// Loads and validates the state, printing every diagnostic. `Err` is the exit code to use.
 pub fn load_model(path: &Path, color: ColorChoice) -> Result<(Model, Vec<Diagnostic>), ExitCode> {
+    load_model_for(path, color, false)
+}
+
+/// `{"error": …}` on stdout, for a command asked for JSON that fails before its document.
+pub fn print_json_error(message: &str) {
+    println!(
+        "{}",
+        serde_json::json!({ "format_version": "1", "error": message })
+    );
+}
+
+/// `load_model`; with `json`, a state that does not load or validate is also reported on
+/// stdout as `{"format_version", "valid": false, "diagnostics": […]}` so a script reading the
+/// command's JSON learns why.
+pub fn load_model_for(
+    path: &Path,
+    color: ColorChoice,
+    json: bool,
+) -> Result<(Model, Vec<Diagnostic>), ExitCode> {
     let source = match load::load_path(path) {
         Ok(source) => source,
         Err(e) => {
+            if json {
+                print_json_error(&e.to_string());
+            }
             eprintln!("error: {e}");
             return Err(ExitCode::from(exit::ERROR));
         }
@@ -74,6 +100,17 @@ pub fn load_model(path: &Path, color: ColorChoice) -> Result<(Model, Vec<Diagnos
     match validation.model {
         Some(model) => Ok((model, validation.diagnostics)),
         None => {
+            if json {
+                let doc = serde_json::json!({
+                    "format_version": "1",
+                    "valid": false,
+                    "diagnostics": validation.diagnostics,
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&doc).expect("diagnostics serialize")
+                );
+            }
             let errors = validation.errors().count();
             eprintln!(
                 "\n{errors} error{} in the state; nothing was changed.",

@@ -4,7 +4,7 @@
 //! 0 (no changes) / 2 (changes); 1 on error.
 
 use super::apply::{self, Prepared};
-use super::{exit, load_model, stdout_color};
+use super::{exit, stdout_color};
 use crate::cli::ColorChoice;
 use lunafront::plan::{json, text};
 use lunafront::target::fleet;
@@ -21,7 +21,7 @@ pub struct Options<'a> {
 }
 
 pub fn run(o: Options<'_>) -> ExitCode {
-    let (model, _) = match load_model(o.state, o.color) {
+    let (model, _) = match super::load_model_for(o.state, o.color, o.as_json) {
         Ok(m) => m,
         Err(code) => return code,
     };
@@ -36,6 +36,9 @@ pub fn run(o: Options<'_>) -> ExitCode {
     let prepared = match result {
         Ok(p) => p,
         Err(e) => {
+            if o.as_json {
+                super::print_json_error(&format!("{e:#}"));
+            }
             eprintln!("error: {e:#}");
             return ExitCode::from(exit::ERROR);
         }

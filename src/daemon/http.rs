@@ -1,6 +1,8 @@
-//! The daemon's HTTP endpoints (I/O edge): `GET /health`, `GET /status`, `GET /metrics`,
-//! `POST /reconcile`. Handlers never touch HAProxy themselves: a reconcile goes through the
-//! reconcile loop like any other change.
+//! The daemon's HTTP endpoints (I/O edge): `GET /health` (liveness: the daemon runs and
+//! HAProxy answers), `GET /ready` (readiness: the last reconcile succeeded too), `GET /status`,
+//! `GET /metrics`, `POST /reconcile`, `POST /approve?revision=R` (a change the delete guard
+//! holds). Handlers never touch HAProxy themselves: a reconcile goes through the reconcile loop
+//! like any other change.
 
 use super::metrics::Metrics;
 use super::reconcile::{Outcome, Request, Status, Trigger};
@@ -44,9 +46,11 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/reconcile", post(reconcile))
+        .route("/approve", post(approve))
         .with_state(state)
 }
 
@@ -64,36 +68,58 @@ fn haproxy_info(target: &HaproxyTarget) -> serde_json::Value {
     })
 }
 
-async fn health(State(app): State<AppState>) -> Response {
+/// Whether HAProxy's runtime API answers.
+async fn haproxy_answers(app: &AppState) -> bool {
     let target = app.target.clone();
-    let answers = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         RuntimeApi::new(&target.runtime_socket).worker_pid().is_ok()
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or(false)
+}
+
+fn verdict(reasons: Vec<String>, bad: &str) -> Response {
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": bad, "reasons": reasons})),
+        )
+            .into_response()
+    }
+}
+
+/// Liveness: the daemon answers and HAProxy answers. A state that does not validate is not a
+/// reason to restart a daemon that keeps serving the last good one: that is `/ready`'s job.
+async fn health(State(app): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if !haproxy_answers(&app).await {
+        reasons.push("HAProxy's runtime API does not answer".to_string());
+    }
+    verdict(reasons, "unhealthy")
+}
+
+/// Readiness: HAProxy answers and the last reconcile succeeded (it serves the desired state).
+async fn ready(State(app): State<AppState>) -> Response {
     let last = app.status.lock().expect("status").last_reconcile.clone();
     let mut reasons = Vec::new();
     match &last {
         None => reasons.push("no reconcile has finished yet".to_string()),
-        Some(o) if !o.ok() => reasons.push(format!(
+        // A held change is waiting for confirmation, not a failure: HAProxy serves the last
+        // applied state as it should (and a probe restarting the daemon would only restart
+        // the wait).
+        Some(o) if !o.ok() && o.result != "held" => reasons.push(format!(
             "last reconcile: {}: {}",
             o.result,
             o.message.clone().unwrap_or_default()
         )),
         Some(_) => {}
     }
-    if !answers {
+    if !haproxy_answers(&app).await {
         reasons.push("HAProxy's runtime API does not answer".to_string());
     }
-    if reasons.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unhealthy", "reasons": reasons})),
-        )
-            .into_response()
-    }
+    verdict(reasons, "not ready")
 }
 
 async fn status(State(app): State<AppState>) -> Response {
@@ -119,11 +145,53 @@ async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 async fn reconcile(State(app): State<AppState>) -> Response {
+    answer_reconcile(&app).await
+}
+
+#[derive(serde::Deserialize)]
+struct Approval {
+    revision: Option<String>,
+}
+
+/// Approves the change the delete guard holds, named by its revision (from `/status`, so that
+/// what is approved is what was looked at), and applies it at once.
+async fn approve(
+    State(app): State<AppState>,
+    axum::extract::Query(approval): axum::extract::Query<Approval>,
+) -> Response {
+    let conflict =
+        |error: String| (StatusCode::CONFLICT, Json(json!({ "error": error }))).into_response();
+    let Some(revision) = approval.revision else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "name the change you approve: POST /approve?revision=<held.revision from /status>"})),
+        )
+            .into_response();
+    };
+    {
+        let mut status = app.status.lock().expect("status");
+        match &status.held {
+            None => return conflict("no change is held".into()),
+            Some(held) if held.revision != revision => {
+                return conflict(format!(
+                    "the change held is revision {}, not {revision}: the state changed since; read /status again",
+                    held.revision
+                ));
+            }
+            Some(_) => status.approved = Some(revision.clone()),
+        }
+    }
+    tracing::info!(revision, "POST /approve: the held change is approved");
+    answer_reconcile(&app).await
+}
+
+async fn answer_reconcile(app: &AppState) -> Response {
     match app.reconcile(Trigger::Request).await {
         Some(outcome) => {
             let code = match outcome.result {
                 "applied" | "unchanged" => StatusCode::OK,
                 "invalid" | "partial" => StatusCode::UNPROCESSABLE_ENTITY,
+                "held" => StatusCode::CONFLICT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             (code, Json(outcome)).into_response()

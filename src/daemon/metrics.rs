@@ -1,4 +1,5 @@
-//! The daemon's counters, exposed on `GET /metrics` in Prometheus' text format.
+//! The daemon's counters, exposed on `GET /metrics` in Prometheus' text format, with
+//! `lunafront_build_info` and the standard `process_*` metrics of the daemon's own process.
 
 use std::fmt::Write;
 use std::sync::Mutex;
@@ -14,7 +15,9 @@ pub struct Metrics {
     pub runtime_updates: AtomicU64,
     pub runtime_commands: AtomicU64,
     pub drift_corrections: AtomicU64,
-    pub haproxy_restarts: AtomicU64,
+    /// HAProxy restarts by the supervisor (shared with it: counted when they happen, not at
+    /// the next reconcile).
+    pub haproxy_restarts: std::sync::Arc<AtomicU64>,
     /// Seconds since the epoch of the last successful reconcile (0: none yet).
     pub last_success: Mutex<f64>,
     apply_durations: Mutex<(Vec<u64>, f64, u64)>,
@@ -22,6 +25,8 @@ pub struct Metrics {
     pub domains: AtomicU64,
     /// Polls of the state folder (shared with the watcher).
     pub watch_polls: std::sync::Arc<AtomicU64>,
+    /// 1 while a change is held by `global.delete_guard`.
+    pub change_held: AtomicU64,
 }
 
 impl Metrics {
@@ -68,6 +73,7 @@ impl Metrics {
             "partial",
             "failed",
             "rolled_back",
+            "held",
         ] {
             let _ = writeln!(
                 out,
@@ -145,7 +151,80 @@ impl Metrics {
             "# HELP lunafront_domains Domains in the applied state.\n# TYPE lunafront_domains gauge\nlunafront_domains {}",
             self.domains.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_change_held Whether a change is held because it removes many domains or backends at once (global.delete_guard): see /status.\n# TYPE lunafront_change_held gauge\nlunafront_change_held {}",
+            self.change_held.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lunafront_build_info The running lunafront's version and git commit.\n# TYPE lunafront_build_info gauge\nlunafront_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::VERSION,
+            crate::GIT_COMMIT
+        );
+        process_metrics(&mut out);
         out
+    }
+}
+
+/// The process collector's usual metrics (the names Prometheus client libraries use), read
+/// from /proc/self. A value that cannot be read is left out rather than reported as 0.
+fn process_metrics(out: &mut String) {
+    let Ok(me) = procfs::process::Process::myself() else {
+        return;
+    };
+    let mut gauge = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    if let Ok(stat) = me.stat() {
+        let ticks = procfs::ticks_per_second() as f64;
+        gauge(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            (stat.utime + stat.stime) as f64 / ticks,
+        );
+        gauge(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            (stat.rss * procfs::page_size()) as f64,
+        );
+        gauge(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            stat.vsize as f64,
+        );
+        if let Ok(boot) = procfs::boot_time_secs() {
+            gauge(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                boot as f64 + stat.starttime as f64 / ticks,
+            );
+        }
+    }
+    if let Ok(fds) = me.fd_count() {
+        gauge(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds as f64,
+        );
+    }
+    if let Ok(limits) = me.limits()
+        && let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit
+    {
+        gauge(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max as f64,
+        );
     }
 }
 
@@ -165,5 +244,19 @@ mod tests {
         assert!(text.contains("lunafront_apply_duration_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("lunafront_apply_duration_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("lunafront_apply_duration_seconds_count 1"));
+        assert!(text.contains(&format!(
+            "lunafront_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::VERSION,
+            crate::GIT_COMMIT
+        )));
+        let rss = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("process_resident_memory_bytes");
+        assert!(
+            rss > 1_000_000.0,
+            "a running test process uses over 1 MB: {rss}"
+        );
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod reconcile;
+pub mod signals;
 pub mod supervise;
 pub mod watch;
 
@@ -36,18 +38,33 @@ pub struct DaemonOptions {
 }
 
 pub fn run(options: DaemonOptions) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    // Signals are caught from the very start: one that arrives while HAProxy starts must
+    // neither kill the daemon silently nor leave HAProxy behind.
+    let signals = {
+        let _context = runtime.enter();
+        signals::Signals::install()?
+    };
+    let result = run_with(options, &runtime, &signals);
+    // Ends every task (the signal task holds a sender of the reconcile loop's channel).
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+fn run_with(
+    options: DaemonOptions,
+    runtime: &tokio::runtime::Runtime,
+    signals: &signals::Signals,
+) -> Result<(), String> {
     let state = std::path::absolute(&options.state).map_err(|e| e.to_string())?;
     let (mut target, _) = reconcile::target_of(&state, &options.target)?;
-    if options.spawn && !target.spawn {
-        target.spawn = true;
-        // A spawned HAProxy keeps its sockets in the state folder unless the state says otherwise.
-        if target.master_socket == Path::new("/run/haproxy-master.sock") {
-            target.master_socket = target.state_dir.join("master.sock");
-        }
-        if target.runtime_socket == Path::new("/run/haproxy/admin.sock") {
-            target.runtime_socket = target.state_dir.join("admin.sock");
-        }
-    }
+    // `--spawn` only says who runs HAProxy: the sockets stay where the state puts them, so
+    // `plan` and `apply` on the same state speak to the same HAProxy.
+    target.spawn |= options.spawn;
     let render_options = RenderOptions::for_target(Some(&Target::Haproxy(target.clone())));
     let config_dir = haproxy::config_dir(&target).to_path_buf();
     {
@@ -58,19 +75,10 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
             .create(&target.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", target.state_dir.display()))?;
     }
+    // One daemon per target: a second one would supervise (and reload) the same HAProxy.
+    let _lock = lock(&target, &options.target)?;
     // A previous daemon killed in the middle of an apply may have left temporary files.
     haproxy::clean_leftovers(&config_dir);
-
-    let supervisor = target
-        .spawn
-        .then(|| supervise::Supervisor::new(target.clone()));
-    if let Some(supervisor) = &supervisor {
-        // Serve the last applied state at once, before looking at the (maybe broken) state.
-        match supervisor.start(&target) {
-            Ok(pid) => tracing::info!(worker = pid, "HAProxy serves the last applied state"),
-            Err(e) => tracing::info!("HAProxy not started yet: {e}"),
-        }
-    }
 
     let status = Arc::new(Mutex::new(Status {
         target: options.target.clone(),
@@ -86,6 +94,58 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
             .map(|r| r.model),
     ));
     let (requests, receiver) = mpsc::channel::<Request>();
+
+    // Everything that can refuse to start does so before HAProxy is started: the listeners
+    // are bound and the API is built first.
+    let bind = |addr: SocketAddr| {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let _context = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).map_err(|e| format!("{addr}: {e}"))
+    };
+    let listener = bind(options.listen)?;
+    let api = match &options.api {
+        Some(api_options) => Some((
+            bind(api_options.listen)?,
+            crate::api::build(
+                &crate::api::ApiOptions {
+                    listen: api_options.listen,
+                    admin_token_file: api_options.admin_token_file.clone(),
+                    data_dir: if api_options.data_dir.as_os_str().is_empty() {
+                        target.state_dir.join("api")
+                    } else {
+                        api_options.data_dir.clone()
+                    },
+                },
+                state.clone(),
+                options.target.clone(),
+                target.clone(),
+                RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
+                crate::api::Shared {
+                    model: valid_model.clone(),
+                    requests: requests.clone(),
+                    status: status.clone(),
+                },
+            )?,
+        )),
+        None => None,
+    };
+    signals.reconcile_with(requests.clone());
+
+    let supervisor = target
+        .spawn
+        .then(|| supervise::Supervisor::new(target.clone(), metrics.haproxy_restarts.clone()));
+    // Whatever way this function returns, the HAProxy it runs (or adopted) is stopped.
+    let _stop_haproxy = StopOnExit(supervisor.clone());
+    if let Some(supervisor) = &supervisor {
+        // Serve the last applied state at once, before looking at the (maybe broken) state.
+        match supervisor.start(&target) {
+            Ok(pid) => tracing::info!(worker = pid, "HAProxy serves the last applied state"),
+            Err(e) => tracing::info!("HAProxy not started yet: {e}"),
+        }
+    }
+
     // ACME issuance runs beside the reconcile loop and asks it to install each certificate.
     // Its sender is taken back at shutdown so the loop can end.
     let acme_sender = Arc::new(Mutex::new(Some(requests.clone())));
@@ -112,6 +172,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
         acme: Some(acme.clone()),
+        holding: None,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));
@@ -162,32 +223,6 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         reply: None,
     });
 
-    let api = match &options.api {
-        Some(api_options) => Some((
-            api_options.listen,
-            crate::api::build(
-                &crate::api::ApiOptions {
-                    listen: api_options.listen,
-                    admin_token_file: api_options.admin_token_file.clone(),
-                    data_dir: if api_options.data_dir.as_os_str().is_empty() {
-                        target.state_dir.join("api")
-                    } else {
-                        api_options.data_dir.clone()
-                    },
-                },
-                state.clone(),
-                options.target.clone(),
-                target.clone(),
-                RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
-                crate::api::Shared {
-                    model: valid_model.clone(),
-                    requests: requests.clone(),
-                    status: status.clone(),
-                },
-            )?,
-        )),
-        None => None,
-    };
     let app = http::AppState {
         status,
         metrics,
@@ -195,9 +230,10 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
         target: Arc::new(target),
         acme: Some(acme.clone()),
     };
-    let served = serve(options.listen, app, api);
+    let served = runtime.block_on(serve(listener, app, api, signals.shutdown()));
 
     tracing::info!("shutting down");
+    signals.stop_reconciling();
     if let Some(supervisor) = &supervisor {
         supervisor.begin_stop();
     }
@@ -210,7 +246,7 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
     let _ = acme_thread.join();
     // The last sender is gone with the HTTP state: the loop ends after its current reconcile.
     let _ = reconcile_thread.join();
-    if let Some(supervisor) = supervisor {
+    if let Some(supervisor) = &supervisor {
         supervisor.stop(Duration::from_secs(10));
     }
     if let Some(t) = supervisor_thread {
@@ -219,62 +255,74 @@ pub fn run(options: DaemonOptions) -> Result<(), String> {
     served
 }
 
-/// Serves HTTP until SIGTERM or SIGINT.
-/// Serves HTTP (and the API, when asked) until SIGTERM or SIGINT.
-fn serve(
-    listen: SocketAddr,
-    app: http::AppState,
-    api: Option<(SocketAddr, crate::api::AppState)>,
-) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        tracing::info!("listening on http://{listen}");
-        eprintln!(
-            "lunafront daemon: listening on http://{listen} (health, status, metrics, reconcile)"
-        );
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let api_task = match api {
-            Some((api_listen, api_state)) => {
-                let api_listener = tokio::net::TcpListener::bind(api_listen)
-                    .await
-                    .map_err(|e| format!("cannot listen on {api_listen}: {e}"))?;
-                eprintln!("lunafront daemon: API on http://{api_listen}");
-                let mut stop = stop_rx.clone();
-                Some(tokio::spawn(crate::api::serve(
-                    api_listener,
-                    crate::api::router(api_state),
-                    async move {
-                        let _ = stop.changed().await;
-                    },
-                )))
-            }
-            None => None,
-        };
-        let result = axum::serve(listener, http::router(app))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(|e| e.to_string());
-        let _ = stop_tx.send(true);
-        if let Some(task) = api_task {
-            let _ = task.await;
-        }
-        result
-    })
+/// Holds the target's daemon lock (`<state_dir>/daemon.lock`) for the daemon's life. Not
+/// inherited by HAProxy (the file is opened close-on-exec), so a daemon started after this one
+/// died gets it even while the HAProxy it ran still serves.
+fn lock(target: &crate::model::HaproxyTarget, name: &str) -> Result<std::fs::File, String> {
+    let path = target.state_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another lunafront daemon drives target {name} (it holds {}); stop it first: two daemons would start, reload and stop the same HAProxy",
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// Stops the supervised HAProxy when dropped: a daemon that returns early (say, a listen
+/// address in use) leaves no HAProxy it started or adopted behind.
+struct StopOnExit(Option<Arc<supervise::Supervisor>>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        if let Some(supervisor) = &self.0 {
+            supervisor.stop(Duration::from_secs(10));
+        }
     }
+}
+
+/// Serves HTTP (and the API, when asked) until `shutdown` (SIGTERM or SIGINT).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: http::AppState,
+    api: Option<(tokio::net::TcpListener, crate::api::AppState)>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        "listening on http://{listen} (health, ready, status, metrics, reconcile, approve)"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = match api {
+        Some((api_listener, api_state)) => {
+            if let Ok(api_listen) = api_listener.local_addr() {
+                tracing::info!("API on http://{api_listen}");
+            }
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::api::serve(
+                api_listener,
+                crate::api::router(api_state),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
+    let result = axum::serve(listener, http::router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| e.to_string());
+    let _ = stop_tx.send(true);
+    if let Some(task) = api_task {
+        let _ = task.await;
+    }
+    result
 }

@@ -34,6 +34,10 @@ pub enum Trigger {
     Timer,
     /// `POST /reconcile` or an API change.
     Request,
+    /// SIGHUP.
+    Signal,
+    /// A held change's settle time is over: the state is read again.
+    Settle,
     /// The ACME manager has a new or renewed certificate to install.
     Acme,
 }
@@ -46,7 +50,7 @@ pub struct Request {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    /// applied, unchanged, invalid, partial, failed, rolled_back
+    /// applied, unchanged, invalid, partial, failed, rolled_back, held
     pub result: &'static str,
     pub at: String,
     pub trigger: Trigger,
@@ -76,7 +80,7 @@ pub struct Revision {
     pub applied_at: Option<String>,
     /// SHA-256 of the recorded state (the manifest beside haproxy.cfg).
     pub state_sha256: Option<String>,
-    /// The commit checked out in the state folder, when it is a git checkout.
+    /// The commit the applied state was read at, when the state folder is a git checkout.
     pub git_commit: Option<String>,
 }
 
@@ -97,6 +101,37 @@ pub struct Status {
     pub drift_corrections: u64,
     /// The plan of the last reconcile (what it applied, or would have).
     pub pending_plan: Option<PendingPlan>,
+    /// A change held by `global.delete_guard`, while it is.
+    pub held: Option<Held>,
+    /// The revision `POST /approve` approved, until a reconcile uses it.
+    #[serde(skip)]
+    pub approved: Option<String>,
+}
+
+/// A change held because it removes many domains or backends at once (a file cut short looks
+/// like that): not applied until the state stays the same for the settle time, or
+/// `POST /approve?revision=<revision>` approves it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Held {
+    /// The revision of the state held (`POST /approve?revision=` names it).
+    pub revision: String,
+    #[serde(flatten)]
+    pub removes: crate::plan::MassDelete,
+    pub message: String,
+    /// RFC 3339: when the change was first seen, and when it is applied if the state stays
+    /// the same until then.
+    pub since: String,
+    pub settles_at: String,
+}
+
+/// A held change as the reconcile loop tracks it.
+pub struct Holding {
+    pub revision: String,
+    /// When it is looked at again.
+    pub due: Instant,
+    /// RFC 3339 times for `/status`: first seen, looked at again.
+    pub since_at: String,
+    pub due_at: String,
 }
 
 pub struct Reconciler {
@@ -110,6 +145,8 @@ pub struct Reconciler {
     /// The last state that validated, for the API.
     pub valid_model: Arc<Mutex<Option<Arc<crate::model::Model>>>>,
     pub after_reconcile: Option<fn()>,
+    /// The change held by the delete guard, if any.
+    pub holding: Option<Holding>,
     /// Issuance and renewal of ACME certificates, told what the applied state wants.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
@@ -118,13 +155,41 @@ impl Reconciler {
     /// Serves requests until the channel closes. Requests that queue while a reconcile runs
     /// are answered together by the next one (changes coalesce into one apply, one reload).
     pub fn run(mut self, requests: Receiver<Request>) {
-        while let Ok(first) = requests.recv() {
+        loop {
+            // A held change is looked at again once its settle time is over.
+            let first = match self.holding.as_ref().map(|h| h.due) {
+                Some(due) => {
+                    match requests.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(request) => request,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Request {
+                            trigger: Trigger::Settle,
+                            reply: None,
+                        },
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match requests.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                },
+            };
             let mut batch = vec![first];
             while let Ok(more) = requests.try_recv() {
                 batch.push(more);
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
             let outcome = self.reconcile(trigger);
+            // A reconcile past the settle time that neither applied nor held the change again
+            // ended before it (the state does not validate now): what was held is no longer
+            // what the state says; a valid state is looked at afresh.
+            if self
+                .holding
+                .as_ref()
+                .is_some_and(|h| h.due <= Instant::now())
+            {
+                self.release_hold();
+                self.metrics.change_held.store(0, Ordering::Relaxed);
+            }
             if let Some(release) = self.after_reconcile {
                 release();
             }
@@ -145,26 +210,29 @@ impl Reconciler {
         let mut outcome = self.reconcile_inner(trigger);
         outcome.duration_ms = started.elapsed().as_millis() as u64;
         self.metrics.count_reconcile(outcome.result);
-        self.metrics.haproxy_restarts.store(
-            self.supervisor
-                .as_ref()
-                .map(|s| s.restarts.load(Ordering::Relaxed))
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
         if outcome.ok() || outcome.result == "partial" {
             *self.metrics.last_success.lock().expect("metrics") = crate::clock::unix_now();
         }
+        self.metrics
+            .change_held
+            .store(u64::from(self.holding.is_some()), Ordering::Relaxed);
         match outcome.result {
+            "held" => tracing::warn!(
+                result = outcome.result,
+                "reconcile: change held: {}",
+                outcome.message.clone().unwrap_or_default()
+            ),
+            // One event with every diagnostic, so a log pipeline (--log-format json) keeps
+            // them together with the reconcile they belong to.
             "invalid" | "partial" | "failed" | "rolled_back" => {
+                let diagnostics: Vec<String> =
+                    outcome.diagnostics.iter().map(|d| d.to_string()).collect();
                 tracing::error!(
                     result = outcome.result,
+                    diagnostics = %diagnostics.join("\n"),
                     "reconcile: {}",
                     outcome.message.clone().unwrap_or_default()
                 );
-                for d in &outcome.diagnostics {
-                    tracing::error!("{d}");
-                }
             }
             result => tracing::info!(
                 result,
@@ -180,10 +248,12 @@ impl Reconciler {
             status.last_error = Some(outcome.clone());
         }
         status.last_reconcile = Some(outcome.clone());
+        drop(status);
+        super::notify::reconciled(&outcome);
         outcome
     }
 
-    fn outcome(&self, trigger: Trigger, result: &'static str) -> Outcome {
+    fn outcome(trigger: Trigger, result: &'static str) -> Outcome {
         Outcome {
             result,
             at: crate::clock::rfc3339_now(),
@@ -199,16 +269,21 @@ impl Reconciler {
 
     fn reconcile_inner(&mut self, trigger: Trigger) -> Outcome {
         let fail = |result, message: String, diagnostics: Vec<Diagnostic>| {
-            let mut o = self.outcome(trigger, result);
+            let mut o = Self::outcome(trigger, result);
             o.message = Some(message);
             o.diagnostics = diagnostics;
             o
         };
         let mut timer = PhaseTimer::new();
+        // The commit the state is read at: recorded with what gets applied (a checkout that
+        // moved while it was read is no one commit).
+        let commit_before = git_head(&self.state_folder());
         let source = match load::load_path(&self.state) {
             Ok(source) => source,
             Err(e) => return fail("invalid", e.to_string(), Vec::new()),
         };
+        let git_commit =
+            commit_before.filter(|c| git_head(&self.state_folder()).as_ref() == Some(c));
         timer.lap("load");
         let validation = validate(&source);
         timer.lap("validate");
@@ -300,17 +375,31 @@ impl Reconciler {
             changes: plan.changes.clone(),
             reload_required: plan.reload_required,
         });
+        if let Some(mass) = &plan.mass_delete
+            && let Some(held) = self.hold(&model, mass)
+        {
+            let mut o = Self::outcome(trigger, "held");
+            o.message = Some(held);
+            o.changes = plan.changes.iter().map(|c| c.summary()).collect();
+            return finish(o);
+        }
+        if plan.mass_delete.is_none() {
+            self.release_hold();
+        }
         let running = haproxy::process::running(&self.target).is_some();
 
         if plan.is_empty() && running {
             // Nothing to write; someone may still have changed HAProxy through its socket.
-            if matches!(trigger, Trigger::Timer | Trigger::Start | Trigger::Request) {
+            if matches!(
+                trigger,
+                Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Signal
+            ) {
                 match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
                     Ok(Some(what)) => {
                         self.metrics
                             .drift_corrections
                             .fetch_add(1, Ordering::Relaxed);
-                        let mut o = self.outcome(trigger, "applied");
+                        let mut o = Self::outcome(trigger, "applied");
                         o.how = Some("runtime");
                         o.message = Some(format!("runtime drift put back: {what}"));
                         return finish(o);
@@ -325,10 +414,12 @@ impl Reconciler {
                     }
                 }
             }
+            // HAProxy runs this state: the commit it was read at describes what runs.
+            haproxy::marker::set_git_commit(&self.target, git_commit.as_deref());
             if let Some(acme) = &self.acme {
                 acme.wanted(&model);
             }
-            return finish(self.outcome(trigger, "unchanged"));
+            return finish(Self::outcome(trigger, "unchanged"));
         }
 
         // Counted once the drift is actually put back.
@@ -344,6 +435,7 @@ impl Reconciler {
             changes: plan.changes.iter().map(|c| c.summary()).collect(),
             rollback_of: None,
             retry_conflicts: true,
+            git_commit,
         };
         let apply_started = Instant::now();
         let result = match &self.supervisor {
@@ -364,11 +456,20 @@ impl Reconciler {
                         .drift_corrections
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                let mut o = self.outcome(trigger, "applied");
+                let mut o = Self::outcome(trigger, "applied");
                 o.how = Some(applied.how.label());
                 o.changes = request.changes;
-                if !applied.notes.is_empty() {
-                    o.message = Some(applied.notes.join("; "));
+                let mut notes = applied.notes.clone();
+                if let Some(why) = &applied.unrecorded {
+                    tracing::error!(
+                        "the change is live, but it could not be recorded: {why}; `lunafront rollback` cannot return to this state"
+                    );
+                    notes.push(format!(
+                        "the change is live, but it could not be recorded: {why}"
+                    ));
+                }
+                if !notes.is_empty() {
+                    o.message = Some(notes.join("; "));
                 }
                 match applied.how {
                     How::Runtime { commands } => {
@@ -402,25 +503,102 @@ impl Reconciler {
         }
     }
 
-    fn revision(&self) -> Revision {
-        let last = History::new(&self.target.state_dir)
-            .list()
-            .ok()
-            .and_then(|l| l.last().cloned());
-        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
-        let state_dir = if self.state.is_dir() {
+    /// The delete guard: a change removing many domains or backends at once (what a file cut
+    /// short or emptied looks like) waits until the state read again after the settle time is
+    /// still the same, or until `POST /approve` names it. Returns why it is held, or `None`
+    /// when it may be applied now.
+    fn hold(
+        &mut self,
+        model: &crate::model::Model,
+        mass: &crate::plan::MassDelete,
+    ) -> Option<String> {
+        let revision = crate::target::fleet::revision_of(model.document_text().json());
+        let settle = model.global.delete_guard.settle;
+        let approved = {
+            let mut status = self.status.lock().expect("status");
+            match status.approved.take() {
+                Some(approved) if approved == revision => true,
+                // An approval of another revision approves nothing that is held now.
+                _ => false,
+            }
+        };
+        let settled = self
+            .holding
+            .as_ref()
+            .is_some_and(|h| h.revision == revision && Instant::now() >= h.due);
+        if approved || settled {
+            tracing::info!(
+                revision,
+                "applying the held change ({}): {}",
+                if approved {
+                    "approved".to_string()
+                } else {
+                    format!("the state stayed the same for {settle}")
+                },
+                mass.describe()
+            );
+            self.release_hold();
+            return None;
+        }
+        let holding = match self.holding.take() {
+            Some(h) if h.revision == revision => h,
+            _ => {
+                let now = crate::clock::unix_now() as i64;
+                Holding {
+                    revision: revision.clone(),
+                    due: Instant::now() + settle.as_std(),
+                    since_at: crate::clock::rfc3339(now),
+                    due_at: crate::clock::rfc3339(now + settle.as_std().as_secs() as i64),
+                }
+            }
+        };
+        let message = format!(
+            "{}; held, HAProxy keeps serving the last applied state: it is applied if the state read again in {settle} is the same, or with POST /approve?revision={revision}",
+            mass.describe()
+        );
+        self.status.lock().expect("status").held = Some(Held {
+            revision,
+            removes: mass.clone(),
+            message: message.clone(),
+            since: holding.since_at.clone(),
+            settles_at: holding.due_at.clone(),
+        });
+        self.holding = Some(holding);
+        Some(message)
+    }
+
+    fn release_hold(&mut self) {
+        if self.holding.take().is_some() {
+            self.status.lock().expect("status").held = None;
+        }
+    }
+
+    /// The folder holding the state (the state itself, or the folder of a state file).
+    fn state_folder(&self) -> PathBuf {
+        if self.state.is_dir() {
             self.state.clone()
         } else {
             self.state
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default()
-        };
+        }
+    }
+
+    /// What HAProxy runs: the last history entry, the manifest, and the git commit recorded
+    /// with the applied state (not the checkout's HEAD now: it may hold a state that was not
+    /// applied).
+    fn revision(&self) -> Revision {
+        let last = History::new(&self.target.state_dir)
+            .list()
+            .ok()
+            .and_then(|l| l.last().cloned());
+        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
         Revision {
             history_entry: last.as_ref().map(|e| e.seq),
             applied_at: last.map(|e| e.time),
             state_sha256: manifest.map(|m| crate::plan::sha256_hex(&m)),
-            git_commit: git_head(&state_dir),
+            git_commit: haproxy::marker::read(&self.target.state_dir).and_then(|m| m.git_commit),
         }
     }
 }

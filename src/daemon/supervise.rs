@@ -1,9 +1,13 @@
 //! `spawn: true`: the daemon runs HAProxy as its child in master-worker mode (I/O edge),
 //! starts it on the files on disk (the last applied state), restarts it when it dies, and stops
-//! it gracefully on exit.
+//! it gracefully on exit — also a master it adopted from a daemon that died before it.
+//!
+//! A master is judged alive by its process (PID and start time, recorded in the state folder),
+//! never by whether it answers in time: a master that is stopped or slow still serves, and a
+//! second master beside it would serve too, with another configuration.
 
 use crate::model::HaproxyTarget;
-use crate::target::haproxy::process;
+use crate::target::haproxy::{marker, process};
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -15,20 +19,41 @@ pub struct Supervisor {
     target: HaproxyTarget,
     child: Mutex<Option<Child>>,
     stopping: AtomicBool,
-    pub restarts: AtomicU64,
+    /// Restarts made (the daemon's metric reads the same counter).
+    restarts: Arc<AtomicU64>,
+    /// Whether a master of this target ever ran while this daemon watched: until then the
+    /// first reconcile starts HAProxy, and a missing master is no restart.
+    ever_ran: AtomicBool,
 }
 
 impl Supervisor {
-    pub fn new(target: HaproxyTarget) -> Arc<Supervisor> {
+    pub fn new(target: HaproxyTarget, restarts: Arc<AtomicU64>) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             target,
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
-            restarts: AtomicU64::new(0),
+            restarts,
+            ever_ran: AtomicBool::new(false),
         })
     }
 
-    /// Starts HAProxy on the configuration on disk unless a master already answers; waits
+    /// Whether our child is alive (it may still be loading its configuration).
+    fn child_alive(&self) -> bool {
+        self.child
+            .lock()
+            .expect("child lock")
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Whether a master of this target exists, answering or not.
+    fn master_exists(&self) -> bool {
+        self.child_alive()
+            || process::running(&self.target).is_some()
+            || process::existing_master(&self.target).is_some()
+    }
+
+    /// Starts HAProxy on the configuration on disk unless a master already exists; waits
     /// until it serves. Returns the worker PID.
     pub fn start(&self, target: &HaproxyTarget) -> Result<u32, String> {
         // Holding the lock from the check to the spawn: `stop` cannot slip in between.
@@ -39,16 +64,25 @@ impl Supervisor {
         if let Some(proc) = process::running(target)
             && let Some(worker) = proc.current().next()
         {
+            // Adopted (or ours): recorded, so that it is stopped with the daemon.
+            process::record_master(target, proc.master_pid);
+            self.ever_ran.store(true, Ordering::SeqCst);
             return Ok(worker.pid);
         }
-        // Our HAProxy is alive but not answering yet (a large configuration takes a while to
-        // load): wait for it. A second master would be one this daemon no longer tracks.
-        if child_slot
+        // Our HAProxy, or one started before us, exists but does not answer (yet): a large
+        // configuration takes a while to load, a stopped or overloaded master answers late.
+        // Wait for it; never start a second one beside it.
+        let ours = child_slot
             .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-        {
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if ours || process::existing_master(target).is_some() {
             drop(child_slot);
-            return process::wait_ready(target, target.reload_timeout.as_std());
+            return process::wait_ready(target, target.reload_timeout.as_std()).map_err(|e| {
+                match process::existing_master(target) {
+                    Some(why) => format!("{why}; not starting a second one ({e})"),
+                    None => e,
+                }
+            });
         }
         if !target.config.exists() {
             return Err(format!(
@@ -57,6 +91,7 @@ impl Supervisor {
             ));
         }
         process::check_config(&target.haproxy_bin, &target.config)?;
+        process::create_socket_dirs(target)?;
         let log_path = target.state_dir.join("haproxy.log");
         let log = OpenOptions::new()
             .create(true)
@@ -79,33 +114,43 @@ impl Supervisor {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", target.haproxy_bin.display()))?;
         tracing::info!(pid = child.id(), "started HAProxy");
+        process::record_master(target, child.id());
+        self.ever_ran.store(true, Ordering::SeqCst);
         *child_slot = Some(child);
         drop(child_slot);
-        process::wait_ready(target, target.reload_timeout.as_std())
+        let worker = process::wait_ready(target, target.reload_timeout.as_std())?;
+        // It read the files on disk: it runs them (an interrupted apply is finished by this).
+        marker::started_on_disk(target);
+        Ok(worker)
     }
 
-    /// Watches HAProxy until `stop`: restarts it (with a growing pause) when it dies.
+    /// Watches HAProxy until `stop`: restarts it (with a growing pause) when its master is gone.
     pub fn watch(self: Arc<Self>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let mut pause = Duration::from_millis(500);
+            let mut silent = false;
             while !self.stopping.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(250));
                 if self.stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                // Our child alive is enough (it may still be loading its configuration);
-                // otherwise any master answering on the socket (one started before us).
-                let alive = self
-                    .child
-                    .lock()
-                    .expect("child lock")
-                    .as_mut()
-                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
-                if alive || process::running(&self.target).is_some() {
+                if self.master_exists() {
+                    self.ever_ran.store(true, Ordering::SeqCst);
+                    let answers = process::running(&self.target).is_some();
+                    if !answers && !silent {
+                        tracing::warn!(
+                            "HAProxy's master does not answer; it still exists, so no other is started"
+                        );
+                    } else if answers && silent {
+                        tracing::info!("HAProxy's master answers again");
+                    }
+                    silent = !answers;
                     pause = Duration::from_millis(500);
                     continue;
                 }
-                if !self.target.config.exists() {
+                // Before HAProxy ever ran, starting it is the first reconcile's job: the files
+                // may be half way through being written, and it would be no restart.
+                if !self.target.config.exists() || !self.ever_ran.load(Ordering::SeqCst) {
                     continue;
                 }
                 tracing::warn!("HAProxy is not running: restarting it");
@@ -129,30 +174,60 @@ impl Supervisor {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Stops the child gracefully (soft stop: workers finish their connections), then firmly.
+    /// Stops HAProxy gracefully (soft stop: workers finish their connections), then firmly:
+    /// our child, or the master this daemon adopted.
     pub fn stop(&self, grace: Duration) {
         self.begin_stop();
         let mut guard = self.child.lock().expect("child lock");
-        let Some(child) = guard.as_mut() else { return };
-        signal(child.id(), libc::SIGUSR1);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                *guard = None;
-                return;
+        if let Some(child) = guard.as_mut() {
+            signal(child.id(), libc::SIGUSR1);
+            let deadline = Instant::now() + grace;
+            let mut exited = false;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if !exited {
+                signal(child.id(), libc::SIGTERM);
+                std::thread::sleep(Duration::from_millis(500));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            *guard = None;
+        } else if let Some(master) = process::recorded_master(&self.target) {
+            // Not our child: a master an earlier daemon started, adopted at our start.
+            tracing::info!(pid = master.pid, "stopping the HAProxy this daemon adopted");
+            signal(master.pid, libc::SIGUSR1);
+            if !wait_gone(&master, grace) {
+                signal(master.pid, libc::SIGTERM);
+                if !wait_gone(&master, Duration::from_millis(500)) {
+                    signal(master.pid, libc::SIGKILL);
+                    wait_gone(&master, Duration::from_secs(2));
+                }
+            }
         }
-        signal(child.id(), libc::SIGTERM);
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = child.kill();
-        let _ = child.wait();
-        *guard = None;
+        process::forget_master(&self.target);
     }
 }
 
+/// Waits until a process that is not our child is gone.
+fn wait_gone(process: &process::Process, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while process.alive() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a PID we spawned; no memory is shared.
+    // SAFETY: kill(2) with the PID of HAProxy's master (ours, or recorded with its start time
+    // and checked alive just before); no memory is shared.
     unsafe {
         libc::kill(pid as libc::pid_t, signal);
     }

@@ -47,12 +47,22 @@ fn relevant(path: &Path, options: &WatchOptions) -> bool {
 }
 
 /// (path → size and modification time) of every relevant file: what polling compares.
+/// Folders are followed through symlinks as the loader follows them, each folder once (by
+/// device and inode): a symlink loop adds nothing, so the walk and its result stay as small as
+/// the folder's real content whatever links it holds.
 fn snapshot(options: &WatchOptions) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    type Seen = std::collections::HashSet<(u64, u64)>;
     fn walk(
         dir: &Path,
         options: &WatchOptions,
+        seen: &mut Seen,
         out: &mut BTreeMap<PathBuf, (u64, Option<SystemTime>)>,
     ) {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(dir) {
+            Ok(meta) if seen.insert((meta.dev(), meta.ino())) => {}
+            _ => return,
+        }
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -64,7 +74,7 @@ fn snapshot(options: &WatchOptions) -> BTreeMap<PathBuf, (u64, Option<SystemTime
             if meta.is_dir() {
                 let hidden = entry.file_name().to_string_lossy().starts_with('.');
                 if !hidden && !options.ignore.iter().any(|i| path.starts_with(i)) {
-                    walk(&path, options, out);
+                    walk(&path, options, seen, out);
                 }
             } else if relevant(&path, options) {
                 out.insert(path, (meta.len(), meta.modified().ok()));
@@ -72,7 +82,7 @@ fn snapshot(options: &WatchOptions) -> BTreeMap<PathBuf, (u64, Option<SystemTime
         }
     }
     let mut out = BTreeMap::new();
-    walk(&options.root, options, &mut out);
+    walk(&options.root, options, &mut Seen::new(), &mut out);
     out
 }
 
@@ -94,7 +104,7 @@ pub fn spawn(
         let events = events.clone();
         let notified = notified.clone();
         let options = options.clone();
-        notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+        let handler = move |result: notify::Result<notify::Event>| {
             // Reads (our own loading of the state) are events too, and so is the access time
             // a read updates right after a save: only changes of content or names count.
             if let Ok(event) = result
@@ -109,7 +119,13 @@ pub fn spawn(
                 notified.store(true, Ordering::SeqCst);
                 let _ = events.send(());
             }
-        })
+        };
+        // Notifications do not follow symlinks (a loop would add watches without end);
+        // polling sees what changes behind one.
+        notify::RecommendedWatcher::new(
+            handler,
+            notify::Config::default().with_follow_symlinks(false),
+        )
     };
     let watcher = match watcher {
         Ok(mut watcher) => match watcher.watch(&options.root, RecursiveMode::Recursive) {

@@ -29,6 +29,11 @@ fn entry_of(pointer: &str) -> Option<(String, String)> {
     })
 }
 
+/// A diagnostic about a whole file whose entries could not be read.
+fn unreadable_file(d: &crate::spec::diagnostics::Diagnostic) -> bool {
+    d.pointer.is_empty() && matches!(d.code, "yaml-syntax" | "empty-file" | "not-a-file")
+}
+
 pub fn isolate(
     source: &Source,
     validation: &Validation,
@@ -41,12 +46,10 @@ pub fn isolate(
     let mut held = Vec::new();
     let mut done: BTreeSet<(String, String)> = BTreeSet::new();
 
-    // A file that could not be parsed took its entries with it: those the last apply had and
-    // the state now lacks are presumed to be in it, and kept.
-    if validation
-        .errors()
-        .any(|d| d.pointer.is_empty() && d.code == "yaml-syntax")
-    {
+    // A file that could not be read (it does not parse, is empty, is a folder) took its
+    // entries with it: those the last apply had and the state now lacks are presumed to be in
+    // it, and kept.
+    if validation.errors().any(unreadable_file) {
         for section in SECTIONS {
             let Some(previous_entries) = previous_doc.get(section).and_then(Value::as_object)
             else {
@@ -75,7 +78,7 @@ pub fn isolate(
     for _round in 0..8 {
         let mut progress = false;
         for d in diagnostics.iter().filter(|d| d.is_error()) {
-            if d.pointer.is_empty() && d.code == "yaml-syntax" {
+            if unreadable_file(d) {
                 continue;
             }
             let (section, name) = entry_of(&d.pointer)?;

@@ -97,6 +97,8 @@ impl Model {
 pub struct Listener {
     pub bind: Bind,
     pub kind: ListenerKind,
+    /// Raw HAProxy lines for its frontend (`extra:`), each checked by `names::check_raw_line`.
+    pub extra: Vec<String>,
     /// HTTP listeners: domains served here get certificates from the ACME CA (TLS even
     /// without a certificate folder).
     pub acme: bool,
@@ -213,6 +215,8 @@ pub struct Backend {
     pub balance: Balance,
     /// HTTP or TCP, from the listeners of the domains that use it.
     pub mode: Mode,
+    /// Raw HAProxy lines for its backend section (`extra:`): such a backend is never pooled.
+    pub extra: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +371,42 @@ pub struct Global {
     pub timeouts: Timeouts,
     /// Apply the valid rest of a state when some domains or backends are invalid (daemon).
     pub isolate_invalid: bool,
+    /// Where HAProxy serves its own Prometheus exporter (`/metrics`) and stats page (`/stats`).
+    pub stats: Option<Bind>,
+    /// When a change removes many domains or backends at once, it is held (see `DeleteGuard`).
+    pub delete_guard: DeleteGuard,
+}
+
+/// A change that removes more than `count` and more than `percent` % of the domains (or of
+/// the backends) is not applied as it comes: `apply` refuses it without `--allow-deletes`, the
+/// daemon holds it until the state stayed the same for `settle` or someone approves it. A
+/// file cut short, emptied or half written looks like that.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeleteGuard {
+    pub enabled: bool,
+    pub count: u32,
+    pub percent: u32,
+    pub settle: Duration,
+}
+
+impl Default for DeleteGuard {
+    fn default() -> Self {
+        DeleteGuard {
+            enabled: true,
+            count: 10,
+            percent: 10,
+            settle: Duration::from_ms(10_000),
+        }
+    }
+}
+
+impl DeleteGuard {
+    /// Whether removing `removed` of `before` entries goes past the guard.
+    pub fn trips(&self, removed: usize, before: usize) -> bool {
+        self.enabled
+            && removed > self.count as usize
+            && removed * 100 > self.percent as usize * before
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -401,6 +441,8 @@ impl Default for Global {
                 check: Duration::from_ms(3_000),
             },
             isolate_invalid: false,
+            stats: None,
+            delete_guard: DeleteGuard::default(),
         }
     }
 }

@@ -403,6 +403,85 @@ pub fn is_config_token(s: &str) -> bool {
         })
 }
 
+/// Keywords that open a section: an `extra:` line starting with one would end the section it
+/// is written into and start another.
+const SECTION_KEYWORDS: [&str; 16] = [
+    "global",
+    "defaults",
+    "frontend",
+    "backend",
+    "listen",
+    "userlist",
+    "peers",
+    "resolvers",
+    "mailers",
+    "program",
+    "http-errors",
+    "ring",
+    "cache",
+    "log-forward",
+    "crt-store",
+    "traces",
+];
+
+/// What an `extra:` line must be: one line of printable ASCII (no newline, CR, NUL or other
+/// control character: nothing that could end the line and start another), at most 1024
+/// characters, not opening a section, and expanding no environment variable (HAProxy expands
+/// `$VAR` inside double quotes: a line could otherwise copy the daemon's secrets, such as the
+/// admin token, into a header). What the line means is HAProxy's to judge (`haproxy -c`).
+pub fn check_raw_line(line: &str) -> Result<(), String> {
+    if line.trim().is_empty() {
+        return Err("the line is empty".into());
+    }
+    if line.len() > 1024 {
+        return Err(format!(
+            "the line is {} characters long; at most 1024",
+            line.len()
+        ));
+    }
+    if let Some(c) = line.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ')) {
+        return Err(format!(
+            "the line holds {}: one line of printable ASCII only (no newline, CR, tab, NUL or non-ASCII)",
+            match c {
+                '\n' => "a newline".to_string(),
+                '\r' => "a carriage return".to_string(),
+                '\0' => "a NUL".to_string(),
+                c => format!("the character U+{:04X}", c as u32),
+            }
+        ));
+    }
+    let first = line.split_whitespace().next().unwrap_or_default();
+    if SECTION_KEYWORDS.contains(&first.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "the line starts a new `{first}` section; extra lines belong to their own section"
+        ));
+    }
+    // HAProxy's quoting: `\` escapes the next character; `'…'` quotes literally; `"…"`
+    // expands `$VAR` and `${VAR}`.
+    let (mut in_double, mut in_single, mut escaped) = (false, false, false);
+    for c in line.chars() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if !in_single => escaped = true,
+            '"' if !in_single => in_double = !in_double,
+            '\'' if !in_double => in_single = !in_single,
+            '$' if in_double => {
+                return Err(
+                    "the line expands an environment variable (`$` inside double quotes)".into(),
+                );
+            }
+            _ => {}
+        }
+    }
+    if in_double || in_single || escaped {
+        return Err("the line ends inside a quote or after a backslash".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,5 +590,53 @@ mod tests {
         assert!(!is_config_token("a#b"));
         assert!(!is_config_token("a\"b"));
         assert!(is_config_token("agent:agent-7/shop"));
+    }
+
+    #[test]
+    fn raw_lines_are_one_line_that_opens_no_section_and_expands_nothing() {
+        for good in [
+            "http-request deny if { path_beg /admin }",
+            "http-response set-header Strict-Transport-Security \"max-age=63072000\"",
+            "acl api path_reg ^/api/v[0-9]+$",
+            "option httpchk",
+            "timeout server 5m",
+            "http-request return status 200 content-type text/plain string 'ok $HOME'",
+            "http-request set-header X-Dollar \"a\\$b\"",
+        ] {
+            assert_eq!(check_raw_line(good), Ok(()), "{good:?}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("option httplog\nbackend evil", "a newline"),
+            ("option httplog\r", "carriage return"),
+            ("option\0httplog", "a NUL"),
+            ("option\thttplog", "U+0009"),
+            (
+                "http-request deny if { hdr(host) -m str sh\u{00f6}p }",
+                "U+00F6",
+            ),
+            ("backend stolen", "new `backend` section"),
+            ("  Frontend other", "new `Frontend` section"),
+            ("global", "new `global` section"),
+            (
+                "http-response set-header X-Token \"${LUNAFRONT_ADMIN_TOKEN}\"",
+                "environment variable",
+            ),
+            (
+                "http-response set-header X-Home \"$HOME\"",
+                "environment variable",
+            ),
+            ("http-request set-header X \"unterminated", "inside a quote"),
+            ("http-request set-header X trailing\\", "after a backslash"),
+        ] {
+            let e = check_raw_line(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(
+            check_raw_line(&"x".repeat(1025))
+                .unwrap_err()
+                .contains("1024")
+        );
     }
 }

@@ -109,6 +109,14 @@ struct RawAcme {
     dns_hook: Option<String>,
 }
 
+/// The `extra:` list of an entry, when it has one.
+#[derive(Deserialize, Default)]
+struct RawExtra {
+    #[serde(default)]
+    extra: Vec<String>,
+    owner: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct RawAgent {
     address: String,
@@ -209,6 +217,20 @@ struct RawGlobal {
     isolate_invalid: bool,
     #[serde(default)]
     timeouts: BTreeMap<String, Value>,
+    stats: Option<RawStats>,
+    delete_guard: Option<Toggle<RawDeleteGuard>>,
+}
+
+#[derive(Deserialize)]
+struct RawStats {
+    bind: String,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDeleteGuard {
+    count: Option<u32>,
+    percent: Option<u32>,
+    settle: Option<String>,
 }
 
 struct Checker<'a> {
@@ -344,6 +366,23 @@ impl<'a> Checker<'a> {
         let targets = self.targets(&listeners, &listener_names);
         let groups = self.groups(&target_names);
         let global = self.global();
+        if let Some(stats) = &global.stats
+            && let Some((name, _)) = listeners.iter().find(|(_, l)| l.bind.conflicts_with(stats))
+        {
+            let note = self.at(&format!("/listeners/{name}/bind"), false);
+            let d = Diagnostic::error(
+                "bind-conflict",
+                format!(
+                    "the stats listener binds {stats}, which listener {} already holds",
+                    quote(name)
+                ),
+            )
+            .hint("give the stats listener its own address:port")
+            .at(self.at("/global/stats/bind", false))
+            .pointer("/global/stats/bind")
+            .note(note, "the listener binds here");
+            self.push(d);
+        }
 
         Some(Model {
             listeners,
@@ -513,11 +552,15 @@ impl<'a> Checker<'a> {
                     Some(hsts)
                 }
             };
+            let Some(extra) = self.extra("listener", name, &pointer, value) else {
+                continue;
+            };
             out.insert(
                 name.to_string(),
                 Listener {
                     bind,
                     kind,
+                    extra,
                     acme: raw.acme,
                     redirect_to: raw.redirect_to.filter(|r| names::is_identifier(r)),
                     hsts,
@@ -588,6 +631,47 @@ impl<'a> Checker<'a> {
             }
         }
         ok.then_some(Certificates { dir: path, files })
+    }
+
+    /// An entry's `extra:` lines: each must pass `names::check_raw_line`, and an entry an
+    /// agent owns (written through the API) may not carry any: raw configuration is the
+    /// operator's alone. `None` when a line is refused (each is reported at its place).
+    fn extra(
+        &mut self,
+        kind: &str,
+        name: &str,
+        pointer: &str,
+        value: &Value,
+    ) -> Option<Vec<String>> {
+        let raw = Self::raw::<RawExtra>(value).unwrap_or_default();
+        let mut ok = true;
+        if !raw.extra.is_empty() && raw.owner.as_deref().is_some_and(|o| o != "admin") {
+            self.error(
+                "extra-not-allowed",
+                &format!("{pointer}/extra"),
+                true,
+                format!(
+                    "{kind} {} belongs to agent {}: raw HAProxy lines (`extra:`) are for the operator only",
+                    quote(name),
+                    quote(raw.owner.as_deref().unwrap_or_default())
+                ),
+                "move the lines to an entry the operator owns, or remove `owner:`",
+            );
+            ok = false;
+        }
+        for (i, line) in raw.extra.iter().enumerate() {
+            if let Err(message) = names::check_raw_line(line) {
+                self.error(
+                    "invalid-extra",
+                    &format!("{pointer}/extra/{i}"),
+                    false,
+                    format!("{kind} {} extra line {}: {message}", quote(name), i + 1),
+                    "write one HAProxy directive per list item; `lunafront validate --check` runs `haproxy -c` on it",
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(raw.extra)
     }
 
     fn agents(&mut self) -> BTreeMap<String, Agent> {
@@ -753,10 +837,13 @@ impl<'a> Checker<'a> {
                 Some("source") => Balance::Source,
                 _ => Balance::RoundRobin,
             };
+            let extra = self.extra("backend", name, &pointer, value);
+            ok &= extra.is_some();
             if ok {
                 out.insert(
                     name.to_string(),
                     Backend {
+                        extra: extra.unwrap_or_default(),
                         servers,
                         health_check,
                         tls,
@@ -1676,6 +1763,42 @@ impl<'a> Checker<'a> {
                 defaults.hard_stop_after,
             )
             .unwrap_or(defaults.hard_stop_after);
+        let stats = raw
+            .stats
+            .as_ref()
+            .and_then(|s| match names::parse_bind(&s.bind) {
+                Ok(bind) => Some(bind),
+                Err(message) => {
+                    self.error(
+                        "invalid-bind",
+                        "/global/stats/bind",
+                        false,
+                        format!("stats bind {}: {message}", quote(&s.bind)),
+                        "write `address:port`, such as `127.0.0.1:8404`",
+                    );
+                    None
+                }
+            });
+        let guard = defaults.delete_guard;
+        let delete_guard = match &raw.delete_guard {
+            None | Some(Toggle::Flag(true)) => guard,
+            Some(Toggle::Flag(false)) => DeleteGuard {
+                enabled: false,
+                ..guard
+            },
+            Some(Toggle::Settings(settings)) => DeleteGuard {
+                enabled: true,
+                count: settings.count.unwrap_or(guard.count),
+                percent: settings.percent.unwrap_or(guard.percent),
+                settle: self
+                    .duration(
+                        settings.settle.as_deref(),
+                        "/global/delete_guard/settle",
+                        guard.settle,
+                    )
+                    .unwrap_or(guard.settle),
+            },
+        };
         Global {
             maxconn: raw.maxconn,
             hard_stop_after,
@@ -1689,6 +1812,8 @@ impl<'a> Checker<'a> {
             }),
             timeouts,
             isolate_invalid: raw.isolate_invalid,
+            stats,
+            delete_guard,
         }
     }
 }

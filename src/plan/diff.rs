@@ -5,6 +5,7 @@
 use crate::model::{Backend, Domain, Listener, ListenerKind, Model, ServerTarget, TcpTls};
 use crate::render::layout::{self, pool_name};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fmt::Display;
 
@@ -70,8 +71,18 @@ pub struct Change {
     /// What changes, for people: `→ shop`, `: weight 10 → 20`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// The changed values as they were and as they will be (what `detail` shows), for
+    /// machines: `{"weight": 10}` → `{"weight": 20}`; `null` for what is created or deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Value>,
     pub mode: Mode,
     pub reason: String,
+    /// The change is to raw HAProxy lines (`extra:`), which lunafront passes through
+    /// unchecked: plans mark it for review.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 impl Change {
@@ -87,13 +98,22 @@ impl Change {
             kind,
             name: name.into(),
             detail: String::new(),
+            before: None,
+            after: None,
             mode,
             reason: reason.into(),
+            raw: false,
         }
     }
 
     fn detail(mut self, detail: impl Into<String>) -> Change {
         self.detail = detail.into();
+        self
+    }
+
+    fn values(mut self, before: Option<Value>, after: Option<Value>) -> Change {
+        self.before = before;
+        self.after = after;
         self
     }
 
@@ -183,12 +203,19 @@ fn global_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         if before != after {
             out.push(
                 Change::new(Action::Update, Kind::Global, name, Mode::Reload, reason)
-                    .detail(format!(": {}", arrow(before, after))),
+                    .detail(format!(": {}", arrow(&before, &after)))
+                    .values(Some(json!(before)), Some(json!(after))),
             );
         }
     };
     let show = |m: Option<u32>| m.map(|m| m.to_string()).unwrap_or_else(|| "auto".into());
     field("maxconn", show(o.maxconn), show(n.maxconn));
+    let stats = |b: &Option<crate::model::names::Bind>| {
+        b.as_ref()
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "none".into())
+    };
+    field("stats", stats(&o.stats), stats(&n.stats));
     field(
         "hard_stop_after",
         o.hard_stop_after.to_string(),
@@ -253,7 +280,51 @@ fn describe_listener_kind(l: &Listener) -> String {
     }
 }
 
+/// A change of an entry's raw `extra:` lines (created and deleted entries included): always a
+/// reload, and marked raw.
+fn extra_change(
+    kind: Kind,
+    name: &str,
+    old: Option<&[String]>,
+    new: Option<&[String]>,
+) -> Option<Change> {
+    let (before, after) = (old.unwrap_or_default(), new.unwrap_or_default());
+    if before == after {
+        return None;
+    }
+    let action = match (old, new) {
+        (None, _) => Action::Create,
+        (_, None) => Action::Delete,
+        _ => Action::Update,
+    };
+    let mut change = Change::new(
+        action,
+        kind,
+        name,
+        Mode::Reload,
+        "raw HAProxy lines change with a reload; lunafront passes them through unchecked (haproxy -c still checks them)",
+    )
+    .detail(format!(
+        ": extra: {} raw line(s) → {}",
+        before.len(),
+        after.len()
+    ))
+    .values(Some(json!({ "extra": before })), Some(json!({ "extra": after })));
+    change.raw = true;
+    Some(change)
+}
+
 fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let names: std::collections::BTreeSet<&String> =
+        old.listeners.keys().chain(new.listeners.keys()).collect();
+    for name in names {
+        out.extend(extra_change(
+            Kind::Listener,
+            name,
+            old.listeners.get(name).map(|l| l.extra.as_slice()),
+            new.listeners.get(name).map(|l| l.extra.as_slice()),
+        ));
+    }
     let d = diff_maps(&old.listeners, &new.listeners);
     for (name, l) in d.added {
         out.push(
@@ -264,7 +335,8 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 Mode::Reload,
                 "a new listener (bind and frontend) needs a reload",
             )
-            .detail(format!(": {}", describe_listener(l))),
+            .detail(format!(": {}", describe_listener(l)))
+            .values(None, Some(listener_value(l))),
         );
     }
     for (name, l) in d.removed {
@@ -276,7 +348,8 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 Mode::Reload,
                 "removing a listener needs a reload",
             )
-            .detail(format!(": {}", describe_listener(l))),
+            .detail(format!(": {}", describe_listener(l)))
+            .values(Some(listener_value(l)), None),
         );
     }
     for (name, o, n) in d.changed {
@@ -304,7 +377,8 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 .detail(format!(
                     ": {}",
                     arrow(describe_listener(o), describe_listener(n))
-                )),
+                ))
+                .values(Some(listener_value(o)), Some(listener_value(n))),
             );
             continue;
         }
@@ -322,25 +396,32 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         let (of, nf) = (files(o), files(n));
         let cd = diff_maps(&of, &nf);
         let id = |file: &str| format!("{name}/{file}");
-        for (file, _) in cd.added {
-            out.push(Change::new(
-                Action::Create,
-                Kind::Certificate,
-                id(file),
-                Mode::Runtime,
-                "new ssl cert + add ssl crt-list",
-            ));
+        let digest = |sha: &String| Some(json!({ "sha256": sha }));
+        for (file, sha) in cd.added {
+            out.push(
+                Change::new(
+                    Action::Create,
+                    Kind::Certificate,
+                    id(file),
+                    Mode::Runtime,
+                    "new ssl cert + add ssl crt-list",
+                )
+                .values(None, digest(sha)),
+            );
         }
-        for (file, _) in cd.removed {
-            out.push(Change::new(
-                Action::Delete,
-                Kind::Certificate,
-                id(file),
-                Mode::Runtime,
-                "del ssl crt-list + del ssl cert",
-            ));
+        for (file, sha) in cd.removed {
+            out.push(
+                Change::new(
+                    Action::Delete,
+                    Kind::Certificate,
+                    id(file),
+                    Mode::Runtime,
+                    "del ssl crt-list + del ssl cert",
+                )
+                .values(digest(sha), None),
+            );
         }
-        for (file, _, _) in cd.changed {
+        for (file, old_sha, new_sha) in cd.changed {
             out.push(
                 Change::new(
                     Action::Update,
@@ -349,7 +430,8 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                     Mode::Runtime,
                     "set ssl cert + commit ssl cert",
                 )
-                .detail(": content changed (not shown)"),
+                .detail(": content changed (not shown)")
+                .values(digest(old_sha), digest(new_sha)),
             );
         }
     }
@@ -441,7 +523,8 @@ fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     for (name, a) in d.added {
         out.push(
             Change::new(Action::Create, Kind::Agent, name.as_str(), Mode::Reload, "a new agent gets its pool backends with a reload; its apps are then added at runtime")
-                .detail(format!(": {}", a.address)),
+                .detail(format!(": {}", a.address))
+                .values(None, Some(agent_value(a))),
         );
     }
     for (name, a) in d.removed {
@@ -453,20 +536,26 @@ fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 Mode::Reload,
                 "removing an agent removes its pool backends: reload",
             )
-            .detail(format!(": {}", a.address)),
+            .detail(format!(": {}", a.address))
+            .values(Some(agent_value(a)), None),
         );
     }
     for (name, o, n) in d.changed {
         let servers = servers_on_agent(new, name);
         let mut parts = Vec::new();
+        let (mut before, mut after) = (serde_json::Map::new(), serde_json::Map::new());
         if o.address != n.address {
             parts.push(format!("address {}", arrow(o.address, n.address)));
+            before.insert("address".into(), json!(o.address));
+            after.insert("address".into(), json!(n.address));
         }
         if o.maintenance != n.maintenance {
             parts.push(format!(
                 "maintenance {}",
                 arrow(o.maintenance, n.maintenance)
             ));
+            before.insert("maintenance".into(), json!(o.maintenance));
+            after.insert("maintenance".into(), json!(n.maintenance));
         }
         out.push(
             Change::new(
@@ -476,7 +565,8 @@ fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 Mode::Runtime,
                 format!("set server addr/state on its {servers} server(s)"),
             )
-            .detail(format!(": {}", parts.join(", "))),
+            .detail(format!(": {}", parts.join(", ")))
+            .values(Some(before.into()), Some(after.into())),
         );
     }
 }
@@ -503,6 +593,16 @@ fn describe_backend(b: &Backend) -> String {
 }
 
 fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let names: std::collections::BTreeSet<&String> =
+        old.backends.keys().chain(new.backends.keys()).collect();
+    for name in names {
+        out.extend(extra_change(
+            Kind::Backend,
+            name,
+            old.backends.get(name).map(|b| b.extra.as_slice()),
+            new.backends.get(name).map(|b| b.extra.as_slice()),
+        ));
+    }
     let d = diff_maps(&old.backends, &new.backends);
     for (name, b) in d.added {
         let (mode, reason) = match layout::pooled_agent(b) {
@@ -524,7 +624,8 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         };
         out.push(
             Change::new(Action::Create, Kind::Backend, name.as_str(), mode, reason)
-                .detail(format!(": {}", describe_backend(b))),
+                .detail(format!(": {}", describe_backend(b)))
+                .values(None, Some(backend_value(b))),
         );
     }
     for (name, b) in d.removed {
@@ -544,7 +645,8 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         };
         out.push(
             Change::new(Action::Delete, Kind::Backend, name.as_str(), mode, reason)
-                .detail(format!(": {}", describe_backend(b))),
+                .detail(format!(": {}", describe_backend(b)))
+                .values(Some(backend_value(b)), None),
         );
     }
     for (name, o, n) in d.changed {
@@ -553,7 +655,9 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
 }
 
 fn dedicated_reason(b: &Backend, base: &str) -> String {
-    let why = if b.servers.len() > 1 {
+    let why = if !b.extra.is_empty() {
+        "it has raw `extra:` lines"
+    } else if b.servers.len() > 1 {
         "it has several servers"
     } else if matches!(
         b.servers.first().map(|s| &s.target),
@@ -577,9 +681,19 @@ fn backend_update(
     out: &mut Vec<Change>,
 ) {
     let (op, np) = (layout::pooled_agent(o), layout::pooled_agent(n));
-    let mut update = |mode: Mode, reason: String, detail: String| {
-        out.push(Change::new(Action::Update, Kind::Backend, name, mode, reason).detail(detail));
-    };
+    // Each update names the field it changes, with its values before and after.
+    let mut update =
+        |mode: Mode, reason: String, detail: String, field: &str, values: (Value, Value)| {
+            out.push(
+                Change::new(Action::Update, Kind::Backend, name, mode, reason)
+                    .detail(detail)
+                    .values(
+                        Some(json!({ field: values.0 })),
+                        Some(json!({ field: values.1 })),
+                    ),
+            );
+        };
+    let servers = |b: &Backend| json!(b.servers.iter().map(server_value).collect::<Vec<_>>());
     match (op, np) {
         (Some(_), None) => {
             return update(
@@ -589,6 +703,8 @@ fn backend_update(
                     "moves out of its agent pool into a backend section of its own: reload",
                 ),
                 format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+                "servers",
+                (servers(o), servers(n)),
             );
         }
         (None, Some(agent)) => {
@@ -598,6 +714,8 @@ fn backend_update(
                     "now fits agent {agent}'s pool; its own backend section goes with a reload"
                 ),
                 format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+                "servers",
+                (servers(o), servers(n)),
             );
         }
         (Some(a), Some(b)) if a != b || o.mode != n.mode => {
@@ -614,6 +732,8 @@ fn backend_update(
                     pool_name(b, n.mode)
                 ),
                 format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+                "servers",
+                (servers(o), servers(n)),
             );
         }
         _ => {}
@@ -626,6 +746,8 @@ fn backend_update(
                 Mode::Reload,
                 "the backend's mode changes with a reload".into(),
                 format!(": mode {:?} → {:?}", o.mode, n.mode).to_lowercase(),
+                "mode",
+                (mode_value(o.mode), mode_value(n.mode)),
             );
         }
         if o.balance != n.balance {
@@ -636,6 +758,8 @@ fn backend_update(
                     ": balance {}",
                     arrow(o.balance.as_str(), n.balance.as_str())
                 ),
+                "balance",
+                (json!(o.balance.as_str()), json!(n.balance.as_str())),
             );
         }
         let path = |b: &Backend| {
@@ -649,6 +773,8 @@ fn backend_update(
                 Mode::Reload,
                 "the HTTP health check changes with a reload".into(),
                 format!(": health check {}", arrow(show(o), show(n))),
+                "health_check",
+                (health_value(o), health_value(n)),
             );
         }
     }
@@ -667,6 +793,8 @@ fn backend_update(
             Mode::Reload,
             "health check settings of servers change with a reload".into(),
             format!(": health check {}", arrow(show(o), show(n))),
+            "health_check",
+            (health_value(o), health_value(n)),
         );
     }
     if o.tls != n.tls {
@@ -679,6 +807,8 @@ fn backend_update(
             Mode::Reload,
             "TLS settings of servers change with a reload".into(),
             format!(": tls {}", arrow(show(o), show(n))),
+            "tls",
+            (tls_value(o), tls_value(n)),
         );
     }
     server_changes(name, o, n, pooled, out);
@@ -719,26 +849,40 @@ fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &m
         )
     };
     for server in added {
-        out.push(Change::new(
-            Action::Create,
-            Kind::Server,
-            format!("{backend}/{}", server.name),
-            Mode::Runtime,
-            "add server",
-        ));
+        out.push(
+            Change::new(
+                Action::Create,
+                Kind::Server,
+                format!("{backend}/{}", server.name),
+                Mode::Runtime,
+                "add server",
+            )
+            .values(None, Some(server_value(server))),
+        );
     }
     for server in removed {
-        out.push(Change::new(
-            Action::Delete,
-            Kind::Server,
-            format!("{backend}/{}", server.name),
-            Mode::Runtime,
-            "set server state maint + del server",
-        ));
+        out.push(
+            Change::new(
+                Action::Delete,
+                Kind::Server,
+                format!("{backend}/{}", server.name),
+                Mode::Runtime,
+                "set server state maint + del server",
+            )
+            .values(Some(server_value(server)), None),
+        );
     }
     for (a, b) in changed {
         let mut parts = Vec::new();
         let mut commands = Vec::new();
+        let (mut before, mut after) = (serde_json::Map::new(), serde_json::Map::new());
+        let (av, bv) = (server_value(a), server_value(b));
+        for key in ["agent", "address", "port", "weight", "maintenance"] {
+            if av.get(key) != bv.get(key) {
+                before.insert(key.into(), av.get(key).cloned().unwrap_or(Value::Null));
+                after.insert(key.into(), bv.get(key).cloned().unwrap_or(Value::Null));
+            }
+        }
         if a.target != b.target || a.port != b.port {
             let show = |s: &Server| match &s.target {
                 ServerTarget::Agent(x) => format!("{x}:{}", s.port),
@@ -782,7 +926,8 @@ fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &m
                 Mode::Runtime,
                 commands.join(" + "),
             )
-            .detail(format!(": {}", parts.join(", "))),
+            .detail(format!(": {}", parts.join(", ")))
+            .values(Some(before.into()), Some(after.into())),
         );
     }
 }
@@ -854,11 +999,9 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
             Mode::Reload => reason,
         };
         out.push(
-            Change::new(Action::Create, Kind::Domain, host.as_str(), mode, reason).detail(format!(
-                " → {}{}",
-                domain.backend,
-                placement(domain)
-            )),
+            Change::new(Action::Create, Kind::Domain, host.as_str(), mode, reason)
+                .detail(format!(" → {}{}", domain.backend, placement(domain)))
+                .values(None, Some(domain_value(domain))),
         );
     }
     for (host, domain) in d.removed {
@@ -870,11 +1013,9 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
             ),
         };
         out.push(
-            Change::new(Action::Delete, Kind::Domain, host.as_str(), mode, reason).detail(format!(
-                " → {}{}",
-                domain.backend,
-                placement(domain)
-            )),
+            Change::new(Action::Delete, Kind::Domain, host.as_str(), mode, reason)
+                .detail(format!(" → {}{}", domain.backend, placement(domain)))
+                .values(Some(domain_value(domain)), None),
         );
     }
     for (host, a, b) in d.changed {
@@ -887,6 +1028,16 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
             Mode::Reload => reason,
         };
         let mut parts = Vec::new();
+        let (mut before, mut after) = (serde_json::Map::new(), serde_json::Map::new());
+        for (key, (x, y)) in [
+            ("backend", (json!(a.backend), json!(b.backend))),
+            ("listener", (json!(a.listener), json!(b.listener))),
+        ] {
+            if x != y {
+                before.insert(key.into(), x);
+                after.insert(key.into(), y);
+            }
+        }
         if a.backend != b.backend {
             parts.push(format!("backend {}", arrow(&a.backend, &b.backend)));
         }
@@ -900,9 +1051,88 @@ fn domain_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         }
         out.push(
             Change::new(Action::Update, Kind::Domain, host.as_str(), mode, reason)
-                .detail(format!(": {}", parts.join(", "))),
+                .detail(format!(": {}", parts.join(", ")))
+                .values(Some(before.into()), Some(after.into())),
         );
     }
+}
+
+/// The values of model entries as the plan's JSON shows them.
+fn listener_value(l: &Listener) -> Value {
+    let (mode, tls) = match &l.kind {
+        ListenerKind::Http { .. } => ("http", None),
+        ListenerKind::Tcp {
+            tls: TcpTls::Passthrough,
+        } => ("tcp", Some("passthrough")),
+        ListenerKind::Tcp {
+            tls: TcpTls::Terminate(_),
+        } => ("tcp", Some("terminate")),
+    };
+    json!({
+        "bind": l.bind.to_string(),
+        "mode": mode,
+        "tls": tls,
+        "certificates": l.certificates().map(|c| c.files.len()),
+    })
+}
+
+fn agent_value(a: &crate::model::Agent) -> Value {
+    json!({ "address": a.address, "maintenance": a.maintenance })
+}
+
+fn server_value(s: &crate::model::Server) -> Value {
+    let mut v = json!({
+        "name": s.name,
+        "port": s.port,
+        "weight": s.weight,
+        "maintenance": s.maintenance,
+    });
+    match &s.target {
+        ServerTarget::Agent(a) => v["agent"] = json!(a),
+        ServerTarget::Address(ip) => v["address"] = json!(ip),
+    }
+    v
+}
+
+fn mode_value(m: crate::model::Mode) -> Value {
+    json!(match m {
+        crate::model::Mode::Http => "http",
+        crate::model::Mode::Tcp => "tcp",
+    })
+}
+
+fn health_value(b: &Backend) -> Value {
+    match &b.health_check {
+        None => Value::Null,
+        Some(h) => json!({
+            "path": h.path,
+            "host": h.host,
+            "interval": h.interval.to_string(),
+            "rise": h.rise,
+            "fall": h.fall,
+        }),
+    }
+}
+
+fn tls_value(b: &Backend) -> Value {
+    match &b.tls {
+        None => Value::Null,
+        Some(t) => json!({ "verify": t.verify, "ca_file": t.ca_file, "sni": t.sni }),
+    }
+}
+
+fn backend_value(b: &Backend) -> Value {
+    json!({
+        "servers": b.servers.iter().map(server_value).collect::<Vec<_>>(),
+        "mode": mode_value(b.mode),
+        "balance": b.balance.as_str(),
+        "health_check": health_value(b),
+        "tls": tls_value(b),
+    })
+}
+
+fn domain_value(d: &Domain) -> Value {
+    json!({ "backend": d.backend, "listener": d.listener })
 }
 
 #[cfg(test)]

@@ -1,16 +1,55 @@
-//! `plan --json`: the machine-readable plan, `format_version` "1".
+//! `plan --json`: the machine-readable plan, `format_version` "1". Each change carries the
+//! values it changes (`before`, `after`) rather than the text view's punctuation; a change
+//! with no values (drift, a new lunafront version) says what it is in `note`.
 
 use super::Plan;
-use super::diff::Change;
+use super::diff::{Action, Change, Kind, Mode};
 use serde::Serialize;
+
+#[derive(Serialize)]
+struct JsonChange<'a> {
+    action: Action,
+    kind: Kind,
+    name: &'a str,
+    before: Option<&'a serde_json::Value>,
+    after: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'a str>,
+    mode: Mode,
+    reason: &'a str,
+    /// A change of raw HAProxy lines (`extra:`), passed through unchecked.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw: bool,
+}
+
+impl<'a> JsonChange<'a> {
+    fn new(c: &'a Change) -> JsonChange<'a> {
+        let valued = c.before.is_some() || c.after.is_some();
+        JsonChange {
+            action: c.action,
+            kind: c.kind,
+            name: &c.name,
+            before: c.before.as_ref(),
+            after: c.after.as_ref(),
+            note: (!valued && !c.detail.is_empty())
+                .then(|| c.detail.trim_start_matches([':', ' ', '→'])),
+            mode: c.mode,
+            reason: &c.reason,
+            raw: c.raw,
+        }
+    }
+}
 
 #[derive(Serialize)]
 struct JsonPlan<'a> {
     format_version: &'static str,
     target: &'a str,
-    changes: &'a [Change],
+    changes: Vec<JsonChange<'a>>,
     reload_required: bool,
     files: Vec<JsonFile<'a>>,
+    /// Set when the plan trips `global.delete_guard`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mass_delete: Option<&'a super::MassDelete>,
 }
 
 #[derive(Serialize)]
@@ -23,6 +62,11 @@ pub fn render(plan: &Plan) -> String {
     let mut text = serde_json::to_string_pretty(&document(plan)).expect("plan serializes");
     text.push('\n');
     text
+}
+
+/// The plan as a JSON value (for documents that embed it: `apply --json`, `rollback --json`).
+pub fn value(plan: &Plan) -> serde_json::Value {
+    serde_json::to_value(document(plan)).expect("plan serializes")
 }
 
 /// Several targets' plans (`plan --target a --target b`, or a group): each target's plan, its
@@ -75,8 +119,9 @@ fn document(plan: &Plan) -> JsonPlan<'_> {
     JsonPlan {
         format_version: "1",
         target: &plan.target,
-        changes: &plan.changes,
+        changes: plan.changes.iter().map(JsonChange::new).collect(),
         reload_required: plan.reload_required,
         files,
+        mass_delete: plan.mass_delete.as_ref(),
     }
 }

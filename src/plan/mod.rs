@@ -27,6 +27,9 @@ pub struct Live {
     pub previous_error: Option<String>,
     /// The configuration's version, for targets that version it (the Data Plane API).
     pub version: Option<u64>,
+    /// Why HAProxy is not known to run these files (an apply was interrupted between writing
+    /// them and HAProxy running them): the plan then reloads it.
+    pub interrupted: Option<String>,
 }
 
 impl Live {
@@ -73,6 +76,71 @@ pub struct Plan {
     /// Every file to write (manifest included), and how they name each other.
     pub new_files: Files,
     pub options: RenderOptions,
+    /// Set when the plan removes more domains or backends than `global.delete_guard` lets
+    /// through as they come (a file cut short looks like that).
+    pub mass_delete: Option<MassDelete>,
+}
+
+/// How many domains and backends a plan removes, of how many, when that trips the guard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MassDelete {
+    pub domains_removed: usize,
+    pub domains_before: usize,
+    pub backends_removed: usize,
+    pub backends_before: usize,
+    /// The guard it trips: more than `count` and more than `percent` % removed.
+    pub count: u32,
+    pub percent: u32,
+}
+
+impl MassDelete {
+    /// The guard's verdict on going from `old` to `new` (the guard's settings are `new`'s).
+    pub fn between(old: &Model, new: &Model) -> Option<MassDelete> {
+        let guard = new.global.delete_guard;
+        let domains_removed = old
+            .domains
+            .keys()
+            .filter(|d| !new.domains.contains_key(*d))
+            .count();
+        let backends_removed = old
+            .backends
+            .keys()
+            .filter(|b| !new.backends.contains_key(*b))
+            .count();
+        (guard.trips(domains_removed, old.domains.len())
+            || guard.trips(backends_removed, old.backends.len()))
+        .then_some(MassDelete {
+            domains_removed,
+            domains_before: old.domains.len(),
+            backends_removed,
+            backends_before: old.backends.len(),
+            count: guard.count,
+            percent: guard.percent,
+        })
+    }
+
+    /// `25 of 30 domains` (and/or backends).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.domains_removed > 0 {
+            parts.push(format!(
+                "{} of {} domains",
+                self.domains_removed, self.domains_before
+            ));
+        }
+        if self.backends_removed > 0 {
+            parts.push(format!(
+                "{} of {} backends",
+                self.backends_removed, self.backends_before
+            ));
+        }
+        format!(
+            "this change removes {} (more than {} and more than {}%: `global.delete_guard`)",
+            parts.join(" and "),
+            self.count,
+            self.percent
+        )
+    }
 }
 
 impl Plan {
@@ -116,13 +184,28 @@ pub fn plan_files(
     let previous = live.previous.as_deref().unwrap_or(&empty);
     let model = &*model.with_binds(&options.binds);
     let mut changes = diff::diff_models(previous, model);
+    let mass_delete = MassDelete::between(previous, model);
 
     let files = file_changes(&new_files, live);
 
     // What the target holds but the last apply did not write: drift, or a foreign config.
     changes.extend(drift_changes(&options.config_name, live));
 
-    let reload_required = needs_reload(live, &new_files, &options.config_name);
+    if let Some(why) = &live.interrupted {
+        changes.push(Change {
+            action: Action::Update,
+            kind: Kind::Global,
+            name: "haproxy".into(),
+            detail: format!(": {why}"),
+            before: None,
+            after: None,
+            mode: Mode::Reload,
+            reason: "HAProxy may run neither the previous files nor these: a reload makes it run what the files say, which finishes the apply".into(),
+            raw: false,
+        });
+    }
+    let reload_required =
+        live.interrupted.is_some() || needs_reload(live, &new_files, &options.config_name);
     if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
         // The configuration text changed with no change of the state: a new lunafront version.
         changes.push(Change {
@@ -130,8 +213,11 @@ pub fn plan_files(
             kind: Kind::Global,
             name: options.config_name.clone(),
             detail: ": the generated configuration changed".into(),
+            before: None,
+            after: None,
             mode: Mode::Reload,
             reason: "the configuration differs beyond what the runtime API can change".into(),
+            raw: false,
         });
     }
     Plan {
@@ -142,6 +228,7 @@ pub fn plan_files(
         live_fingerprint: live.fingerprint(),
         new_files,
         options: options.clone(),
+        mass_delete,
     }
 }
 
@@ -216,6 +303,8 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
         kind: Kind::Global,
         name: name.to_string(),
         detail,
+        before: None,
+        after: None,
         mode,
         reason: match mode {
             Mode::Reload => "drift in the configuration file is corrected with a reload".into(),
@@ -223,6 +312,7 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
                 "drift in maps and certificates is corrected through the runtime API".into()
             }
         },
+        raw: false,
     }
 }
 
@@ -245,4 +335,66 @@ pub fn needs_reload(live: &Live, new_files: &Files, config_name: &str) -> bool {
     before
         .iter()
         .any(|(key, old)| after.get(key).is_some_and(|new| new.options != old.options))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::load::{Source, SourceFile};
+
+    fn model(domains: usize, backends: usize, guard: &str) -> Model {
+        let mut yaml = format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \":80\" }}\nglobal:\n  delete_guard: {guard}\nbackends:\n"
+        );
+        for b in 0..backends.max(1) {
+            yaml.push_str(&format!(
+                "  b{b}: {{ servers: [ {{ address: 10.0.0.1, port: {} }} ] }}\n",
+                1000 + b
+            ));
+        }
+        yaml.push_str("domains:\n");
+        for d in 0..domains {
+            yaml.push_str(&format!("  d{d}.example.com: {{ backend: b0 }}\n"));
+        }
+        let source = Source::parse(vec![SourceFile::new("s.yaml".into(), yaml)]);
+        let validation = crate::model::validate(&source);
+        validation
+            .model
+            .unwrap_or_else(|| panic!("{:?}", validation.diagnostics))
+    }
+
+    #[test]
+    fn the_delete_guard_trips_past_both_its_count_and_its_share() {
+        let default = "{}";
+        // (domains before, after, backends before, after, guard, trips)
+        let cases = [
+            (30, 5, 1, 1, default, true),     // 25 of 30: past 10 and 10%
+            (30, 20, 1, 1, default, false),   // 10 removed: not more than 10
+            (200, 185, 1, 1, default, false), // 15 of 200: 7.5%, not more than 10%
+            (200, 170, 1, 1, default, true),  // 30 of 200: 15%
+            (5, 0, 1, 1, default, false),     // all 5: not more than 10
+            (30, 0, 30, 1, default, true),    // backends too
+            (30, 30, 30, 15, default, true),  // backends alone: 15 of 30
+            (30, 5, 1, 1, "false", false),    // turned off
+            (30, 25, 1, 1, "{ count: 3, percent: 10 }", true),
+            (30, 25, 1, 1, "{ count: 3, percent: 50 }", false),
+            (30, 35, 1, 1, default, false), // additions only
+        ];
+        for (before, after, b_before, b_after, guard, trips) in cases {
+            let old = model(before, b_before, guard);
+            let new = model(after, b_after, guard);
+            let verdict = MassDelete::between(&old, &new);
+            assert_eq!(
+                verdict.is_some(),
+                trips,
+                "{before}→{after} domains, {b_before}→{b_after} backends, guard {guard}: {verdict:?}"
+            );
+        }
+        let verdict = MassDelete::between(&model(30, 1, "{}"), &model(5, 1, "{}")).unwrap();
+        assert!(
+            verdict.describe().contains("25 of 30 domains"),
+            "{}",
+            verdict.describe()
+        );
+    }
 }

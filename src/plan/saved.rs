@@ -23,6 +23,9 @@ pub struct SavedPlan {
     pub changes: Vec<Change>,
     pub options: RenderOptions,
     pub files: Vec<SavedFile>,
+    /// The plan trips `global.delete_guard` (absent in plans saved before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mass_delete: Option<super::MassDelete>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +49,7 @@ impl SavedPlan {
             reload_required: plan.reload_required,
             changes: plan.changes.clone(),
             options: plan.options.clone(),
+            mass_delete: plan.mass_delete.clone(),
             files: plan
                 .new_files
                 .iter()

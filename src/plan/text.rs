@@ -60,9 +60,15 @@ pub fn render(plan: &Plan, color: bool) -> String {
             Mode::Runtime => p.paint(DIM, "runtime"),
             Mode::Reload => p.paint(BOLD, "reload"),
         };
+        // Raw `extra:` lines are marked `!`: lunafront does not know what they do.
+        let mark = if change.raw {
+            p.paint(BOLD, "!")
+        } else {
+            " ".to_string()
+        };
         let _ = writeln!(
             out,
-            "  {}{}  {mode}: {}",
+            "{mark} {}{}  {mode}: {}",
             p.paint(style, &summary),
             " ".repeat(pad),
             change.reason
@@ -84,6 +90,38 @@ pub fn render(plan: &Plan, color: bool) -> String {
         );
     } else {
         out.push_str("No reload: every change goes through HAProxy's runtime API.\n");
+    }
+    let raw: Vec<String> = plan
+        .changes
+        .iter()
+        .filter(|c| c.raw)
+        .map(|c| format!("{} {}", c.kind.as_str(), c.name))
+        .collect();
+    if !raw.is_empty() {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.paint(
+                BOLD,
+                &format!(
+                    "! Raw HAProxy lines (`extra:`) change in {}: lunafront passes them through unchecked (haproxy -c checks the syntax); review them in the diff below.",
+                    raw.join(", ")
+                )
+            )
+        );
+    }
+    if let Some(mass) = &plan.mass_delete {
+        let _ = writeln!(
+            out,
+            "{}",
+            p.paint(
+                RED,
+                &format!(
+                    "Guarded: {}. `apply` needs --allow-deletes; the daemon holds it until the state stays the same or it is approved.",
+                    mass.describe()
+                )
+            )
+        );
     }
     for file in &plan.files {
         out.push('\n');

@@ -1,7 +1,8 @@
 //! How the model maps onto HAProxy objects (part of `render`, shared with `plan`).
 //!
 //! The rule that makes a new app on a known agent need no reload: a backend with one server on
-//! an agent and nothing backend-wide (no HTTP check path, the default balance) is *pooled*: it
+//! an agent and nothing backend-wide (no HTTP check path, the default balance, no `extra:`
+//! lines) is *pooled*: it
 //! becomes a server, named after the backend, in its agent's pool backend (`agent:<agent>` for
 //! HTTP, `agent-tcp:<agent>` for TCP), and its domains route to `<pool>/<backend>` through
 //! `use-server`. Every agent has both pools, empty or not, so adding such an app is an
@@ -56,6 +57,7 @@ pub const REJECT_BACKEND: &str = "lunafront:reject";
 /// The agent whose pool holds `backend`, or `None` when it needs a backend of its own.
 pub fn pooled_agent(backend: &Backend) -> Option<&str> {
     let simple = backend.servers.len() == 1
+        && backend.extra.is_empty()
         && backend.balance == Balance::RoundRobin
         && backend
             .health_check
@@ -124,6 +126,8 @@ pub struct ProxyBackend {
     pub pool_of: Option<String>,
     pub http_check: Option<HealthCheck>,
     pub servers: Vec<ServerLine>,
+    /// Raw lines of the backend's `extra:`.
+    pub extra: Vec<String>,
 }
 
 /// Every HAProxy backend of the model, by name.
@@ -141,6 +145,7 @@ pub fn proxy_backends(model: &Model) -> BTreeMap<String, ProxyBackend> {
                     pool_of: Some(agent.clone()),
                     http_check: None,
                     servers: Vec::new(),
+                    extra: Vec::new(),
                 },
             );
         }
@@ -175,6 +180,7 @@ pub fn proxy_backends(model: &Model) -> BTreeMap<String, ProxyBackend> {
                         pool_of: None,
                         http_check: backend.health_check.clone().filter(|h| h.path.is_some()),
                         servers,
+                        extra: backend.extra.clone(),
                     },
                 );
             }

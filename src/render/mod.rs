@@ -201,6 +201,7 @@ fn environment() -> &'static Environment<'static> {
                 .expect("default delimiters"),
         );
         env.set_formatter(filters::format_value);
+        env.add_filter("raw_line", filters::raw_line);
         for (name, text) in TEMPLATES {
             env.add_template(name, text)
                 .expect("embedded template parses");
@@ -235,6 +236,7 @@ struct ListenerView {
     /// HTTP listeners: which map lookups the frontend makes.
     own_lookup: bool,
     wildcard_lookup: bool,
+    extra: Vec<String>,
     /// Plain HTTP listeners of a state using ACME: answer HTTP-01 challenges.
     acme_challenges: bool,
     /// Plain HTTP listeners: the port of the HTTPS listener every request is redirected to.
@@ -270,6 +272,7 @@ struct BackendView {
     pool_of: Option<String>,
     http_check: Option<CheckView>,
     servers: Vec<ServerView>,
+    extra: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -292,6 +295,8 @@ struct ConfigView {
     not_found: &'static str,
     reject: &'static str,
     backends: Vec<BackendView>,
+    /// The bind of HAProxy's Prometheus exporter and stats page, when asked for.
+    stats: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -389,6 +394,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             redirect_port,
             hsts,
             crt_list,
+            extra: listener.extra.clone(),
         };
         match &listener.kind {
             ListenerKind::Http { .. } => http_listeners.push(view),
@@ -428,6 +434,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
                     params: s.params(),
                 })
                 .collect(),
+            extra: b.extra.clone(),
         })
         .collect();
 
@@ -462,6 +469,7 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         not_found: layout::NOT_FOUND_BACKEND,
         reject: layout::REJECT_BACKEND,
         backends: backend_views,
+        stats: g.stats.as_ref().map(|b| b.to_string()),
     };
     let config = environment()
         .get_template("haproxy.cfg.j2")?

@@ -89,11 +89,14 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
         source,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
+    let mut folders = Vec::new();
     let paths = if meta.is_dir() {
         let mut found = Vec::new();
-        collect_yaml(path, &mut found).map_err(io)?;
+        let mut seen = std::collections::HashSet::new();
+        collect_yaml(path, &mut found, &mut folders, &mut seen).map_err(io)?;
         found.sort();
-        if found.is_empty() {
+        folders.sort();
+        if found.is_empty() && folders.is_empty() {
             return Err(LoadError::NoStateFiles(path.to_path_buf()));
         }
         found
@@ -109,11 +112,41 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
         files.push(SourceFile::new(p, text));
     }
     let mut source = Source::parse(files);
+    // A folder where a state file was (say, a file replaced by an empty folder) took that
+    // file's entries with it: an error, never a state without them.
+    for folder in folders {
+        source.diagnostics.push(
+            Diagnostic::error("not-a-file", "a folder has the name of a state file")
+                .hint("a *.yaml or *.yml name in a state folder must be a file: put the file back, or rename the folder")
+                .at(Some(Location {
+                    file: folder,
+                    line: 1,
+                    column: 1,
+                })),
+        );
+    }
     source.read_certificates();
     Ok(source)
 }
 
-fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+fn is_yaml_name(name: &str) -> bool {
+    name.ends_with(".yaml") || name.ends_with(".yml")
+}
+
+/// The state files under `dir`. Folders are followed through symlinks, each one once (by
+/// device and inode): a symlink loop (`ln -s . loop`) or a second way to the same folder
+/// adds nothing.
+fn collect_yaml(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    folders: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    if !seen.insert((meta.dev(), meta.ino())) {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -123,10 +156,26 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
             continue;
         }
         let path = entry.path();
-        let meta = std::fs::metadata(&path)?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            // A dangling or looping symlink is no folder of state files; named like a state
+            // file, it is one that cannot be read (never a state without its entries).
+            Err(_) if !is_yaml_name(&name) && entry.file_type().is_ok_and(|t| t.is_symlink()) => {
+                continue;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                ));
+            }
+        };
         if meta.is_dir() {
-            collect_yaml(&path, out)?;
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            if is_yaml_name(&name) {
+                folders.push(path.clone());
+            }
+            collect_yaml(&path, out, folders, seen)?;
+        } else if is_yaml_name(&name) {
             out.push(path);
         }
     }
@@ -156,7 +205,14 @@ impl Source {
         };
         for index in 0..source.files.len() {
             match parse_yaml(&source.files[index].text) {
-                Ok(Value::Null) => {}
+                // An empty file, or one with nothing but comments or section names: what a
+                // file cut short (or being written) looks like. Never a state without entries.
+                Ok(Value::Null) => source.empty_file(index, "the file is empty"),
+                Ok(Value::Object(sections))
+                    if !sections.is_empty() && sections.values().all(Value::is_null) =>
+                {
+                    source.empty_file(index, "the file names sections but holds no entries")
+                }
                 Ok(Value::Object(sections)) => source.merge(index, sections),
                 Ok(_) => {
                     let location = source.file_location(index, 1, 1);
@@ -177,6 +233,18 @@ impl Source {
             }
         }
         source
+    }
+
+    fn empty_file(&mut self, index: usize, what: &str) {
+        let location = self.file_location(index, 1, 1);
+        self.diagnostics.push(
+            Diagnostic::error(
+                "empty-file",
+                format!("{what}: a file cut short or still being written? It is not read as a state without entries"),
+            )
+            .hint("write its entries back; a file meant to hold nothing says `{}`, or is deleted")
+            .at(Some(location)),
+        );
     }
 
     fn file_location(&self, index: usize, line: usize, column: usize) -> Location {
@@ -716,6 +784,66 @@ mod tests {
     fn tags_are_refused() {
         let s = parse(&[("a.yaml", "agents: !custom { a: 1 }\n")]);
         assert_eq!(s.diagnostics[0].code, "yaml-syntax");
+    }
+
+    #[test]
+    fn empty_and_cut_short_files_are_errors_never_an_empty_state() {
+        for text in [
+            "",
+            "\n  \n",
+            "# only a comment\n",
+            "---\n",
+            "domains:\n",
+            "domains:\nbackends:\n",
+        ] {
+            let s = parse(&[("a.yaml", text)]);
+            assert_eq!(s.diagnostics.len(), 1, "{text:?}: {:?}", s.diagnostics);
+            assert_eq!(s.diagnostics[0].code, "empty-file", "{text:?}");
+            let at = s.diagnostics[0].location.as_ref().unwrap();
+            assert_eq!((at.line, at.column), (1, 1));
+        }
+        // Saying "nothing" on purpose is not an error.
+        assert!(parse(&[("a.yaml", "{}\n")]).diagnostics.is_empty());
+        assert!(parse(&[("a.yaml", "domains: {}\n")]).diagnostics.is_empty());
+        // A line cut in the middle does not parse.
+        let s = parse(&[(
+            "a.yaml",
+            "domains:\n  a.example.com: { backend: x }\n  b.exam",
+        )]);
+        assert_eq!(s.diagnostics[0].code, "yaml-syntax");
+    }
+
+    #[test]
+    fn symlink_loops_and_folders_named_like_files_in_a_state_folder() {
+        let dir = tempfile_dir("symlink_loops");
+        std::fs::write(dir.join("a.yaml"), "version: 1\n").unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/b.yaml"), "domains: {}\n").unwrap();
+        std::os::unix::fs::symlink(".", dir.join("loop")).unwrap();
+        std::os::unix::fs::symlink("..", dir.join("sub/up")).unwrap();
+        std::os::unix::fs::symlink("missing", dir.join("dangling")).unwrap();
+        std::fs::create_dir(dir.join("c.yaml")).unwrap();
+        let source = load_path(&dir).unwrap();
+        let names: Vec<String> = source
+            .files
+            .iter()
+            .map(|f| f.path.strip_prefix(&dir).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["a.yaml", "sub/b.yaml"]);
+        assert_eq!(source.diagnostics.len(), 1, "{:?}", source.diagnostics);
+        assert_eq!(source.diagnostics[0].code, "not-a-file");
+        // A state file that is a dangling symlink cannot be read: an error, not no entries.
+        std::os::unix::fs::symlink("missing", dir.join("gone.yaml")).unwrap();
+        let error = load_path(&dir).unwrap_err().to_string();
+        assert!(error.contains("gone.yaml"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lunafront-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

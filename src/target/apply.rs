@@ -19,6 +19,8 @@ pub struct ApplyRequest {
     /// When someone else changes the target meanwhile (a 409 from a Data Plane API): re-read
     /// and retry (a fresh plan), or refuse as stale (a saved plan, reviewed against what was).
     pub retry_conflicts: bool,
+    /// The git commit the state was read at, when it is a git checkout (recorded with it).
+    pub git_commit: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,9 @@ pub struct Applied {
     pub seq: Option<u64>,
     /// Things worth telling: a runtime change that fell back to a reload, and why.
     pub notes: Vec<String>,
+    /// Why this apply, live on the target, is missing from its records (the history could
+    /// not be written): `rollback` cannot return to it. Reported as an error by the commands.
+    pub unrecorded: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,12 @@ pub enum ApplyError {
         "target {target}: HAProxy is not running ({detail}); start it (systemctl start haproxy), or set `spawn: true` to let lunafront run it"
     )]
     NotRunning { target: String, detail: String },
+    #[error(
+        "target {target}: {detail}; nothing was changed (a second HAProxy is never started beside it: if it is stopped or overloaded, try again once it answers)"
+    )]
+    Unresponsive { target: String, detail: String },
+    #[error("target {target}: interrupted before anything was changed")]
+    Interrupted { target: String },
     #[error("target {target}: another apply is in progress (lock {lock})")]
     Busy { target: String, lock: PathBuf },
     #[error("target {target}: {detail}; nothing was changed")]

@@ -35,8 +35,20 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part,
+/// also after a power cut (synced to disk).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    write_replacing(path, bytes, mode, true)
+}
+
+/// Like `write_atomic`, old or new whatever process dies when, but not synced to disk: for a
+/// record that only has to survive the process (a power cut stops HAProxy too, which then
+/// starts on the files anyway), written on every apply where a sync costs milliseconds.
+pub fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    write_replacing(path, bytes, mode, false)
+}
+
+fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), FileError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -57,9 +69,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileErro
         file.write_all(bytes)?;
         // The mode given at creation is filtered by the umask: set it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        if sync {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -188,6 +205,7 @@ pub fn observe_dir(
         recorded_files,
         previous_error,
         version: None,
+        interrupted: None,
     })
 }
 
@@ -196,9 +214,11 @@ fn is_relative_inside(path: &str) -> bool {
     !path.starts_with('/') && !path.split('/').any(|c| c == ".." || c.is_empty())
 }
 
-/// Writes `new` into `dir`, each file atomically and the configuration (`config_name`) last so
-/// it never names a file that is not there yet, and removes the files of `live` that `new`
-/// does not have. Unchanged files are not touched. Returns the paths written or removed.
+/// Writes `new` into `dir`, each file atomically: the configuration (`config_name`) after the
+/// files it names, so it never names a file that is not there yet, and the manifest last, so
+/// it never records files that are not all there. Removes the files of `live` that `new`
+/// does not have. Files whose content `live` already has are not touched. Returns the paths
+/// written or removed.
 pub fn write_files(
     dir: &Path,
     new: &Files,
@@ -208,8 +228,9 @@ pub fn write_files(
     let mut written = Vec::new();
     let ordered = new
         .iter()
-        .filter(|(p, _)| *p != config_name)
-        .chain(new.get_key_value(config_name));
+        .filter(|(p, _)| *p != config_name && *p != MANIFEST)
+        .chain(new.get_key_value(config_name))
+        .chain(new.get_key_value(MANIFEST));
     for (path, bytes) in ordered {
         let target = dir.join(path);
         let mode = mode_for(path);

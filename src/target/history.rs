@@ -22,6 +22,9 @@ pub struct Entry {
     /// Set when this apply put back an earlier entry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_of: Option<u64>,
+    /// The git commit the state was read at, when it came from a git checkout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_commit: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,15 +130,14 @@ impl History {
         Ok(entry.seq)
     }
 
-    /// Records a successful apply; a failure to record is a note, not an error (HAProxy
-    /// already runs the new configuration).
+    /// Records a successful apply. The change is live whatever this returns: a failure is
+    /// reported as such by the caller (see `Applied::unrecorded`), never passed over.
     pub fn record_applied(
         &self,
         request: &ApplyRequest,
         how: &How,
         keep: usize,
-        notes: &mut Vec<String>,
-    ) -> Option<u64> {
+    ) -> Result<u64, HistoryError> {
         let entry = Entry {
             seq: 0,
             time: crate::clock::rfc3339_now(),
@@ -143,10 +145,20 @@ impl History {
             how: how.label().to_string(),
             changes: request.changes.clone(),
             rollback_of: request.rollback_of,
+            git_commit: request.git_commit.clone(),
         };
         self.record(&request.files, entry, keep)
-            .map_err(|e| notes.push(format!("the history could not be recorded: {e}")))
-            .ok()
+    }
+
+    /// One file an entry recorded.
+    pub fn file(&self, seq: u64, path: &str) -> Result<Vec<u8>, HistoryError> {
+        fs::read(
+            self.dir
+                .join(format!("{seq:06}"))
+                .join(FILES)
+                .join(stored_name(path)),
+        )
+        .map_err(|e| self.error(format!("entry {seq}: {path}: {e}")))
     }
 
     /// The files an entry recorded.
@@ -155,8 +167,10 @@ impl History {
         let mut out = Files::new();
         fn walk(dir: &Path, root: &Path, out: &mut Files) -> std::io::Result<()> {
             for entry in fs::read_dir(dir)? {
-                let path = entry?.path();
-                if path.is_dir() {
+                let entry = entry?;
+                let path = entry.path();
+                // Not through symlinks: an entry holds real folders only.
+                if entry.file_type()?.is_dir() {
                     walk(&path, root, out)?;
                 } else {
                     let rel = path
@@ -204,6 +218,7 @@ mod tests {
             how: "reload".into(),
             changes: vec!["+ domain a.example.com → shop".into()],
             rollback_of: None,
+            git_commit: None,
         }
     }
 

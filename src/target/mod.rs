@@ -61,13 +61,24 @@ pub fn render_options(target: &Target) -> RenderOptions {
 
 /// Reads what the target holds now, for the files of `rendered`.
 pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
-    observe_paths(name, target, &rendered.options, &rendered.file_map())
+    observe_files(name, target, &rendered.options, &rendered.file_map())
+}
+
+/// Reads what the target holds now for these files (and those its last apply recorded).
+pub fn observe_paths(
+    name: &str,
+    target: &Target,
+    options: &RenderOptions,
+    wanted: impl IntoIterator<Item = String>,
+) -> Result<Live, TargetError> {
+    let expected: files::Files = wanted.into_iter().map(|p| (p, Vec::new())).collect();
+    observe_files(name, target, options, &expected)
 }
 
 /// Reads what the target holds now for the files of `expected` (and those its last apply
 /// recorded). A target that cannot give some files back (a Data Plane API's certificates)
 /// says whether it holds the expected ones.
-pub fn observe_paths(
+pub fn observe_files(
     name: &str,
     target: &Target,
     options: &RenderOptions,
@@ -91,8 +102,28 @@ pub fn state_dir(target: &Target) -> &std::path::Path {
     }
 }
 
+/// Set when the process was asked to stop (SIGINT, SIGTERM, SIGHUP: see `lunafront apply`):
+/// an apply that has not reached its point of no return stops there with nothing changed,
+/// one past it completes (a process killed in between is what the haproxy target's marker is
+/// for).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks applies to stop at their next point of no return. Async-signal-safe (an atomic store).
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Applies to any target.
 pub fn apply(target: &Target, request: &ApplyRequest) -> Result<Applied, ApplyError> {
+    if interrupted() {
+        return Err(ApplyError::Interrupted {
+            target: request.target_name.clone(),
+        });
+    }
     match target {
         Target::Haproxy(t) => haproxy::apply(t, request),
         Target::Dataplane(t) => dataplane::apply(t, request),

@@ -8,7 +8,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,9 @@ pub use tempfile::TempDir;
 pub fn lunafront() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lunafront"));
     cmd.env("NO_COLOR", "1").env_remove("LUNAFRONT_STATE");
+    if let Some(path) = haproxy_path() {
+        cmd.env("PATH", path);
+    }
     cmd
 }
 
@@ -37,21 +40,88 @@ pub fn run(args: &[&str], dir: &Path) -> (i32, String, String) {
     )
 }
 
-/// The haproxy executable. Tests that need it fail (never skip) when it is missing.
+/// The HAProxy the tests drive: `$LUNAFRONT_TEST_HAPROXY` (a binary or a wrapper such as
+/// `scripts/haproxy-3.0`), else `haproxy` from PATH. Tests that need it fail (never skip) when
+/// it does not run, and when `$LUNAFRONT_TEST_HAPROXY_VERSION` (e.g. `3.0`) names another
+/// version than the one it reports.
 pub fn haproxy_bin() -> &'static str {
-    static CHECK: Once = Once::new();
-    CHECK.call_once(|| {
-        let ok = Command::new("haproxy").arg("-v").output().map(|o| o.status.success()).unwrap_or(false);
-        assert!(ok, "haproxy is not installed: these tests need a real HAProxy (apt-get install haproxy); .ci/run installs it");
-    });
-    "haproxy"
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut bin = std::env::var("LUNAFRONT_TEST_HAPROXY").unwrap_or_else(|_| "haproxy".into());
+        // A path made absolute: tests run lunafront and HAProxy from other folders.
+        if bin.contains('/') {
+            bin = std::fs::canonicalize(&bin)
+                .unwrap_or_else(|e| panic!("LUNAFRONT_TEST_HAPROXY={bin}: {e}"))
+                .display()
+                .to_string();
+        }
+        let version = haproxy_version_of(&bin);
+        if let Ok(wanted) = std::env::var("LUNAFRONT_TEST_HAPROXY_VERSION") {
+            assert!(
+                version.contains(&format!("version {wanted}")),
+                "LUNAFRONT_TEST_HAPROXY_VERSION={wanted}, but {bin} is `{version}`"
+            );
+        }
+        bin
+    })
+}
+
+/// The first line of `<bin> -v` (`HAProxy version 2.6.12-1+deb12u3 ...`); panics when it
+/// does not run.
+fn haproxy_version_of(bin: &str) -> String {
+    let out = Command::new(bin).arg("-v").output();
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        other => panic!(
+            "{bin} -v does not run ({other:?}): these tests need a real HAProxy (apt-get install haproxy; for 3.0, scripts/haproxy-3.0 install); .ci/run installs it"
+        ),
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// With `$LUNAFRONT_TEST_HAPROXY` set: a PATH whose first folder holds `haproxy` (a link to it),
+/// so that lunafront run by a test (a target's default `haproxy_bin: haproxy`: `haproxy -c`,
+/// `spawn`, the daemon) drives the same HAProxy as the test itself.
+pub fn haproxy_path() -> Option<&'static str> {
+    static PATH: OnceLock<Option<String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        // A version asked for is checked before any lunafront process may start HAProxy.
+        if std::env::var_os("LUNAFRONT_TEST_HAPROXY_VERSION").is_some() {
+            haproxy_bin();
+        }
+        std::env::var_os("LUNAFRONT_TEST_HAPROXY")?;
+        let bin = PathBuf::from(haproxy_bin());
+        // One folder per HAProxy; the link is replaced atomically (test processes may race).
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            bin.hash(&mut h);
+            h.finish()
+        };
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("haproxy-bin-{key:016x}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join(format!(".haproxy.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&bin, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("haproxy")).unwrap();
+        Some(format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ))
+    })
+    .as_deref()
 }
 
 /// `haproxy -c` on a configuration, run from an unrelated folder so that relative paths must
-/// resolve through `default-path config`.
+/// resolve through `default-path config`. (Not `-q`: HAProxy 3.0 then hides its alerts too.)
 pub fn haproxy_check(config: &Path) -> Result<(), String> {
     let out = Command::new(haproxy_bin())
-        .args(["-c", "-q", "-f"])
+        .args(["-c", "-f"])
         .arg(config)
         .current_dir("/")
         .output()
@@ -636,9 +706,15 @@ pub struct Daemon {
 impl Daemon {
     /// `lunafront daemon <state> --target local` with `extra` arguments.
     pub fn start(dir: &Path, state: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(dir, state, extra, &[])
+    }
+
+    /// `start`, with environment variables set for the daemon.
+    pub fn start_with_env(dir: &Path, state: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let port = free_port();
         let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).unwrap();
         let child = lunafront()
+            .envs(env.iter().copied())
             .args([
                 "daemon",
                 state,

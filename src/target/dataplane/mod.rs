@@ -139,6 +139,7 @@ pub fn observe(
         recorded_files,
         previous_error,
         version: Some(version),
+        interrupted: None,
     })
 }
 
@@ -182,6 +183,7 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
                 how: How::Unchanged,
                 seq: None,
                 notes,
+                unrecorded: None,
             });
         }
         let version = live.version.expect("the API versions its configuration");
@@ -231,13 +233,20 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
                         "the applied state could not be recorded on the target ({e}): its next plan will show every change again"
                     ));
                 }
-                let seq = History::new(&target.state_dir).record_applied(
+                let (seq, unrecorded) = match History::new(&target.state_dir).record_applied(
                     request,
                     &how,
                     target.history,
-                    &mut notes,
-                );
-                return Ok(Applied { how, seq, notes });
+                ) {
+                    Ok(seq) => (Some(seq), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                return Ok(Applied {
+                    how,
+                    seq,
+                    notes,
+                    unrecorded,
+                });
             }
             Err(Failure::Conflict) if request.retry_conflicts && attempt < CONFLICT_RETRIES => {
                 notes.push(format!(

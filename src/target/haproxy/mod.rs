@@ -2,10 +2,13 @@
 //! folder of its haproxy.cfg (I/O edge).
 //!
 //! An apply: check the plan is not stale → render into a staging folder → `haproxy -c` on it →
-//! swap the files atomically → apply the change through the runtime API, or reload → verify
-//! (maps and servers as HAProxy reports them, or the new worker) → record it in the history.
-//! If anything fails after the swap, the previous files are put back and HAProxy reloads them.
+//! (the point of no return: an interrupt stops the apply before it; `marker` records the apply
+//! under way) → swap the files atomically → apply the change through the runtime API, or
+//! reload → verify (maps and servers as HAProxy reports them, or the new worker) → record what
+//! HAProxy runs (`marker`) and the history. If anything fails once something went live, the
+//! previous files are put back and HAProxy reloads them.
 
+pub mod marker;
 pub mod process;
 pub mod runtime;
 pub mod socket;
@@ -32,7 +35,9 @@ pub fn observe(
     target: &HaproxyTarget,
     wanted: impl IntoIterator<Item = String>,
 ) -> Result<Live, files::FileError> {
-    files::observe_dir(config_dir(target), wanted)
+    let mut live = files::observe_dir(config_dir(target), wanted)?;
+    live.interrupted = marker::interrupted(target, marker::digest(&live.files).as_deref());
+    Ok(live)
 }
 
 /// Holds the target's apply lock for its lifetime: one apply at a time, across processes.
@@ -94,7 +99,8 @@ pub fn clean_leftovers(dir: &Path) {
                 let _ = fs::remove_dir_all(&path);
             } else if name.contains(".lunafront-tmp-") {
                 let _ = fs::remove_file(&path);
-            } else if path.is_dir() && !name.starts_with('.') {
+            } else if entry.file_type().is_ok_and(|t| t.is_dir()) && !name.starts_with('.') {
+                // Not through symlinks: lunafront writes real folders only.
                 walk(&path);
             }
         }
@@ -133,17 +139,26 @@ pub fn apply_with(
         });
     }
     let running = process::running(target);
+    if running.is_none()
+        && let Some(detail) = process::existing_master(target)
+    {
+        return Err(ApplyError::Unresponsive {
+            target: name.to_string(),
+            detail,
+        });
+    }
     if running.is_none() && !target.spawn {
         return Err(ApplyError::NotRunning {
             target: name.to_string(),
             detail: format!("no master answers on {}", target.master_socket.display()),
         });
     }
-    if running.is_some() && live.files == request.files {
+    if running.is_some() && live.files == request.files && live.interrupted.is_none() {
         return Ok(Applied {
             how: How::Unchanged,
             seq: None,
             notes: Vec::new(),
+            unrecorded: None,
         });
     }
 
@@ -156,8 +171,20 @@ pub fn apply_with(
     let staged_config = staging.dir.join(&request.options.config_name);
     let config_name = &request.options.config_name;
     let mut notes = Vec::new();
+    // The point of no return: an interrupt that came before it stops the apply here, with
+    // nothing changed; one that comes later is noted and the apply completes. The marker says
+    // an apply is under way until HAProxy is verified to run it.
+    let go_live = || {
+        if super::interrupted() {
+            return Err(ApplyError::Interrupted {
+                target: name.to_string(),
+            });
+        }
+        marker::begin(target, &request.files)
+            .map_err(|e| prepare(format!("recording the apply under way: {e}")))
+    };
     // Puts the new files in place of the live ones, once `haproxy -c` accepted them.
-    let swap = || {
+    let swap = |live_changed: bool| {
         files::write_files(dir, &request.files, &live.files, config_name).map_err(|e| {
             rollback(
                 target,
@@ -165,18 +192,21 @@ pub fn apply_with(
                 &live.files,
                 format!("writing the files: {e}"),
                 start,
+                live_changed,
             )
         })
     };
-    let ops = running
-        .as_ref()
-        .map(|_| runtime::plan_ops(&live.files, &request.files, &request.options));
+    let ops = running.as_ref().map(|_| match &live.interrupted {
+        Some(why) => Err(format!("{why}: a reload makes HAProxy run the files")),
+        None => runtime::plan_ops(&live.files, &request.files, &request.options),
+    });
 
     let how = if let Some(Ok(ops)) = &ops {
         // A runtime change goes live first: HAProxy checks each command as it applies it while
         // `haproxy -c` checks the staged files beside it, and the files are swapped only once
         // both agree. So the route answers without waiting for the check, and the files on
         // disk are still never replaced by ones `haproxy -c` refuses.
+        go_live()?;
         let haproxy_bin = target.haproxy_bin.clone();
         let check = std::thread::spawn(move || process::check_config(&haproxy_bin, &staged_config));
         let api = RuntimeApi::new(&target.runtime_socket);
@@ -199,7 +229,10 @@ pub fn apply_with(
         if let Err(detail) = checked {
             // The previous files are untouched: a reload puts HAProxy back on them.
             return Err(match process::reload(target) {
-                Ok(_) => refused(detail),
+                Ok(_) => {
+                    marker::back_to(target, &live.files);
+                    refused(detail)
+                }
                 Err(e) => ApplyError::RollbackFailed {
                     target: name.to_string(),
                     reason: format!("haproxy -c refused the new files: {detail}"),
@@ -207,7 +240,7 @@ pub fn apply_with(
                 },
             });
         }
-        swap()?;
+        swap(true)?;
         match runtime {
             Ok(commands) => How::Runtime { commands },
             Err(e) => {
@@ -217,7 +250,14 @@ pub fn apply_with(
                 match process::reload(target) {
                     Ok(worker) => How::Reloaded { worker },
                     Err(e) => {
-                        return Err(rollback(target, request, &live.files, e.to_string(), start));
+                        return Err(rollback(
+                            target,
+                            request,
+                            &live.files,
+                            e.to_string(),
+                            start,
+                            true,
+                        ));
                     }
                 }
             }
@@ -225,19 +265,45 @@ pub fn apply_with(
     } else {
         process::check_config(&target.haproxy_bin, &staged_config)
             .map_err(|e| refused(staging.clean(&e)))?;
-        swap()?;
+        go_live()?;
+        swap(false)?;
         if let Some(Err(reason)) = &ops {
             notes.push(format!("reload: {reason}"));
         }
         match activate(target, running.is_some(), start) {
             Ok(how) => how,
-            Err(reason) => return Err(rollback(target, request, &live.files, reason, start)),
+            Err(reason) => {
+                return Err(rollback(target, request, &live.files, reason, start, true));
+            }
         }
     };
     drop(staging);
-    let seq =
-        History::new(&target.state_dir).record_applied(request, &how, target.history, &mut notes);
-    Ok(Applied { how, seq, notes })
+    if super::interrupted() {
+        notes.push(
+            "interrupted while the change was going live: the apply was completed first".into(),
+        );
+    }
+    let mut unrecorded = marker::runs(target, &request.files, request.git_commit.as_deref())
+        .err()
+        .map(|e| {
+            format!("what HAProxy runs could not be recorded ({e}): the next plan reloads it")
+        });
+    let seq = match History::new(&target.state_dir).record_applied(request, &how, target.history) {
+        Ok(seq) => Some(seq),
+        Err(e) => {
+            unrecorded = Some(match unrecorded {
+                Some(first) => format!("{first}; {e}"),
+                None => e.to_string(),
+            });
+            None
+        }
+    };
+    Ok(Applied {
+        how,
+        seq,
+        notes,
+        unrecorded,
+    })
 }
 
 /// The new files written into a folder beside the configuration (so relative paths resolve the
@@ -280,12 +346,18 @@ fn activate(target: &HaproxyTarget, running: bool, start: Starter<'_>) -> Result
     Ok(How::Reloaded { worker })
 }
 
+/// Puts the previous files back and brings HAProxy back onto what the files say: a reload
+/// (or a start, for a spawned HAProxy that was not running). The files are compared with what
+/// is on disk now, so a file whose write failed (and still holds its old content) is left
+/// alone; and HAProxy is reloaded even when some file could not be restored, so that it never
+/// keeps runtime changes that no file holds.
 fn rollback(
     target: &HaproxyTarget,
     request: &ApplyRequest,
     old: &Files,
     reason: String,
     start: Starter<'_>,
+    live_changed: bool,
 ) -> ApplyError {
     let name = request.target_name.clone();
     let dir = config_dir(target);
@@ -294,35 +366,56 @@ fn rollback(
         reason: reason.clone(),
         rollback,
     };
-    if let Err(e) = files::write_files(dir, old, &request.files, &request.options.config_name) {
-        return failed(format!("restoring the files: {e}"));
-    }
+    let paths = old.keys().chain(request.files.keys()).cloned().collect();
+    let restored = files::read_files(dir, &paths)
+        .map_err(|e| e.to_string())
+        .and_then(|now| {
+            files::write_files(dir, old, &now, &request.options.config_name)
+                .map_err(|e| e.to_string())
+        });
     let restarted = match process::running(target) {
-        Some(_) => process::reload(target)
+        Some(_) if live_changed || restored.is_err() => process::reload(target)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Some(_) => Ok(()),
         None if old.contains_key(&request.options.config_name) && target.spawn => {
             start(target).map(|_| ())
         }
         None if !old.contains_key(&request.options.config_name) => Ok(()),
         None => Err("HAProxy is not running".to_string()),
     };
-    match restarted {
-        Ok(()) => ApplyError::RolledBack {
-            target: name,
-            reason,
-        },
-        Err(e) => failed(e),
+    match (restored, restarted) {
+        (Ok(_), Ok(())) => {
+            // HAProxy runs the previous files again (or nothing, when there were none).
+            marker::back_to(target, old);
+            ApplyError::RolledBack {
+                target: name,
+                reason,
+            }
+        }
+        (Err(e), Ok(())) => failed(format!(
+            "restoring the files: {e}; HAProxy was reloaded onto the files as they are, and the next plan shows what differs"
+        )),
+        (Ok(_), Err(e)) => failed(e),
+        (Err(files), Err(e)) => failed(format!("restoring the files: {files}; {e}")),
     }
 }
 
-/// Runs operations through the runtime API; returns how many commands were sent.
+/// Runs operations through the runtime API; returns how many commands were sent. A map
+/// replacement's new version is read back before `commit map`: a version that does not hold
+/// exactly the new entries is never committed (it is cleared, and the apply fails, which makes
+/// it reload instead).
 pub fn execute(api: &RuntimeApi, ops: &[Op]) -> Result<usize, String> {
     let mut sent = 0;
     for op in ops {
         let mut version = String::new();
         for command in op.commands() {
             let text = command.text.replace("@VERSION", &format!("@{version}"));
+            if let Op::MapReplace { map, entries } = op
+                && text.starts_with("commit map ")
+            {
+                check_prepared(api, map, &version, entries)?;
+            }
             let answer = match (op, command.expect) {
                 // A server with connections still attached cannot be deleted yet: they close
                 // once it is in maintenance and no route points to it.
@@ -346,6 +439,32 @@ pub fn execute(api: &RuntimeApi, ops: &[Op]) -> Result<usize, String> {
         }
     }
     Ok(sent)
+}
+
+/// Compares a prepared (uncommitted) map version with the entries it must hold; clears it when
+/// it differs, so that it can never be committed by mistake.
+fn check_prepared(
+    api: &RuntimeApi,
+    map: &str,
+    version: &str,
+    entries: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if version.is_empty() || !version.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "map {map}: `prepare map` gave no version number ({version:?}); nothing committed"
+        ));
+    }
+    let prepared = read_map(api, &format!("@{version} {map}")).map_err(|e| e.to_string())?;
+    if prepared == *entries {
+        return Ok(());
+    }
+    let _ = api.run(&format!("clear map @{version} {map}"), Expect::Empty);
+    Err(format!(
+        "map {map}: the prepared version @{version} holds {} entries, {} differing from the {} expected; it was not committed",
+        prepared.len(),
+        differing(&prepared, entries),
+        entries.len()
+    ))
 }
 
 fn run_patiently(
@@ -462,7 +581,7 @@ fn differing(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> usiz
         + b.keys().filter(|k| !a.contains_key(*k)).count()
 }
 
-/// `show map <map>`: `0x55d… key value` per line.
+/// `show map <map>`: `0x55d… key value` per line. `map` may name a version (`@3 maps/x.map`).
 pub fn read_map(api: &RuntimeApi, map: &str) -> Result<BTreeMap<String, String>, SocketError> {
     let text = api.run(&format!("show map {map}"), Expect::Any)?;
     let mut out = BTreeMap::new();

@@ -43,9 +43,103 @@ pub fn running(target: &HaproxyTarget) -> Option<ProcInfo> {
         .ok()
 }
 
+/// One process, named by its PID and its start time (in clock ticks after boot, field 22 of
+/// `/proc/PID/stat`): a PID alone may name another process once the first is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub start: u64,
+}
+
+impl Process {
+    /// Process `pid` as it is now; `None` when there is none (or only its zombie).
+    pub fn of(pid: u32) -> Option<Process> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold spaces: count after it.
+        let (_, rest) = stat.rsplit_once(')')?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if matches!(fields.first(), Some(&"Z" | &"X")) {
+            return None;
+        }
+        Some(Process {
+            pid,
+            start: fields.get(19)?.parse().ok()?,
+        })
+    }
+
+    /// Still the same process, and not a zombie.
+    pub fn alive(&self) -> bool {
+        Process::of(self.pid) == Some(*self)
+    }
+}
+
+/// Where the master lunafront started (or adopted) is recorded: `<state_dir>/haproxy.master`.
+fn master_record(target: &HaproxyTarget) -> std::path::PathBuf {
+    target.state_dir.join("haproxy.master")
+}
+
+/// Records process `pid` as the target's HAProxy master.
+pub fn record_master(target: &HaproxyTarget, pid: u32) {
+    let Some(process) = Process::of(pid) else {
+        return;
+    };
+    if recorded_master(target) == Some(process) {
+        return;
+    }
+    let text = format!("{} {}\n", process.pid, process.start);
+    if let Err(e) = crate::target::files::write_atomic(
+        &master_record(target),
+        text.as_bytes(),
+        crate::target::files::SECRET_MODE,
+    ) {
+        tracing::warn!("cannot record HAProxy's master: {e}");
+    }
+}
+
+/// The recorded master, if that process still exists (answering or not).
+pub fn recorded_master(target: &HaproxyTarget) -> Option<Process> {
+    let text = std::fs::read_to_string(master_record(target)).ok()?;
+    let mut words = text.split_whitespace();
+    let process = Process {
+        pid: words.next()?.parse().ok()?,
+        start: words.next()?.parse().ok()?,
+    };
+    process.alive().then_some(process)
+}
+
+pub fn forget_master(target: &HaproxyTarget) {
+    let _ = std::fs::remove_file(master_record(target));
+}
+
+/// Why no new master may be started for the target, when one exists even though it does not
+/// answer: the recorded master is alive, or something accepts connections on the master
+/// socket (a stopped or overloaded master still does: the kernel queues them). Two masters on
+/// one socket path and one port would both serve, each its own configuration.
+pub fn existing_master(target: &HaproxyTarget) -> Option<String> {
+    if let Some(master) = recorded_master(target) {
+        return Some(format!(
+            "HAProxy's master (PID {}) is alive but does not answer on {}",
+            master.pid,
+            target.master_socket.display()
+        ));
+    }
+    std::os::unix::net::UnixStream::connect(&target.master_socket)
+        .ok()
+        .map(|_| {
+            format!(
+                "a process accepts connections on {} but does not answer as HAProxy's master",
+                target.master_socket.display()
+            )
+        })
+}
+
 /// Starts HAProxy in master-worker mode, in the background (`-D`), for a `spawn: true` target
 /// applied from the command line. The daemon supervises its own child instead.
 pub fn start_background(target: &HaproxyTarget) -> Result<u32, String> {
+    if let Some(why) = existing_master(target) {
+        return Err(format!("not starting a second HAProxy: {why}"));
+    }
+    create_socket_dirs(target)?;
     let pidfile = target.state_dir.join("haproxy.pid");
     let out = Command::new(&target.haproxy_bin)
         .arg("-W")
@@ -66,7 +160,28 @@ pub fn start_background(target: &HaproxyTarget) -> Result<u32, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    wait_ready(target, target.reload_timeout.as_std())
+    let worker = wait_ready(target, target.reload_timeout.as_std())?;
+    if let Some(proc) = running(target) {
+        record_master(target, proc.master_pid);
+    }
+    super::marker::started_on_disk(target);
+    Ok(worker)
+}
+
+/// Creates the folders the sockets go in (say /run/haproxy on a machine where HAProxy's own
+/// service never ran): HAProxy binds a socket but does not create its folder.
+pub fn create_socket_dirs(target: &HaproxyTarget) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    for socket in [&target.master_socket, &target.runtime_socket] {
+        if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The `-S` argument: the master socket, readable by its owner only.

@@ -123,8 +123,14 @@ pub enum Op {
     },
 }
 
-/// Above this many changed entries a map is replaced atomically in one payload instead.
+/// Above this many changed entries a map is replaced atomically (a new version) instead.
 const MAP_BATCH: usize = 64;
+
+/// The largest command sent with a map payload. HAProxy reads a command into one buffer of
+/// `tune.bufsize` (16 384 bytes by default) and, on 2.6, silently drops a longer one (measured:
+/// a 16 359-byte `add map` is taken, a 16 386-byte one is answered with nothing and ignored);
+/// half of it leaves room for a smaller `tune.bufsize` and for the command line itself.
+pub const PAYLOAD_BUDGET: usize = 8 * 1024;
 
 /// The operations that take HAProxy from the `old` files to the `new` ones, or why only a
 /// reload can.
@@ -333,6 +339,30 @@ fn cmd(text: String, expect: Expect) -> Command {
     Command { text, expect }
 }
 
+/// Map entries as payloads (`<<`, one `key value` line each, an empty line to end) of at most
+/// `budget` bytes each, in order.
+fn map_chunks(entries: &BTreeMap<String, String>, budget: usize) -> Vec<String> {
+    // "<<\n" before the lines and "\n" after them; the version number that replaces the
+    // placeholder may be longer than it.
+    let room = budget.saturating_sub(16);
+    let mut chunks = Vec::new();
+    let mut lines: Vec<String> = Vec::new();
+    let mut size = 0;
+    for (key, value) in entries {
+        let line = format!("{key} {value}");
+        if !lines.is_empty() && size + line.len() + 1 > room {
+            chunks.push(payload(lines.drain(..)));
+            size = 0;
+        }
+        size += line.len() + 1;
+        lines.push(line);
+    }
+    if !lines.is_empty() {
+        chunks.push(payload(lines.into_iter()));
+    }
+    chunks
+}
+
 fn payload(lines: impl Iterator<Item = String>) -> String {
     let mut out = String::from("<<\n");
     for line in lines {
@@ -427,20 +457,22 @@ impl Op {
                 vec![cmd(format!("set map {map} {key} {value}"), Expect::Empty)]
             }
             Op::MapDel { map, key } => vec![cmd(format!("del map {map} {key}"), Expect::Empty)],
-            Op::MapReplace { map, entries } => vec![
-                cmd(
+            Op::MapReplace { map, entries } => {
+                let mut out = vec![cmd(
                     format!("prepare map {map}"),
                     Expect::Prefix("New version created:"),
-                ),
-                cmd(
-                    format!(
-                        "add map @VERSION {map} {}",
-                        payload(entries.iter().map(|(k, v)| format!("{k} {v}")))
-                    ),
-                    Expect::Empty,
-                ),
-                cmd(format!("commit map @VERSION {map}"), Expect::Empty),
-            ],
+                )];
+                // The new version is filled in payloads that fit HAProxy's buffer; the apply
+                // reads it back before `commit` (see `haproxy::execute`).
+                let head = format!("add map @VERSION {map} ");
+                out.extend(
+                    map_chunks(entries, PAYLOAD_BUDGET - head.len())
+                        .into_iter()
+                        .map(|chunk| cmd(format!("{head}{chunk}"), Expect::Empty)),
+                );
+                out.push(cmd(format!("commit map @VERSION {map}"), Expect::Empty));
+                out
+            }
             Op::CertNew { cert, pem } => vec![
                 cmd(
                     format!("new ssl cert {cert}"),
@@ -645,6 +677,47 @@ mod tests {
             replay(&new, &old),
             RuntimeState::from_files(&old, &RenderOptions::for_target(None))
         );
+    }
+
+    #[test]
+    fn a_map_replacement_is_sent_in_payloads_that_fit_haproxys_buffer() {
+        let entries: BTreeMap<String, String> = (0..20_000)
+            .map(|i| {
+                (
+                    format!("app-{i:05}.customers.example.com"),
+                    format!("agent:agent-{}/app-{i:05}", i % 7),
+                )
+            })
+            .collect();
+        let op = Op::MapReplace {
+            map: "maps/hosts.map".into(),
+            entries: entries.clone(),
+        };
+        let commands = op.commands();
+        assert!(commands[0].text.starts_with("prepare map "));
+        assert!(
+            commands
+                .last()
+                .unwrap()
+                .text
+                .starts_with("commit map @VERSION ")
+        );
+        let adds = &commands[1..commands.len() - 1];
+        assert!(adds.len() > 100, "{} payloads", adds.len());
+        let mut sent = BTreeMap::new();
+        for add in adds {
+            // Sent as written, plus the newline `RuntimeApi::run` ends a command with; the
+            // placeholder becomes a version number of up to 10 digits.
+            let bytes = add.text.len() + 1 - "@VERSION".len() + 11;
+            assert!(bytes <= PAYLOAD_BUDGET, "{bytes} bytes");
+            let body = add.text.split_once(" <<\n").expect("a payload").1;
+            assert!(body.ends_with("\n\n"), "a payload ends with an empty line");
+            for line in body.lines().filter(|l| !l.is_empty()) {
+                let (k, v) = line.split_once(' ').unwrap();
+                assert!(sent.insert(k.to_string(), v.to_string()).is_none());
+            }
+        }
+        assert_eq!(sent, entries, "every entry, once");
     }
 
     #[test]

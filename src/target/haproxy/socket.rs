@@ -21,6 +21,11 @@ pub enum SocketError {
     },
     #[error("HAProxy refused `{command}`: {answer}")]
     Refused { command: String, answer: String },
+    /// HAProxy closed the connection without a byte: it did not run the command (on 2.6, a
+    /// command longer than its buffer, `tune.bufsize`, is dropped that way). Every command it
+    /// runs answers at least an empty line.
+    #[error("HAProxy answered nothing to `{command}` ({bytes} bytes sent): it did not run it")]
+    NoAnswer { command: String, bytes: usize },
     #[error("unexpected answer from {path}: {answer}")]
     Unexpected { path: PathBuf, answer: String },
 }
@@ -28,7 +33,8 @@ pub enum SocketError {
 /// What a runtime command answers when it worked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// Nothing (most `set`, `add map`, `commit` commands).
+    /// An empty line (most `set`, `add map`, `commit` commands). Not a closed connection
+    /// without a byte: that is a command HAProxy did not run.
     Empty,
     /// A line starting with this text.
     Prefix(&'static str),
@@ -54,6 +60,12 @@ impl RuntimeApi {
     /// Sends one command (a payload, if any, follows on the next lines) and checks the answer.
     pub fn run(&self, command: &str, expect: Expect) -> Result<String, SocketError> {
         let answer = self.raw(command)?;
+        if answer.is_empty() {
+            return Err(SocketError::NoAnswer {
+                command: command.lines().next().unwrap_or_default().to_string(),
+                bytes: command.len(),
+            });
+        }
         let trimmed = answer.trim();
         let ok = match expect {
             Expect::Empty => trimmed.is_empty(),
@@ -181,6 +193,9 @@ impl MasterCli {
                         break;
                     }
                 }
+                // A signal (the apply's interrupt handler) ends a read with a timeout early,
+                // whatever SA_RESTART says: read on.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
                         e.kind(),
