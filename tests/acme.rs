@@ -613,7 +613,7 @@ fn a_new_domain_is_served_with_a_certificate_from_the_ca_at_runtime_and_a_restar
     let Setup { pebble, site, .. } = s;
     drop(pebble);
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert_eq!(served_by(&root, s.https, "blog.example.com").unwrap(), blog);
     assert_eq!(
         served_by(&root, s.https, "shop.example.com").unwrap(),
@@ -741,7 +741,7 @@ fn a_domain_whose_validation_fails_reports_the_error_and_does_not_hold_up_the_ot
         vec!["lunafront.invalid".to_string()]
     );
     assert!(served_by(&root, s.https, "broken.example.com").is_err());
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(5));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(5));
     // It is not retried in a loop: the next attempt is minutes away.
     let next = broken["next_attempt"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_secs(2));
