@@ -9,6 +9,20 @@ pub fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+        + test_offset()
+}
+
+/// Test-only: `LUNAFRONT_TEST_CLOCK_FILE` names a file holding a number of seconds added to the
+/// clock, so that tests can move a running daemon's time forward (token lifetimes, certificate
+/// renewal) without waiting. Read at each call while the variable is set; never set it in
+/// production.
+fn test_offset() -> f64 {
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| std::env::var_os("LUNAFRONT_TEST_CLOCK_FILE").map(Into::into))
+        .as_ref()
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// The current time as RFC 3339 in UTC, to the second: `2026-11-28T03:04:05Z`.

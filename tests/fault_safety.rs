@@ -431,7 +431,7 @@ fn large_map_change_through_the_daemon_never_empties_the_live_map() {
     };
     write(1500, 0..0);
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(60));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(60));
     wait_for_route(
         port,
         "d1499.example.com",
@@ -499,11 +499,11 @@ fn an_unresponsive_master_never_gets_a_second_master_beside_it() {
         &site.target_block(true),
     ));
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     // The daemon dies (kill -9); its successor adopts the HAProxy that kept serving.
     daemon.kill();
     let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let masters = haproxy_masters(site.path());
     assert_eq!(masters.len(), 1, "{masters:?}");
     let master = masters[0];
@@ -525,7 +525,7 @@ fn an_unresponsive_master_never_gets_a_second_master_beside_it() {
     drop(cont);
     let (code, body) = daemon.post("/reconcile");
     assert_eq!(code, 200, "{body}");
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert_eq!(haproxy_masters(site.path()), vec![master]);
     for (host, backend) in keep_routes() {
         let (status, body) = http_get(port, &host, "/").unwrap();
@@ -551,7 +551,7 @@ fn a_second_daemon_on_the_same_target_is_refused() {
         &site.target_block(true),
     ));
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let listen = format!("127.0.0.1:{}", free_port());
     let (code, _, stderr) = run_bounded(
         site.path(),
@@ -575,7 +575,7 @@ fn a_second_daemon_on_the_same_target_is_refused() {
         "the refusal does not say why:\n{stderr}"
     );
     assert_eq!(haproxy_masters(site.path()).len(), 1);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(5));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(5));
 }
 
 // ---- 3. Interrupted applies ----
@@ -709,7 +709,7 @@ fn killed_between_the_file_swap_and_the_reload_the_next_run_finishes_the_apply()
         "backend=shop",
         Duration::from_secs(20),
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
     daemon.stop();
     let (code, plan, _) = site.lunafront(&["plan", "state.yaml", "--detailed-exitcode"]);
     assert_eq!(code, 0, "not converged:\n{plan}");
@@ -884,7 +884,7 @@ fn a_truncated_or_emptied_state_file_never_deletes_its_domains() {
     let full = thirty_domains(0..30);
     std::fs::write(&domains, &full).unwrap();
     let daemon = Daemon::start(site.path(), "state", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     wait_for_route(
         port,
         "d29.example.com",
@@ -945,7 +945,7 @@ fn a_truncated_or_emptied_state_file_never_deletes_its_domains() {
         Vec::<String>::new(),
         "a partial write deleted domains"
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
 }
 
 #[test]
@@ -964,7 +964,7 @@ fn a_mass_delete_is_held_until_it_settles_or_is_approved() {
     let domains = site.path().join("state/domains.yaml");
     std::fs::write(&domains, thirty_domains(0..30)).unwrap();
     let daemon = Daemon::start(site.path(), "state", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let kept: Vec<(String, &'static str)> = all_thirty().into_iter().take(5).collect();
     let probe = Probe::start(port, &kept);
 
@@ -1087,7 +1087,7 @@ fn symlink_loops_in_the_state_folder_keep_the_daemon_small_and_working() {
         run_bounded(site.path(), &["validate", "state"], Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
     let daemon = Daemon::start(site.path(), "state", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let start = rss_kib(daemon.child.id());
     let mut peak = start;
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -1132,7 +1132,7 @@ fn sighup_reconciles_and_never_kills_the_daemon() {
         &site.target_block(true),
     ));
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let before = reconciles(&daemon);
     signal(daemon.child.id(), libc::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1150,7 +1150,7 @@ fn sighup_reconciles_and_never_kills_the_daemon() {
         "{}",
         daemon.log_text()
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(5));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(5));
     assert!(daemon.child.try_wait().unwrap().is_none());
     daemon.stop();
     assert!(
@@ -1176,10 +1176,10 @@ fn sigterm_stops_an_adopted_haproxy() {
         &site.target_block(true),
     ));
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     daemon.kill();
     let mut daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let masters = haproxy_masters(site.path());
     assert_eq!(masters.len(), 1);
     daemon.stop();
@@ -1330,14 +1330,14 @@ fn plan_after_the_daemon_converged_is_empty() {
         &["daemon", "state.yaml", "--target", "local", "--spawn"],
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(daemon.port, "127.0.0.1", "/health")
+    while http_get(daemon.port, "127.0.0.1", "/ready")
         .map(|r| r.0)
         .ok()
         != Some(200)
     {
         assert!(
             Instant::now() < deadline,
-            "never healthy: {}",
+            "never ready: {}",
             std::fs::read_to_string(&daemon.log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -1488,7 +1488,7 @@ fn status_git_commit_is_the_commit_of_the_applied_state() {
     git(&repo, &["commit", "-q", "-m", "one"]);
     let one = git(&repo, &["rev-parse", "HEAD"]);
     let daemon = Daemon::start(site.path(), "repo/state.yaml", &[]);
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     assert_eq!(status_json(&daemon)["revision"]["git_commit"], one.as_str());
 
     std::fs::write(
@@ -1520,7 +1520,7 @@ fn status_git_commit_is_the_commit_of_the_applied_state() {
         "backend=shop",
         Duration::from_secs(10),
     );
-    daemon.wait_for("/health", 200, "ok", Duration::from_secs(10));
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
     assert_eq!(
         status_json(&daemon)["revision"]["git_commit"],
         three.as_str()

@@ -1,7 +1,10 @@
 //! The private CA of the MongoDB names (I/O edge): created on first start (key 0600), it signs
 //! each agent's server certificate for `<agent>.<mongodb_domain>` — from a key it generates, or
-//! from the agent's own CSR so the key never leaves the agent. Certificates are kept per agent
-//! and renewed when fewer than 30 days remain.
+//! from the agent's own CSR so the key never leaves the agent. Two kinds, kept per agent:
+//! the certificate the agent's mongod presents (handed out by `GET /api/config`, which the
+//! CloudLunacy agent calls once, at install: it lasts 825 days and a call in its last 90 days
+//! gets a new one), and the one the front presents itself on a `tls: terminate` listener (90
+//! days, renewed by the front 30 days before its end, with nothing asked of the agent).
 
 use crate::target::files::{FILE_MODE, SECRET_MODE, write_atomic};
 use rcgen::{
@@ -11,9 +14,13 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Validity of an agent's certificate, and how long before its end it is renewed.
-const LEAF_DAYS: i64 = 90;
-const RENEW_DAYS: i64 = 30;
+/// The certificate an agent's mongod presents: how long it lasts, and how long before its end
+/// a `GET /api/config` hands out a new one.
+pub const AGENT_DAYS: i64 = 825;
+pub const AGENT_RENEW_DAYS: i64 = 90;
+/// The certificate the front presents on a `tls: terminate` listener, renewed by the front.
+pub const FRONT_DAYS: i64 = 90;
+pub const FRONT_RENEW_DAYS: i64 = 30;
 
 pub struct Ca {
     pub cert_pem: String,
@@ -79,7 +86,7 @@ impl Ca {
         })
     }
 
-    fn leaf_params(dns: &str) -> Result<(CertificateParams, i64), rcgen::Error> {
+    fn leaf_params(dns: &str, days: i64) -> Result<(CertificateParams, i64), rcgen::Error> {
         let mut params = CertificateParams::new(vec![dns.to_string()])?;
         params.distinguished_name.push(DnType::CommonName, dns);
         params.key_usages = vec![
@@ -91,14 +98,14 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.not_before = date(-1).0;
-        let (not_after, unix) = date(LEAF_DAYS);
+        let (not_after, unix) = date(days);
         params.not_after = not_after;
         Ok((params, unix))
     }
 
-    /// A certificate and key for `dns`.
-    pub fn issue(&self, dns: &str) -> Result<Issued, String> {
-        let (params, not_after) = Self::leaf_params(dns).map_err(|e| e.to_string())?;
+    /// A certificate and key for `dns`, valid `days`.
+    pub fn issue(&self, dns: &str, days: i64) -> Result<Issued, String> {
+        let (params, not_after) = Self::leaf_params(dns, days).map_err(|e| e.to_string())?;
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -129,7 +136,7 @@ impl Ca {
                 "the CSR asks for {names:?}; it may only ask for {dns}"
             ));
         }
-        let (params, not_after) = Self::leaf_params(dns).map_err(|e| e.to_string())?;
+        let (params, not_after) = Self::leaf_params(dns, AGENT_DAYS).map_err(|e| e.to_string())?;
         csr.params = params;
         let cert = csr.signed_by(&self.issuer).map_err(|e| e.to_string())?;
         Ok(Issued {
@@ -144,21 +151,55 @@ impl Ca {
         self.dir.join("issued").join(format!("{agent}.json"))
     }
 
-    /// The agent's current certificate for `dns`: the kept one while it has more than 30 days
-    /// left (and was made with our key), else a new one.
-    pub fn for_agent(&self, agent: &str, dns: &str) -> Result<Issued, String> {
-        let path = self.issued_path(agent);
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(kept) = serde_json::from_str::<Issued>(&text)
-            && kept.dns == dns
+    fn front_path(&self, agent: &str) -> PathBuf {
+        self.dir.join("issued/front").join(format!("{agent}.json"))
+    }
+
+    /// A kept certificate for `dns` with a key and more than `renew_days` left.
+    fn kept(path: &Path, dns: &str, renew_days: i64) -> Option<Issued> {
+        let kept: Issued = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        (kept.dns == dns
             && kept.key_pem.is_some()
-            && kept.not_after - crate::clock::unix_now() as i64 > RENEW_DAYS * 86_400
-        {
+            && kept.not_after - crate::clock::unix_now() as i64 > renew_days * 86_400)
+            .then_some(kept)
+    }
+
+    /// The certificate the agent's mongod presents for `dns`: the kept one while it has more
+    /// than 90 days left (and was made with our key), else a new one.
+    pub fn for_agent(&self, agent: &str, dns: &str) -> Result<Issued, String> {
+        if let Some(kept) = Self::kept(&self.issued_path(agent), dns, AGENT_RENEW_DAYS) {
             return Ok(kept);
         }
-        let issued = self.issue(dns)?;
+        let issued = self.issue(dns, AGENT_DAYS)?;
         self.keep(agent, &issued)?;
         Ok(issued)
+    }
+
+    /// The certificate the front presents for the agent's `dns` on a `tls: terminate`
+    /// listener, and whether it is new: the kept one while it has more than 30 days left.
+    pub fn for_front(&self, agent: &str, dns: &str) -> Result<(Issued, bool), String> {
+        let path = self.front_path(agent);
+        if let Some(kept) = Self::kept(&path, dns, FRONT_RENEW_DAYS) {
+            return Ok((kept, false));
+        }
+        let issued = self.issue(dns, FRONT_DAYS)?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&issued).expect("serializes"),
+            SECRET_MODE,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((issued, true))
+    }
+
+    /// The certificate the front last presented for the agent, whatever its dates.
+    pub fn front_certificate(&self, agent: &str) -> Option<Issued> {
+        serde_json::from_str(&std::fs::read_to_string(self.front_path(agent)).ok()?).ok()
+    }
+
+    /// The agent's own certificate as last handed out, if any (for the expiry warning).
+    pub fn agent_certificate(&self, agent: &str) -> Option<Issued> {
+        serde_json::from_str(&std::fs::read_to_string(self.issued_path(agent)).ok()?).ok()
     }
 
     pub fn keep(&self, agent: &str, issued: &Issued) -> Result<(), String> {
@@ -194,7 +235,21 @@ mod tests {
             .for_agent("agent-7", "agent-7.mongodb.example.com")
             .unwrap();
         assert_eq!(a.cert_pem, b.cert_pem, "a valid certificate is kept");
-        assert!(a.not_after - crate::clock::unix_now() as i64 > 80 * 86_400);
+        assert!(a.not_after - crate::clock::unix_now() as i64 > 800 * 86_400);
+        let (front, new) = ca
+            .for_front("agent-7", "agent-7.mongodb.example.com")
+            .unwrap();
+        assert!(new);
+        assert!(front.not_after - crate::clock::unix_now() as i64 > 80 * 86_400);
+        assert_ne!(
+            front.cert_pem, a.cert_pem,
+            "the front's certificate is its own"
+        );
+        let (again, new) = ca
+            .for_front("agent-7", "agent-7.mongodb.example.com")
+            .unwrap();
+        assert!(!new);
+        assert_eq!(again.cert_pem, front.cert_pem);
         let reopened = Ca::open_or_create(&dir).unwrap();
         assert_eq!(reopened.cert_pem, ca.cert_pem);
         // A CSR for the right name is signed; for another name, refused.

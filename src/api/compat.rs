@@ -18,6 +18,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/agent/register", post(register))
         .route("/api/agents/register", post(register))
         .route("/api/agents/authenticate", post(authenticate))
+        .route("/api/agent/authenticate", post(authenticate))
+        .route("/api/proxy/{db_type}", post(add_database_route))
         .route("/api/config/{agent_id}", get(config))
         .route("/api/proxy/http", post(add_http_route))
         .route("/api/proxy/routes", get(own_routes))
@@ -30,18 +32,6 @@ pub fn routes() -> Router<AppState> {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
-fn rate_limited(app: &AppState, peer: Peer) -> Result<()> {
-    if app.api.limiter.allow(peer.0.ip()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            429,
-            "rate_limited",
-            "too many registration or authentication attempts from this address; wait a minute",
-        ))
-    }
-}
-
 fn certificates(app: &AppState, issued: Option<&super::certs::Issued>) -> serde_json::Value {
     json!({
         "caCert": app.api.ca.cert_pem,
@@ -53,17 +43,20 @@ fn certificates(app: &AppState, issued: Option<&super::certs::Issued>) -> serde_
 async fn register(
     State(app): State<AppState>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    rate_limited(&app, peer)?;
+    let client = app.client(&peer, &headers);
+    app.limit_client(client)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
     let (agent, key, ip) = (f.text("agentId"), f.text("agentKey"), f.text("targetIp"));
     let csr = body.get("csr").and_then(|v| v.as_str()).map(str::to_string);
     f.done()?;
     let agent2 = agent.clone();
-    let (token, ip, mut issued) = app
-        .blocking(move |api| api.register(&agent2, &key, &ip))
+    let caller = Caller::Agent(agent.clone());
+    let (token, ip, mut issued, _) = app
+        .blocking(move |api| api.register(&caller, &agent2, &key, &ip, Some(client)))
         .await?;
     if let Some(csr) = csr {
         let (_, settings) = app.api.settings()?;
@@ -95,13 +88,32 @@ async fn register(
         .into_response())
 }
 
+/// `POST /api/agents/authenticate` `{agentId, agentKey}` (the installer): a new token.
+/// `POST /api/agent/authenticate` is also what the agent calls at each start for its backend,
+/// and it sends it here when its backend URL is unset, as `{agentToken, serverId}` (the same
+/// key and id): the key is checked and the answer says there is no command channel here, so the
+/// agent logs it and runs standalone, keeping the token it was installed with.
 async fn authenticate(
     State(app): State<AppState>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>> {
-    rate_limited(&app, peer)?;
+    app.limit_client(app.client(&peer, &headers))?;
     let body = json_body(body)?;
+    if body.get("agentId").is_none() && body.get("serverId").is_some() {
+        let mut f = Fields::new(&body);
+        let (agent, key) = (f.text("serverId"), f.text("agentToken"));
+        f.done()?;
+        let agent2 = agent.clone();
+        app.blocking(move |api| api.check_key(&agent2, &key))
+            .await?;
+        return Ok(Json(json!({
+            "success": true,
+            "agentId": agent,
+            "message": "authenticated; this is the lunafront front server: it has no command channel (wsUrl, rabbitmq), and the agent keeps its token",
+        })));
+    }
     let mut f = Fields::new(&body);
     let (agent, key) = (f.text("agentId"), f.text("agentKey"));
     f.done()?;
@@ -155,22 +167,44 @@ async fn add_http_route(
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
     let (agent, subdomain, url) = (f.text("agentId"), f.text("subdomain"), f.text("targetUrl"));
-    let (use_tls, check) = (
+    // `options.useTls` is read (it must be a boolean) but does not decide anything: the
+    // original front ignored it and the agent always sends true, also for plain-HTTP apps.
+    // The scheme of `targetUrl` says how to speak to the app.
+    let (_use_tls, check) = (
         f.flag(&["options", "useTls"]),
         f.flag(&["options", "check"]),
     );
+    let parsed = super::ops::parse_target_url(&url);
+    if let Err(e) = &parsed
+        && !url.is_empty()
+    {
+        f.errors.insert("targetUrl".into(), e.clone());
+    }
+    if !subdomain.is_empty()
+        && let Err(e) = super::ops::label_of(&subdomain)
+    {
+        f.errors.insert("subdomain".into(), e);
+    }
     f.done()?;
-    let route = app
-        .blocking(move |api| api.add_http_route(&caller, &agent, &subdomain, &url, use_tls, check))
+    let (port, tls) = parsed.map_err(|e| ApiError::field("targetUrl", e))?;
+    app.limit_changes(&caller)?;
+    let (route, _) = app
+        .blocking(move |api| {
+            api.add_http_route(&caller, &agent, &subdomain, &url, port, tls, check)
+        })
         .await?;
     app.make_live().await?;
-    Ok(Json(json!({
+    let mut answer = json!({
         "success": true,
         "agentId": route.agent_id,
         "subdomain": route.subdomain,
         "domain": route.domain,
         "targetUrl": route.target_url,
-    })))
+    });
+    if let Some(service) = route.service_name {
+        answer["serviceName"] = json!(service);
+    }
+    Ok(Json(answer))
 }
 
 async fn routes_of(app: &AppState, agent: Option<String>) -> Result<Json<serde_json::Value>> {
@@ -230,8 +264,9 @@ async fn delete_route(
         f.text("subdomain")
     };
     f.done()?;
+    app.limit_changes(&caller)?;
     let (agent2, kind2) = (agent.clone(), kind.clone());
-    let domain = app
+    let (domain, _) = app
         .blocking(move |api| api.delete_route(&caller, &agent2, &subdomain, &kind2))
         .await?;
     app.make_live().await?;
@@ -254,13 +289,61 @@ async fn register_mongodb(
         .map(|v| v.as_bool().unwrap_or(false))
         .unwrap_or(true);
     f.done()?;
-    let route = app
-        .blocking(move |api| api.add_mongodb(&caller, &agent, &ip, port, use_tls))
+    app.limit_changes(&caller)?;
+    let (route, _) = app
+        .blocking(move |api| api.add_mongodb(&caller, &agent, ("targetIp", &ip), port, use_tls))
         .await?;
     app.make_live().await?;
     let mut body = serde_json::to_value(&route).expect("serializes");
     body["success"] = json!(true);
     Ok(Json(body))
+}
+
+/// `POST /api/proxy/{dbType}` `{agentId, targetHost, targetPort, options: {useTls}}`: the
+/// agent's database manager. MongoDB is routed like `/api/mongodb/register`; other databases
+/// cannot be routed by server name and get a 422 the agent logs (not a 404, which would look
+/// like a missing server).
+async fn add_database_route(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(db_type): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>> {
+    let caller = app.caller(&headers)?;
+    if db_type != "mongodb" {
+        return Err(ApiError::new(
+            422,
+            "unsupported_database",
+            format!(
+                "lunafront routes MongoDB (by TLS server name) and HTTP apps only; `{}` databases cannot be routed through this front server: reach them directly or through a TLS listener the administrator adds",
+                db_type.chars().take(40).collect::<String>().escape_debug()
+            ),
+        ));
+    }
+    let body = json_body(body)?;
+    let mut f = Fields::new(&body);
+    let (agent, host, port) = (
+        f.text("agentId"),
+        f.text("targetHost"),
+        f.port("targetPort"),
+    );
+    let use_tls = match body.pointer("/options/useTls") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(_) => f.flag(&["options", "useTls"]),
+    };
+    f.done()?;
+    app.limit_changes(&caller)?;
+    let (route, _) = app
+        .blocking(move |api| api.add_mongodb(&caller, &agent, ("targetHost", &host), port, use_tls))
+        .await?;
+    app.make_live().await?;
+    Ok(Json(json!({
+        "success": true,
+        "domain": route.domain,
+        "useTls": route.tls_enabled,
+        "connectionString": route.connection_string,
+        "targetPort": route.target_port,
+    })))
 }
 
 async fn mongodb_ca(State(app): State<AppState>) -> Response {

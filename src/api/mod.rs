@@ -12,6 +12,7 @@ pub mod store;
 pub mod v1;
 
 use crate::daemon::reconcile::{Request, Status, Trigger};
+use crate::model::address::Cidr;
 use crate::model::{HaproxyTarget, Model};
 use crate::render::RenderOptions;
 use axum::Router;
@@ -21,7 +22,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ops::{Api, ApiError, Caller};
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -54,14 +55,57 @@ pub struct AppState {
     pub options: RenderOptions,
 }
 
-/// The client's address, from the connection (never from a header such as X-Forwarded-For).
-#[derive(Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// Who is at the other end of a connection: the TCP peer, or — when a trusted proxy sent a
+/// PROXY protocol header — the client that header names.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The address came from a PROXY protocol header of a trusted proxy.
+    pub proxy_protocol: bool,
+}
+
+/// The real client of a request: the peer, unless the peer is a trusted proxy (`api.trusted_proxies`)
+/// — then the address its PROXY protocol header named, or the rightmost address of
+/// `X-Forwarded-For` that is not itself a trusted proxy. A header from anyone else is never
+/// believed.
+pub fn client_address(peer: &Peer, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let ip = peer.addr.ip();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if peer.proxy_protocol || !is_trusted(ip) {
+        return ip;
+    }
+    let mut hops = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let Ok(value) = value.to_str() else {
+            return ip;
+        };
+        for hop in value.split(',') {
+            match hop.trim().parse::<IpAddr>() {
+                Ok(hop) => hops.push(hop),
+                Err(_) => return ip,
+            }
+        }
+    }
+    hops.iter()
+        .rev()
+        .find(|hop| !is_trusted(**hop))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(ip)
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self)).into_response()
+        match self.retry_after {
+            Some(seconds) => (
+                status,
+                [(axum::http::header::RETRY_AFTER, seconds.to_string())],
+                axum::Json(self),
+            )
+                .into_response(),
+            None => (status, axum::Json(self)).into_response(),
+        }
     }
 }
 
@@ -77,11 +121,63 @@ impl AppState {
         if self.api.admin.matches(token) {
             return Ok(Caller::Admin);
         }
+        // Each use keeps the token valid for another `token_ttl`.
+        let ttl = self
+            .api
+            .settings()
+            .map(|(_, s)| s.token_ttl)
+            .unwrap_or(auth::DEFAULT_TOKEN_TTL);
         self.api
             .tokens
-            .verify(token, auth::Kind::Agent)
+            .verify(token, auth::Kind::Agent, Some(ttl))
             .map(Caller::Agent)
             .ok_or_else(|| ApiError::unauthorized("the token is unknown, expired or revoked"))
+    }
+
+    /// The real client of a request (see `client_address`).
+    pub fn client(&self, peer: &Peer, headers: &HeaderMap) -> IpAddr {
+        let trusted = self
+            .api
+            .settings()
+            .map(|(_, s)| s.trusted_proxies)
+            .unwrap_or_default();
+        client_address(peer, headers, &trusted)
+    }
+
+    /// Registration and authentication attempts are limited per client: 10 at once, 30 a
+    /// minute.
+    pub fn limit_client(&self, client: IpAddr) -> Result<(), ApiError> {
+        let rate = auth::Rate {
+            per_minute: 30.0,
+            burst: 10.0,
+        };
+        self.api
+            .clients
+            .check(&auth::client_key(client), rate)
+            .map_err(|wait| {
+                ApiError::too_many(
+                    "too many registration or authentication attempts from this client",
+                    wait,
+                )
+            })
+    }
+
+    /// An agent's changes are limited (`api.limits`); the administrator's are not.
+    pub fn limit_changes(&self, caller: &Caller) -> Result<(), ApiError> {
+        let Caller::Agent(agent) = caller else {
+            return Ok(());
+        };
+        let (_, settings) = self.api.settings()?;
+        let rate = settings.limits.changes;
+        self.api.changes.check(agent, rate).map_err(|wait| {
+            ApiError::too_many(
+                format!(
+                    "agent `{agent}` may make {} changes at once and {} a minute",
+                    rate.burst, rate.per_minute
+                ),
+                wait,
+            )
+        })
     }
 
     pub fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -111,7 +207,7 @@ impl AppState {
             .lock()
             .map_err(|_| ApiError::unavailable("the daemon is stopping"))?
             .send(Request {
-                trigger: Trigger::Request,
+                trigger: Trigger::Api,
                 reply: Some(tx),
             })
             .map_err(|_| ApiError::unavailable("the daemon is stopping"))?;
@@ -244,6 +340,28 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Renews the certificates the front presents (and warns about agents' own) on the
+/// controllable clock: at start, then hourly. A renewed certificate goes live at once.
+pub async fn renew_certificates(state: AppState) {
+    let mut next = 0.0;
+    loop {
+        if crate::clock::unix_now() >= next {
+            next = crate::clock::unix_now() + 3600.0;
+            match state.blocking(|api| api.renew_certificates()).await {
+                Ok(true) => {
+                    if let Err(e) = state.make_live().await {
+                        tracing::error!("renewed certificates: {}", e.message);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) if e.status == 503 => next = 0.0, // the state is not loaded yet
+                Err(e) => tracing::error!("renewing certificates: {}", e.message),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     compat::routes()
         .merge(v1::routes())
@@ -264,6 +382,8 @@ pub struct Shared {
     pub model: Arc<Mutex<Option<Arc<Model>>>>,
     pub requests: Sender<Request>,
     pub status: Arc<Mutex<Status>>,
+    /// The daemon's own HTTP listener (health, metrics): never a route target.
+    pub daemon_listen: SocketAddr,
 }
 
 /// Opens the API's stores (tokens, CA) and its router.
@@ -290,11 +410,15 @@ pub fn build(
     let api = Api {
         tokens: auth::TokenStore::open(&options.data_dir).map_err(|e| e.to_string())?,
         admin: auth::AdminToken::load(options.admin_token_file.as_deref())?,
-        limiter: auth::RateLimiter::new(30, 10),
+        clients: auth::RateLimiter::new(10_000),
+        changes: auth::RateLimiter::new(10_000),
+        reloads: auth::RateLimiter::new(10_000),
         ca: certs::Ca::open_or_create(&options.data_dir)?,
         store: store::Store::new(&state_path),
         model: shared.model,
         data_dir: options.data_dir.clone(),
+        front: vec![options.listen, shared.daemon_listen],
+        binds: target.fleet.binds.clone(),
     };
     Ok(AppState {
         api: Arc::new(api),
@@ -307,15 +431,82 @@ pub fn build(
     })
 }
 
+/// Reads the PROXY protocol header (v1 or v2) a trusted proxy starts its connection with, if
+/// it sends one: the client it names. Anything else is left unread for HTTP.
+async fn proxy_header(stream: &mut tokio::net::TcpStream) -> Result<Option<SocketAddr>, String> {
+    use ppp::{HeaderResult, PartialResult};
+    use tokio::io::AsyncReadExt;
+    const V1: &[u8] = b"PROXY ";
+    const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+    let mut buf = [0u8; 536];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .map_err(|_| "the PROXY protocol header did not arrive in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before its first request".into());
+        }
+        let seen = &buf[..n];
+        let maybe = |sig: &[u8]| sig.starts_with(&seen[..seen.len().min(sig.len())]);
+        if !maybe(V1) && !maybe(V2) {
+            return Ok(None);
+        }
+        let header = HeaderResult::parse(seen);
+        if header.is_incomplete() && n < buf.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let (len, source) = match header {
+            HeaderResult::V1(Ok(h)) => (
+                h.header.len(),
+                match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Tcp6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v1::Addresses::Unknown => None,
+                },
+            ),
+            HeaderResult::V2(Ok(h)) => (
+                h.len(),
+                match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    ppp::v2::Addresses::IPv6(a) => {
+                        Some(SocketAddr::from((a.source_address, a.source_port)))
+                    }
+                    _ => None,
+                },
+            ),
+            _ => return Err("a malformed PROXY protocol header".into()),
+        };
+        let mut header = vec![0u8; len];
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(|e| e.to_string())?;
+        return Ok(source);
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves. Connections are HTTP/1.1 with a
-/// limit on how long the headers may take to arrive.
+/// limit on how long the headers may take to arrive. A connection from a trusted proxy may
+/// start with a PROXY protocol header naming the real client.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    app: Router,
+    state: AppState,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
+    tokio::spawn(renew_certificates(state.clone()));
+    let api = state.api.clone();
+    let app = router(state);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -329,8 +520,33 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(Peer(peer))));
+        let app = app.clone();
+        let trusted = api
+            .settings()
+            .map(|(_, s)| s.trusted_proxies)
+            .unwrap_or_default();
         tokio::spawn(async move {
+            let mut stream = stream;
+            let mut peer = Peer {
+                addr: peer,
+                proxy_protocol: false,
+            };
+            if trusted.iter().any(|n| n.contains(peer.addr.ip())) {
+                match proxy_header(&mut stream).await {
+                    Ok(Some(client)) => {
+                        peer = Peer {
+                            addr: client,
+                            proxy_protocol: true,
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!("api connection from {}: {e}", peer.addr);
+                        return;
+                    }
+                }
+            }
+            let service = TowerToHyperService::new(app.layer(axum::Extension(peer)));
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)

@@ -1,19 +1,24 @@
 //! What the API does, apart from HTTP: register and authenticate agents, add and remove their
-//! routes, list them. Each change is checked (fields, ownership, the same validation as the YAML
-//! path) and written as the agent's fragment; the HTTP layer then reconciles and answers once
-//! the change is live. Blocking code: handlers run it with `spawn_blocking`.
+//! routes, list them. Each change is checked (fields, ownership, the address policy, limits)
+//! and then against the whole state as it would be once written — the agent's new fragment
+//! with every other state file, validated like the daemon will — and only then written as the
+//! agent's fragment; the HTTP layer then reconciles and answers once the change is live.
+//! Blocking code: handlers run it with `spawn_blocking`.
 
-use super::auth::{AdminToken, Kind, RateLimiter, TokenStore, ct_eq, hash_secret};
+use super::auth::{AdminToken, Kind, Rate, RateLimiter, TokenStore, ct_eq, hash_secret};
 use super::certs::{Ca, Issued};
 use super::store::{self, AgentEntry, Commit, Fragment, Store};
-use crate::model::names::{self, Duration as StateDuration};
+use crate::model::address::{self, Cidr};
+use crate::model::names;
 use crate::model::{ListenerKind, Model, ServerTarget, TcpTls, validate};
-use crate::spec::load::Source;
+use crate::plan::diff::Mode as ChangeMode;
+use crate::spec::diagnostics::Diagnostic;
+use crate::spec::load;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +33,9 @@ pub struct ApiError {
     pub message: String,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
+    /// Seconds until the request may be retried (429: sent as `Retry-After`).
+    #[serde(rename = "retryAfter", skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -38,6 +46,7 @@ impl ApiError {
             error,
             message: message.into(),
             fields: BTreeMap::new(),
+            retry_after: None,
         }
     }
     pub fn fields(fields: BTreeMap<String, String>) -> ApiError {
@@ -50,6 +59,9 @@ impl ApiError {
             fields,
             ..ApiError::new(400, "invalid_request", message)
         }
+    }
+    pub fn field(name: &str, problem: impl Into<String>) -> ApiError {
+        ApiError::fields([(name.to_string(), problem.into())].into())
     }
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(401, "unauthorized", message)
@@ -68,6 +80,13 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(500, "internal", message)
+    }
+    /// 429 with the time to wait (whole seconds, at least 1).
+    pub fn too_many(message: impl Into<String>, wait: Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..ApiError::new(429, "rate_limited", message)
+        }
     }
 }
 
@@ -107,6 +126,34 @@ impl Caller {
     }
 }
 
+/// The API's limits per agent (`api.limits`); the defaults are in the README.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Route changes (registrations, routes added or removed).
+    pub changes: Rate,
+    /// Changes that need HAProxy to reload (each reload leaves old workers serving long-lived
+    /// connections until they end or `mworker_max_reloads` ends them).
+    pub reloads: Rate,
+    /// Domains one agent may have.
+    pub routes_per_agent: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            changes: Rate {
+                per_minute: 60.0,
+                burst: 30.0,
+            },
+            reloads: Rate {
+                per_minute: 12.0 / 60.0,
+                burst: 4.0,
+            },
+            routes_per_agent: 100,
+        }
+    }
+}
+
 /// The `api:` settings of the state.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -115,14 +162,30 @@ pub struct Settings {
     pub mongodb_listener: Option<String>,
     pub mongodb_port: Option<u16>,
     pub git_commit: bool,
+    /// How long a token stays valid without being used; each use extends it.
     pub token_ttl: Duration,
-    pub allowed_networks: Vec<(IpAddr, u8)>,
+    pub allowed_networks: Vec<Cidr>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub limits: Limits,
 }
 
 impl Settings {
     pub fn from_model(model: &Model) -> Settings {
         let api = model.api.clone().unwrap_or(Value::Null);
         let text = |k: &str| api.get(k).and_then(Value::as_str).map(str::to_string);
+        let networks = |k: &str| {
+            api.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    // Validation refused any entry that does not parse.
+                    a.iter()
+                        .filter_map(|n| n.as_str().and_then(|n| Cidr::parse(n).ok()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let defaults = Limits::default();
+        let limit = |k: &str| api.pointer(&format!("/limits/{k}")).and_then(Value::as_f64);
         Settings {
             apps_domain: text("apps_domain"),
             mongodb_domain: text("mongodb_domain"),
@@ -137,50 +200,45 @@ impl Settings {
                 .unwrap_or(false),
             token_ttl: text("token_ttl")
                 .and_then(|t| names::parse_duration(&t).ok())
-                .unwrap_or(StateDuration::from_ms(24 * 3_600_000))
-                .as_std(),
-            allowed_networks: api
-                .get("allowed_networks")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|n| n.as_str().and_then(parse_network))
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .map(|d| d.as_std())
+                .unwrap_or(super::auth::DEFAULT_TOKEN_TTL),
+            allowed_networks: networks("allowed_networks"),
+            trusted_proxies: networks("trusted_proxies"),
+            limits: Limits {
+                changes: Rate {
+                    per_minute: limit("changes_per_minute").unwrap_or(defaults.changes.per_minute),
+                    burst: limit("change_burst").unwrap_or(defaults.changes.burst),
+                },
+                reloads: Rate {
+                    per_minute: limit("reloads_per_hour")
+                        .map(|h| h / 60.0)
+                        .unwrap_or(defaults.reloads.per_minute),
+                    burst: limit("reload_burst").unwrap_or(defaults.reloads.burst),
+                },
+                routes_per_agent: limit("routes_per_agent")
+                    .map(|n| n as usize)
+                    .unwrap_or(defaults.routes_per_agent),
+            },
         }
     }
 }
 
-fn parse_network(text: &str) -> Option<(IpAddr, u8)> {
-    let (ip, bits) = text.split_once('/')?;
-    Some((ip.parse().ok()?, bits.parse().ok()?))
+/// `api.limits.reload_interval` (default 2s): a reload the agent API asks for comes at least
+/// this long after the previous one.
+pub fn reload_interval(model: &Model) -> Duration {
+    model
+        .api
+        .as_ref()
+        .and_then(|a| a.pointer("/limits/reload_interval"))
+        .and_then(Value::as_str)
+        .and_then(|t| names::parse_duration(t).ok())
+        .map(|d| d.as_std())
+        .unwrap_or(Duration::from_secs(2))
 }
 
-fn in_network(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - bits)
-            };
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - bits)
-            };
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
-}
-
-/// An agent's address must be one the world can reach (or an allowed network of the platform):
-/// not loopback, private, link-local, shared (CGNAT), multicast or unspecified.
+/// The address policy: an agent's address is one the world can reach (or in a network the
+/// administrator allows), judged as what it really is. Returns the canonical address
+/// (`::ffff:203.0.113.7` is recorded as `203.0.113.7`).
 pub fn check_target_ip(text: &str, settings: &Settings) -> Result<IpAddr, String> {
     let ip: IpAddr = text.trim().parse().map_err(|_| {
         format!(
@@ -188,33 +246,24 @@ pub fn check_target_ip(text: &str, settings: &Settings) -> Result<IpAddr, String
             text.chars().take(64).collect::<String>()
         )
     })?;
-    if settings.allowed_networks.iter().any(|n| in_network(ip, *n)) {
-        return Ok(ip);
+    judge_address(ip, settings)
+}
+
+pub fn judge_address(ip: IpAddr, settings: &Settings) -> Result<IpAddr, String> {
+    let canonical = address::canonical(ip);
+    if !address::is_connectable(ip) {
+        return Err(format!(
+            "{ip} is not a public address: nothing can connect to it"
+        ));
     }
-    let public = match ip {
-        IpAddr::V4(a) => {
-            !(a.is_loopback()
-                || a.is_private()
-                || a.is_link_local()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || a.is_broadcast()
-                || in_network(ip, ("100.64.0.0".parse().unwrap(), 10)))
-        }
-        IpAddr::V6(a) => {
-            !(a.is_loopback()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || (a.segments()[0] & 0xfe00) == 0xfc00
-                || (a.segments()[0] & 0xffc0) == 0xfe80)
-        }
-    };
-    if public {
-        Ok(ip)
-    } else {
-        Err(format!(
-            "{ip} is not a public address; the administrator can allow a network with `api.allowed_networks`"
-        ))
+    if settings.allowed_networks.iter().any(|n| n.contains(ip)) {
+        return Ok(canonical);
+    }
+    match address::special(ip) {
+        None => Ok(canonical),
+        Some(special) => Err(format!(
+            "{ip} is not a public address: it is {special}; the administrator can allow its network with `api.allowed_networks`"
+        )),
     }
 }
 
@@ -228,6 +277,9 @@ pub struct Route {
     pub target_url: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// The service name the agent asked for, when the subdomain was mapped from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
 }
 
 /// What a MongoDB registration answers.
@@ -241,15 +293,31 @@ pub struct MongoRoute {
     pub tls_enabled: bool,
 }
 
+/// What a written change will do once reconciled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Saved {
+    /// HAProxy must reload for it (the plan's typed diff says so).
+    pub reload: bool,
+}
+
 pub struct Api {
     pub tokens: TokenStore,
     pub admin: AdminToken,
-    pub limiter: RateLimiter,
+    /// Registration and authentication attempts, per client.
+    pub clients: RateLimiter<IpAddr>,
+    /// Changes per agent, and among them those that force a reload.
+    pub changes: RateLimiter<String>,
+    pub reloads: RateLimiter<String>,
     pub ca: Ca,
     pub store: Store,
     /// The last state that validated (published by the reconcile loop).
     pub model: Arc<Mutex<Option<Arc<Model>>>>,
     pub data_dir: PathBuf,
+    /// The front's own TCP listeners outside HAProxy (the API, the daemon's health/metrics
+    /// port): never a route target.
+    pub front: Vec<SocketAddr>,
+    /// The target's own listener addresses (`binds`), which replace the listeners' binds.
+    pub binds: BTreeMap<String, String>,
 }
 
 fn field(errors: &mut BTreeMap<String, String>, name: &str, problem: impl Into<String>) {
@@ -267,14 +335,41 @@ fn check_label(label: &str) -> Result<(), String> {
     }
 }
 
-/// The port of a target URL (`http://127.0.0.1:3000`): the route goes to the agent's address
-/// and this port; the URL's host is not used.
-pub fn port_of_url(url: &str) -> Result<u16, String> {
+/// The DNS label a service name is served under: the names the original front accepted and the
+/// agent sends (`My_App`, `api.v2`) are identifiers; they map to lowercase with `_` and `.` as
+/// `-` (`my-app`, `api-v2`). Anything that does not map to a valid label is refused.
+pub fn label_of(service: &str) -> Result<String, String> {
+    if !names::is_identifier(service) {
+        return Err(format!(
+            "a service name is {}; `{}` is not",
+            names::IDENTIFIER_RULE,
+            service.chars().take(64).collect::<String>().escape_debug()
+        ));
+    }
+    let label: String = service
+        .chars()
+        .map(|c| match c {
+            '_' | '.' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    check_label(&label).map(|()| label.clone()).map_err(|e| {
+        if label == service {
+            e
+        } else {
+            format!("`{service}` maps to `{label}`, which is not a DNS label: {e}")
+        }
+    })
+}
+
+/// The port of a target URL (`http://127.0.0.1:3000`) and whether it speaks TLS (`https://`):
+/// the route goes to the agent's address and this port; the URL's host is not used.
+pub fn parse_target_url(url: &str) -> Result<(u16, bool), String> {
     let rest = url
         .strip_prefix("http://")
-        .map(|r| (r, 80))
-        .or_else(|| url.strip_prefix("https://").map(|r| (r, 443)));
-    let Some((rest, default)) = rest else {
+        .map(|r| (r, 80, false))
+        .or_else(|| url.strip_prefix("https://").map(|r| (r, 443, true)));
+    let Some((rest, default, tls)) = rest else {
         return Err("write an http:// or https:// URL such as http://127.0.0.1:3000".into());
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
@@ -292,17 +387,63 @@ pub fn port_of_url(url: &str) -> Result<u16, String> {
         Some((_, port)) if !port.contains(']') => names::parse_port(port)?,
         _ => default,
     };
-    Ok(port)
+    Ok((port, tls))
 }
 
-/// The backend an agent's app lives in: `<agent>--<subdomain>`, or a digest when too long.
-pub fn backend_name(agent: &str, what: &str) -> String {
-    let name = format!("{agent}--{what}");
+/// The backend of an agent's app: `<agent>_<label>`. Injective: a label never holds `_` or
+/// `.`, so the part after the last `_` tells (agent, app) apart, and no app is named like the
+/// agent's MongoDB backend (`<agent>_mongodb.db`). When that is too long for a name, a digest
+/// of both (`app-<128 bits>`, which holds no `_` and so cannot equal the other form).
+pub fn backend_name(agent: &str, label: &str) -> String {
+    let name = format!("{agent}_{label}");
     if name.len() <= 63 {
         name
     } else {
-        format!("app-{}", &hash_secret(&format!("{agent}/{what}"))[..20])
+        format!("app-{}", &hash_secret(&format!("{agent}\0{label}"))[..32])
     }
+}
+
+/// The backend of an agent's MongoDB.
+pub fn mongodb_backend(agent: &str) -> String {
+    backend_name(agent, "mongodb.db")
+}
+
+/// The file a `tls: terminate` listener's certificate for an agent is written to, in the
+/// listener's certificate folder (never an administrator's file: see `write_front_pem`).
+fn front_pem_name(agent: &str) -> String {
+    format!("lunafront-{agent}.pem")
+}
+
+/// Where a server on an agent at `addr` reaching `port` would land on one of the front's own
+/// listeners: (address, port) pairs it binds, `None` for every local address.
+fn own_listener(
+    addr: IpAddr,
+    port: u16,
+    own: &[(Option<IpAddr>, u16)],
+    local: &[IpAddr],
+) -> Option<String> {
+    own.iter().find_map(|(bind, p)| {
+        if *p != port {
+            return None;
+        }
+        let hit = match bind.filter(|b| !b.is_unspecified()) {
+            Some(b) => address::same_host(b, addr),
+            None => {
+                address::is_loopback(addr) || local.iter().any(|l| address::same_host(*l, addr))
+            }
+        };
+        hit.then(|| match bind {
+            Some(b) => SocketAddr::new(*b, port).to_string(),
+            None => format!("*:{port}"),
+        })
+    })
+}
+
+/// The machine's own addresses (every interface), for listeners bound to all of them.
+fn local_addresses() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs()
+        .map(|l| l.into_iter().map(|i| i.ip()).collect())
+        .unwrap_or_default()
 }
 
 impl Api {
@@ -318,24 +459,22 @@ impl Api {
         Ok((model, settings))
     }
 
-    /// The key hash the state declares for `agent`: in its fragment, or in the administrator's
-    /// files.
+    /// The hash of the key `agent` proves itself with: the one its last enrollment set, else
+    /// the one its fragment or the administrator's files declare.
     fn declared_key(
         &self,
         agent: &str,
         fragment: Option<&Fragment>,
         model: &Model,
     ) -> Option<String> {
-        fragment
-            .and_then(|f| f.agents.get(agent))
-            .and_then(|a| a.key_sha256.clone())
+        self.tokens
+            .key_of(agent)
             .or_else(|| {
-                model
-                    .document()
-                    .pointer(&format!("/agents/{agent}/key_sha256"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
+                fragment
+                    .and_then(|f| f.agents.get(agent))
+                    .and_then(|a| a.key_sha256.clone())
             })
+            .or_else(|| admin_key(agent, model))
     }
 
     /// An agent declared by the administrator (not through the API): its entry is not the API's.
@@ -346,7 +485,9 @@ impl Api {
             .is_some_and(|a| a.get("owner").and_then(Value::as_str) != Some(agent))
     }
 
-    /// Checks the agent's key (the hash the state declares, else a one-time enrollment token).
+    /// Checks the agent's key: its declared key (unless revoked), or — when registering — a
+    /// one-time enrollment token, which becomes its key (a re-enrollment rotates the key).
+    /// Returns whether an enrollment was used.
     fn prove(
         &self,
         agent: &str,
@@ -354,32 +495,73 @@ impl Api {
         fragment: Option<&Fragment>,
         model: &Model,
         enrolling: bool,
-    ) -> Result<(), ApiError> {
-        match self.declared_key(agent, fragment, model) {
-            Some(hash) if ct_eq(&hash, &hash_secret(key)) => Ok(()),
-            Some(_) => Err(ApiError::unauthorized("the agent key does not match")),
-            None if enrolling
-                && self
-                    .tokens
-                    .consume_enrollment(agent, key)
-                    .map_err(|e| ApiError::internal(e.to_string()))? =>
-            {
-                Ok(())
-            }
-            None => Err(ApiError::unauthorized(format!(
-                "agent `{agent}` is not known: the administrator enrolls it with `lunafront agent enroll {agent}` (its key is the enrollment token) or declares its key_sha256"
-            ))),
+    ) -> Result<bool, ApiError> {
+        let hash = hash_secret(key);
+        let declared = self.declared_key(agent, fragment, model);
+        if let Some(declared) = &declared
+            && ct_eq(declared, &hash)
+            && !self.tokens.is_revoked_key(&hash)
+        {
+            return Ok(false);
         }
+        if enrolling
+            && self
+                .tokens
+                .consume_enrollment(agent, key)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+        {
+            return Ok(true);
+        }
+        Err(match declared {
+            Some(d) if ct_eq(&d, &hash) => ApiError::unauthorized(format!(
+                "agent `{agent}`'s key was revoked: the administrator enrolls it again with `lunafront agent enroll {agent}`"
+            )),
+            Some(_) => ApiError::unauthorized("the agent key does not match"),
+            None => ApiError::unauthorized(format!(
+                "agent `{agent}` is not known: the administrator enrolls it with `lunafront agent enroll {agent}` (its key is the enrollment token) or declares its key_sha256"
+            )),
+        })
+    }
+
+    /// The hashes of every key `agent` has (to revoke them with its tokens).
+    pub fn keys_of(&self, agent: &str) -> Vec<String> {
+        let fragment = self.store.read(agent).ok().flatten();
+        let model = self.model().ok();
+        let mut keys: Vec<String> = [
+            fragment
+                .as_ref()
+                .and_then(|f| f.agents.get(agent))
+                .and_then(|a| a.key_sha256.clone()),
+            model.as_deref().and_then(|m| admin_key(agent, m)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        keys.dedup();
+        keys
+    }
+
+    /// Revokes an agent: its tokens and its keys (which never work again until a new
+    /// enrollment). Returns how many were revoked.
+    pub fn revoke(&self, agent: &str) -> Result<usize, ApiError> {
+        self.tokens
+            .revoke(agent, &self.keys_of(agent))
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     /// Registers (or re-registers) an agent: proves its key, records its address, and returns
-    /// a new token and its certificate.
+    /// a new token and its certificate. The address is `targetIp` when the address policy
+    /// allows it; behind NAT the agent sends its private address (`hostname -I`), and then the
+    /// address its request came from (`client`, the real client behind trusted proxies) is
+    /// used instead when the policy allows that one.
     pub fn register(
         &self,
+        caller: &Caller,
         agent: &str,
         key: &str,
         target_ip: &str,
-    ) -> Result<(String, IpAddr, Option<Issued>), ApiError> {
+        client: Option<IpAddr>,
+    ) -> Result<(String, IpAddr, Option<Issued>, Saved), ApiError> {
         let (model, settings) = self.settings()?;
         let mut errors = BTreeMap::new();
         if !names::is_identifier(agent) {
@@ -388,9 +570,19 @@ impl Api {
         if key.len() < 16 || key.len() > 512 || !key.bytes().all(|b| b.is_ascii_graphic()) {
             field(&mut errors, "agentKey", "16 to 512 printable characters");
         }
-        let ip = check_target_ip(target_ip, &settings)
-            .map_err(|e| field(&mut errors, "targetIp", e))
-            .ok();
+        let ip = match check_target_ip(target_ip, &settings) {
+            Ok(ip) => Some(ip),
+            Err(e) => {
+                let sent = target_ip.trim().parse::<IpAddr>().is_ok();
+                match client.filter(|_| sent).map(|c| judge_address(c, &settings)) {
+                    Some(Ok(ip)) => Some(ip),
+                    _ => {
+                        field(&mut errors, "targetIp", e);
+                        None
+                    }
+                }
+            }
+        };
         let Some(ip) = ip.filter(|_| errors.is_empty()) else {
             return Err(ApiError::fields(errors));
         };
@@ -400,14 +592,20 @@ impl Api {
             .read_all()
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let mut fragment = all.get(agent).cloned().unwrap_or_default();
-        self.prove(agent, key, all.get(agent), &model, true)?;
+        let enrolled = self.prove(agent, key, all.get(agent), &model, true)?;
+        let mut saved = Saved::default();
         if self.admin_declared(agent, &model) {
             let declared = model.agents.get(agent).map(|a| a.address);
-            if declared != Some(ip) {
+            if !declared.is_some_and(|d| address::same_host(d, ip)) {
                 return Err(ApiError::conflict(format!(
                     "agent `{agent}`'s address is managed by the administrator ({}); it cannot be changed through the API",
                     declared.map(|a| a.to_string()).unwrap_or_default()
                 )));
+            }
+            if enrolled {
+                self.tokens
+                    .set_key(agent, &hash_secret(key))
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
             }
         } else {
             // An address belongs to one agent: another cannot take over its routes.
@@ -415,35 +613,36 @@ impl Api {
                 .agents
                 .iter()
                 .filter(|(name, _)| *name != agent)
-                .any(|(_, a)| a.address == ip)
-                || all
-                    .iter()
-                    .filter(|(name, _)| *name != agent)
-                    .any(|(_, f)| f.agents.values().any(|a| a.address == ip.to_string()));
+                .any(|(_, a)| address::same_host(a.address, ip))
+                || all.iter().filter(|(name, _)| *name != agent).any(|(_, f)| {
+                    f.agents.values().any(|a| {
+                        a.address
+                            .parse::<IpAddr>()
+                            .is_ok_and(|other| address::same_host(other, ip))
+                    })
+                });
             if taken {
                 return Err(ApiError::conflict(format!(
                     "{ip} is the address of another agent"
                 )));
             }
+            let old = fragment.agents.get(agent).cloned();
             fragment.agents.insert(
                 agent.to_string(),
                 AgentEntry {
                     address: ip.to_string(),
+                    // The key it proved itself with: an enrollment token becomes its key.
                     key_sha256: Some(hash_secret(key)),
                     owner: Some(agent.to_string()),
-                    other: fragment
-                        .agents
-                        .get(agent)
-                        .map(|a| a.other.clone())
-                        .unwrap_or_default(),
+                    other: old.map(|a| a.other).unwrap_or_default(),
                 },
             );
-            self.save(
+            saved = self.save(
+                caller,
                 agent,
                 &fragment,
                 &model,
                 &settings,
-                agent,
                 format!("register agent {agent} at {ip}"),
             )?;
         }
@@ -452,25 +651,30 @@ impl Api {
             .issue(agent, Kind::Agent, settings.token_ttl)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let certs = self.certificate(agent, &settings)?;
-        Ok((token, ip, certs))
+        Ok((token, ip, certs, saved))
     }
 
     /// A new token for an agent that proves its key.
     pub fn authenticate(&self, agent: &str, key: &str) -> Result<String, ApiError> {
-        let (model, settings) = self.settings()?;
+        self.check_key(agent, key)?;
+        let (_, settings) = self.settings()?;
+        self.tokens
+            .issue(agent, Kind::Agent, settings.token_ttl)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Checks an agent's key (no enrollment).
+    pub fn check_key(&self, agent: &str, key: &str) -> Result<(), ApiError> {
+        let (model, _) = self.settings()?;
         if !names::is_identifier(agent) {
-            return Err(ApiError::fields(
-                [("agentId".to_string(), names::IDENTIFIER_RULE.to_string())].into(),
-            ));
+            return Err(ApiError::field("agentId", names::IDENTIFIER_RULE));
         }
         let fragment = self
             .store
             .read(agent)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        self.prove(agent, key, fragment.as_ref(), &model, false)?;
-        self.tokens
-            .issue(agent, Kind::Agent, settings.token_ttl)
-            .map_err(|e| ApiError::internal(e.to_string()))
+        self.prove(agent, key, fragment.as_ref(), &model, false)
+            .map(|_| ())
     }
 
     /// The agent's MongoDB server certificate, renewed when it nears its end.
@@ -492,6 +696,15 @@ impl Api {
     /// Whether the agent is registered (in its fragment or the administrator's files).
     fn known_agent(&self, agent: &str, fragment: &Fragment, model: &Model) -> bool {
         fragment.agents.contains_key(agent) || model.agents.contains_key(agent)
+    }
+
+    /// The agent's registered address.
+    fn address_of(&self, agent: &str, fragment: &Fragment, model: &Model) -> Option<IpAddr> {
+        fragment
+            .agents
+            .get(agent)
+            .and_then(|a| a.address.parse::<IpAddr>().ok())
+            .or_else(|| model.agents.get(agent).map(|a| a.address))
     }
 
     /// Who owns `domain` now, other than `agent`: another agent or the administrator.
@@ -520,33 +733,28 @@ impl Api {
         }
     }
 
+    /// Routes the agent's service to `port` on its address: `service` is the name it asked
+    /// for (mapped to a DNS label), `tls` whether the app speaks TLS (the `targetUrl`'s
+    /// scheme), `check` a health check.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_http_route(
         &self,
         caller: &Caller,
         agent: &str,
-        subdomain: &str,
+        service: &str,
         target_url: &str,
-        use_tls: bool,
+        port: u16,
+        tls: bool,
         check: bool,
-    ) -> Result<Route, ApiError> {
+    ) -> Result<(Route, Saved), ApiError> {
         caller.must_act_for(agent)?;
         let (model, settings) = self.settings()?;
-        let mut errors = BTreeMap::new();
-        if let Err(e) = check_label(subdomain) {
-            field(&mut errors, "subdomain", e);
-        }
-        let port = port_of_url(target_url)
-            .map_err(|e| field(&mut errors, "targetUrl", e))
-            .ok();
-        if !errors.is_empty() {
-            return Err(ApiError::fields(errors));
-        }
+        let label = label_of(service).map_err(|e| ApiError::field("subdomain", e))?;
         let apps = settings
             .apps_domain
             .clone()
             .ok_or_else(|| ApiError::unavailable("the state sets no `api.apps_domain`"))?;
-        let domain = format!("{subdomain}.{apps}");
-        let port = port.expect("checked");
+        let domain = format!("{label}.{apps}");
         let _guard = self.store.lock();
         let all = self
             .store
@@ -561,32 +769,51 @@ impl Api {
         if let Some(owner) = self.other_owner(agent, &domain, &all, &model) {
             return Err(ApiError::conflict(format!("{domain} belongs to {owner}")));
         }
+        // Two of the agent's own services that map to one label would replace each other.
+        if let Some(existing) = fragment.domains.get(&domain) {
+            let before = existing.service.clone().unwrap_or_else(|| label.clone());
+            if !before.eq_ignore_ascii_case(service) {
+                return Err(ApiError::conflict(format!(
+                    "`{service}` and `{before}` both map to {domain}: rename one of the services"
+                )));
+            }
+        }
+        if !fragment.domains.contains_key(&domain)
+            && fragment.domains.len() >= settings.limits.routes_per_agent
+        {
+            return Err(quota(agent, &settings));
+        }
         fragment.route(
             agent,
             &domain,
             store::Route {
-                backend: backend_name(agent, subdomain),
+                backend: backend_name(agent, &label),
                 port,
                 listener: None,
                 health_check: check.then_some(serde_yaml::Value::Bool(true)),
-                tls: use_tls.then_some(serde_yaml::Value::Bool(true)),
+                tls: tls.then_some(serde_yaml::Value::Bool(true)),
+                service: (label != service).then(|| service.to_string()),
             },
         );
-        self.save(
+        let saved = self.save(
+            caller,
             agent,
             &fragment,
             &model,
             &settings,
-            caller.name(),
             format!("route {domain} to agent {agent} port {port}"),
         )?;
-        Ok(Route {
-            agent_id: agent.to_string(),
-            subdomain: subdomain.to_string(),
-            domain,
-            target_url: target_url.to_string(),
-            kind: "http".into(),
-        })
+        Ok((
+            Route {
+                agent_id: agent.to_string(),
+                subdomain: label.clone(),
+                domain,
+                target_url: target_url.to_string(),
+                kind: "http".into(),
+                service_name: (label != service).then(|| service.to_string()),
+            },
+            saved,
+        ))
     }
 
     /// The TCP listener MongoDB routes go on: `api.mongodb_listener`, or the only one.
@@ -612,14 +839,49 @@ impl Api {
         })
     }
 
+    /// Writes the certificate the front presents for the agent on a `tls: terminate` listener
+    /// into the listener's folder (renewed when due), never over a file lunafront did not
+    /// write. Returns whether the file changed.
+    fn write_front_pem(&self, agent: &str, dns: &str, dir: &Path) -> Result<bool, ApiError> {
+        let path = dir.join(front_pem_name(agent));
+        let previous = self.ca.front_certificate(agent);
+        let combined =
+            |i: &Issued| format!("{}{}", i.cert_pem, i.key_pem.clone().unwrap_or_default());
+        let on_disk = std::fs::read_to_string(&path).ok();
+        if let Some(text) = &on_disk
+            && previous.as_ref().map(combined).as_deref() != Some(text.as_str())
+        {
+            return Err(ApiError::conflict(format!(
+                "{} exists and was not written by lunafront: the administrator renames it",
+                path.display()
+            )));
+        }
+        let (issued, _) = self.ca.for_front(agent, dns).map_err(ApiError::internal)?;
+        let pem = combined(&issued);
+        if on_disk.as_deref() == Some(pem.as_str()) {
+            return Ok(false);
+        }
+        crate::target::files::write_atomic(
+            &path,
+            pem.as_bytes(),
+            crate::target::files::SECRET_MODE,
+        )
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(true)
+    }
+
+    /// Registers the agent's MongoDB. `target_ip` is what the agent believes its address is
+    /// (its registered one, or its public one from an IP-echo service behind NAT): either is
+    /// accepted when the address policy allows it, and the route always goes to the
+    /// registered address, the one the front reaches the agent at.
     pub fn add_mongodb(
         &self,
         caller: &Caller,
         agent: &str,
-        target_ip: &str,
+        target_ip: (&str, &str),
         port: u16,
         use_tls: bool,
-    ) -> Result<MongoRoute, ApiError> {
+    ) -> Result<(MongoRoute, Saved), ApiError> {
         caller.must_act_for(agent)?;
         let (model, settings) = self.settings()?;
         let domain_root = settings
@@ -633,6 +895,7 @@ impl Api {
                 tls: TcpTls::Passthrough
             }
         );
+        let (ip_field, target_ip) = target_ip;
         let mut errors = BTreeMap::new();
         if port == 0 {
             field(&mut errors, "targetPort", "a TCP port, 1-65535");
@@ -650,23 +913,31 @@ impl Api {
             .read_all()
             .map_err(|e| ApiError::internal(e.to_string()))?;
         let mut fragment = all.get(agent).cloned().unwrap_or_default();
-        let address = fragment
-            .agents
-            .get(agent)
-            .and_then(|a| a.address.parse::<IpAddr>().ok())
-            .or_else(|| model.agents.get(agent).map(|a| a.address));
-        let Some(address) = address else {
+        let Some(address) = self.address_of(agent, &fragment, &model) else {
             return Err(ApiError::not_found(format!(
                 "agent `{agent}` is not registered"
             )));
         };
         match target_ip.trim().parse::<IpAddr>() {
-            Ok(ip) if ip == address => {}
-            _ => field(
+            Ok(ip) if address::same_host(ip, address) => {}
+            Ok(ip) => match judge_address(ip, &settings) {
+                Ok(_) if another_agents_address(agent, ip, &all, &model) => {
+                    return Err(ApiError::conflict(format!(
+                        "{ip} is the address of another agent"
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => field(
+                    &mut errors,
+                    ip_field,
+                    format!("{e} (the agent's registered address is {address})"),
+                ),
+            },
+            Err(_) => field(
                 &mut errors,
-                "targetIp",
+                ip_field,
                 format!(
-                    "must be the agent's registered address ({address}); register again to change it"
+                    "must be an IP address: the agent's registered one ({address}) or its public one"
                 ),
             ),
         }
@@ -677,6 +948,11 @@ impl Api {
         if let Some(owner) = self.other_owner(agent, &domain, &all, &model) {
             return Err(ApiError::conflict(format!("{domain} belongs to {owner}")));
         }
+        if !fragment.domains.contains_key(&domain)
+            && fragment.domains.len() >= settings.limits.routes_per_agent
+        {
+            return Err(quota(agent, &settings));
+        }
         let tls = match (&listener.kind, use_tls) {
             // Terminated here: HAProxy presents the name's certificate (from the private CA) and,
             // when mongod serves TLS too, verifies it against the same CA.
@@ -686,21 +962,7 @@ impl Api {
                 },
                 use_tls,
             ) => {
-                let issued = self
-                    .ca
-                    .for_agent(agent, &domain)
-                    .map_err(ApiError::internal)?;
-                let pem = format!(
-                    "{}{}",
-                    issued.cert_pem,
-                    issued.key_pem.clone().unwrap_or_default()
-                );
-                crate::target::files::write_atomic(
-                    &certs.dir.join(format!("{agent}.pem")),
-                    pem.as_bytes(),
-                    crate::target::files::SECRET_MODE,
-                )
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+                self.write_front_pem(agent, &domain, &certs.dir)?;
                 use_tls.then(|| {
                     let mut t = serde_yaml::Mapping::new();
                     t.insert("verify".into(), true.into());
@@ -718,47 +980,103 @@ impl Api {
             agent,
             &domain,
             store::Route {
-                backend: backend_name(agent, "mongodb"),
+                backend: mongodb_backend(agent),
                 port,
                 listener: Some(listener_name),
                 health_check: Some(serde_yaml::Value::Bool(true)),
                 tls,
+                service: None,
             },
         );
-        self.save(
+        let saved = self.save(
+            caller,
             agent,
             &fragment,
             &model,
             &settings,
-            caller.name(),
             format!("route MongoDB {domain} to agent {agent} port {port}"),
         )?;
         let public_port = settings.mongodb_port.unwrap_or(listener.bind.port);
-        Ok(MongoRoute {
-            connection_string: format!("mongodb://{domain}:{public_port}/?tls=true"),
-            domain,
-            target_ip: address.to_string(),
-            target_port: port,
-            tls_enabled: true,
-        })
+        Ok((
+            MongoRoute {
+                connection_string: format!("mongodb://{domain}:{public_port}/?tls=true"),
+                domain,
+                target_ip: address.to_string(),
+                target_port: port,
+                tls_enabled: true,
+            },
+            saved,
+        ))
     }
 
-    /// Removes an agent's route: `http` by subdomain, `mongodb` its database route.
+    /// Renews what the front presents itself (the `tls: terminate` certificates of agents'
+    /// MongoDB names) when due, and warns about agents' own certificates near their end.
+    /// Returns whether a file changed (then a reconcile puts it live).
+    pub fn renew_certificates(&self) -> Result<bool, ApiError> {
+        let (model, settings) = self.settings()?;
+        let Some(root) = settings.mongodb_domain.clone() else {
+            return Ok(false);
+        };
+        let terminate = self
+            .mongodb_listener(&model, &settings)
+            .ok()
+            .and_then(|(_, l)| match &l.kind {
+                ListenerKind::Tcp {
+                    tls: TcpTls::Terminate(certs),
+                } => Some(certs.dir.clone()),
+                _ => None,
+            });
+        let _guard = self.store.lock();
+        let all = self
+            .store
+            .read_all()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let now = crate::clock::unix_now() as i64;
+        let mut changed = false;
+        for (agent, fragment) in &all {
+            let domain = format!("{agent}.{root}");
+            if !fragment.domains.contains_key(&domain) {
+                continue;
+            }
+            match &terminate {
+                Some(dir) => match self.write_front_pem(agent, &domain, dir) {
+                    Ok(c) => changed |= c,
+                    Err(e) => {
+                        tracing::error!(agent, "renewing {domain}'s certificate: {}", e.message)
+                    }
+                },
+                None => {
+                    if let Some(cert) = self.ca.agent_certificate(agent)
+                        && cert.not_after - now < 30 * 86_400
+                    {
+                        tracing::warn!(
+                            agent,
+                            "the certificate agent {agent}'s mongod presents for {domain} ends on {}: the agent must fetch a new one (GET /api/config/{agent})",
+                            crate::clock::rfc3339(cert.not_after)
+                        );
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Removes an agent's route: `http` by subdomain (or service name), `mongodb` its
+    /// database route.
     pub fn delete_route(
         &self,
         caller: &Caller,
         agent: &str,
         subdomain: &str,
         kind: &str,
-    ) -> Result<String, ApiError> {
+    ) -> Result<(String, Saved), ApiError> {
         caller.must_act_for(agent)?;
         let (model, settings) = self.settings()?;
         let domain = match kind {
             "http" => {
-                check_label(subdomain)
-                    .map_err(|e| ApiError::fields([("subdomain".to_string(), e)].into()))?;
+                let label = label_of(subdomain).map_err(|e| ApiError::field("subdomain", e))?;
                 format!(
-                    "{subdomain}.{}",
+                    "{label}.{}",
                     settings
                         .apps_domain
                         .clone()
@@ -776,11 +1094,7 @@ impl Api {
                         "the state sets no `api.mongodb_domain`"
                     ))?
             ),
-            _ => {
-                return Err(ApiError::fields(
-                    [("type".to_string(), "`http` or `mongodb`".to_string())].into(),
-                ));
-            }
+            _ => return Err(ApiError::field("type", "`http` or `mongodb`")),
         };
         self.delete_domain(caller, agent, &domain, &model, &settings)
     }
@@ -792,7 +1106,7 @@ impl Api {
         domain: &str,
         model: &Model,
         settings: &Settings,
-    ) -> Result<String, ApiError> {
+    ) -> Result<(String, Saved), ApiError> {
         let _guard = self.store.lock();
         let all = self
             .store
@@ -812,15 +1126,15 @@ impl Api {
         {
             fragment.backends.remove(&entry.backend);
         }
-        self.save(
+        let saved = self.save(
+            caller,
             agent,
             &fragment,
             model,
             settings,
-            caller.name(),
             format!("remove route {domain} of agent {agent}"),
         )?;
-        Ok(domain.to_string())
+        Ok((domain.to_string(), saved))
     }
 
     /// Routes: of one agent (from its fragment), or every domain of the state (admin).
@@ -846,7 +1160,7 @@ impl Api {
                         continue;
                     };
                     let port = backend.servers.first().map(|s| s.port).unwrap_or(0);
-                    out.push(route_of(
+                    let mut route = route_of(
                         agent,
                         domain,
                         entry.listener.is_some(),
@@ -854,7 +1168,9 @@ impl Api {
                         port,
                         backend.tls.is_some(),
                         &settings,
-                    ));
+                    );
+                    route.service_name = entry.service.clone();
+                    out.push(route);
                 }
             }
             None => {
@@ -896,91 +1212,167 @@ impl Api {
         Ok(out)
     }
 
-    /// Validates the state with the agent's new fragment in place of its old one, then writes
-    /// it. A problem in the agent's own entries is the caller's (400); others are not.
+    /// Writes the agent's new fragment — only once the whole state, as it would be with it
+    /// (every state file on disk, this file replaced), validates like the daemon will
+    /// validate it, and passes the API's own rules (no route to the front's own listeners,
+    /// the agent's reload budget). A problem the change would cause is refused and nothing
+    /// is written: 400 naming the agent's own fields, 409 naming a conflict with another
+    /// file. Problems the state already had are the administrator's, never the agent's.
     pub fn save(
         &self,
+        caller: &Caller,
         agent: &str,
         fragment: &Fragment,
         model: &Model,
         settings: &Settings,
-        author: &str,
         message: String,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Saved, ApiError> {
+        if !names::is_identifier(agent) {
+            return Err(ApiError::field("id", names::IDENTIFIER_RULE));
+        }
+        let root = self.store.root();
+        let file = self.store.path(agent);
+        let text = fragment.text();
+        let source = load::load_path_with(root, Some((&file, text.as_deref())))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let validation = validate(&source);
+        let new_errors = self.new_errors(&validation, root);
+        if !new_errors.is_empty() {
+            return Err(refusal(&new_errors, fragment, &file));
+        }
+        let merged = match validation.model {
+            Some(m) => m,
+            None if crate::daemon::reconcile::isolation_enabled(&source.document) => crate::model::isolate::isolate(
+                &source,
+                &validation,
+                Some(model),
+            )
+            .map(|i| i.model)
+            .ok_or_else(|| {
+                ApiError::unavailable(
+                    "the state has errors the administrator must fix first; nothing was written",
+                )
+            })?,
+            None => {
+                return Err(ApiError::unavailable(format!(
+                    "the state has errors the administrator must fix first ({}); nothing was written",
+                    validation
+                        .errors()
+                        .map(|d| d.message.clone())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+        };
+        self.check_own_listeners(agent, fragment, &merged)?;
+        // The plan's own typed diff says whether this agent's change needs a reload.
         let old = self
             .store
             .read(agent)
             .map_err(|e| ApiError::internal(e.to_string()))?
             .unwrap_or_default();
-        let mut doc = model.document();
-        let root = doc.as_object_mut().expect("a document is an object");
-        let new = fragment.to_json();
-        for section in ["agents", "backends", "domains"] {
-            let entries = root
-                .entry(section)
-                .or_insert_with(|| Value::Object(Default::default()))
-                .as_object_mut()
-                .expect("sections are objects");
-            for key in old
-                .to_json()
-                .get(section)
-                .and_then(Value::as_object)
-                .map(|m| m.keys().cloned().collect::<Vec<_>>())
-                .unwrap_or_default()
-            {
-                entries.remove(&key);
-            }
-            if let Some(Value::Object(add)) = new.get(section) {
-                for (k, v) in add {
-                    entries.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let ours = |pointer: &str| {
-            ["agents", "backends", "domains"].iter().any(|section| {
-                new.get(section)
-                    .and_then(Value::as_object)
-                    .is_some_and(|m| {
-                        m.keys().any(|k| {
-                            pointer == format!("/{section}/{k}")
-                                || pointer.starts_with(&format!("/{section}/{k}/"))
-                        })
-                    })
-            })
-        };
-        let validation = validate(&Source::parse(Vec::new()).with_document(doc));
-        let problems: BTreeMap<String, String> = validation
-            .errors()
-            .filter(|d| ours(&d.pointer))
-            .map(|d| {
-                (
-                    d.pointer.clone(),
-                    format!(
-                        "{}{}",
-                        d.message,
-                        d.hint
-                            .as_ref()
-                            .map(|h| format!(" ({h})"))
-                            .unwrap_or_default()
-                    ),
-                )
-            })
+        let names: BTreeSet<String> = [agent.to_string()]
+            .into_iter()
+            .chain(fragment.backends.keys().cloned())
+            .chain(fragment.domains.keys().cloned())
+            .chain(old.backends.keys().cloned())
+            .chain(old.domains.keys().cloned())
             .collect();
-        if !problems.is_empty() {
-            return Err(ApiError::fields(problems));
+        let reload = crate::plan::diff::diff_models(model, &merged)
+            .iter()
+            .any(|c| {
+                c.mode == ChangeMode::Reload
+                    && names
+                        .iter()
+                        .any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
+            });
+        if reload && let Caller::Agent(me) = caller {
+            self.reloads
+                .check(me, settings.limits.reloads)
+                .map_err(|wait| {
+                    ApiError::too_many(
+                        format!(
+                            "this change needs HAProxy to reload, and agent `{me}` may cause {} such changes at once and {} an hour; retry later",
+                            settings.limits.reloads.burst,
+                            settings.limits.reloads.per_minute * 60.0
+                        ),
+                        wait,
+                    )
+                })?;
         }
         let commit = settings.git_commit.then(|| Commit {
-            author: author.to_string(),
+            author: caller.name().to_string(),
             message,
         });
         self.store
             .write(agent, fragment, commit.as_ref())
-            .map_err(|e| ApiError::internal(e.to_string()))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(Saved { reload })
     }
 
-    /// Removes an agent and everything it owns, and revokes its tokens (admin).
+    /// The errors of `validation` that the state on disk does not have already.
+    fn new_errors(&self, validation: &crate::model::Validation, root: &Path) -> Vec<Diagnostic> {
+        let errors: Vec<&Diagnostic> = validation.errors().collect();
+        if errors.is_empty() {
+            return Vec::new();
+        }
+        let key = |d: &Diagnostic| (d.code, d.pointer.clone(), d.message.clone());
+        let before: BTreeSet<_> = load::load_path(root)
+            .map(|s| validate(&s).errors().map(key).collect())
+            .unwrap_or_default();
+        errors
+            .into_iter()
+            .filter(|d| !before.contains(&key(d)))
+            .cloned()
+            .collect()
+    }
+
+    /// No server of the agent may reach one of the front's own listeners (HAProxy's binds,
+    /// the API, the daemon's health and metrics port), whatever `allowed_networks` says.
+    fn check_own_listeners(
+        &self,
+        agent: &str,
+        fragment: &Fragment,
+        merged: &Model,
+    ) -> Result<(), ApiError> {
+        let Some(addr) = merged.agents.get(agent).map(|a| a.address) else {
+            return Ok(());
+        };
+        let served = merged.with_binds(&self.binds);
+        let mut own: Vec<(Option<IpAddr>, u16)> = served
+            .listeners
+            .values()
+            .map(|l| (l.bind.addr, l.bind.port))
+            .collect();
+        own.extend(self.front.iter().map(|a| (Some(a.ip()), a.port())));
+        let needs_local = own
+            .iter()
+            .any(|(a, _)| a.is_none_or(|a| a.is_unspecified()));
+        let local = if needs_local {
+            local_addresses()
+        } else {
+            Vec::new()
+        };
+        for (name, backend) in &fragment.backends {
+            for server in backend.servers.iter().filter(|s| s.agent == agent) {
+                if let Some(listener) = own_listener(addr, server.port, &own, &local) {
+                    return Err(ApiError::forbidden(format!(
+                        "backend {name}: agent `{agent}` at {addr} port {} is the front server's own listener {listener}: never a route target",
+                        server.port
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an agent and everything it owns, and revokes its tokens and keys (admin).
     pub fn remove_agent(&self, agent: &str) -> Result<bool, ApiError> {
+        if !names::is_identifier(agent) {
+            return Err(ApiError::field("id", names::IDENTIFIER_RULE));
+        }
         let (model, settings) = self.settings()?;
+        let keys = self.keys_of(agent);
         let _guard = self.store.lock();
         let existed = self
             .store
@@ -989,19 +1381,112 @@ impl Api {
             .is_some();
         if existed {
             self.save(
+                &Caller::Admin,
                 agent,
                 &Fragment::default(),
                 &model,
                 &settings,
-                "admin",
                 format!("remove agent {agent}"),
             )?;
         }
         self.tokens
-            .revoke(agent)
+            .revoke(agent, &keys)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(existed)
     }
+}
+
+/// The key hash the administrator's files declare for `agent`.
+fn admin_key(agent: &str, model: &Model) -> Option<String> {
+    model
+        .document()
+        .pointer(&format!("/agents/{agent}/key_sha256"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+fn quota(agent: &str, settings: &Settings) -> ApiError {
+    ApiError::new(
+        403,
+        "quota_exceeded",
+        format!(
+            "agent `{agent}` has {} routes, its quota (api.limits.routes_per_agent): remove one, or the administrator raises the quota",
+            settings.limits.routes_per_agent
+        ),
+    )
+}
+
+/// Whether `ip` is the registered address of an agent other than `agent`.
+fn another_agents_address(
+    agent: &str,
+    ip: IpAddr,
+    all: &BTreeMap<String, Fragment>,
+    model: &Model,
+) -> bool {
+    model
+        .agents
+        .iter()
+        .any(|(name, a)| name != agent && address::same_host(a.address, ip))
+        || all.iter().filter(|(name, _)| *name != agent).any(|(_, f)| {
+            f.agents.values().any(|a| {
+                a.address
+                    .parse::<IpAddr>()
+                    .is_ok_and(|other| address::same_host(other, ip))
+            })
+        })
+}
+
+/// The answer to a change the state would refuse: 400 naming the agent's own fields when every
+/// problem is in what the agent wrote, else 409 naming the conflict (a name another file
+/// defines, an entry of someone else that the change breaks).
+fn refusal(errors: &[Diagnostic], fragment: &Fragment, file: &Path) -> ApiError {
+    let entries: Vec<String> = ["agents", "backends", "domains"]
+        .iter()
+        .flat_map(|section| {
+            let json = fragment.to_json();
+            json.get(*section)
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.keys()
+                        .map(|k| format!("/{section}/{}", k.replace('~', "~0").replace('/', "~1")))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let ours = |d: &Diagnostic| {
+        d.code != "duplicate-key"
+            && d.location.as_ref().is_none_or(|l| l.file == file)
+            && entries
+                .iter()
+                .any(|e| d.pointer == *e || d.pointer.starts_with(&format!("{e}/")))
+    };
+    let describe = |d: &Diagnostic| match &d.hint {
+        Some(h) => format!("{} ({h})", d.message),
+        None => d.message.clone(),
+    };
+    if errors.iter().all(ours) {
+        return ApiError::fields(
+            errors
+                .iter()
+                .map(|d| (d.pointer.clone(), describe(d)))
+                .collect(),
+        );
+    }
+    ApiError::conflict(format!(
+        "the change conflicts with the rest of the state, nothing was written: {}",
+        errors
+            .iter()
+            .map(|d| match d.code {
+                "duplicate-key" => format!(
+                    "{} (another agent or the administrator already uses this name)",
+                    d.message
+                ),
+                _ => describe(d),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    ))
 }
 
 fn route_of(
@@ -1030,6 +1515,7 @@ fn route_of(
             domain: domain.to_string(),
             target_url: format!("tcp://{host}:{port}"),
             kind: "mongodb".into(),
+            service_name: None,
         }
     } else {
         Route {
@@ -1038,6 +1524,7 @@ fn route_of(
             domain: domain.to_string(),
             target_url: format!("{}://{host}:{port}", if tls { "https" } else { "http" }),
             kind: "http".into(),
+            service_name: None,
         }
     }
 }
@@ -1048,6 +1535,7 @@ mod tests {
 
     #[test]
     fn target_urls_give_their_port() {
+        let port_of_url = |url: &str| parse_target_url(url).map(|(port, _)| port);
         assert_eq!(port_of_url("http://127.0.0.1:3000"), Ok(3000));
         assert_eq!(port_of_url("https://app.internal/health"), Ok(443));
         assert_eq!(port_of_url("http://[::1]:8080/x"), Ok(8080));
@@ -1057,9 +1545,8 @@ mod tests {
         assert!(port_of_url("http://x:1\nserver evil").is_err());
     }
 
-    #[test]
-    fn agent_addresses_must_be_public_or_allowed() {
-        let mut s = Settings {
+    fn settings() -> Settings {
+        Settings {
             apps_domain: None,
             mongodb_domain: None,
             mongodb_listener: None,
@@ -1067,30 +1554,111 @@ mod tests {
             git_commit: false,
             token_ttl: Duration::from_secs(1),
             allowed_networks: Vec::new(),
-        };
-        assert!(check_target_ip("203.0.113.7", &s).is_ok());
+            trusted_proxies: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn target_url_schemes_say_whether_the_app_speaks_tls() {
+        assert_eq!(parse_target_url("http://10.0.0.5:3000"), Ok((3000, false)));
+        assert_eq!(
+            parse_target_url("https://10.0.0.5:3443/x"),
+            Ok((3443, true))
+        );
+        assert_eq!(parse_target_url("https://app.internal"), Ok((443, true)));
+    }
+
+    #[test]
+    fn agent_addresses_must_be_public_or_allowed_judged_as_what_they_are() {
+        let mut s = settings();
+        assert_eq!(
+            check_target_ip("93.184.216.34", &s),
+            Ok("93.184.216.34".parse().unwrap())
+        );
+        assert_eq!(
+            check_target_ip("::ffff:93.184.216.34", &s),
+            Ok("93.184.216.34".parse().unwrap()),
+            "recorded as the IPv4 address it is"
+        );
         for private in [
             "127.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::1",
             "10.1.2.3",
             "192.168.1.1",
             "172.16.0.1",
             "100.64.1.1",
             "169.254.1.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "240.0.0.1",
+            "198.18.0.1",
+            "203.0.113.7",
             "::1",
             "fd00::1",
-            "0.0.0.0",
+            "fec0::1",
+            "fe80::1",
+            "::",
         ] {
-            assert!(check_target_ip(private, &s).is_err(), "{private}");
+            let e = check_target_ip(private, &s).unwrap_err();
+            assert!(e.contains("not a public address"), "{private}: {e}");
         }
-        s.allowed_networks = vec![parse_network("10.0.0.0/8").unwrap()];
+        s.allowed_networks = vec![Cidr::parse("10.0.0.0/8").unwrap()];
         assert!(check_target_ip("10.1.2.3", &s).is_ok());
+        assert!(check_target_ip("::ffff:10.1.2.3", &s).is_ok());
         assert!(check_target_ip("not-an-ip", &s).is_err());
+        // Whatever is allowed, nothing can connect to these.
+        s.allowed_networks = vec![Cidr::parse("0.0.0.0/0").unwrap()];
+        assert!(check_target_ip("0.0.0.0", &s).is_err());
+        assert!(check_target_ip("::ffff:0.0.0.0", &s).is_err());
     }
 
     #[test]
-    fn backend_names_stay_identifiers() {
-        assert_eq!(backend_name("agent-7", "shop"), "agent-7--shop");
+    fn service_names_map_to_dns_labels_or_are_refused() {
+        assert_eq!(label_of("shop").unwrap(), "shop");
+        assert_eq!(label_of("My_App").unwrap(), "my-app");
+        assert_eq!(label_of("api.v2").unwrap(), "api-v2");
+        for bad in ["app_", "a b", "-x", "x\ny", "shop\u{0430}", &"a".repeat(64)] {
+            assert!(label_of(bad).is_err(), "{bad:?}");
+        }
+        assert!(label_of("app_").unwrap_err().contains("maps to `app-`"));
+    }
+
+    #[test]
+    fn backend_names_are_injective_identifiers() {
+        assert_eq!(backend_name("agent-7", "shop"), "agent-7_shop");
+        // The collision of the old `<agent>--<app>` scheme.
+        assert_ne!(
+            backend_name("gamma", "x--web"),
+            backend_name("gamma--x", "web")
+        );
+        assert_ne!(backend_name("a", "mongodb"), mongodb_backend("a"));
+        assert_ne!(backend_name("a_b", "c"), backend_name("a", "b-c"));
         let long = backend_name(&"a".repeat(40), &"b".repeat(40));
         assert!(names::is_identifier(&long), "{long}");
+        assert_ne!(long, backend_name(&"a".repeat(41), &"b".repeat(39)));
+    }
+
+    #[test]
+    fn the_front_s_own_listeners_are_found_whatever_the_address_form() {
+        let own = vec![
+            (Some("127.0.0.1".parse().unwrap()), 9181),
+            (None, 8080),
+            (Some("0.0.0.0".parse().unwrap()), 9180),
+        ];
+        let local = vec!["192.0.2.10".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(own_listener(ip("127.0.0.1"), 9181, &own, &local).is_some());
+        assert!(own_listener(ip("::ffff:127.0.0.1"), 9181, &own, &local).is_some());
+        assert!(own_listener(ip("127.0.0.2"), 9181, &own, &local).is_none());
+        assert!(own_listener(ip("127.0.0.2"), 8080, &own, &local).is_some());
+        assert!(own_listener(ip("192.0.2.10"), 9180, &own, &local).is_some());
+        assert!(own_listener(ip("64:ff9b::c000:20a"), 8080, &own, &local).is_some());
+        assert!(own_listener(ip("192.0.2.11"), 8080, &own, &local).is_none());
+        assert!(own_listener(ip("127.0.0.1"), 3000, &own, &local).is_none());
     }
 }

@@ -60,6 +60,9 @@ pub struct DomainEntry {
     pub listener: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The service name the agent asked for, when the domain's label is mapped from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_yaml::Value>,
 }
@@ -71,6 +74,7 @@ pub struct Route {
     pub listener: Option<String>,
     pub health_check: Option<serde_yaml::Value>,
     pub tls: Option<serde_yaml::Value>,
+    pub service: Option<String>,
 }
 
 impl Fragment {
@@ -101,6 +105,7 @@ impl Fragment {
                 backend: route.backend,
                 listener: route.listener,
                 owner: Some(agent.to_string()),
+                service: route.service,
                 other: BTreeMap::new(),
             },
         );
@@ -109,6 +114,16 @@ impl Fragment {
     /// As a JSON object in the state's shape, to merge into a document.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("fragments are JSON")
+    }
+
+    /// The file's text (None: an empty fragment, whose file is removed).
+    pub fn text(&self) -> Option<String> {
+        (!self.is_empty()).then(|| {
+            format!(
+                "{HEADER}{}",
+                serde_yaml::to_string(self).expect("fragments are YAML")
+            )
+        })
     }
 }
 
@@ -149,6 +164,24 @@ impl Store {
         self.dir().join(format!("{agent}.yaml"))
     }
 
+    /// An agent id names a file: anything but an identifier (`../x`, `a/b`) is refused here
+    /// too, whatever the caller checked.
+    fn checked(&self, agent: &str) -> Result<PathBuf, StoreError> {
+        if crate::model::names::is_identifier(agent) {
+            Ok(self.path(agent))
+        } else {
+            Err(StoreError {
+                path: self.dir(),
+                message: format!("`{agent}` is not an agent id"),
+            })
+        }
+    }
+
+    /// The state folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The fragment of every agent, by agent (from `agents.d/<agent>.yaml`).
     pub fn read_all(&self) -> Result<BTreeMap<String, Fragment>, StoreError> {
         let mut out = BTreeMap::new();
@@ -167,7 +200,9 @@ impl Store {
             if name.starts_with('.') {
                 continue;
             }
-            if let Some(agent) = name.strip_suffix(".yaml") {
+            if let Some(agent) = name.strip_suffix(".yaml")
+                && crate::model::names::is_identifier(agent)
+            {
                 out.insert(agent.to_string(), self.read(agent)?.unwrap_or_default());
             }
         }
@@ -175,7 +210,7 @@ impl Store {
     }
 
     pub fn read(&self, agent: &str) -> Result<Option<Fragment>, StoreError> {
-        let path = self.path(agent);
+        let path = self.checked(agent)?;
         match std::fs::read_to_string(&path) {
             Ok(text)
                 if text
@@ -206,23 +241,20 @@ impl Store {
         fragment: &Fragment,
         commit: Option<&Commit>,
     ) -> Result<(), StoreError> {
-        let path = self.path(agent);
+        let path = self.checked(agent)?;
         let err = |message: String| StoreError {
             path: path.clone(),
             message,
         };
-        if fragment.is_empty() {
-            match std::fs::remove_file(&path) {
+        match fragment.text() {
+            None => match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err(e.to_string())),
+            },
+            Some(text) => {
+                write_atomic(&path, text.as_bytes(), FILE_MODE).map_err(|e| err(e.to_string()))?
             }
-        } else {
-            let text = format!(
-                "{HEADER}{}",
-                serde_yaml::to_string(fragment).map_err(|e| err(e.to_string()))?
-            );
-            write_atomic(&path, text.as_bytes(), FILE_MODE).map_err(|e| err(e.to_string()))?;
         }
         if let Some(commit) = commit {
             self.commit(&path, commit).map_err(err)?;

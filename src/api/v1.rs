@@ -35,6 +35,18 @@ pub fn routes() -> Router<AppState> {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
+/// An agent id from a path, checked like every other input (`%2F..%2Fx` is not an id).
+fn agent_id(id: &str) -> Result<()> {
+    if crate::model::names::is_identifier(id) {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            "id",
+            crate::model::names::IDENTIFIER_RULE.to_string(),
+        ))
+    }
+}
+
 fn agent_json(id: &str, address: &str, source: &str, routes: usize) -> Value {
     json!({"id": id, "address": address, "source": source, "routes": routes})
 }
@@ -78,6 +90,7 @@ async fn get_agent(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
+    agent_id(&id)?;
     app.caller(&headers)?.must_act_for(&id)?;
     let agent = app
         .blocking(move |api| {
@@ -157,11 +170,11 @@ async fn put_agent(
                 },
             );
             api.save(
+                &Caller::Admin,
                 &id2,
                 &fragment,
                 &model,
                 &settings,
-                "admin",
                 format!("admin sets agent {id2} at {ip}"),
             )?;
             Ok(ip.to_string())
@@ -181,6 +194,7 @@ async fn delete_agent(
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
     app.admin(&headers)?;
+    agent_id(&id)?;
     let id2 = id.clone();
     let removed = app.blocking(move |api| api.remove_agent(&id2)).await?;
     app.make_live().await?;
@@ -194,15 +208,7 @@ async fn enroll(
     Path(id): Path<String>,
 ) -> Result<Response> {
     app.admin(&headers)?;
-    if !crate::model::names::is_identifier(&id) {
-        return Err(ApiError::fields(
-            [(
-                "id".to_string(),
-                crate::model::names::IDENTIFIER_RULE.to_string(),
-            )]
-            .into(),
-        ));
-    }
+    agent_id(&id)?;
     let token = app
         .api
         .tokens
@@ -221,11 +227,9 @@ async fn revoke(
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
     app.admin(&headers)?;
-    let revoked = app
-        .api
-        .tokens
-        .revoke(&id)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    agent_id(&id)?;
+    let id2 = id.clone();
+    let revoked = app.blocking(move |api| api.revoke(&id2)).await?;
     Ok(Json(json!({"id": id, "revoked": revoked})))
 }
 
@@ -234,6 +238,7 @@ async fn list_routes(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
+    agent_id(&id)?;
     app.caller(&headers)?.must_act_for(&id)?;
     let routes = app.blocking(move |api| api.routes(Some(&id))).await?;
     Ok(Json(json!({"routes": routes})))
@@ -246,6 +251,7 @@ async fn add_route(
     Path(id): Path<String>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
+    agent_id(&id)?;
     let caller = app.caller(&headers)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
@@ -266,6 +272,7 @@ async fn add_route(
         f.errors.insert("type".into(), "`http` or `mongodb`".into());
     }
     f.done()?;
+    app.limit_changes(&caller)?;
     let route = app
         .blocking(move |api| match kind.as_str() {
             "http" => api
@@ -273,11 +280,12 @@ async fn add_route(
                     &caller,
                     &id,
                     &subdomain,
-                    &format!("http://agent:{port}"),
+                    &format!("{}://agent:{port}", if tls { "https" } else { "http" }),
+                    port,
                     tls,
                     check,
                 )
-                .map(|r| serde_json::to_value(r).expect("serializes")),
+                .map(|(r, _)| serde_json::to_value(r).expect("serializes")),
             _ => {
                 let (model, _) = api.settings()?;
                 let address = api
@@ -290,8 +298,8 @@ async fn add_route(
                     .ok_or_else(|| {
                         ApiError::not_found(format!("agent `{id}` is not registered"))
                     })?;
-                api.add_mongodb(&caller, &id, &address, port, tls)
-                    .map(|r| serde_json::to_value(r).expect("serializes"))
+                api.add_mongodb(&caller, &id, ("address", &address), port, tls)
+                    .map(|(r, _)| serde_json::to_value(r).expect("serializes"))
             }
         })
         .await?;
@@ -304,9 +312,11 @@ async fn delete_route(
     headers: HeaderMap,
     Path((id, domain)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
+    agent_id(&id)?;
     let caller = app.caller(&headers)?;
     caller.must_act_for(&id)?;
-    let removed = app
+    app.limit_changes(&caller)?;
+    let (removed, _) = app
         .blocking(move |api| {
             let (model, settings) = api.settings()?;
             api.delete_domain(&caller, &id, &domain, &model, &settings)

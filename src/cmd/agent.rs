@@ -30,6 +30,21 @@ fn data_dir(
     }
 }
 
+/// The key hashes the state declares for `agent` (its fragment's or the administrator's
+/// `key_sha256`), read from the files as they are: revocation must work even when the state
+/// does not validate.
+fn declared_keys(state: &Path, agent: &str) -> Vec<String> {
+    let Ok(source) = load::load_path(state) else {
+        return Vec::new();
+    };
+    source
+        .document
+        .pointer(&format!("/agents/{agent}/key_sha256"))
+        .and_then(|v| v.as_str())
+        .map(|k| vec![k.to_string()])
+        .unwrap_or_default()
+}
+
 pub fn run(action: &AgentAction) -> ExitCode {
     let result = match action {
         AgentAction::Enroll {
@@ -47,7 +62,7 @@ pub fn run(action: &AgentAction) -> ExitCode {
                 ));
             }
             let dir = data_dir(&state.state, target.as_deref(), api_data.as_deref())?;
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // Creates the folder 0700 (its parents too), as the daemon would.
             let token = TokenStore::open(&dir)
                 .map_err(|e| e.to_string())?
                 .issue(name, Kind::Enrollment, *valid)
@@ -77,11 +92,14 @@ pub fn run(action: &AgentAction) -> ExitCode {
             api_data,
         } => (|| {
             let dir = data_dir(&state.state, target.as_deref(), api_data.as_deref())?;
+            let keys = declared_keys(&state.state, name);
             let revoked = TokenStore::open(&dir)
                 .map_err(|e| e.to_string())?
-                .revoke(name)
+                .revoke(name, &keys)
                 .map_err(|e| e.to_string())?;
-            println!("Revoked {revoked} token(s) of agent {name}.");
+            println!(
+                "Revoked {revoked} token(s) and key(s) of agent {name}: it cannot authenticate again until `lunafront agent enroll {name}`."
+            );
             Ok(())
         })(),
     };

@@ -105,30 +105,38 @@ fn run_with(
         tokio::net::TcpListener::from_std(listener).map_err(|e| format!("{addr}: {e}"))
     };
     let listener = bind(options.listen)?;
+    // The addresses actually bound (a port 0 becomes the one the kernel chose): the API never
+    // lets a route point at them.
+    let daemon_listen = listener.local_addr().unwrap_or(options.listen);
     let api = match &options.api {
-        Some(api_options) => Some((
-            bind(api_options.listen)?,
-            crate::api::build(
-                &crate::api::ApiOptions {
-                    listen: api_options.listen,
-                    admin_token_file: api_options.admin_token_file.clone(),
-                    data_dir: if api_options.data_dir.as_os_str().is_empty() {
-                        target.state_dir.join("api")
-                    } else {
-                        api_options.data_dir.clone()
+        Some(api_options) => {
+            let api_listener = bind(api_options.listen)?;
+            let api_listen = api_listener.local_addr().unwrap_or(api_options.listen);
+            Some((
+                api_listener,
+                crate::api::build(
+                    &crate::api::ApiOptions {
+                        listen: api_listen,
+                        admin_token_file: api_options.admin_token_file.clone(),
+                        data_dir: if api_options.data_dir.as_os_str().is_empty() {
+                            target.state_dir.join("api")
+                        } else {
+                            api_options.data_dir.clone()
+                        },
                     },
-                },
-                state.clone(),
-                options.target.clone(),
-                target.clone(),
-                RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
-                crate::api::Shared {
-                    model: valid_model.clone(),
-                    requests: requests.clone(),
-                    status: status.clone(),
-                },
-            )?,
-        )),
+                    state.clone(),
+                    options.target.clone(),
+                    target.clone(),
+                    RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
+                    crate::api::Shared {
+                        model: valid_model.clone(),
+                        requests: requests.clone(),
+                        status: status.clone(),
+                        daemon_listen,
+                    },
+                )?,
+            ))
+        }
         None => None,
     };
     signals.reconcile_with(requests.clone());
@@ -173,6 +181,8 @@ fn run_with(
         after_reconcile: options.after_reconcile,
         acme: Some(acme.clone()),
         holding: None,
+        last_reload: None,
+        for_api: false,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));
@@ -308,7 +318,7 @@ async fn serve(
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(crate::api::serve(
                 api_listener,
-                crate::api::router(api_state),
+                api_state,
                 async move {
                     let _ = stop.changed().await;
                 },

@@ -32,12 +32,14 @@ pub enum Trigger {
     Files,
     /// The drift timer.
     Timer,
-    /// `POST /reconcile` or an API change.
+    /// `POST /reconcile`.
     Request,
     /// SIGHUP.
     Signal,
     /// A held change's settle time is over: the state is read again.
     Settle,
+    /// A change made through the agent API.
+    Api,
     /// The ACME manager has a new or renewed certificate to install.
     Acme,
 }
@@ -147,6 +149,11 @@ pub struct Reconciler {
     pub after_reconcile: Option<fn()>,
     /// The change held by the delete guard, if any.
     pub holding: Option<Holding>,
+    /// When the last reload was applied: reloads the agent API asks for are at least
+    /// `api.limits.reload_interval` after it, and the changes that need one meanwhile share it.
+    pub last_reload: Option<Instant>,
+    /// The reconcile being run serves an agent API change.
+    pub for_api: bool,
     /// Issuance and renewal of ACME certificates, told what the applied state wants.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
@@ -178,6 +185,7 @@ impl Reconciler {
                 batch.push(more);
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
+            self.for_api = batch.iter().any(|r| r.trigger == Trigger::Api);
             let outcome = self.reconcile(trigger);
             // A reconcile past the settle time that neither applied nor held the change again
             // ended before it (the state does not validate now): what was held is no longer
@@ -366,8 +374,23 @@ impl Reconciler {
                 Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
             };
         timer.lap("render+observe");
+        let running = haproxy::process::running(&self.target).is_some();
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
         timer.lap("plan");
+        // Reloads that agents cause are spaced (a tenant must not be able to reload away the
+        // others' long-lived connections): wait for the interval to pass, then start over so
+        // that every change written meanwhile goes into this one reload.
+        if plan.reload_required
+            && running
+            && self.for_api
+            && let Some(last) = self.last_reload
+        {
+            let (interval, elapsed) = (crate::api::ops::reload_interval(&model), last.elapsed());
+            if elapsed < interval {
+                std::thread::sleep(interval - elapsed);
+                return self.reconcile_inner(trigger);
+            }
+        }
         self.metrics
             .domains
             .store(model.domains.len() as u64, Ordering::Relaxed);
@@ -386,13 +409,12 @@ impl Reconciler {
         if plan.mass_delete.is_none() {
             self.release_hold();
         }
-        let running = haproxy::process::running(&self.target).is_some();
 
         if plan.is_empty() && running {
             // Nothing to write; someone may still have changed HAProxy through its socket.
             if matches!(
                 trigger,
-                Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Signal
+                Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Signal | Trigger::Api
             ) {
                 match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
                     Ok(Some(what)) => {
@@ -480,6 +502,7 @@ impl Reconciler {
                     }
                     How::Reloaded { .. } | How::RemoteReload { .. } => {
                         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                        self.last_reload = Some(Instant::now());
                     }
                     How::Started { .. } | How::Unchanged => {}
                 }
@@ -605,7 +628,7 @@ impl Reconciler {
 
 /// `global.isolate_invalid`, read from the raw document: the setting must work even when the
 /// state does not validate.
-fn isolation_enabled(document: &serde_json::Value) -> bool {
+pub(crate) fn isolation_enabled(document: &serde_json::Value) -> bool {
     document
         .pointer("/global/isolate_invalid")
         .and_then(serde_json::Value::as_bool)

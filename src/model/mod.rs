@@ -1,6 +1,7 @@
 //! The validated desired state (`Model`), the grammar of its names, and `validate`, the only
 //! way to build one.
 
+pub mod address;
 pub mod certs;
 pub mod isolate;
 #[allow(clippy::module_inception)]

@@ -383,6 +383,7 @@ impl<'a> Checker<'a> {
             .note(note, "the listener binds here");
             self.push(d);
         }
+        self.api_settings();
 
         Some(Model {
             listeners,
@@ -700,7 +701,8 @@ impl<'a> Checker<'a> {
 
     fn ip(&mut self, text: &str, pointer: &str, owner: &str) -> Option<IpAddr> {
         match text.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+            // Judged as what it is: `::ffff:0.0.0.0` is as unconnectable as 0.0.0.0.
+            Ok(ip) if !super::address::is_connectable(ip) => {
                 self.error(
                     "invalid-address",
                     pointer,
@@ -1728,6 +1730,38 @@ impl<'a> Checker<'a> {
             }
         }
         out
+    }
+
+    /// The `api:` section's networks (`allowed_networks`, `trusted_proxies`): each a network
+    /// with its prefix, or an error at its place (a typo must not silently match nothing).
+    fn api_settings(&mut self) {
+        let doc = self.source.document.clone();
+        for key in ["allowed_networks", "trusted_proxies"] {
+            let Some(list) = doc
+                .pointer(&format!("/api/{key}"))
+                .and_then(Value::as_array)
+            else {
+                continue;
+            };
+            for (i, item) in list.iter().enumerate() {
+                let Some(text) = item.as_str() else { continue };
+                if let Err(e) = super::address::Cidr::parse(text) {
+                    self.error(
+                        "invalid-network",
+                        &format!("/api/{key}/{i}"),
+                        false,
+                        format!("api.{key}: {e}"),
+                        "write a network as address/prefix: 10.0.0.0/8, 192.168.1.0/24, fd00::/8, 127.0.0.1/32",
+                    );
+                }
+            }
+        }
+        for key in ["token_ttl", "limits/reload_interval"] {
+            let pointer = format!("/api/{key}");
+            if let Some(text) = doc.pointer(&pointer).and_then(Value::as_str) {
+                let _ = self.duration(Some(text), &pointer, Duration::from_ms(0));
+            }
+        }
     }
 
     fn global(&mut self) -> Global {

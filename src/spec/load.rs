@@ -84,6 +84,16 @@ pub struct Source {
 
 /// Reads the state at `path` (a file or a directory) and the certificate folders it names.
 pub fn load_path(path: &Path) -> Result<Source, LoadError> {
+    load_path_with(path, None)
+}
+
+/// `load_path`, with one file of a state folder seen as `text` instead of what is on disk
+/// (None: as if it did not exist), whether or not it exists: the state as it would be once
+/// that file is written. The API checks a change this way before writing anything.
+pub fn load_path_with(
+    path: &Path,
+    replace: Option<(&Path, Option<&str>)>,
+) -> Result<Source, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -94,6 +104,12 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         collect_yaml(path, &mut found, &mut folders, &mut seen).map_err(io)?;
+        if let Some((file, text)) = replace {
+            found.retain(|p| p != file);
+            if text.is_some() {
+                found.push(file.to_path_buf());
+            }
+        }
         found.sort();
         folders.sort();
         if found.is_empty() && folders.is_empty() {
@@ -105,10 +121,13 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
     };
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let text = match replace {
+            Some((file, Some(text))) if p == file => text.to_string(),
+            _ => std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
+                path: p.clone(),
+                source,
+            })?,
+        };
         files.push(SourceFile::new(p, text));
     }
     let mut source = Source::parse(files);

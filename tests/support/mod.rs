@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod agent;
 pub mod dpapi;
 
 pub use tempfile::TempDir;
