@@ -121,7 +121,7 @@ fn base() -> Value {
             "db": { "servers": [ { "agent": "agent-7", "port": 27017 } ] }
         },
         "domains": {
-            "shop.apps.example.com": { "backend": "shop", "owner": "agent-7" },
+            "shop.apps.example.com": { "backend": "shop", "owner": "agent-7", "service": "shop" },
             "*.preview.example.com": { "backend": "legacy" },
             "agent-7.mongodb.example.com": { "backend": "db", "listener": "mongodb" }
         },
@@ -156,7 +156,8 @@ fn base() -> Value {
         },
         "api": {
             "apps_domain": "apps.example.com", "mongodb_domain": "mongodb.example.com", "mongodb_listener": "mongodb",
-            "token_ttl": "1h", "allowed_networks": [ "10.0.0.0/8" ]
+            "token_ttl": "1h", "allowed_networks": [ "10.0.0.0/8" ], "trusted_proxies": [ "127.0.0.1/32" ],
+            "limits": { "reload_interval": "2s" }
         }
     })
 }

@@ -443,6 +443,15 @@ const ROWS: &[Row] = &[
         )],
         "state.yaml:3:66: error[invalid-extra]: backend `shop` extra line 1: the line starts a new `backend` section; extra lines belong to their own section",
     ),
+    // A network that is no network (a prefix past 32) is an error, not a silent no-match.
+    row(
+        "invalid-network",
+        &[(
+            "state.yaml",
+            "version: 1\napi:\n  apps_domain: apps.example.com\n  allowed_networks: [ 10.0.0.0/40 ]\n",
+        )],
+        "state.yaml:4:23: error[invalid-network]: api.allowed_networks: the prefix `/40` is not 0 to 32",
+    ),
     row(
         "no-http-listener",
         &[(
