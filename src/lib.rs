@@ -5,6 +5,7 @@
 //! `render` (templates → haproxy.cfg, maps, certificates) → `plan` (what changes, runtime or
 //! reload) → `target` (the I/O edge that observes and applies).
 
+pub mod acme;
 pub mod api;
 pub mod clock;
 pub mod daemon;

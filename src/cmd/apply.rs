@@ -36,6 +36,8 @@ pub struct Prepared {
     pub plan: Plan,
     /// The revision the target holds before the apply.
     pub before: Option<String>,
+    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
+    pub acme_requests: Vec<String>,
     /// The git commit the state was read at (recorded with the apply).
     pub git_commit: Option<String>,
 }
@@ -280,20 +282,23 @@ pub fn prepare(
     name: &str,
     target: &Target,
 ) -> anyhow::Result<Prepared> {
+    let model = lunafront::acme::for_target(model, target)
+        .map_err(|e| anyhow::anyhow!("target {name}: {e}"))?;
     let options = target::render_options(target);
     // Read the target first: the rendering starts from the app slots its configuration holds.
     let live = target::observe_paths(
         name,
         target,
         &options,
-        render::output_paths(model, &options),
+        render::output_paths(&model, &options),
     )?;
-    let rendered = render::render_onto(model, &options, &live.slot_pools(&options.config_name))?;
+    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),
         before: fleet::live_revision(&live),
-        plan: plan::make_plan(name, model, &rendered, &live),
+        plan: plan::make_plan(name, &model, &rendered, &live),
+        acme_requests: lunafront::acme::requests(&model),
         git_commit: None,
     })
 }
@@ -325,6 +330,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         target: saved.target,
         plan,
         before: None,
+        acme_requests: Vec::new(),
         git_commit: None,
     })
 }

@@ -13,19 +13,30 @@ pub fn run(state: &Path, out: &Path, target_name: Option<&str>, color: ColorChoi
         Ok(m) => m,
         Err(code) => return code,
     };
-    // Render for a target's paths when one is named or the state has only one.
-    let options = match target_name {
+    // Render for a target's paths (and its ACME certificates) when one is named or the state
+    // has only one.
+    let chosen = match target_name {
         Some(_) => match target::select(&model, target_name) {
-            Ok((_, t)) => target::render_options(t),
+            Ok((_, t)) => Some(t),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(exit::ERROR);
             }
         },
-        None if model.targets.len() == 1 => {
-            target::render_options(model.targets.values().next().expect("one"))
-        }
+        None if model.targets.len() == 1 => model.targets.values().next(),
+        None => None,
+    };
+    let options = match chosen {
+        Some(t) => target::render_options(t),
         None => RenderOptions::for_target(None),
+    };
+    let model = match chosen.map(|t| lunafront::acme::for_target(&model, t)) {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+        None => std::borrow::Cow::Borrowed(&model),
     };
     // What a previous render left in the folder: its apps keep their slots.
     let live = match files::observe_dir(out, render::output_paths(&model, &options)) {

@@ -23,6 +23,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub requests: Arc<Mutex<Sender<Request>>>,
     pub target: Arc<HaproxyTarget>,
+    /// ACME certificates: each one's expiry and last error.
+    pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
 
 impl AppState {
@@ -128,13 +130,16 @@ async fn status(State(app): State<AppState>) -> Response {
     let status = app.status.lock().expect("status").clone();
     let mut body = serde_json::to_value(&status).expect("status serializes");
     body["haproxy"] = haproxy;
+    if let Some(acme) = &app.acme {
+        body["acme"] = acme.status_json();
+    }
     Json(body).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
+        app.metrics.render() + &app.acme.as_ref().map(|a| a.metrics()).unwrap_or_default(),
     )
         .into_response()
 }

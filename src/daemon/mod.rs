@@ -154,6 +154,21 @@ fn run_with(
         }
     }
 
+    // ACME issuance runs beside the reconcile loop and asks it to install each certificate.
+    // Its sender is taken back at shutdown so the loop can end.
+    let acme_sender = Arc::new(Mutex::new(Some(requests.clone())));
+    let acme = crate::acme::manager::Shared::new(&target.state_dir, &target.runtime_socket, {
+        let sender = acme_sender.clone();
+        Box::new(move || {
+            if let Some(sender) = sender.lock().expect("acme sender").as_ref() {
+                let _ = sender.send(Request {
+                    trigger: Trigger::Acme,
+                    reply: None,
+                });
+            }
+        })
+    });
+    let acme_thread = crate::acme::manager::spawn(acme.clone());
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),
@@ -164,6 +179,7 @@ fn run_with(
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
+        acme: Some(acme.clone()),
         holding: None,
         last_reload: None,
         for_api: false,
@@ -222,6 +238,7 @@ fn run_with(
         metrics,
         requests: Arc::new(Mutex::new(requests)),
         target: Arc::new(target),
+        acme: Some(acme.clone()),
     };
     let served = runtime.block_on(serve(listener, app, api, signals.shutdown()));
 
@@ -234,6 +251,9 @@ fn run_with(
     for t in threads {
         let _ = t.join();
     }
+    acme.stop();
+    acme_sender.lock().expect("acme sender").take();
+    let _ = acme_thread.join();
     // The last sender is gone with the HTTP state: the loop ends after its current reconcile.
     let _ = reconcile_thread.join();
     if let Some(supervisor) = &supervisor {

@@ -40,6 +40,8 @@ pub enum Trigger {
     Settle,
     /// A change made through the agent API.
     Api,
+    /// The ACME manager has a new or renewed certificate to install.
+    Acme,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -152,6 +154,8 @@ pub struct Reconciler {
     pub last_reload: Option<Instant>,
     /// The reconcile being run serves an agent API change.
     pub for_api: bool,
+    /// Issuance and renewal of ACME certificates, told what the applied state wants.
+    pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
 
 impl Reconciler {
@@ -331,6 +335,14 @@ impl Reconciler {
                 }
             }
         };
+        // The certificates the ACME store holds are rendered like a certificate folder.
+        let model = match crate::acme::uses_acme(&model) {
+            true => match crate::acme::store::Store::new(&self.target.state_dir).overlay(model) {
+                Ok(model) => model,
+                Err(e) => return fail("failed", e.to_string(), Vec::new()),
+            },
+            false => model,
+        };
         let model = Arc::new(model);
         *self.valid_model.lock().expect("model") = Some(model.clone());
         let partial = !held_back.is_empty();
@@ -428,6 +440,9 @@ impl Reconciler {
             }
             // HAProxy runs this state: the commit it was read at describes what runs.
             haproxy::marker::set_git_commit(&self.target, git_commit.as_deref());
+            if let Some(acme) = &self.acme {
+                acme.wanted(&model);
+            }
             return finish(Self::outcome(trigger, "unchanged"));
         }
 
@@ -492,6 +507,12 @@ impl Reconciler {
                         self.last_reload = Some(Instant::now());
                     }
                     How::Started { .. } | How::Unchanged => {}
+                }
+                if let Some(acme) = &self.acme {
+                    if matches!(applied.how, How::Reloaded { .. } | How::Started { .. }) {
+                        acme.after_reload();
+                    }
+                    acme.wanted(&model);
                 }
                 finish(o)
             }

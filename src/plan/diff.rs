@@ -269,6 +269,7 @@ pub fn diff_models(old: &Model, new: &Model, slots: &Slots<'_>) -> Vec<Change> {
     agent_changes(old, new, &mut changes);
     backend_changes(old, new, slots, &mut changes);
     domain_changes(old, new, &mut changes);
+    issued_changes(old, new, &mut changes);
     changes.sort_by(|a, b| (a.kind, &a.name, a.action).cmp(&(b.kind, &b.name, b.action)));
     changes
 }
@@ -366,7 +367,22 @@ fn slot_changes(new: &Model, slots: &Slots<'_>, out: &mut Vec<Change>) {
 }
 
 fn describe_listener(l: &Listener) -> String {
+    let mut text = describe_listener_kind(l);
+    if l.acme {
+        text.push_str(" (acme)");
+    }
+    if let Some(to) = &l.redirect_to {
+        text.push_str(&format!(" (redirect to {to})"));
+    }
+    if let Some(h) = l.hsts {
+        text.push_str(&format!(" (hsts {}s)", h.max_age_seconds));
+    }
+    text
+}
+
+fn describe_listener_kind(l: &Listener) -> String {
     match &l.kind {
+        ListenerKind::Http { certificates: None } if l.acme => format!("https on {}", l.bind),
         ListenerKind::Http { certificates: None } => format!("http on {}", l.bind),
         ListenerKind::Http {
             certificates: Some(_),
@@ -456,10 +472,13 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         let shape_changed = o.bind != n.bind
             || std::mem::discriminant(&o.kind) != std::mem::discriminant(&n.kind)
             || o.certificates().is_some() != n.certificates().is_some()
+            || (o.acme, &o.redirect_to, o.hsts) != (n.acme, &n.redirect_to, n.hsts)
             || matches!((&o.kind, &n.kind), (ListenerKind::Tcp { tls: a }, ListenerKind::Tcp { tls: b }) if std::mem::discriminant(a) != std::mem::discriminant(b));
         if shape_changed {
-            let reason = if o.certificates().is_none() && n.certificates().is_some() {
+            let reason = if !o.is_tls() && n.is_tls() {
                 "turning on TLS (the first certificate) changes the bind line: reload"
+            } else if (o.acme, &o.redirect_to, o.hsts) != (n.acme, &n.redirect_to, n.hsts) {
+                "ACME, redirect and HSTS settings are rules of the frontend: reload"
             } else {
                 "a listener's bind or protocol changes with a reload"
             };
@@ -531,6 +550,87 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 .values(digest(old_sha), digest(new_sha)),
             );
         }
+    }
+}
+
+/// Certificates from the ACME store: installed, renewed and removed at runtime, unless a
+/// listener that lists them is itself reloaded.
+fn issued_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    // By digest: a recorded model knows its certificates by digest only.
+    let digests = |m: &Model| -> BTreeMap<String, String> {
+        m.issued
+            .certs
+            .iter()
+            .map(|(d, f)| (d.clone(), f.sha256.clone()))
+            .collect()
+    };
+    let (old_certs, new_certs) = (digests(old), digests(new));
+    let fingerprint = |m: &Model| m.issued.fallback.as_ref().map(|f| f.sha256.clone());
+    if old_certs == new_certs && fingerprint(old) == fingerprint(new) {
+        return;
+    }
+    let (wanted_old, wanted_new) = (crate::acme::wanted(old), crate::acme::wanted(new));
+    let reloaded = |model: &Model, domain: &str| -> Option<String> {
+        let wanted = if std::ptr::eq(model, old) {
+            &wanted_old
+        } else {
+            &wanted_new
+        };
+        wanted
+            .get(domain)?
+            .listeners
+            .iter()
+            .find(|l| {
+                let (o, n) = (old.listeners.get(*l), new.listeners.get(*l));
+                match (o, n) {
+                    (Some(o), Some(n)) => {
+                        o.bind != n.bind || o.is_tls() != n.is_tls() || o.acme != n.acme
+                    }
+                    _ => true,
+                }
+            })
+            .cloned()
+    };
+    let mode = |model: &Model, domain: &str, runtime: &str| match reloaded(model, domain) {
+        Some(l) => (Mode::Reload, format!("comes with listener {l}'s reload")),
+        None => (Mode::Runtime, runtime.to_string()),
+    };
+    let id = |domain: &str| crate::acme::cert_file(domain);
+    let d = diff_maps(&old_certs, &new_certs);
+    for (domain, _) in d.added {
+        let (mode, reason) = mode(new, domain, "new ssl cert + add ssl crt-list");
+        out.push(
+            Change::new(Action::Create, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": issued by the ACME CA for {domain}")),
+        );
+    }
+    for (domain, _) in d.removed {
+        let (mode, reason) = mode(old, domain, "del ssl crt-list + del ssl cert");
+        out.push(
+            Change::new(Action::Delete, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": {domain} no longer served on an ACME listener")),
+        );
+    }
+    for (domain, _, _) in d.changed {
+        let (mode, reason) = mode(new, domain, "set ssl cert + commit ssl cert");
+        out.push(
+            Change::new(Action::Update, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": renewed for {domain} (not shown)")),
+        );
+    }
+    if let (Some(a), Some(b)) = (fingerprint(old), fingerprint(new))
+        && a != b
+    {
+        out.push(
+            Change::new(
+                Action::Update,
+                Kind::Certificate,
+                crate::acme::fallback_file(),
+                Mode::Runtime,
+                "set ssl cert + commit ssl cert",
+            )
+            .detail(": the default certificate of ACME listeners (not shown)"),
+        );
     }
 }
 

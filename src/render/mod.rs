@@ -101,6 +101,9 @@ pub struct Rendered {
     pub backends: Vec<ProxyBackend>,
     /// Which slot each app holds: what the next rendering for this target starts from.
     pub slots: SlotPools,
+    /// The ACME challenge map (as the configuration names it), when a listener uses ACME:
+    /// written empty, filled at runtime only while challenges are pending.
+    pub acme_challenge_map: Option<String>,
     /// The state this was rendered from (JSON), so a later plan can say what changed.
     pub manifest: String,
 }
@@ -146,6 +149,13 @@ impl Rendered {
                 path: o.cert_ref(name),
                 bytes: cert.pem.as_deref().expect("checked by render").to_vec(),
                 secret: true,
+            });
+        }
+        if let Some(map) = &self.acme_challenge_map {
+            files.push(OutputFile {
+                path: map.clone(),
+                bytes: Vec::new(),
+                secret: false,
             });
         }
         files.push(OutputFile {
@@ -250,6 +260,18 @@ struct ListenerView {
     own_lookup: bool,
     wildcard_lookup: bool,
     extra: Vec<String>,
+    /// Plain HTTP listeners of a state using ACME: answer HTTP-01 challenges.
+    acme_challenges: bool,
+    /// Plain HTTP listeners: the port of the HTTPS listener every request is redirected to.
+    redirect_port: Option<u16>,
+    hsts: Option<HstsView>,
+}
+
+#[derive(Serialize)]
+struct HstsView {
+    max_age: u64,
+    include_subdomains: bool,
+    preload: bool,
 }
 
 #[derive(Serialize)]
@@ -291,6 +313,7 @@ struct ConfigView {
     http_listeners: Vec<ListenerView>,
     tcp_listeners: Vec<ListenerView>,
     shared_map: String,
+    acme_challenge_map: String,
     not_found: &'static str,
     reject: &'static str,
     backends: Vec<BackendView>,
@@ -310,6 +333,17 @@ struct ManifestView<'a> {
     /// The target's own listener addresses it was rendered with.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     binds: &'a BTreeMap<String, String>,
+    /// The ACME certificates it was rendered with (domain → SHA-256; the default one as
+    /// `fallback`), so a later plan sees them as applied rather than new.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acme: Option<IssuedView<'a>>,
+}
+
+#[derive(Serialize)]
+struct IssuedView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<&'a str>,
+    certs: BTreeMap<&'a str, &'a str>,
 }
 
 /// Renders `model` as a first rendering: apps take slots 1, 2, 3… in name order. For a target
@@ -343,11 +377,17 @@ pub fn render_onto(
     let mut certs = BTreeMap::new();
     let mut http_listeners = Vec::new();
     let mut tcp_listeners = Vec::new();
+    let uses_acme = model.acme.is_some() && model.listeners.values().any(|l| l.acme);
     for (name, listener) in &model.listeners {
-        let crt_list = listener.certificates().map(|c| {
+        let tls = listener.is_tls();
+        let crt_list = tls.then(|| {
             let list_name = format!("{name}.crt-list");
             let mut lines = Vec::new();
-            for file in &c.files {
+            for file in listener
+                .certificates()
+                .map(|c| c.files.as_slice())
+                .unwrap_or_default()
+            {
                 if file.pem.is_none() {
                     missing_pem.push(file.name.clone());
                 }
@@ -355,8 +395,31 @@ pub fn render_onto(
                 lines.push(options.cert_ref(&file_name));
                 certs.insert(file_name, file.clone());
             }
+            // Certificates from the CA, after the folder's (its first file stays the default).
+            for (file_name, file) in crate::acme::listener_certs(model, name) {
+                if file.pem.is_none() {
+                    missing_pem.push(file_name.clone());
+                }
+                lines.push(options.cert_ref(&file_name));
+                certs.insert(file_name, file.clone());
+            }
             crt_lists.insert(list_name.clone(), lines);
             options.cert_ref(&list_name)
+        });
+        if tls && crt_lists[&format!("{name}.crt-list")].is_empty() {
+            return Err(RenderError::Unsafe(format!(
+                "listener {name} gets its certificates from ACME and has no certificate yet: render it for a target (--target), whose state folder holds its default certificate"
+            )));
+        }
+        let redirect_port = listener
+            .redirect_to
+            .as_ref()
+            .and_then(|to| model.listeners.get(to))
+            .map(|to| to.bind.port);
+        let hsts = listener.hsts.map(|h| HstsView {
+            max_age: h.max_age_seconds,
+            include_subdomains: h.include_subdomains,
+            preload: h.preload,
         });
         let lookups = layout::http_lookups(model, name);
         let view = ListenerView {
@@ -365,6 +428,9 @@ pub fn render_onto(
             own_map: options.map_ref(&layout::listener_map(name)),
             own_lookup: lookups.own,
             wildcard_lookup: lookups.wildcards,
+            acme_challenges: uses_acme && listener.is_http() && !tls,
+            redirect_port,
+            hsts,
             crt_list,
             extra: listener.extra.clone(),
         };
@@ -434,6 +500,7 @@ pub fn render_onto(
         http_listeners,
         tcp_listeners,
         shared_map: options.map_ref(layout::SHARED_HTTP_MAP),
+        acme_challenge_map: crate::acme::CHALLENGE_MAP.to_string(),
         not_found: layout::NOT_FOUND_BACKEND,
         reject: layout::REJECT_BACKEND,
         backends: backend_views,
@@ -452,6 +519,7 @@ pub fn render_onto(
         certs,
         backends,
         slots,
+        acme_challenge_map: uses_acme.then(|| crate::acme::CHALLENGE_MAP.to_string()),
         manifest: String::new(),
     };
     let files = rendered
@@ -483,6 +551,15 @@ pub fn render_onto(
             .collect(),
         files,
         binds: &options.binds,
+        acme: (model.issued != Default::default()).then(|| IssuedView {
+            fallback: model.issued.fallback.as_ref().map(|f| f.sha256.as_str()),
+            certs: model
+                .issued
+                .certs
+                .iter()
+                .map(|(d, f)| (d.as_str(), f.sha256.as_str()))
+                .collect(),
+        }),
     };
     rendered.manifest = serde_json::to_string(&manifest).expect("manifest serializes") + "\n";
     Ok(rendered)
