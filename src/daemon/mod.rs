@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod notify;
 pub mod reconcile;
 pub mod signals;
+pub mod status_page;
 pub mod supervise;
 pub mod watch;
 
