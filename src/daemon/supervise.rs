@@ -10,7 +10,7 @@ use crate::model::HaproxyTarget;
 use crate::target::haproxy::{marker, process};
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,7 +100,7 @@ impl Supervisor {
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         // Its own process group: a Ctrl-C or a signal to the daemon's group does not reach
         // HAProxy directly; the daemon stops it gracefully on its way out.
-        let child = Command::new(&target.haproxy_bin)
+        let child = process::haproxy_command(&target.haproxy_bin)
             .process_group(0)
             .arg("-W")
             .arg("-S")
