@@ -170,6 +170,11 @@ fn run_with(
         })
     });
     let acme_thread = crate::acme::manager::spawn(acme.clone());
+    // A restarted HAProxy has an empty challenge map, as after a reload.
+    if let Some(supervisor) = &supervisor {
+        let acme = acme.clone();
+        supervisor.on_restart(move || acme.after_reload());
+    }
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),
