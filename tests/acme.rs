@@ -364,10 +364,16 @@ struct Setup {
 
 impl Setup {
     fn new(validity_seconds: u64) -> Setup {
+        Setup::validated_on(validity_seconds, None)
+    }
+
+    /// pebble fetches HTTP-01 answers from `port` (a relay in front of HAProxy) when given,
+    /// else from HAProxy's HTTP listener.
+    fn validated_on(validity_seconds: u64, port: Option<u16>) -> Setup {
         let site = Site::new();
         let http = free_port();
         let https = free_port();
-        let pebble = Pebble::start(http, validity_seconds);
+        let pebble = Pebble::start(port.unwrap_or(http), validity_seconds);
         write(
             site.path(),
             "pebble-https-ca.pem",
@@ -796,5 +802,125 @@ fn a_wildcard_gets_its_certificate_through_the_dns_hook() {
     assert!(
         lines[1].starts_with("clear _acme-challenge.preview.example.com "),
         "{log}"
+    );
+}
+
+/// A TCP relay to HAProxy's HTTP listener that holds every connection until released: pebble's
+/// validation request waits in it while the test does something to HAProxy.
+struct HeldRelay {
+    port: u16,
+    held: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HeldRelay {
+    fn bind() -> (HeldRelay, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = HeldRelay {
+            port: listener.local_addr().unwrap().port(),
+            held: Default::default(),
+            release: Default::default(),
+        };
+        (relay, listener)
+    }
+
+    fn relay_to(&self, listener: std::net::TcpListener, to: u16) {
+        use std::sync::atomic::Ordering;
+        let (held, release) = (self.held.clone(), self.release.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                held.fetch_add(1, Ordering::SeqCst);
+                let release = release.clone();
+                std::thread::spawn(move || {
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let Ok(upstream) = TcpStream::connect(("127.0.0.1", to)) else {
+                        return;
+                    };
+                    let (mut c_read, mut u_write) =
+                        (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                    let forward = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_read, &mut u_write);
+                        let _ = u_write.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut u_read, mut c_write) = (upstream, client);
+                    let _ = std::io::copy(&mut u_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                    let _ = forward.join();
+                });
+            }
+        });
+    }
+}
+
+/// Issue 15: HTTP-01 answers live in HAProxy's runtime challenge map only, so a HAProxy that
+/// died and was restarted by the daemon's supervisor while the CA was validating answered 404:
+/// the validation failed and the domain waited a back-off for nothing. The supervisor's
+/// restart puts pending answers back, as a reload does.
+#[test]
+fn a_haproxy_restarted_during_validation_still_answers_the_challenge() {
+    use std::sync::atomic::Ordering;
+    let (relay, listener) = HeldRelay::bind();
+    let s = Setup::validated_on(3600, Some(relay.port));
+    relay.relay_to(listener, s.http);
+    let root = s.pebble.root();
+    s.site.write_state(&s.state("", &["shop.example.com"]));
+    let daemon = Daemon::start(s.site.path(), "state.yaml", &[]);
+
+    // pebble is validating: the answer is published and its request waits in the relay.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "pebble never validated:\n{}\n{}",
+            daemon.log_text(),
+            s.pebble.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // HAProxy dies; the supervisor starts a new one on the files.
+    let before = s
+        .site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .expect("master answers");
+    for pid in before.current().map(|w| w.pid).chain([before.master_pid]) {
+        // SAFETY: kill(2) on the HAProxy this test's daemon started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let restarted = s
+            .site
+            .master()
+            .show_proc(Duration::from_secs(1))
+            .is_ok_and(|p| p.master_pid != before.master_pid && p.current().next().is_some());
+        if restarted && s.site.runtime().worker_pid().is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy was not restarted:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.release.store(true, Ordering::SeqCst);
+
+    let served = wait_for_certificate(
+        &root,
+        s.https,
+        "shop.example.com",
+        None,
+        Duration::from_secs(60),
+        &|| format!("{}\n{}", daemon.log_text(), s.pebble.log()),
+    );
+    assert_eq!(names_in(&served), vec!["shop.example.com".to_string()]);
+    let status = s.status(&daemon);
+    assert_eq!(
+        status["acme"]["certificates"]["shop.example.com"]["failures"], 0,
+        "the validation during the restart failed: {status:#}"
     );
 }

@@ -205,9 +205,10 @@ fn plan_and_apply_through_the_api_with_map_changes_at_runtime() {
     );
     // The API wrote its `# _version=N` line: the plan ignores it.
     assert!(edge.api.config_file().starts_with("# _version="));
+    let (_, after_apply, _) = edge.lunafront(&["plan", "state.yaml"]);
     assert!(
         edge.plan_is_empty(),
-        "a plan right after the apply is not empty"
+        "a plan right after the apply is not empty:\n{after_apply}"
     );
     assert_eq!(edge.api.reload_statuses(), vec!["succeeded"]);
 
@@ -839,9 +840,10 @@ fn certificates_go_to_the_ssl_storage_and_change_at_runtime() {
     }
     // The API never gives a certificate back; its fingerprint and the recorded apply say the
     // target holds it.
+    let (_, after_apply, _) = edge.lunafront(&["plan", "state.yaml"]);
     assert!(
         edge.plan_is_empty(),
-        "a plan right after the apply is not empty"
+        "a plan right after the apply is not empty:\n{after_apply}"
     );
 
     // Renewed: replaced at runtime, no reload.

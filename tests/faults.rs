@@ -978,3 +978,52 @@ fn timestamp(line: &str) -> f64 {
     let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
     parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
 }
+
+/// After a reload that failed, HAProxy's master keeps the old worker and counts a reload on
+/// it (`show proc`: reloads 1), so no worker had reloads 0 and "the current generation" was
+/// empty: a daemon starting beside such a HAProxy did not see it serve, waited its whole
+/// reload timeout and reported it not started. The current generation is the newest one.
+#[test]
+fn a_daemon_adopts_a_haproxy_whose_last_reload_failed() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop")],
+        "",
+        None,
+        true,
+    ));
+    site.apply();
+    assert!(serves(port, "shop.example.com", "shop"));
+
+    // A reload HAProxy refuses (a configuration it cannot parse), then the good file back.
+    let config = site.path().join("live/haproxy.cfg");
+    let good = std::fs::read(&config).unwrap();
+    std::fs::write(&config, "this is not a configuration\n").unwrap();
+    site.master().reload().ok();
+    wait_until(Duration::from_secs(20), || {
+        site.master()
+            .show_proc(Duration::from_secs(1))
+            .is_ok_and(|p| p.failed >= 1)
+    });
+    std::fs::write(&config, good).unwrap();
+    let proc = site.master().show_proc(Duration::from_secs(2)).unwrap();
+    assert!(
+        proc.workers.iter().all(|w| w.reloads >= 1),
+        "the old worker carries the failed reload: {proc:?}"
+    );
+    assert!(serves(port, "shop.example.com", "shop"));
+
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(30));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("HAProxy serves the last applied state") && !log.contains("did not come up"),
+        "the daemon did not adopt the serving HAProxy:\n{log}"
+    );
+    assert!(serves(port, "shop.example.com", "shop"));
+}

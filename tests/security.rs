@@ -766,3 +766,87 @@ fn reload_forcing_changes_of_many_tenants_share_reloads() {
         assert_eq!(status, 200);
     }
 }
+
+/// HAProxy expands `${VAR}` in quoted configuration strings and `env()` in expressions: a
+/// HAProxy started by lunafront (the daemon's child, or `apply` with `spawn: true`) must not
+/// inherit the admin token or any other `LUNAFRONT_*` secret from lunafront's environment.
+#[test]
+fn haproxy_started_by_lunafront_never_inherits_the_admin_token() {
+    let read_environ = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let pids_of = |site: &Site| {
+        let proc = site
+            .master()
+            .show_proc(Duration::from_secs(2))
+            .expect("master answers");
+        let mut pids: Vec<u32> = proc.current().map(|w| w.pid).collect();
+        pids.push(proc.master_pid);
+        pids
+    };
+    let secret = "admin-token-that-must-stay-in-lunafront";
+    let shop = http_backend("shop");
+    let port = free_port();
+    let state = |site: &Site| {
+        format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{port}\" }}\nagents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n  shop.example.com: {{ backend: shop }}\n{}",
+            shop.port,
+            site.target_block(true)
+        )
+    };
+
+    // The daemon's child.
+    let site = Site::new();
+    site.write_state(&state(&site));
+    let daemon = Daemon::start_with_env(
+        site.path(),
+        "state.yaml",
+        &[],
+        &[
+            ("LUNAFRONT_ADMIN_TOKEN", secret),
+            ("LUNAFRONT_OTHER_SECRET", secret),
+        ],
+    );
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
+    for pid in pids_of(&site) {
+        let environ = read_environ(pid);
+        assert!(
+            !environ.is_empty(),
+            "HAProxy {pid}'s environment is readable"
+        );
+        assert!(
+            !environ.contains(secret),
+            "HAProxy {pid} inherited: {environ}"
+        );
+    }
+    drop(daemon);
+    drop(site);
+
+    // `apply` starting HAProxy in the background.
+    let site = Site::new();
+    site.write_state(&state(&site));
+    let out = lunafront()
+        .args(["apply", "state.yaml", "--auto-approve"])
+        .env("LUNAFRONT_ADMIN_TOKEN", secret)
+        .current_dir(site.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pid in pids_of(&site) {
+        let environ = read_environ(pid);
+        assert!(
+            !environ.is_empty(),
+            "HAProxy {pid}'s environment is readable"
+        );
+        assert!(
+            !environ.contains(secret),
+            "HAProxy {pid} inherited: {environ}"
+        );
+    }
+}

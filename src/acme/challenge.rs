@@ -1,6 +1,6 @@
 //! Publishing ACME challenges (I/O edge). HTTP-01: an entry `host/token → key authorization`
 //! in HAProxy's challenge map, added and removed through the runtime API (no reload), and
-//! added again after a reload empties it. DNS-01 (wildcards): the TXT record is published by
+//! added again after a reload or a restart empties it. DNS-01 (wildcards): the TXT record is published by
 //! the `acme.dns_hook` command, `dns_hook set|clear _acme-challenge.<name> <value>`.
 
 use crate::target::haproxy::execute;

@@ -293,6 +293,14 @@ pub fn prepare(
         render::output_paths(&model, &options),
     )?;
     let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
+    // A Data Plane API never gives a certificate back: whether it holds the one rendered is
+    // known only by comparing with the rendered file, so it is read again with those files.
+    let live = match target {
+        Target::Dataplane(_) => {
+            target::observe_files(name, target, &options, &rendered.file_map())?
+        }
+        Target::Haproxy(_) => live,
+    };
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),

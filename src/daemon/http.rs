@@ -1,4 +1,4 @@
-//! The daemon's HTTP endpoints (I/O edge): `GET /health` (liveness: the daemon runs and
+//! The daemon's HTTP endpoints (I/O edge): `GET /` (the status page), `GET /health` (liveness: the daemon runs and
 //! HAProxy answers), `GET /ready` (readiness: the last reconcile succeeded too), `GET /status`,
 //! `GET /metrics`, `POST /reconcile`, `POST /approve?revision=R` (a change the delete guard
 //! holds). Handlers never touch HAProxy themselves: a reconcile goes through the reconcile loop
@@ -45,6 +45,7 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
@@ -134,6 +135,20 @@ async fn status(State(app): State<AppState>) -> Response {
         body["acme"] = acme.status_json();
     }
     Json(body).into_response()
+}
+
+/// The HTML status page (`status_page`): read off the request thread, HAProxy's socket and
+/// the files being blocking I/O.
+async fn status_page(State(app): State<AppState>) -> Response {
+    let status = app.status.lock().expect("status").clone();
+    let acme = app.acme.as_ref().map(|a| a.status_json());
+    let target = app.target.clone();
+    let html = tokio::task::spawn_blocking(move || {
+        super::status_page::render(&super::status_page::collect(&target, &status, acme))
+    })
+    .await
+    .unwrap_or_else(|e| format!("status page: {e}"));
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod notify;
 pub mod reconcile;
 pub mod signals;
+pub mod status_page;
 pub mod supervise;
 pub mod watch;
 
@@ -169,6 +170,11 @@ fn run_with(
         })
     });
     let acme_thread = crate::acme::manager::spawn(acme.clone());
+    // A restarted HAProxy has an empty challenge map, as after a reload.
+    if let Some(supervisor) = &supervisor {
+        let acme = acme.clone();
+        supervisor.on_restart(move || acme.after_reload());
+    }
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),

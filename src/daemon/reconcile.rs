@@ -108,7 +108,13 @@ pub struct Status {
     /// The revision `POST /approve` approved, until a reconcile uses it.
     #[serde(skip)]
     pub approved: Option<String>,
+    /// The last reconciles, newest first (at most `RECENT_RECONCILES`), for the status page.
+    #[serde(skip)]
+    pub recent: std::collections::VecDeque<Outcome>,
 }
+
+/// How many reconciles the status page lists.
+pub const RECENT_RECONCILES: usize = 20;
 
 /// A change held because it removes many domains or backends at once (a file cut short looks
 /// like that): not applied until the state stays the same for the settle time, or
@@ -256,6 +262,8 @@ impl Reconciler {
             status.last_error = Some(outcome.clone());
         }
         status.last_reconcile = Some(outcome.clone());
+        status.recent.push_front(outcome.clone());
+        status.recent.truncate(RECENT_RECONCILES);
         drop(status);
         super::notify::reconciled(&outcome);
         outcome

@@ -10,7 +10,7 @@ use crate::model::HaproxyTarget;
 use crate::target::haproxy::{marker, process};
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +24,9 @@ pub struct Supervisor {
     /// Whether a master of this target ever ran while this daemon watched: until then the
     /// first reconcile starts HAProxy, and a missing master is no restart.
     ever_ran: AtomicBool,
+    /// Run after each restart: what lived only in the dead HAProxy's memory (ACME challenge
+    /// answers) is put back.
+    after_restart: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Supervisor {
@@ -34,7 +37,13 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             restarts,
             ever_ran: AtomicBool::new(false),
+            after_restart: Mutex::new(None),
         })
+    }
+
+    /// `f` runs after each restart of HAProxy (a new master on the files on disk).
+    pub fn on_restart(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.after_restart.lock().expect("after_restart") = Some(Box::new(f));
     }
 
     /// Whether our child is alive (it may still be loading its configuration).
@@ -100,7 +109,7 @@ impl Supervisor {
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         // Its own process group: a Ctrl-C or a signal to the daemon's group does not reach
         // HAProxy directly; the daemon stops it gracefully on its way out.
-        let child = Command::new(&target.haproxy_bin)
+        let child = process::haproxy_command(&target.haproxy_bin)
             .process_group(0)
             .arg("-W")
             .arg("-S")
@@ -158,6 +167,10 @@ impl Supervisor {
                     Ok(pid) => {
                         self.restarts.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(worker = pid, "HAProxy restarted");
+                        if let Some(f) = self.after_restart.lock().expect("after_restart").as_ref()
+                        {
+                            f();
+                        }
                     }
                     Err(e) => {
                         tracing::error!("HAProxy restart failed: {e}");

@@ -10,10 +10,23 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A command that starts `haproxy` without lunafront's secrets: HAProxy expands `${VAR}` in
+/// quoted configuration strings and `env(VAR)` in expressions, so whatever its configuration
+/// holds must not be able to read the admin token (`LUNAFRONT_*`) from its environment.
+pub fn haproxy_command(haproxy: &Path) -> Command {
+    let mut command = Command::new(haproxy);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("LUNAFRONT_") {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
 /// Runs `haproxy -c` on a configuration, from `/` so relative paths must resolve through
 /// `default-path config`. `Err` holds HAProxy's own explanation.
 pub fn check_config(haproxy: &Path, config: &Path) -> Result<(), String> {
-    let out = Command::new(haproxy)
+    let out = haproxy_command(haproxy)
         .args(["-c", "-f"])
         .arg(config)
         .current_dir("/")
@@ -141,7 +154,7 @@ pub fn start_background(target: &HaproxyTarget) -> Result<u32, String> {
     }
     create_socket_dirs(target)?;
     let pidfile = target.state_dir.join("haproxy.pid");
-    let out = Command::new(&target.haproxy_bin)
+    let out = haproxy_command(&target.haproxy_bin)
         .arg("-W")
         .arg("-D")
         .arg("-S")

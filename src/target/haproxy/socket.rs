@@ -134,9 +134,14 @@ pub struct ProcInfo {
 }
 
 impl ProcInfo {
-    /// The workers of the current generation.
+    /// The workers of the current generation: the newest, those that lived through the
+    /// fewest reloads. Usually 0; after a reload that failed, the master kept its old workers
+    /// and counted the reload on them too (1 or more), and they are still the current ones.
     pub fn current(&self) -> impl Iterator<Item = &Worker> {
-        self.workers.iter().filter(|w| w.reloads == 0)
+        let newest = self.workers.iter().map(|w| w.reloads).min();
+        self.workers
+            .iter()
+            .filter(move |w| Some(w.reloads) == newest)
     }
 }
 
@@ -270,6 +275,16 @@ mod tests {
         assert_eq!(
             info.current().map(|w| w.pid).collect::<Vec<_>>(),
             vec![24456]
+        );
+    }
+
+    #[test]
+    fn after_a_failed_reload_the_kept_workers_are_the_current_generation() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n24092           master          1 [failed: 1]   0d00h00m20s     2.6.12-1+deb12u3\n# workers\n24400           worker          1               0d00h01m01s     2.6.12-1+deb12u3\n# programs\n\n";
+        let info = parse_show_proc(text).unwrap();
+        assert_eq!(
+            info.current().map(|w| w.pid).collect::<Vec<_>>(),
+            vec![24400]
         );
     }
 }
