@@ -502,3 +502,335 @@ fn the_limit_on_registration_attempts_per_client_is_the_state_s() {
         assert_eq!(status, 401, "attempt {i}: {body}");
     }
 }
+
+/// Schemathesis's first run (ST101): `POST /v1/agents {"id": "a", "address": "127.0.0.1"}`
+/// with agent `a` in the administrator's YAML wrote `agents.d/a.yaml`, the merged state then
+/// failed ("agent `a` is defined twice"), the answer was 503 "saved but not live", and the
+/// fragment stayed: every other tenant's change was refused until someone removed it. Now it
+/// is a 409 naming the agent, nothing is written, and the next tenant's change goes live.
+#[test]
+fn posting_an_agent_the_administrator_defines_is_a_409_that_writes_nothing_and_blocks_no_one() {
+    let front = ApiFront::start_with(
+        "passthrough",
+        "  allowed_networks: [ \"127.0.0.0/8\" ]\n",
+        "",
+        &[(
+            "state/admin.yaml",
+            "agents:\n  a: { address: 127.0.0.1 }\n".to_string(),
+        )],
+    );
+    front
+        .daemon
+        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
+    let b = front.register("b", "127.0.3.2");
+    let state = front.site.path().join("state");
+    let before = snapshot(&state);
+    let (status, body) = front.call(
+        "POST",
+        "/v1/agents",
+        Some(ADMIN),
+        Some(json!({"id": "a", "address": "127.0.0.1"})),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "conflict", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("`a`"),
+        "the answer names the agent: {body}"
+    );
+    assert!(!state.join("agents.d/a.yaml").exists());
+    assert!(snapshot(&state) == before, "a file of the state changed");
+    // Nothing is held: another tenant's change goes live.
+    let (status, body) = front.call(
+        "POST",
+        "/api/proxy/http",
+        Some(&b),
+        Some(json!({"agentId": "b", "subdomain": "blog", "targetUrl": "http://127.0.0.1:3000"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, stdout, stderr) = run(&["validate", "state"], front.site.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+/// The document's answer for `method template` with `status`, its schema checked against
+/// `text`: an error when the status is not documented for the operation or the body is not
+/// what the document says.
+fn documented(
+    spec: &Value,
+    method: &str,
+    template: &str,
+    status: u16,
+    text: &str,
+) -> Result<(), String> {
+    let operation = &spec["paths"][template][method.to_lowercase()];
+    let mut response = operation["responses"][status.to_string()].clone();
+    if response.is_null() {
+        return Err(format!(
+            "{method} {template} answered {status}, which the document does not list for it: {text}"
+        ));
+    }
+    if let Some(reference) = response.get("$ref").and_then(Value::as_str) {
+        response = spec
+            .pointer(reference.trim_start_matches('#'))
+            .unwrap()
+            .clone();
+    }
+    let Some(schema) = response.pointer("/content/application~1json/schema") else {
+        return Ok(());
+    };
+    let body: Value = serde_json::from_str(text)
+        .map_err(|e| format!("{method} {template} {status}: not JSON ({e}): {text}"))?;
+    let validator =
+        jsonschema::validator_for(&json!({"allOf": [schema], "components": spec["components"]}))
+            .unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{method} {template} {status}: the body is not the documented one: {errors:?}\n{body}"
+        ))
+    }
+}
+
+/// Schemathesis's first run (ST103, "undocumented status codes"): 503 and others were
+/// answered but not documented per operation. Every operation of the document is called
+/// without a token, with a body over 64 KiB, and — with the admin token and with an agent's —
+/// once the administrator has broken the state by hand; every answer's status is listed for
+/// the operation, with the documented body. The writes refused for the broken state are 503s.
+#[test]
+fn every_status_an_operation_answers_is_documented_for_it() {
+    let spec: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml")).unwrap(),
+    )
+    .unwrap();
+    let front = ApiFront::start_with(
+        "passthrough",
+        "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { client_attempt_burst: 1000 }\n",
+        "",
+        &[(
+            "state/admin.yaml",
+            "agents:\n  admin-agent: { address: 127.0.9.9 }\n".to_string(),
+        )],
+    );
+    front
+        .daemon
+        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
+    let me = front.register("me", "127.0.5.5");
+    let (status, body) = front.call(
+        "POST",
+        "/api/proxy/http",
+        Some(&me),
+        Some(json!({"agentId": "me", "subdomain": "shop", "targetUrl": "http://127.0.0.1:3000"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let key = "0123456789abcdef0";
+    // (method, the document's path, the path called, a body of the documented shape)
+    let calls: Vec<(&str, &str, &str, Option<Value>)> = vec![
+        (
+            "POST",
+            "/api/agent/register",
+            "/api/agent/register",
+            Some(json!({"agentId": "new-1", "agentKey": key, "targetIp": "127.0.6.1"})),
+        ),
+        (
+            "POST",
+            "/api/agents/register",
+            "/api/agents/register",
+            Some(json!({"agentId": "new-1", "agentKey": key, "targetIp": "127.0.6.1"})),
+        ),
+        (
+            "POST",
+            "/api/agents/authenticate",
+            "/api/agents/authenticate",
+            Some(json!({"agentId": "me", "agentKey": key})),
+        ),
+        (
+            "POST",
+            "/api/agent/authenticate",
+            "/api/agent/authenticate",
+            Some(json!({"serverId": "me", "agentToken": key})),
+        ),
+        ("GET", "/api/config/{agentId}", "/api/config/me", None),
+        (
+            "POST",
+            "/api/proxy/http",
+            "/api/proxy/http",
+            Some(
+                json!({"agentId": "me", "subdomain": "blog", "targetUrl": "http://127.0.0.1:3000"}),
+            ),
+        ),
+        ("GET", "/api/proxy/routes", "/api/proxy/routes", None),
+        (
+            "GET",
+            "/api/proxy/agents/{agentId}",
+            "/api/proxy/agents/me",
+            None,
+        ),
+        ("GET", "/api/proxy", "/api/proxy", None),
+        (
+            "DELETE",
+            "/api/proxy",
+            "/api/proxy",
+            Some(json!({"agentId": "me", "subdomain": "shop", "type": "http"})),
+        ),
+        (
+            "POST",
+            "/api/mongodb/register",
+            "/api/mongodb/register",
+            Some(
+                json!({"agentId": "me", "targetIp": "127.0.5.5", "targetPort": 27017, "useTls": true}),
+            ),
+        ),
+        (
+            "POST",
+            "/api/proxy/{dbType}",
+            "/api/proxy/mongodb",
+            Some(
+                json!({"agentId": "me", "targetHost": "127.0.5.5", "targetPort": 27018, "options": {"useTls": true}}),
+            ),
+        ),
+        (
+            "GET",
+            "/api/certificates/mongodb-ca",
+            "/api/certificates/mongodb-ca",
+            None,
+        ),
+        ("GET", "/health", "/health", None),
+        ("GET", "/v1/agents", "/v1/agents", None),
+        (
+            "POST",
+            "/v1/agents",
+            "/v1/agents",
+            Some(json!({"id": "new-2", "address": "127.0.6.2"})),
+        ),
+        ("GET", "/v1/agents/{id}", "/v1/agents/me", None),
+        ("DELETE", "/v1/agents/{id}", "/v1/agents/me", None),
+        (
+            "POST",
+            "/v1/agents/{id}/enroll",
+            "/v1/agents/new-3/enroll",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/agents/{id}/revoke",
+            "/v1/agents/nobody/revoke",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/agents/{id}/routes",
+            "/v1/agents/me/routes",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/agents/{id}/routes",
+            "/v1/agents/me/routes",
+            Some(json!({"type": "http", "subdomain": "blog2", "port": 3000})),
+        ),
+        (
+            "DELETE",
+            "/v1/agents/{id}/routes/{domain}",
+            "/v1/agents/me/routes/shop.apps.example.com",
+            None,
+        ),
+        ("GET", "/v1/domains", "/v1/domains", None),
+        ("GET", "/v1/plan", "/v1/plan", None),
+        ("GET", "/v1/status", "/v1/status", None),
+    ];
+    // Every operation of the document is in the table.
+    let mut operations = 0;
+    for (template, item) in spec["paths"].as_object().unwrap() {
+        for method in ["get", "post", "delete"] {
+            if item.get(method).is_some() {
+                operations += 1;
+                assert!(
+                    calls
+                        .iter()
+                        .any(|(m, t, _, _)| m.eq_ignore_ascii_case(method) && t == template),
+                    "{method} {template} is not called"
+                );
+            }
+        }
+    }
+    assert_eq!(operations, calls.len());
+
+    let mut failures = Vec::new();
+    let mut answered: BTreeMap<(String, u16), usize> = BTreeMap::new();
+    let mut call = |what: &str,
+                    method: &str,
+                    template: &str,
+                    path: &str,
+                    token: Option<&str>,
+                    body: Option<&Value>| {
+        let (status, text) = http_json(front.api, method, path, token, body);
+        if let Err(e) = documented(&spec, method, template, status, &text) {
+            failures.push(format!("{what}: {e}"));
+        }
+        *answered
+            .entry((format!("{method} {template}"), status))
+            .or_default() += 1;
+    };
+    for (method, template, path, body) in &calls {
+        call("no token", method, template, path, None, body.as_ref());
+        if body.is_some() {
+            let big = json!({"agentId": "me", "padding": "x".repeat(70 * 1024)});
+            call(
+                "over 64 KiB",
+                method,
+                template,
+                path,
+                Some(ADMIN),
+                Some(&big),
+            );
+        }
+    }
+    // The administrator breaks the state by hand: a domain on a backend nothing defines.
+    write(
+        front.site.path(),
+        "state/broken.yaml",
+        "domains:\n  broken.example.com: { backend: nothing }\n",
+    );
+    let _ = http_json(front.daemon.port, "POST", "/reconcile", None, None);
+    for token in [ADMIN, me.as_str()] {
+        for (method, template, path, body) in &calls {
+            call(
+                "broken state",
+                method,
+                template,
+                path,
+                Some(token),
+                body.as_ref(),
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} undocumented answers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The broken state was met: the writes were refused as unavailable, and nothing was held.
+    for write in [
+        "POST /v1/agents",
+        "POST /api/proxy/http",
+        "POST /v1/agents/{id}/routes",
+    ] {
+        assert!(
+            answered.contains_key(&(write.to_string(), 503)),
+            "{write} never answered 503: {answered:?}"
+        );
+    }
+    for (method, template, _, body) in &calls {
+        if body.is_some() {
+            assert!(
+                answered.contains_key(&(format!("{method} {template}"), 413)),
+                "{method} {template} never answered 413: {answered:?}"
+            );
+        }
+    }
+}

@@ -502,3 +502,149 @@ fn collect_properties<'a>(schema: &'a Value, out: &mut Vec<(String, &'a Value)>)
         }
     }
 }
+
+/// The request body schema of `method path`, and the schema of each of its path parameters,
+/// as validators over the whole document (`$ref`s resolved).
+fn request_rules(
+    spec: &Value,
+    path: &str,
+    method: &str,
+) -> (jsonschema::Validator, Vec<jsonschema::Validator>) {
+    let build = |schema: &Value| {
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&json!({"allOf": [schema], "components": spec["components"]}))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    };
+    let item = &spec["paths"][path];
+    let operation = &item[method];
+    assert!(
+        operation.is_object(),
+        "{method} {path} is not in the document"
+    );
+    let body = operation
+        .pointer("/requestBody/content/application~1json/schema")
+        .cloned()
+        .unwrap_or(json!(true));
+    let mut params = Vec::new();
+    for list in [&item["parameters"], &operation["parameters"]] {
+        for p in list.as_array().into_iter().flatten() {
+            let p = match p.get("$ref").and_then(Value::as_str) {
+                Some(r) => spec.pointer(r.trim_start_matches('#')).unwrap(),
+                None => p,
+            };
+            if p["in"] == "path" {
+                params.push(build(&p["schema"]));
+            }
+        }
+    }
+    (build(&body), params)
+}
+
+/// Schemathesis 4.32.5's first run against the daemon (ST202, "schema-valid requests
+/// rejected", 6 operations): the document allowed `subdomain: ""`, `targetUrl: ""`,
+/// `targetIp: ""`, `address: ""`, a route `port: 1` with an empty subdomain, and ids of any
+/// characters, which the server refuses (400). The document refuses each of them now.
+#[test]
+fn requests_the_server_refuses_for_empty_fields_or_odd_ids_are_refused_by_the_document() {
+    let spec = spec();
+    let url = "http://127.0.0.1:3000";
+    let key = "0123456789abcdef";
+    let bodies = [
+        (
+            "/api/proxy/http",
+            json!({"agentId": "a", "subdomain": "", "targetUrl": url}),
+        ),
+        (
+            "/api/proxy/http",
+            json!({"agentId": "a", "subdomain": "shop", "targetUrl": ""}),
+        ),
+        (
+            "/api/proxy/http",
+            json!({"agentId": "a\u{15}", "subdomain": "shop", "targetUrl": url}),
+        ),
+        (
+            "/api/agent/register",
+            json!({"agentId": "a", "agentKey": key, "targetIp": ""}),
+        ),
+        (
+            "/api/agents/register",
+            json!({"agentId": "a b", "agentKey": key, "targetIp": "127.0.0.1"}),
+        ),
+        (
+            "/api/mongodb/register",
+            json!({"agentId": "a", "targetIp": "", "targetPort": 27017}),
+        ),
+        (
+            "/api/proxy/{dbType}",
+            json!({"agentId": "a", "targetHost": "", "targetPort": 27017}),
+        ),
+        ("/v1/agents", json!({"id": "a", "address": ""})),
+        (
+            "/v1/agents",
+            json!({"id": "\u{15}\u{90}", "address": "127.0.0.1"}),
+        ),
+        (
+            "/v1/agents/{id}/routes",
+            json!({"port": 1, "subdomain": ""}),
+        ),
+    ];
+    for (path, body) in bodies {
+        let (rule, _) = request_rules(&spec, path, "post");
+        assert!(
+            !rule.is_valid(&body),
+            "the document allows POST {path} {body}"
+        );
+        // The server's own check refuses it too (the request reaches no further).
+        let mut f = Fields::new(&body);
+        let refused = match path {
+            "/api/proxy/http" => {
+                let _ = f.agent_id("agentId");
+                let s = f.text("subdomain");
+                let u = f.text("targetUrl");
+                !f.errors.is_empty()
+                    || ops::label_of(&s).is_err()
+                    || ops::parse_target_url(&u).is_err()
+            }
+            "/v1/agents" => {
+                let _ = f.text("id");
+                let id = body["id"].as_str().unwrap();
+                let a = body["address"].as_str().unwrap();
+                !names::is_identifier(id) || ops::parse_ip(a).is_err()
+            }
+            "/v1/agents/{id}/routes" => ops::label_of("").is_err(),
+            _ => {
+                let id = body["agentId"].as_str().unwrap();
+                let ip = body
+                    .get("targetIp")
+                    .or(body.get("targetHost"))
+                    .and_then(Value::as_str)
+                    .unwrap();
+                !names::is_identifier(id) || ops::parse_ip(ip).is_err()
+            }
+        };
+        assert!(refused, "the server accepts POST {path} {body}");
+    }
+    let ids = ["\u{15}\u{90}", "a b", "a\nb", "-x", "é", "..", ""];
+    let mut checked = 0;
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        if !path.contains("{id}") && !path.contains("{agentId}") {
+            continue;
+        }
+        for method in ["get", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let (_, params) = request_rules(&spec, path, method);
+            let id_rule = &params[0];
+            for id in ids {
+                assert!(
+                    !id_rule.is_valid(&json!(id)) && !names::is_identifier(id),
+                    "{method} {path} allows the id {id:?}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} operations with an id");
+}
