@@ -133,6 +133,8 @@ fn run(front: &ApiFront, token: &str, agents: &[&str], name: &str) -> String {
         .args(["--request-timeout", "40"])
         .args(["--workers", "1"])
         .args(["--header", &format!("Authorization: Bearer {token}")])
+        .args(["--report", "har", "--report-har-path"])
+        .arg(dir.join("run.har"))
         .arg("--no-color")
         .env("SCHEMATHESIS_HOOKS", "hooks")
         .env("PYTHONPATH", root.join("tests/schemathesis"))
@@ -185,18 +187,87 @@ fn run(front: &ApiFront, token: &str, agents: &[&str], name: &str) -> String {
     report
 }
 
+/// Every request of a run (`--report har`) as (method, path, status).
+fn exchanges(front: &ApiFront, name: &str) -> Vec<(String, String, u16)> {
+    let har = front
+        .site
+        .path()
+        .join(format!("schemathesis-{name}/run.har"));
+    let har: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&har).unwrap()).expect("a HAR report");
+    har["log"]["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            let url = e["request"]["url"].as_str().unwrap();
+            let path = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
+                .unwrap_or("/");
+            let path = path.split('?').next().unwrap().to_string();
+            (
+                e["request"]["method"].as_str().unwrap().to_string(),
+                path,
+                e["response"]["status"].as_u64().unwrap() as u16,
+            )
+        })
+        .collect()
+}
+
+/// Whether some `method` request whose path starts with `prefix` (and has `segments` parts)
+/// succeeded: the first run's stateful phase could not chain calls, and every route removal
+/// it tried was a 404.
+fn succeeded(calls: &[(String, String, u16)], method: &str, prefix: &str, segments: usize) -> bool {
+    let n = calls
+        .iter()
+        .filter(|(m, p, s)| {
+            m == method
+                && p.starts_with(prefix)
+                && p.split('/').count() == segments
+                && (200..300).contains(s)
+        })
+        .count();
+    println!(
+        "{n} of {} requests: {method} {prefix}… ({segments} parts) succeeded",
+        calls.len()
+    );
+    n > 0
+}
+
 #[test]
 fn schemathesis_finds_no_failure_with_the_admin_token() {
     let (front, _) = front();
     let report = run(&front, ADMIN, &["admin-agent", "me"], "admin");
-    // The stateful phase followed the document's links.
+    // The stateful phase followed the document's links: created routes were found and
+    // removed (`/v1/agents/{id}/routes/{domain}`: 6 parts).
     assert!(report.contains("API Links:"), "{report}");
+    let calls = exchanges(&front, "admin");
+    assert!(
+        succeeded(&calls, "DELETE", "/v1/agents/", 6),
+        "no route was removed: {:?}",
+        calls
+            .iter()
+            .filter(|(m, _, _)| m == "DELETE")
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn schemathesis_finds_no_failure_with_an_agent_token() {
     let (front, me) = front();
     run(&front, &me, &["me"], "agent");
+    // The agent's routes were created and removed (the stateful phase's links).
+    let calls = exchanges(&front, "agent");
+    assert!(
+        succeeded(&calls, "DELETE", "/api/proxy", 3)
+            || succeeded(&calls, "DELETE", "/v1/agents/", 6),
+        "no route was removed: {:?}",
+        calls
+            .iter()
+            .filter(|(m, _, _)| m == "DELETE")
+            .collect::<Vec<_>>()
+    );
     // The agent's own things are still its own, and the administrator's still theirs.
     let (status, body) = front.call("GET", "/v1/agents/admin-agent", Some(&me), None);
     assert_eq!(status, 403, "{body}");
