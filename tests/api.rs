@@ -895,6 +895,14 @@ fn the_server_matches_its_openapi_document() {
         200,
     );
     check(
+        "POST",
+        "/api/agent/authenticate",
+        "/api/agent/authenticate",
+        None,
+        Some(json!({"serverId": "agent-x", "agentToken": key})),
+        200,
+    );
+    check(
         "GET",
         "/api/config/{agentId}",
         "/api/config/agent-x",
@@ -961,6 +969,24 @@ fn the_server_matches_its_openapi_document() {
             json!({"agentId": "agent-x", "targetIp": "127.0.4.1", "targetPort": 27017, "useTls": true}),
         ),
         200,
+    );
+    check(
+        "POST",
+        "/api/proxy/{dbType}",
+        "/api/proxy/mongodb",
+        t,
+        Some(
+            json!({"agentId": "agent-x", "targetHost": "127.0.4.1", "targetPort": 27018, "options": {"useTls": true}}),
+        ),
+        200,
+    );
+    check(
+        "POST",
+        "/api/proxy/{dbType}",
+        "/api/proxy/redis",
+        t,
+        Some(json!({"agentId": "agent-x", "targetHost": "127.0.4.1", "targetPort": 6379})),
+        422,
     );
     check(
         "DELETE",
@@ -1122,7 +1148,9 @@ fn mongodb_terminated_at_the_front_uses_the_private_ca_per_name_and_csrs_and_ren
             &json!({"agentId": "agent-1", "agentKey": key, "agentName": "a", "targetIp": "127.0.0.1", "csr": wrong}),
         ),
     );
-    assert_eq!(status, 400);
+    // A CSR for another name is well formed and not allowed: 403 (one that cannot be read is
+    // a 400: tests/api_state_guard.rs).
+    assert_eq!(status, 403);
 
     // MongoDB terminated at the front: HAProxy presents agent-1's certificate from the private
     // CA (added at runtime to the listener's certificate list) and forwards plain TCP.

@@ -92,7 +92,8 @@ fn addresses_are_judged_as_what_they_are_before_any_policy_decision() {
             None,
             Some(json!({"agentId": "evil", "agentKey": key, "agentName": "e", "targetIp": ip})),
         );
-        assert_eq!(status, 400, "{ip} was accepted: {body}");
+        // Well-formed and refused by the policy: 403, naming the field.
+        assert_eq!(status, 403, "{ip} was accepted: {body}");
         assert!(
             body["fields"]["targetIp"]
                 .as_str()

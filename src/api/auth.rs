@@ -214,6 +214,13 @@ impl TokenStore {
             .find_map(|r| (r.kind == Kind::Key && r.agent == agent).then_some(r.hash))
     }
 
+    /// Whether `agent` has any token, enrollment or key here.
+    pub fn knows(&self, agent: &str) -> bool {
+        self.read()
+            .map(|f| f.records.iter().any(|r| r.agent == agent))
+            .unwrap_or(false)
+    }
+
     /// Whether a key with this hash was revoked.
     pub fn is_revoked_key(&self, key_hash: &str) -> bool {
         self.read()

@@ -14,6 +14,19 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Why a CSR is not signed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    /// Not a PEM PKCS#10 request whose signature verifies.
+    #[error("{0}")]
+    Unreadable(String),
+    /// It asks for a name other than the agent's own.
+    #[error("{0}")]
+    OtherName(String),
+    #[error("signing the CSR: {0}")]
+    Signing(String),
+}
+
 /// The certificate an agent's mongod presents: how long it lasts, and how long before its end
 /// a `GET /api/config` hands out a new one.
 pub const AGENT_DAYS: i64 = 825;
@@ -119,9 +132,9 @@ impl Ca {
     }
 
     /// A certificate for the agent's CSR, which may ask for `dns` and nothing else.
-    pub fn sign_csr(&self, csr_pem: &str, dns: &str) -> Result<Issued, String> {
+    pub fn sign_csr(&self, csr_pem: &str, dns: &str) -> Result<Issued, CsrError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| format!("the CSR cannot be read: {e}"))?;
+            .map_err(|e| CsrError::Unreadable(format!("the CSR cannot be read: {e}")))?;
         let names: Vec<String> = csr
             .params
             .subject_alt_names
@@ -132,13 +145,16 @@ impl Ca {
             })
             .collect();
         if names.iter().any(|n| n != dns) {
-            return Err(format!(
+            return Err(CsrError::OtherName(format!(
                 "the CSR asks for {names:?}; it may only ask for {dns}"
-            ));
+            )));
         }
-        let (params, not_after) = Self::leaf_params(dns, AGENT_DAYS).map_err(|e| e.to_string())?;
+        let (params, not_after) =
+            Self::leaf_params(dns, AGENT_DAYS).map_err(|e| CsrError::Signing(e.to_string()))?;
         csr.params = params;
-        let cert = csr.signed_by(&self.issuer).map_err(|e| e.to_string())?;
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(|e| CsrError::Signing(e.to_string()))?;
         Ok(Issued {
             dns: dns.to_string(),
             cert_pem: cert.pem(),

@@ -50,30 +50,31 @@ async fn register(
     app.limit_client(client)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let (agent, key, ip) = (f.text("agentId"), f.text("agentKey"), f.text("targetIp"));
-    let csr = body.get("csr").and_then(|v| v.as_str()).map(str::to_string);
+    let (agent, key, ip) = (
+        f.agent_id("agentId"),
+        f.text("agentKey"),
+        f.text("targetIp"),
+    );
+    if !key.is_empty() && !super::ops::is_agent_key(&key) {
+        f.errors
+            .insert("agentKey".into(), super::ops::AGENT_KEY_RULE.into());
+    }
+    if !ip.is_empty()
+        && let Err(e) = super::ops::parse_ip(&ip)
+    {
+        f.errors.insert("targetIp".into(), e);
+    }
+    // Read for its type only: the agent's display name is not kept.
+    let _name = f.optional_text("agentName");
+    let csr = f.optional_text("csr");
     f.done()?;
     let agent2 = agent.clone();
     let caller = Caller::Agent(agent.clone());
-    let (token, ip, mut issued, _) = app
-        .blocking(move |api| api.register(&caller, &agent2, &key, &ip, Some(client)))
+    let (token, ip, issued, _) = app
+        .blocking(move |api| {
+            api.register(&caller, &agent2, &key, &ip, csr.as_deref(), Some(client))
+        })
         .await?;
-    if let Some(csr) = csr {
-        let (_, settings) = app.api.settings()?;
-        let domain = settings
-            .mongodb_domain
-            .ok_or_else(|| ApiError::unavailable("the state sets no `api.mongodb_domain`"))?;
-        let signed = app
-            .api
-            .ca
-            .sign_csr(&csr, &format!("{agent}.{domain}"))
-            .map_err(|e| ApiError::fields([("csr".to_string(), e)].into()))?;
-        app.api
-            .ca
-            .keep(&agent, &signed)
-            .map_err(ApiError::internal)?;
-        issued = Some(signed);
-    }
     app.make_live().await?;
     Ok((
         StatusCode::CREATED,
@@ -103,7 +104,7 @@ async fn authenticate(
     let body = json_body(body)?;
     if body.get("agentId").is_none() && body.get("serverId").is_some() {
         let mut f = Fields::new(&body);
-        let (agent, key) = (f.text("serverId"), f.text("agentToken"));
+        let (agent, key) = (f.agent_id("serverId"), f.text("agentToken"));
         f.done()?;
         let agent2 = agent.clone();
         app.blocking(move |api| api.check_key(&agent2, &key))
@@ -115,7 +116,7 @@ async fn authenticate(
         })));
     }
     let mut f = Fields::new(&body);
-    let (agent, key) = (f.text("agentId"), f.text("agentKey"));
+    let (agent, key) = (f.agent_id("agentId"), f.text("agentKey"));
     f.done()?;
     let token = app
         .blocking(move |api| api.authenticate(&agent, &key))
@@ -130,6 +131,7 @@ async fn config(
 ) -> Result<Json<serde_json::Value>> {
     let caller = app.caller(&headers)?;
     caller.must_act_for(&agent)?;
+    super::v1::agent_id(&agent)?;
     let agent2 = agent.clone();
     let (settings, issued) = app
         .blocking(move |api| {
@@ -166,7 +168,11 @@ async fn add_http_route(
     let caller = app.caller(&headers)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let (agent, subdomain, url) = (f.text("agentId"), f.text("subdomain"), f.text("targetUrl"));
+    let (agent, subdomain, url) = (
+        f.agent_id("agentId"),
+        f.text("subdomain"),
+        f.text("targetUrl"),
+    );
     // `options.useTls` is read (it must be a boolean) but does not decide anything: the
     // original front ignored it and the agent always sends true, also for plain-HTTP apps.
     // The scheme of `targetUrl` says how to speak to the app.
@@ -230,6 +236,7 @@ async fn agent_routes(
     Path(agent): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
     app.caller(&headers)?.must_act_for(&agent)?;
+    super::v1::agent_id(&agent)?;
     routes_of(&app, Some(agent)).await
 }
 
@@ -249,20 +256,29 @@ async fn delete_route(
     let caller = app.caller(&headers)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let agent = f.text("agentId");
-    let kind = body
-        .get("type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("http")
-        .to_string();
+    let agent = f.agent_id("agentId");
+    let kind = match body.get("type") {
+        None => "http".to_string(),
+        Some(_) => f.text("type"),
+    };
+    // A database route is named by its agent: a subdomain, when sent, is not used.
     let subdomain = if kind == "mongodb" {
-        body.get("subdomain")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string()
+        if body.get("subdomain").is_some_and(|s| !s.is_string()) {
+            f.errors
+                .insert("subdomain".into(), "must be a string".into());
+        }
+        String::new()
     } else {
         f.text("subdomain")
     };
+    if !kind.is_empty() && kind != "http" && kind != "mongodb" {
+        f.errors.insert("type".into(), "`http` or `mongodb`".into());
+    } else if kind == "http"
+        && !subdomain.is_empty()
+        && let Err(e) = super::ops::label_of(&subdomain)
+    {
+        f.errors.insert("subdomain".into(), e);
+    }
     f.done()?;
     app.limit_changes(&caller)?;
     let (agent2, kind2) = (agent.clone(), kind.clone());
@@ -283,11 +299,13 @@ async fn register_mongodb(
     let caller = app.caller(&headers)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let (agent, ip, port) = (f.text("agentId"), f.text("targetIp"), f.port("targetPort"));
-    let use_tls = body
-        .get("useTls")
-        .map(|v| v.as_bool().unwrap_or(false))
-        .unwrap_or(true);
+    let (agent, ip, port) = (
+        f.agent_id("agentId"),
+        f.text("targetIp"),
+        f.port("targetPort"),
+    );
+    // Absent: true (what the agent means); null: false, as for every flag.
+    let use_tls = body.get("useTls").is_none() || f.flag(&["useTls"]);
     f.done()?;
     app.limit_changes(&caller)?;
     let (route, _) = app
@@ -323,12 +341,16 @@ async fn add_database_route(
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
     let (agent, host, port) = (
-        f.text("agentId"),
+        f.agent_id("agentId"),
         f.text("targetHost"),
         f.port("targetPort"),
     );
+    // Absent or null: true (the agent's database manager leaves it out for TLS).
     let use_tls = match body.pointer("/options/useTls") {
-        None | Some(serde_json::Value::Null) => true,
+        None | Some(serde_json::Value::Null) => {
+            f.flag(&["options", "useTls"]);
+            true
+        }
         Some(_) => f.flag(&["options", "useTls"]),
     };
     f.done()?;

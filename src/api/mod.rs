@@ -144,19 +144,24 @@ impl AppState {
         client_address(peer, headers, &trusted)
     }
 
-    /// Registration and authentication attempts are limited per client: 10 at once, 30 a
-    /// minute.
+    /// Registration and authentication attempts are limited per client
+    /// (`api.limits.client_attempt_burst` at once, `client_attempts_per_minute` a minute; 10
+    /// and 30 by default, also while no state has validated yet).
     pub fn limit_client(&self, client: IpAddr) -> Result<(), ApiError> {
-        let rate = auth::Rate {
-            per_minute: 30.0,
-            burst: 10.0,
-        };
+        let rate = self
+            .api
+            .settings()
+            .map(|(_, s)| s.limits.client_attempts)
+            .unwrap_or_else(|_| ops::Limits::default().client_attempts);
         self.api
             .clients
             .check(&auth::client_key(client), rate)
             .map_err(|wait| {
                 ApiError::too_many(
-                    "too many registration or authentication attempts from this client",
+                    format!(
+                        "too many registration or authentication attempts from this client ({} at once, {} a minute: api.limits.client_attempt_burst and client_attempts_per_minute)",
+                        rate.burst, rate.per_minute
+                    ),
                     wait,
                 )
             })
@@ -255,7 +260,11 @@ pub fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError>
     }
 }
 
-/// Reads fields of a JSON body, naming every missing or wrong one.
+/// The longest string field (characters).
+pub const MAX_TEXT: usize = 4096;
+
+/// Reads fields of a JSON body, naming every missing or wrong one. Each rule here is the one
+/// `api/openapi.yaml` states (`tests/openapi_grammar.rs` checks the two agree).
 pub struct Fields<'a> {
     body: &'a Value,
     pub errors: std::collections::BTreeMap<String, String>,
@@ -269,41 +278,65 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A required string of 1 to 4096 characters (the document's `minLength`/`maxLength`
+    /// count characters, so this does too).
     pub fn text(&mut self, name: &str) -> String {
         match self.body.get(name) {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 4096 => s.clone(),
-            Some(Value::String(s)) if s.is_empty() => {
-                self.errors.insert(name.into(), "must not be empty".into());
-                String::new()
-            }
-            Some(Value::String(_)) => {
-                self.errors.insert(name.into(), "is too long".into());
-                String::new()
-            }
-            Some(_) => {
-                self.errors.insert(name.into(), "must be a string".into());
-                String::new()
-            }
             None => {
                 self.errors.insert(name.into(), "is required".into());
                 String::new()
             }
+            Some(_) => self.optional_text(name).unwrap_or_default(),
         }
     }
 
+    /// A required agent id (`names::is_identifier`).
+    pub fn agent_id(&mut self, name: &str) -> String {
+        let id = self.text(name);
+        if !id.is_empty() && !crate::model::names::is_identifier(&id) {
+            self.errors
+                .insert(name.into(), crate::model::names::IDENTIFIER_RULE.into());
+        }
+        id
+    }
+
+    /// An optional string of 1 to 4096 characters: None when absent (or refused, with the
+    /// error recorded).
+    pub fn optional_text(&mut self, name: &str) -> Option<String> {
+        let problem = match self.body.get(name)? {
+            Value::String(s) if s.is_empty() => "must not be empty",
+            Value::String(s) if s.chars().count() > MAX_TEXT => {
+                "is too long (4096 characters at most)"
+            }
+            Value::String(s) => return Some(s.clone()),
+            _ => "must be a string",
+        };
+        self.errors.insert(name.into(), problem.into());
+        None
+    }
+
+    /// A TCP port, 1-65535: a JSON integer (`3000`, or `3000.0`, the same number), or a
+    /// string of decimal digits (`"3000"`, as Rust reads a `u16`: a leading `+` and zeros too).
     pub fn port(&mut self, name: &str) -> u16 {
-        match self.body.get(name) {
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|p| (1..=65535).contains(&p)) => {
-                n.as_u64().unwrap_or(0) as u16
-            }
-            Some(Value::String(s)) if s.parse::<u16>().is_ok_and(|p| p > 0) => {
-                s.parse().unwrap_or(0)
-            }
+        let port = match self.body.get(name) {
             None => {
                 self.errors.insert(name.into(), "is required".into());
-                0
+                return 0;
             }
-            _ => {
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= 65535.0)
+                        .map(|f| f as u64)
+                })
+                .filter(|p| (1..=65535).contains(p)),
+            Some(Value::String(s)) => s.parse::<u16>().ok().filter(|p| *p > 0).map(u64::from),
+            Some(_) => None,
+        };
+        match port {
+            Some(p) => p as u16,
+            None => {
                 self.errors
                     .insert(name.into(), "must be a TCP port, 1-65535".into());
                 0
@@ -311,13 +344,22 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A boolean at `path` (`options.useTls`), false when absent.
+    /// A boolean at `path` (`options.useTls`): false when absent or null; every object on the
+    /// way must be an object (or absent or null).
     pub fn flag(&mut self, path: &[&str]) -> bool {
         let mut v = self.body;
-        for p in path {
-            match v.get(p) {
-                Some(next) => v = next,
-                None => return false,
+        for (i, p) in path.iter().enumerate() {
+            match v {
+                Value::Object(map) => match map.get(*p) {
+                    Some(next) => v = next,
+                    None => return false,
+                },
+                Value::Null if i > 0 => return false,
+                _ => {
+                    self.errors
+                        .insert(path[..i].join("."), "must be an object".into());
+                    return false;
+                }
             }
         }
         match v {

@@ -6,7 +6,7 @@
 //! Blocking code: handlers run it with `spawn_blocking`.
 
 use super::auth::{AdminToken, Kind, Rate, RateLimiter, TokenStore, ct_eq, hash_secret};
-use super::certs::{Ca, Issued};
+use super::certs::{Ca, CsrError, Issued};
 use super::store::{self, AgentEntry, Commit, Fragment, Store};
 use crate::model::address::{self, Cidr};
 use crate::model::names;
@@ -78,6 +78,15 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(503, "unavailable", message)
     }
+    /// 403: a well-formed value the administrator's policy refuses (an address outside
+    /// `api.allowed_networks`, a name the caller does not own), naming the field.
+    pub fn not_allowed(name: &str, problem: impl Into<String>) -> ApiError {
+        let problem = problem.into();
+        ApiError {
+            fields: [(name.to_string(), problem.clone())].into(),
+            ..ApiError::forbidden(format!("{name}: {problem}"))
+        }
+    }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(500, "internal", message)
     }
@@ -136,6 +145,9 @@ pub struct Limits {
     pub reloads: Rate,
     /// Domains one agent may have.
     pub routes_per_agent: usize,
+    /// Registration and authentication attempts per client (not per agent: the caller has not
+    /// proved who it is yet).
+    pub client_attempts: Rate,
 }
 
 impl Default for Limits {
@@ -150,6 +162,10 @@ impl Default for Limits {
                 burst: 4.0,
             },
             routes_per_agent: 100,
+            client_attempts: Rate {
+                per_minute: 30.0,
+                burst: 10.0,
+            },
         }
     }
 }
@@ -218,6 +234,11 @@ impl Settings {
                 routes_per_agent: limit("routes_per_agent")
                     .map(|n| n as usize)
                     .unwrap_or(defaults.routes_per_agent),
+                client_attempts: Rate {
+                    per_minute: limit("client_attempts_per_minute")
+                        .unwrap_or(defaults.client_attempts.per_minute),
+                    burst: limit("client_attempt_burst").unwrap_or(defaults.client_attempts.burst),
+                },
             },
         }
     }
@@ -240,13 +261,18 @@ pub fn reload_interval(model: &Model) -> Duration {
 /// administrator allows), judged as what it really is. Returns the canonical address
 /// (`::ffff:203.0.113.7` is recorded as `203.0.113.7`).
 pub fn check_target_ip(text: &str, settings: &Settings) -> Result<IpAddr, String> {
-    let ip: IpAddr = text.trim().parse().map_err(|_| {
+    judge_address(parse_ip(text)?, settings)
+}
+
+/// An IP address as written (`format: ipv4` or `ipv6` in the document): no spaces around it,
+/// no zone.
+pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| {
         format!(
             "`{}` is not an IP address",
-            text.chars().take(64).collect::<String>()
+            text.chars().take(64).collect::<String>().escape_debug()
         )
-    })?;
-    judge_address(ip, settings)
+    })
 }
 
 pub fn judge_address(ip: IpAddr, settings: &Settings) -> Result<IpAddr, String> {
@@ -293,11 +319,13 @@ pub struct MongoRoute {
     pub tls_enabled: bool,
 }
 
-/// What a written change will do once reconciled.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a checked (then written) change will do once reconciled.
+#[derive(Default)]
 pub struct Saved {
     /// HAProxy must reload for it (the plan's typed diff says so).
     pub reload: bool,
+    /// The git commit to record it with (`api.git_commit`).
+    commit: Option<Commit>,
 }
 
 pub struct Api {
@@ -353,6 +381,13 @@ pub fn label_of(service: &str) -> Result<String, String> {
             c => c.to_ascii_lowercase(),
         })
         .collect();
+    // An `xn--` label is an internationalized name's ASCII form: a service name is never one
+    // (the document's pattern says so, simply; a valid one would also need valid punycode).
+    if label.starts_with("xn--") {
+        return Err(format!(
+            "`{service}` maps to `{label}`, an internationalized (xn--) label: a service name is not one"
+        ));
+    }
     check_label(&label).map(|()| label.clone()).map_err(|e| {
         if label == service {
             e
@@ -363,29 +398,48 @@ pub fn label_of(service: &str) -> Result<String, String> {
 }
 
 /// The port of a target URL (`http://127.0.0.1:3000`) and whether it speaks TLS (`https://`):
-/// the route goes to the agent's address and this port; the URL's host is not used.
+/// the route goes to the agent's address and this port; the URL's host is not used. The
+/// grammar (the document's `TargetUrl` pattern): `http` or `https`, `://`, a host (letters,
+/// digits, `.`, `_`, `-`: the agent sends its IPv4 address or a name), an optional `:port`
+/// (1-65535, no leading zeros; 80 or 443 without), then optionally `/`, `?` or `#` and
+/// printable ASCII.
 pub fn parse_target_url(url: &str) -> Result<(u16, bool), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .map(|r| (r, 80, false))
-        .or_else(|| url.strip_prefix("https://").map(|r| (r, 443, true)));
-    let Some((rest, default, tls)) = rest else {
+    let (rest, default, tls) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80, false)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443, true)
+    } else {
         return Err("write an http:// or https:// URL such as http://127.0.0.1:3000".into());
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.is_empty()
-        || !authority.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
-        })
-    {
-        return Err("the URL's host is not valid".into());
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !tail.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the URL may hold printable ASCII only (no spaces)".into());
     }
-    let port = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') && host.contains(':') => {
-            return Err(format!("write IPv6 hosts in brackets: [{host}]:{port}"));
+    let (host, port) = authority
+        .find(':')
+        .map_or((authority, ""), |i| authority.split_at(i));
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(
+            "the URL's host is not valid: letters, digits, `.`, `_` and `-` (it is not used: the route goes to the agent's address)"
+                .into(),
+        );
+    }
+    let port = match port.strip_prefix(':') {
+        None if port.is_empty() => default,
+        Some(p)
+            if !p.is_empty()
+                && !p.starts_with('0')
+                && p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            names::parse_port(p)?
         }
-        Some((_, port)) if !port.contains(']') => names::parse_port(port)?,
-        _ => default,
+        _ => return Err("the URL's port is not valid: 1-65535".into()),
     };
     Ok((port, tls))
 }
@@ -504,12 +558,9 @@ impl Api {
         {
             return Ok(false);
         }
-        if enrolling
-            && self
-                .tokens
-                .consume_enrollment(agent, key)
-                .map_err(|e| ApiError::internal(e.to_string()))?
-        {
+        // An enrollment token is only checked here: it is used up once the registration is
+        // known to be accepted (`use_enrollment`), so a refused one can be tried again.
+        if enrolling && self.tokens.verify(key, Kind::Enrollment, None).as_deref() == Some(agent) {
             return Ok(true);
         }
         Err(match declared {
@@ -521,6 +572,22 @@ impl Api {
                 "agent `{agent}` is not known: the administrator enrolls it with `lunafront agent enroll {agent}` (its key is the enrollment token) or declares its key_sha256"
             )),
         })
+    }
+
+    /// Uses up the enrollment token `prove` accepted (401 when another registration used it
+    /// meanwhile).
+    fn use_enrollment(&self, agent: &str, key: &str) -> Result<(), ApiError> {
+        if self
+            .tokens
+            .consume_enrollment(agent, key)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "the enrollment token was used by another registration meanwhile",
+            ))
+        }
     }
 
     /// The hashes of every key `agent` has (to revoke them with its tokens).
@@ -560,6 +627,7 @@ impl Api {
         agent: &str,
         key: &str,
         target_ip: &str,
+        csr: Option<&str>,
         client: Option<IpAddr>,
     ) -> Result<(String, IpAddr, Option<Issued>, Saved), ApiError> {
         let (model, settings) = self.settings()?;
@@ -567,24 +635,44 @@ impl Api {
         if !names::is_identifier(agent) {
             field(&mut errors, "agentId", names::IDENTIFIER_RULE);
         }
-        if key.len() < 16 || key.len() > 512 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            field(&mut errors, "agentKey", "16 to 512 printable characters");
+        if !is_agent_key(key) {
+            field(&mut errors, "agentKey", AGENT_KEY_RULE);
         }
-        let ip = match check_target_ip(target_ip, &settings) {
+        let sent = match parse_ip(target_ip) {
             Ok(ip) => Some(ip),
             Err(e) => {
-                let sent = target_ip.trim().parse::<IpAddr>().is_ok();
-                match client.filter(|_| sent).map(|c| judge_address(c, &settings)) {
-                    Some(Ok(ip)) => Some(ip),
-                    _ => {
-                        field(&mut errors, "targetIp", e);
-                        None
-                    }
-                }
+                field(&mut errors, "targetIp", e);
+                None
             }
         };
-        let Some(ip) = ip.filter(|_| errors.is_empty()) else {
+        let csr_domain = match (csr, &settings.mongodb_domain) {
+            (Some(_), None) => {
+                return Err(ApiError::unavailable(
+                    "the state sets no `api.mongodb_domain`: there is no name to sign a CSR for",
+                ));
+            }
+            (_, domain) => domain.as_ref().map(|d| format!("{agent}.{d}")),
+        };
+        let Some(sent) = sent.filter(|_| errors.is_empty()) else {
             return Err(ApiError::fields(errors));
+        };
+        // Behind NAT the agent sends its private address: the address the request came from
+        // is recorded instead when the policy allows that one.
+        let ip = match judge_address(sent, &settings) {
+            Ok(ip) => ip,
+            Err(e) => client
+                .and_then(|c| judge_address(c, &settings).ok())
+                .ok_or_else(|| ApiError::not_allowed("targetIp", e))?,
+        };
+        // The CSR is read (and signed) before anything is written or used up (a one-time
+        // enrollment token): a CSR that cannot be used refuses the registration whole.
+        let signed = match (csr, &csr_domain) {
+            (Some(csr), Some(dns)) => Some(self.ca.sign_csr(csr, dns).map_err(|e| match e {
+                CsrError::Unreadable(e) => ApiError::field("csr", e),
+                CsrError::OtherName(e) => ApiError::not_allowed("csr", e),
+                CsrError::Signing(e) => ApiError::internal(e),
+            })?),
+            _ => None,
         };
         let _guard = self.store.lock();
         let all = self
@@ -603,6 +691,7 @@ impl Api {
                 )));
             }
             if enrolled {
+                self.use_enrollment(agent, key)?;
                 self.tokens
                     .set_key(agent, &hash_secret(key))
                     .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -637,7 +726,7 @@ impl Api {
                     other: old.map(|a| a.other).unwrap_or_default(),
                 },
             );
-            saved = self.save(
+            saved = self.check(
                 caller,
                 agent,
                 &fragment,
@@ -645,12 +734,22 @@ impl Api {
                 &settings,
                 format!("register agent {agent} at {ip}"),
             )?;
+            if enrolled {
+                self.use_enrollment(agent, key)?;
+            }
+            saved = self.write(agent, &fragment, saved)?;
         }
         let token = self
             .tokens
             .issue(agent, Kind::Agent, settings.token_ttl)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let certs = self.certificate(agent, &settings)?;
+        let certs = match signed {
+            Some(signed) => {
+                self.ca.keep(agent, &signed).map_err(ApiError::internal)?;
+                Some(signed)
+            }
+            None => self.certificate(agent, &settings)?,
+        };
         Ok((token, ip, certs, saved))
     }
 
@@ -900,12 +999,17 @@ impl Api {
         if port == 0 {
             field(&mut errors, "targetPort", "a TCP port, 1-65535");
         }
+        // A well-formed request the administrator's listener cannot serve: a conflict with the
+        // state, not a bad field.
         if passthrough && !use_tls {
-            field(
-                &mut errors,
-                "useTls",
-                "the MongoDB listener passes TLS through to mongod: mongod must serve TLS (useTls: true)",
+            let mut e = ApiError::conflict(
+                "useTls: the MongoDB listener passes TLS through to mongod: mongod must serve TLS (useTls: true)",
             );
+            e.fields.insert(
+                "useTls".into(),
+                "the MongoDB listener passes TLS through to mongod: mongod must serve TLS".into(),
+            );
+            return Err(e);
         }
         let _guard = self.store.lock();
         let all = self
@@ -918,20 +1022,22 @@ impl Api {
                 "agent `{agent}` is not registered"
             )));
         };
-        match target_ip.trim().parse::<IpAddr>() {
+        let mut refused = None;
+        match parse_ip(target_ip) {
             Ok(ip) if address::same_host(ip, address) => {}
             Ok(ip) => match judge_address(ip, &settings) {
                 Ok(_) if another_agents_address(agent, ip, &all, &model) => {
-                    return Err(ApiError::conflict(format!(
+                    refused = Some(ApiError::conflict(format!(
                         "{ip} is the address of another agent"
                     )));
                 }
                 Ok(_) => {}
-                Err(e) => field(
-                    &mut errors,
-                    ip_field,
-                    format!("{e} (the agent's registered address is {address})"),
-                ),
+                Err(e) => {
+                    refused = Some(ApiError::not_allowed(
+                        ip_field,
+                        format!("{e} (the agent's registered address is {address})"),
+                    ))
+                }
             },
             Err(_) => field(
                 &mut errors,
@@ -944,6 +1050,9 @@ impl Api {
         if !errors.is_empty() {
             return Err(ApiError::fields(errors));
         }
+        if let Some(refused) = refused {
+            return Err(refused);
+        }
         let domain = format!("{agent}.{domain_root}");
         if let Some(owner) = self.other_owner(agent, &domain, &all, &model) {
             return Err(ApiError::conflict(format!("{domain} belongs to {owner}")));
@@ -953,6 +1062,7 @@ impl Api {
         {
             return Err(quota(agent, &settings));
         }
+        let mut front_pem = None;
         let tls = match (&listener.kind, use_tls) {
             // Terminated here: HAProxy presents the name's certificate (from the private CA) and,
             // when mongod serves TLS too, verifies it against the same CA.
@@ -962,7 +1072,7 @@ impl Api {
                 },
                 use_tls,
             ) => {
-                self.write_front_pem(agent, &domain, &certs.dir)?;
+                front_pem = Some(certs.dir.clone());
                 use_tls.then(|| {
                     let mut t = serde_yaml::Mapping::new();
                     t.insert("verify".into(), true.into());
@@ -988,7 +1098,7 @@ impl Api {
                 service: None,
             },
         );
-        let saved = self.save(
+        let saved = self.check(
             caller,
             agent,
             &fragment,
@@ -996,6 +1106,12 @@ impl Api {
             &settings,
             format!("route MongoDB {domain} to agent {agent} port {port}"),
         )?;
+        // The certificate the front presents goes in place once the change is known to be
+        // accepted, and before the route that needs it.
+        if let Some(dir) = &front_pem {
+            self.write_front_pem(agent, &domain, dir)?;
+        }
+        let saved = self.write(agent, &fragment, saved)?;
         let public_port = settings.mongodb_port.unwrap_or(listener.bind.port);
         Ok((
             MongoRoute {
@@ -1227,6 +1343,21 @@ impl Api {
         settings: &Settings,
         message: String,
     ) -> Result<Saved, ApiError> {
+        let saved = self.check(caller, agent, fragment, model, settings, message)?;
+        self.write(agent, fragment, saved)
+    }
+
+    /// Everything `save` checks, writing nothing: a change that passes is written with `write`
+    /// (after whatever else must be in place before the fragment is, such as a certificate).
+    pub fn check(
+        &self,
+        caller: &Caller,
+        agent: &str,
+        fragment: &Fragment,
+        model: &Model,
+        settings: &Settings,
+        message: String,
+    ) -> Result<Saved, ApiError> {
         if !names::is_identifier(agent) {
             return Err(ApiError::field("id", names::IDENTIFIER_RULE));
         }
@@ -1238,7 +1369,7 @@ impl Api {
         let validation = validate(&source);
         let new_errors = self.new_errors(&validation, root);
         if !new_errors.is_empty() {
-            return Err(refusal(&new_errors, fragment, &file));
+            return Err(refusal(&new_errors, fragment, &file, root));
         }
         let merged = match validation.model {
             Some(m) => m,
@@ -1265,6 +1396,19 @@ impl Api {
             }
         };
         self.check_own_listeners(agent, fragment, &merged)?;
+        // The daemon would hold a change that removes this much (`global.delete_guard`): the
+        // answer would be "saved but not live". An API call removes a few at a time.
+        if let Some(mass) = crate::plan::MassDelete::between(model, &merged) {
+            return Err(ApiError::conflict(format!(
+                "the change removes {} of {} domains and {} of {} backends: more than `global.delete_guard` lets one change remove (more than {} and more than {}%); nothing was written: remove the routes a few at a time, or the administrator removes them in the files",
+                mass.domains_removed,
+                mass.domains_before,
+                mass.backends_removed,
+                mass.backends_before,
+                mass.count,
+                mass.percent
+            )));
+        }
         // The plan's own typed diff says whether this agent's change needs a reload.
         let old = self
             .store
@@ -1307,14 +1451,21 @@ impl Api {
                     )
                 })?;
         }
-        let commit = settings.git_commit.then(|| Commit {
-            author: caller.name().to_string(),
-            message,
-        });
+        Ok(Saved {
+            reload,
+            commit: settings.git_commit.then(|| Commit {
+                author: caller.name().to_string(),
+                message,
+            }),
+        })
+    }
+
+    /// Writes the agent's fragment that `check` accepted (see `save`).
+    pub fn write(&self, agent: &str, fragment: &Fragment, saved: Saved) -> Result<Saved, ApiError> {
         self.store
-            .write(agent, fragment, commit.as_ref())
+            .write(agent, fragment, saved.commit.as_ref())
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(Saved { reload })
+        Ok(saved)
     }
 
     /// The errors of `validation` that the state on disk does not have already.
@@ -1374,6 +1525,9 @@ impl Api {
     }
 
     /// Removes an agent and everything it owns, and revokes its tokens and keys (admin).
+    /// Returns whether it had a fragment (false: only tokens, such as an enrollment not used
+    /// yet). An agent the administrator's files declare is theirs to remove (409), and one
+    /// nothing knows is a 404.
     pub fn remove_agent(&self, agent: &str) -> Result<bool, ApiError> {
         if !names::is_identifier(agent) {
             return Err(ApiError::field("id", names::IDENTIFIER_RULE));
@@ -1381,11 +1535,19 @@ impl Api {
         let (model, settings) = self.settings()?;
         let keys = self.keys_of(agent);
         let _guard = self.store.lock();
+        if self.admin_declared(agent, &model) {
+            return Err(ApiError::conflict(format!(
+                "agent `{agent}` is declared in the administrator's files: remove it there (its routes one by one through DELETE /v1/agents/{agent}/routes/{{domain}})"
+            )));
+        }
         let existed = self
             .store
             .read(agent)
             .map_err(|e| ApiError::internal(e.to_string()))?
             .is_some();
+        if !existed && !self.tokens.knows(agent) {
+            return Err(ApiError::not_found(format!("agent `{agent}` is not known")));
+        }
         if existed {
             self.save(
                 &Caller::Admin,
@@ -1401,6 +1563,44 @@ impl Api {
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(existed)
     }
+
+    /// The agent other than `agent` registered at `ip` (an address belongs to one agent),
+    /// in the administrator's files or an agent's fragment.
+    pub fn agent_at(
+        &self,
+        agent: &str,
+        ip: IpAddr,
+        model: &Model,
+    ) -> Result<Option<String>, ApiError> {
+        let all = self
+            .store
+            .read_all()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(model
+            .agents
+            .iter()
+            .find(|(name, a)| *name != agent && address::same_host(a.address, ip))
+            .map(|(name, _)| name.clone())
+            .or_else(|| {
+                all.iter()
+                    .filter(|(name, _)| *name != agent)
+                    .find(|(_, f)| {
+                        f.agents.values().any(|a| {
+                            a.address
+                                .parse::<IpAddr>()
+                                .is_ok_and(|other| address::same_host(other, ip))
+                        })
+                    })
+                    .map(|(name, _)| name.clone())
+            }))
+    }
+}
+
+/// What an agent key (or enrollment token) is: 16 to 512 printable ASCII characters.
+pub const AGENT_KEY_RULE: &str = "16 to 512 printable ASCII characters (no spaces)";
+
+pub fn is_agent_key(key: &str) -> bool {
+    (16..=512).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The key hash the administrator's files declare for `agent`.
@@ -1446,7 +1646,7 @@ fn another_agents_address(
 /// The answer to a change the state would refuse: 400 naming the agent's own fields when every
 /// problem is in what the agent wrote, else 409 naming the conflict (a name another file
 /// defines, an entry of someone else that the change breaks).
-fn refusal(errors: &[Diagnostic], fragment: &Fragment, file: &Path) -> ApiError {
+fn refusal(errors: &[Diagnostic], fragment: &Fragment, file: &Path, root: &Path) -> ApiError {
     let entries: Vec<String> = ["agents", "backends", "domains"]
         .iter()
         .flat_map(|section| {
@@ -1480,20 +1680,36 @@ fn refusal(errors: &[Diagnostic], fragment: &Fragment, file: &Path) -> ApiError 
                 .collect(),
         );
     }
-    ApiError::conflict(format!(
+    // Each problem at its place in the state folder (`admin.yaml:3:5`), so the conflict is named.
+    let place = |d: &Diagnostic| match &d.location {
+        Some(l) => format!(
+            "{}:{}:{}: ",
+            l.file.strip_prefix(root).unwrap_or(&l.file).display(),
+            l.line,
+            l.column
+        ),
+        None => String::new(),
+    };
+    let explain = |d: &Diagnostic| match d.code {
+        "duplicate-key" => format!(
+            "{} (another agent or the administrator already uses this name)",
+            d.message
+        ),
+        _ => describe(d),
+    };
+    let mut e = ApiError::conflict(format!(
         "the change conflicts with the rest of the state, nothing was written: {}",
         errors
             .iter()
-            .map(|d| match d.code {
-                "duplicate-key" => format!(
-                    "{} (another agent or the administrator already uses this name)",
-                    d.message
-                ),
-                _ => describe(d),
-            })
+            .map(|d| format!("{}{}", place(d), explain(d)))
             .collect::<Vec<_>>()
             .join("; ")
-    ))
+    ));
+    e.fields = errors
+        .iter()
+        .map(|d| (d.pointer.clone(), format!("{}{}", place(d), explain(d))))
+        .collect();
+    e
 }
 
 fn route_of(
@@ -1545,7 +1761,9 @@ mod tests {
         let port_of_url = |url: &str| parse_target_url(url).map(|(port, _)| port);
         assert_eq!(port_of_url("http://127.0.0.1:3000"), Ok(3000));
         assert_eq!(port_of_url("https://app.internal/health"), Ok(443));
-        assert_eq!(port_of_url("http://[::1]:8080/x"), Ok(8080));
+        assert!(port_of_url("http://[::1]:8080/x").is_err(), "no IPv6 hosts");
+        assert!(port_of_url("http://x:080").is_err(), "no leading zeros");
+        assert!(port_of_url("http://x:").is_err());
         assert!(port_of_url("ftp://x:1").is_err());
         assert!(port_of_url("http://a b:1").is_err());
         assert!(port_of_url("http://x:99999").is_err());

@@ -3,7 +3,7 @@
 
 use super::auth::Kind;
 use super::auth::hash_secret;
-use super::ops::{ApiError, Caller, check_target_ip};
+use super::ops::{ApiError, Caller, judge_address};
 use super::store::AgentEntry;
 use super::{AppState, Fields, json_body};
 use axum::Json;
@@ -36,7 +36,7 @@ pub fn routes() -> Router<AppState> {
 type Result<T> = std::result::Result<T, ApiError>;
 
 /// An agent id from a path, checked like every other input (`%2F..%2Fx` is not an id).
-fn agent_id(id: &str) -> Result<()> {
+pub fn agent_id(id: &str) -> Result<()> {
     if crate::model::names::is_identifier(id) {
         Ok(())
     } else {
@@ -90,8 +90,8 @@ async fn get_agent(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    agent_id(&id)?;
     app.caller(&headers)?.must_act_for(&id)?;
+    agent_id(&id)?;
     let agent = app
         .blocking(move |api| {
             let (model, _) = api.settings()?;
@@ -126,31 +126,37 @@ async fn put_agent(
     app.admin(&headers)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let (id, address) = (f.text("id"), f.text("address"));
-    let key = body.get("key").and_then(Value::as_str).map(str::to_string);
+    let (id, address) = (f.agent_id("id"), f.text("address"));
+    let key = f.optional_text("key");
+    if let Some(k) = &key
+        && !super::ops::is_agent_key(k)
+    {
+        f.errors
+            .insert("key".into(), super::ops::AGENT_KEY_RULE.into());
+    }
+    let ip = match super::ops::parse_ip(&address) {
+        Ok(ip) => Some(ip),
+        Err(e) => {
+            if !address.is_empty() {
+                f.errors.insert("address".into(), e);
+            }
+            None
+        }
+    };
     f.done()?;
+    let ip = ip.expect("checked");
     let id2 = id.clone();
     let address = app
         .blocking(move |api| {
             let (model, settings) = api.settings()?;
-            let mut errors = std::collections::BTreeMap::new();
-            if !crate::model::names::is_identifier(&id2) {
-                errors.insert(
-                    "id".to_string(),
-                    crate::model::names::IDENTIFIER_RULE.to_string(),
-                );
-            }
-            let ip = check_target_ip(&address, &settings)
-                .map_err(|e| errors.insert("address".to_string(), e))
-                .ok();
-            if key.as_ref().is_some_and(|k| k.len() < 16) {
-                errors.insert("key".to_string(), "at least 16 characters".to_string());
-            }
-            if !errors.is_empty() {
-                return Err(ApiError::fields(errors));
-            }
-            let ip = ip.expect("checked");
+            let ip =
+                judge_address(ip, &settings).map_err(|e| ApiError::not_allowed("address", e))?;
             let _guard = api.store.lock();
+            if let Some(other) = api.agent_at(&id2, ip, &model)? {
+                return Err(ApiError::conflict(format!(
+                    "{ip} is the address of agent `{other}`"
+                )));
+            }
             let mut fragment = api
                 .store
                 .read(&id2)
@@ -197,7 +203,9 @@ async fn delete_agent(
     agent_id(&id)?;
     let id2 = id.clone();
     let removed = app.blocking(move |api| api.remove_agent(&id2)).await?;
-    app.make_live().await?;
+    if removed {
+        app.make_live().await?;
+    }
     Ok(Json(json!({"id": id, "removed": removed})))
 }
 
@@ -238,8 +246,8 @@ async fn list_routes(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    agent_id(&id)?;
     app.caller(&headers)?.must_act_for(&id)?;
+    agent_id(&id)?;
     let routes = app.blocking(move |api| api.routes(Some(&id))).await?;
     Ok(Json(json!({"routes": routes})))
 }
@@ -251,24 +259,30 @@ async fn add_route(
     Path(id): Path<String>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    agent_id(&id)?;
     let caller = app.caller(&headers)?;
+    caller.must_act_for(&id)?;
+    agent_id(&id)?;
     let body = json_body(body)?;
     let mut f = Fields::new(&body);
-    let kind = body
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("http")
-        .to_string();
+    let kind = match body.get("type") {
+        None => "http".to_string(),
+        Some(_) => f.text("type"),
+    };
     let port = f.port("port");
     let tls = f.flag(&["tls"]);
     let check = f.flag(&["check"]);
+    // The subdomain names an HTTP route; a MongoDB route is named by its agent.
     let subdomain = if kind == "http" {
         f.text("subdomain")
     } else {
-        String::new()
+        f.optional_text("subdomain").unwrap_or_default()
     };
-    if kind != "http" && kind != "mongodb" {
+    if !subdomain.is_empty()
+        && let Err(e) = super::ops::label_of(&subdomain)
+    {
+        f.errors.insert("subdomain".into(), e);
+    }
+    if !kind.is_empty() && kind != "http" && kind != "mongodb" {
         f.errors.insert("type".into(), "`http` or `mongodb`".into());
     }
     f.done()?;
@@ -312,9 +326,9 @@ async fn delete_route(
     headers: HeaderMap,
     Path((id, domain)): Path<(String, String)>,
 ) -> Result<Json<Value>> {
-    agent_id(&id)?;
     let caller = app.caller(&headers)?;
     caller.must_act_for(&id)?;
+    agent_id(&id)?;
     app.limit_changes(&caller)?;
     let (removed, _) = app
         .blocking(move |api| {
