@@ -369,9 +369,8 @@ async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Respons
         })?;
         let rendered = crate::render::render(&model, &options)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let live =
-            crate::target::haproxy::observe(&target, rendered.files().into_iter().map(|f| f.path))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+        let live = crate::target::observe(&name, &target, &rendered)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(crate::plan::json::render(&crate::plan::make_plan(
             &name, &model, &rendered, &live,
         )))
