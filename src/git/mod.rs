@@ -255,9 +255,8 @@ impl Repo {
             "merge-base",
         ) {
             Ok(_) => Ok(true),
-            Err(GitError::Failed { detail, .. }) if detail.starts_with("exit status 1") => {
-                Ok(false)
-            }
+            // 1: not an ancestor; anything else (128: no such commit) is an error.
+            Err(GitError::Failed { detail, .. }) if detail == "exit status 1" => Ok(false),
             Err(e) => Err(e),
         }
     }
