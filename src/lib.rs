@@ -6,6 +6,7 @@
 //! reload) → `target` (the I/O edge that observes and applies). `daemon` keeps a target
 //! converged; `git` lets a fleet of daemons follow one repository.
 
+pub mod acme;
 pub mod api;
 pub mod clock;
 pub mod daemon;

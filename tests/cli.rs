@@ -196,8 +196,9 @@ fn plan_shows_changes_then_nothing_once_rendered() {
         stdout.contains("No reload: every change goes through HAProxy's runtime API."),
         "{stdout}"
     );
+    // shop holds slot 1; blog takes slot 2, a spare.
     assert!(
-        stdout.contains("+blog.apps.example.com agent:agent-7/blog"),
+        stdout.contains("+blog.apps.example.com slot:http:2"),
         "{stdout}"
     );
 }

@@ -225,7 +225,13 @@ fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
     // Someone edits a map file by hand.
     let map = site.path().join("live/maps/hosts.map");
     let original = std::fs::read_to_string(&map).unwrap();
-    std::fs::write(&map, format!("{original}evil.example.com agent:a1/blog\n")).unwrap();
+    // The slot backend that holds app blog.
+    let config = std::fs::read_to_string(site.path().join("live/haproxy.cfg")).unwrap();
+    let blog = lunafront::render::layout::slot_name(
+        lunafront::model::Mode::Http,
+        lunafront::render::readback::slot_pools(&config).http.apps["blog"],
+    );
+    std::fs::write(&map, format!("{original}evil.example.com {blog}\n")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&map).unwrap() != original {
         assert!(Instant::now() < deadline, "the hand edit was not put back");
@@ -246,7 +252,7 @@ fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
     // Someone adds a route through the runtime API by hand.
     site.runtime()
         .run(
-            "add map maps/hosts.map sneaky.example.com agent:a1/blog",
+            &format!("add map maps/hosts.map sneaky.example.com {blog}"),
             lunafront::target::haproxy::socket::Expect::Empty,
         )
         .unwrap();

@@ -801,29 +801,127 @@ fn the_specification_check_refuses_what_the_api_does_not_allow() {
 }
 
 #[test]
-fn certificates_are_refused_for_a_dataplane_target_with_the_reason() {
+fn certificates_go_to_the_ssl_storage_and_change_at_runtime() {
     let edge = Edge::new("5s");
     let ca = TestCa::new();
-    write(
-        edge.work.path(),
-        "certs/shop.pem",
-        &ca.leaf(&["shop.example.com"]).combined(),
+    let https = free_port();
+    let leaf = ca.leaf(&["shop.example.com"]);
+    write(edge.work.path(), "certs/shop.pem", &leaf.combined());
+    let write_state = || {
+        edge.write(
+            &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+            &format!("  https: {{ bind: \"127.0.0.1:{https}\", certificates: certs }}\n"),
+        );
+        // The API's SSL storage folder on the HAProxy host.
+        let path = edge.work.path().join("state.yaml");
+        let state = std::fs::read_to_string(&path).unwrap().replace(
+            "runtime_socket:",
+            &format!("certs_dir: {}/ssl, runtime_socket:", edge.api.dir.display()),
+        );
+        std::fs::write(path, state).unwrap();
+    };
+    write_state();
+
+    // The first certificate: the configuration changes (the bind line), pushed with a reload.
+    edge.apply();
+    assert_eq!(
+        served_certificate(&ca, https, "shop.example.com").unwrap(),
+        leaf.der()
     );
-    edge.write(
-        &[("shop.example.com", "shop")],
-        &format!(
-            "  https: {{ bind: \"127.0.0.1:{}\", certificates: certs }}\n",
-            free_port()
-        ),
+    assert_eq!(
+        https_get(&ca, https, "shop.example.com", "shop.example.com", "/")
+            .unwrap()
+            .1,
+        "backend=shop host=shop.example.com path=/\n"
     );
-    let before = edge.api.config_file();
-    let (code, _, stderr) = edge.lunafront(&["apply", "state.yaml", "--auto-approve"]);
-    assert_eq!(code, 1, "{stderr}");
+    for file in ["ssl/https.shop.pem", "ssl/https.crt-list"] {
+        assert!(edge.api.dir.join(file).exists(), "{file}");
+    }
+    // The API never gives a certificate back; its fingerprint and the recorded apply say the
+    // target holds it.
     assert!(
-        stderr.contains("TLS certificates are not pushed to Data Plane API targets"),
-        "{stderr}"
+        edge.plan_is_empty(),
+        "a plan right after the apply is not empty"
     );
-    assert!(stderr.contains("nothing was changed"), "{stderr}");
-    assert_eq!(edge.api.config_file(), before);
-    assert!(edge.api.requests().iter().all(|r| r.starts_with("GET")));
+
+    // Renewed: replaced at runtime, no reload.
+    let worker = edge.worker_pid();
+    let renewed = ca.leaf(&["shop.example.com"]);
+    write(edge.work.path(), "certs/shop.pem", &renewed.combined());
+    let (_, plan, _) = edge.lunafront(&["plan", "state.yaml"]);
+    assert!(plan.contains("~ certificate https/shop.pem"), "{plan}");
+    assert!(edge.apply().contains("through the runtime API"));
+    assert_eq!(
+        served_certificate(&ca, https, "shop.example.com").unwrap(),
+        renewed.der()
+    );
+    assert!(edge.plan_is_empty());
+
+    // A second name: a new certificate and crt-list entry at runtime; then removed again.
+    let blog = ca.leaf(&["blog.example.com"]);
+    write(edge.work.path(), "certs/blog.pem", &blog.combined());
+    assert!(edge.apply().contains("through the runtime API"));
+    assert_eq!(
+        served_certificate(&ca, https, "blog.example.com").unwrap(),
+        blog.der()
+    );
+    assert!(edge.plan_is_empty());
+    std::fs::remove_file(edge.work.path().join("certs/blog.pem")).unwrap();
+    assert!(edge.apply().contains("through the runtime API"));
+    // The default (first) certificate answers the name again.
+    assert_eq!(
+        served_certificate(&ca, https, "shop.example.com").unwrap(),
+        renewed.der()
+    );
+    assert!(served_certificate(&ca, https, "blog.example.com").is_err());
+    assert!(!edge.api.dir.join("ssl/https.blog.pem").exists());
+    assert!(edge.plan_is_empty());
+    assert_eq!(
+        edge.worker_pid(),
+        worker,
+        "a certificate change reloaded HAProxy"
+    );
+
+    // A certificate changed in the storage behind lunafront's back is put back.
+    std::fs::write(
+        edge.api.dir.join("ssl/https.shop.pem"),
+        ca.leaf(&["shop.example.com"]).combined(),
+    )
+    .unwrap();
+    assert!(
+        !edge.plan_is_empty(),
+        "a foreign certificate went unnoticed"
+    );
+    edge.apply();
+    assert!(edge.plan_is_empty());
+    assert_eq!(
+        served_certificate(&ca, https, "shop.example.com").unwrap(),
+        renewed.der()
+    );
+
+    let called: std::collections::BTreeSet<String> = edge
+        .api
+        .exchanges()
+        .iter()
+        .filter_map(spec::operation_id)
+        .collect();
+    for operation in [
+        "getOneStorageSSLCertificate",
+        "createStorageSSLCertificate",
+        "replaceStorageSSLCertificate",
+        "deleteStorageSSLCertificate",
+        "getOneStorageSSLCrtListFile",
+        "createStorageSSLCrtListFile",
+        "replaceStorageSSLCrtListFile",
+        "createCert",
+        "replaceCert",
+        "deleteCert",
+        "addCrtListEntry",
+        "deleteCrtListEntry",
+    ] {
+        assert!(
+            called.contains(operation),
+            "{operation} never called: {called:?}"
+        );
+    }
 }

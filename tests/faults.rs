@@ -292,12 +292,6 @@ fn a_runtime_command_that_fails_falls_back_to_a_reload() {
     // Someone already added the server the next apply adds, by hand, at another address: the
     // apply's `add server` is refused, and a reload brings HAProxy to the files instead.
     let fresh = http_backend("fresh");
-    site.runtime()
-        .run(
-            "add server agent:a1/fresh 127.0.0.1:9",
-            lunafront::target::haproxy::socket::Expect::Prefix("New server registered"),
-        )
-        .unwrap();
     let yaml = state(
         &site,
         port,
@@ -315,6 +309,28 @@ fn a_runtime_command_that_fails_falls_back_to_a_reload() {
         ),
     );
     site.write_state(&yaml);
+    // The slot the plan gives the new app (`add server slot:http:N/fresh: …`).
+    let (_, plan, _) = site.lunafront(&["plan", "state.yaml", "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let reason = plan["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "backend" && c["name"] == "fresh")
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_else(|| panic!("no change for backend fresh: {plan}"))
+        .to_string();
+    let slot = reason
+        .strip_prefix("add server ")
+        .and_then(|r| r.split_once("/fresh"))
+        .map(|(slot, _)| slot.to_string())
+        .unwrap_or_else(|| panic!("a runtime add server: {reason}"));
+    site.runtime()
+        .run(
+            &format!("add server {slot}/fresh 127.0.0.1:9"),
+            lunafront::target::haproxy::socket::Expect::Prefix("New server registered"),
+        )
+        .unwrap();
     let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
@@ -883,20 +899,25 @@ fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
     site.write_state(&yaml);
     let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
     daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
-    // A pooled app's server: weight 0 (`use-server` picks it, balancing never does).
+    // An app's server, in its slot backend.
+    let slot = site.http_slot_of("shop");
     let weight = || {
-        lunafront::target::haproxy::read_servers(&site.runtime(), "agent:a1")
+        lunafront::target::haproxy::read_servers(&site.runtime(), &slot)
             .unwrap()
             .get("shop")
             .map(|s| s.weight)
     };
-    assert_eq!(weight(), Some(0));
+    let rendered_weight = weight();
+    assert!(
+        rendered_weight.is_some_and(|w| w != 7),
+        "{rendered_weight:?}"
+    );
 
     // Someone changes a server by hand (drift a reload puts back), and the CA file is gone.
     std::fs::remove_file(&ca_file).unwrap();
     site.runtime()
         .run(
-            "set server agent:a1/shop weight 7",
+            &format!("set server {slot}/shop weight 7"),
             lunafront::target::haproxy::socket::Expect::Empty,
         )
         .unwrap();
@@ -927,7 +948,7 @@ fn drift_that_cannot_be_put_back_is_reported_and_put_back_once_it_can() {
         Duration::from_secs(20),
     );
     daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
-    assert_eq!(weight(), Some(0));
+    assert_eq!(weight(), rendered_weight);
 }
 
 fn kill(pid: u32) {

@@ -99,8 +99,8 @@ fn base() -> Value {
     json!({
         "version": 1,
         "listeners": {
-            "http": { "bind": "127.0.0.1:8080", "extra": [ "option http-buffer-request" ] },
-            "https": { "bind": "127.0.0.1:8443", "certificates": "certs", "mode": "http" },
+            "http": { "bind": "127.0.0.1:8080", "redirect_to": "https", "extra": [ "option http-buffer-request" ] },
+            "https": { "bind": "127.0.0.1:8443", "certificates": "certs", "mode": "http", "acme": true, "hsts": { "max_age": "365d" } },
             "mongodb": { "bind": "127.0.0.1:27017", "tls": "passthrough" }
         },
         "agents": {
@@ -148,6 +148,11 @@ fn base() -> Value {
             "log": "/dev/log", "hard_stop_after": "30m", "stats": { "bind": "127.0.0.1:8404" },
             "delete_guard": { "count": 10, "percent": 10, "settle": "10s" },
             "timeouts": { "connect": "5s", "client": "1m", "server": "1m", "http_request": "10s", "http_keep_alive": "10s", "tunnel": "1h", "tcp_inspect": "5s", "check": "3s" }
+        },
+        "acme": {
+            "directory": "https://acme-staging-v02.api.letsencrypt.org/directory",
+            "contact": [ "mailto:ops@example.com" ], "ca_file": "/etc/ssl/acme-ca.pem",
+            "renew_before": "30d", "key_type": "ecdsa-p256", "dns_hook": "/usr/local/bin/acme-dns"
         },
         "api": {
             "apps_domain": "apps.example.com", "mongodb_domain": "mongodb.example.com", "mongodb_listener": "mongodb",
@@ -333,6 +338,7 @@ fn is_path(pattern: &str) -> bool {
         "/password_file",
         "/ca_file",
         "/global/log",
+        "/dns_hook",
     ]
     .iter()
     .any(|p| pattern.ends_with(p))

@@ -9,7 +9,7 @@ mod support;
 use lunafront::model::{Model, validate};
 use lunafront::plan::diff::{Action, Kind, Mode};
 use lunafront::plan::{Live, make_plan};
-use lunafront::render::{RenderOptions, Rendered, render};
+use lunafront::render::{RenderOptions, Rendered, render, render_onto};
 use lunafront::spec::load::{Source, SourceFile};
 use serde_json::{Value, json};
 use support::*;
@@ -72,9 +72,17 @@ fn live_after(old: &Model) -> Live {
     }
 }
 
+/// The plan `apply` makes: the new state rendered onto the app slots the target holds.
 fn plan_between(old: &Value, new: &Value) -> lunafront::plan::Plan {
     let (old, new) = (model(old), model(new));
-    make_plan("t", &new, &rendered(&new), &live_after(&old))
+    let live = live_after(&old);
+    let r = render_onto(
+        &new,
+        &RenderOptions::for_target(None),
+        &live.slot_pools("haproxy.cfg"),
+    )
+    .unwrap();
+    make_plan("t", &new, &r, &live)
 }
 
 fn set(doc: &mut Value, pointer: &str, value: Value) {
@@ -132,7 +140,7 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Runtime,
         ),
         (
-            "move a domain from a pooled app to a dedicated backend",
+            "move a domain from an app to a dedicated backend",
             |d| {
                 set(
                     d,
@@ -221,11 +229,11 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             },
             Mode::Runtime,
         ),
-        // The cost of agent pools: a backend that shrinks to a single agent server (and has
-        // nothing backend-wide) moves into its agent's pool, and one that grows out of it
-        // gets a section of its own. Both need a reload, and the plan says why.
+        // The cost of app slots: a backend that shrinks to a single agent server (and has
+        // nothing backend-wide) becomes an app and takes a slot, and an app that grows out of
+        // it gets a section of its own. Both need a reload, and the plan says why.
         (
-            "a backend shrinks to one agent server (moves into the pool)",
+            "a backend shrinks to one agent server (becomes an app in a slot)",
             |d| {
                 set(
                     d,
@@ -236,7 +244,7 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Reload,
         ),
         (
-            "a pooled app gets a second server (moves out of the pool)",
+            "an app gets a second server (leaves its slot)",
             |d| {
                 set(
                     d,
@@ -274,7 +282,7 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Runtime,
         ),
         (
-            "put a pooled app in maintenance",
+            "put an app in maintenance",
             |d| {
                 set(
                     d,
@@ -296,7 +304,7 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Runtime,
         ),
         (
-            "change a pooled app's port",
+            "change an app's port",
             |d| {
                 set(
                     d,
@@ -307,7 +315,7 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Runtime,
         ),
         (
-            "move a pooled app to another agent",
+            "move an app to another agent",
             |d| {
                 set(
                     d,
@@ -318,8 +326,68 @@ fn cases() -> Vec<(&'static str, Edit, Mode)> {
             Mode::Runtime,
         ),
         (
+            "change an app's weight",
+            |d| {
+                set(
+                    d,
+                    "/backends/shop/servers",
+                    json!([{"agent": "agent-7", "port": 9001, "weight": 50}]),
+                )
+            },
+            Mode::Runtime,
+        ),
+        // Agents are no HAProxy objects of their own: their apps take free slots.
+        (
             "add a new agent",
             |d| set(d, "/agents/agent-9", json!({"address": "203.0.113.9"})),
+            Mode::Runtime,
+        ),
+        (
+            "add an app on a new agent",
+            |d| {
+                set(d, "/agents/agent-9", json!({"address": "203.0.113.9"}));
+                set(
+                    d,
+                    "/backends/new-app",
+                    json!({"servers": [{"agent": "agent-9", "port": 9100}]}),
+                );
+                set(
+                    d,
+                    "/domains/new-app.apps.example.com",
+                    json!({"backend": "new-app"}),
+                );
+            },
+            Mode::Runtime,
+        ),
+        (
+            "move an app from HTTP to TCP (another pool's free slot)",
+            |d| {
+                set(
+                    d,
+                    "/domains/shop.apps.example.com",
+                    json!({"backend": "shop", "listener": "mongodb"}),
+                );
+                remove(d, "/domains/*.preview.example.com");
+            },
+            Mode::Runtime,
+        ),
+        (
+            "add more apps than there are free slots (the pool grows)",
+            |d| {
+                // The base has 2 HTTP apps in a pool of 32 slots: 31 more need 33.
+                for i in 0..31 {
+                    set(
+                        d,
+                        &format!("/backends/more-{i}"),
+                        json!({"servers": [{"agent": "agent-8", "port": 10000 + i}]}),
+                    );
+                    set(
+                        d,
+                        &format!("/domains/more-{i}.apps.example.com"),
+                        json!({"backend": format!("more-{i}")}),
+                    );
+                }
+            },
             Mode::Reload,
         ),
         (
@@ -478,9 +546,12 @@ fn each_promised_mode_is_what_a_real_haproxy_did() {
     let mut wrong = Vec::new();
     let mut report = Vec::new();
     for (what, edit, expected) in cases() {
-        // From the base state, as HAProxy runs it.
+        // From the base state, as HAProxy runs it (going back from a case that added many
+        // apps removes them all: past the delete guard, on purpose).
         write(&base());
-        site.apply();
+        let (code, stdout, stderr) =
+            site.lunafront(&["apply", "state.yaml", "--auto-approve", "--allow-deletes"]);
+        assert_eq!(code, 0, "{what}: back to the base state:\n{stdout}{stderr}");
         let before = site.generation();
         let mut new = base();
         edit(&mut new);

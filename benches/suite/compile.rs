@@ -8,7 +8,7 @@
 use crate::report::{Better, Report, Table, median, ms};
 use lunafront::model::validate;
 use lunafront::plan::{Live, make_plan};
-use lunafront::render::{MANIFEST, RenderOptions, Rendered, render};
+use lunafront::render::{MANIFEST, RenderOptions, Rendered, render, render_onto};
 use lunafront::spec::load::{Source, SourceFile};
 use std::time::Instant;
 
@@ -118,7 +118,8 @@ pub fn child(domains: usize, runs: usize) {
         let source2 = Source::parse(vec![SourceFile::new("state.yaml".into(), edited.clone())]);
         let t = Instant::now();
         let model2 = validate(&source2).model.unwrap();
-        let rendered2 = render(&model2, &options).unwrap();
+        let rendered2 =
+            render_onto(&model2, &options, &live.slot_pools(&options.config_name)).unwrap();
         let plan = make_plan("bench", &model2, &rendered2, &live);
         stages[6].push(ms(t.elapsed()));
         assert_eq!(plan.changes.len(), 2, "{:?}", plan.changes);
@@ -136,14 +137,16 @@ pub fn child(domains: usize, runs: usize) {
         let t = Instant::now();
         let source2 = Source::parse(vec![SourceFile::new("state.yaml".into(), edited.clone())]);
         let model2 = validate(&source2).model.unwrap();
-        let rendered2 = render(&model2, &options).unwrap();
+        // As `apply` does it: read the target first (its apps keep their slots), then render.
         let r = Instant::now();
         let live = lunafront::target::files::observe_dir(
             &dir,
-            rendered2.files().into_iter().map(|f| f.path),
+            lunafront::render::output_paths(&model2, &options),
         )
         .unwrap();
         stages[5].push(ms(r.elapsed()));
+        let rendered2 =
+            render_onto(&model2, &options, &live.slot_pools(&options.config_name)).unwrap();
         assert!(live.previous.is_some(), "the recorded state reads back");
         let plan = make_plan("bench", &model2, &rendered2, &live);
         stages[4].push(ms(t.elapsed()));

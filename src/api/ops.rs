@@ -1325,7 +1325,14 @@ impl Api {
             .chain(old.backends.keys().cloned())
             .chain(old.domains.keys().cloned())
             .collect();
-        Ok(crate::plan::diff::diff_models(model, &merged)
+        // Slots are left out (the same on both sides): an app takes a free slot at runtime, and
+        // the pool grows by a reload only once per many new apps, which the route quota bounds.
+        let pools = crate::render::layout::SlotPools::default();
+        let slots = crate::plan::diff::Slots {
+            before: &pools,
+            after: &pools,
+        };
+        Ok(crate::plan::diff::diff_models(model, &merged, &slots)
             .iter()
             .any(|c| {
                 c.mode == ChangeMode::Reload

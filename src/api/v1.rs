@@ -348,10 +348,9 @@ async fn domains(State(app): State<AppState>, headers: HeaderMap) -> Result<Json
 /// What applying the current state would change (the `plan --json` document).
 async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Response> {
     app.admin(&headers)?;
-    let (state, target, options, name) = (
+    let (state, target, name) = (
         app.state_path.clone(),
         app.target.clone(),
-        app.options.clone(),
         app.target_name.clone(),
     );
     let text = tokio::task::spawn_blocking(move || -> Result<String> {
@@ -367,13 +366,10 @@ async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Respons
             e.fields = fields;
             e
         })?;
-        let rendered = crate::render::render(&model, &options)
+        // The plan `lunafront plan` makes: ACME certificates, slots, a Data Plane API's files.
+        let prepared = crate::target::fleet::prepare(&model, &name, &target)
             .map_err(|e| ApiError::internal(e.to_string()))?;
-        let live = crate::target::observe(&name, &target, &rendered)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(crate::plan::json::render(&crate::plan::make_plan(
-            &name, &model, &rendered, &live,
-        )))
+        Ok(crate::plan::json::render(&prepared.plan))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;

@@ -286,6 +286,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         target: saved.target,
         plan,
         before: None,
+        acme_requests: Vec::new(),
         git_commit: None,
     })
 }

@@ -149,7 +149,7 @@ pub fn rollback(
         let model = validate(&source)
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
-        let live = target::observe_paths(&name, &target, &options, files.keys().cloned())?;
+        let live = target::observe_files(&name, &target, &options, &files)?;
         Ok(plan::plan_files(&name, &model, files, &options, &live))
     })();
     let plan = match result {
@@ -205,6 +205,7 @@ pub fn rollback(
         target,
         plan,
         before: None,
+        acme_requests: Vec::new(),
         git_commit: entry.git_commit.clone(),
     };
     super::apply::finish_before_exiting();

@@ -57,9 +57,10 @@ pub fn run(o: Options<'_>) -> ExitCode {
 
 fn single(p: &Prepared, o: &Options<'_>) -> ExitCode {
     if o.as_json {
-        print!("{}", json::render(&p.plan));
+        print!("{}", with_acme(json::render(&p.plan), &p.acme_requests));
     } else {
         print!("{}", text::render(&p.plan, stdout_color(o.color)));
+        print_acme(p);
     }
     if let Some(path) = o.out {
         if let Err(e) = apply::save(path, &p.plan, &p.target) {
@@ -91,6 +92,7 @@ fn group(prepared: &[Prepared], o: &Options<'_>) -> ExitCode {
     } else {
         for p in prepared {
             print!("{}", text::render(&p.plan, stdout_color(o.color)));
+            print_acme(p);
             println!();
         }
         println!(
@@ -132,6 +134,35 @@ fn group(prepared: &[Prepared], o: &Options<'_>) -> ExitCode {
         }
     }
     exit_code(o.detailed, prepared.iter().any(|p| !p.plan.is_empty()))
+}
+
+/// The certificates `lunafront daemon` will request: not changes of the files (the daemon
+/// installs each once the CA has issued it), so they neither make the plan non-empty nor
+/// change the exit code.
+fn print_acme(p: &Prepared) {
+    if p.acme_requests.is_empty() {
+        return;
+    }
+    println!(
+        "\nCertificates to request from the ACME CA ({}; `lunafront daemon` requests them and installs each at runtime):",
+        p.name
+    );
+    for domain in &p.acme_requests {
+        println!("  + certificate {}", domain);
+    }
+}
+
+/// The plan's JSON with `acme_requests` last, when there are any: the domains whose
+/// certificate will be requested.
+fn with_acme(json: String, requests: &[String]) -> String {
+    let Some(body) = json.trim_end().strip_suffix('}') else {
+        return json;
+    };
+    if requests.is_empty() {
+        return json;
+    }
+    let list = serde_json::to_string(requests).expect("names serialize");
+    format!("{},\n  \"acme_requests\": {list}\n}}\n", body.trim_end())
 }
 
 /// Which targets differ from the others: targets are grouped by what they hold (the revision

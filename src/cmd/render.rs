@@ -13,30 +13,49 @@ pub fn run(state: &Path, out: &Path, target_name: Option<&str>, color: ColorChoi
         Ok(m) => m,
         Err(code) => return code,
     };
-    // Render for a target's paths when one is named or the state has only one.
-    let options = match target_name {
+    // Render for a target's paths (and its ACME certificates) when one is named or the state
+    // has only one.
+    let chosen = match target_name {
         Some(_) => match target::select(&model, target_name) {
-            Ok((_, t)) => target::render_options(t),
+            Ok((_, t)) => Some(t),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(exit::ERROR);
             }
         },
-        None if model.targets.len() == 1 => {
-            target::render_options(model.targets.values().next().expect("one"))
-        }
+        None if model.targets.len() == 1 => model.targets.values().next(),
+        None => None,
+    };
+    let options = match chosen {
+        Some(t) => target::render_options(t),
         None => RenderOptions::for_target(None),
     };
-    let rendered = match render::render(&model, &options) {
-        Ok(r) => r,
-        Err(e) => {
+    let model = match chosen.map(|t| lunafront::acme::for_target(&model, t)) {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::from(exit::ERROR);
         }
+        None => std::borrow::Cow::Borrowed(&model),
     };
+    // What a previous render left in the folder: its apps keep their slots.
+    let live = match files::observe_dir(out, render::output_paths(&model, &options)) {
+        Ok(live) => live,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", out.display());
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let rendered =
+        match render::render_onto(&model, &options, &live.slot_pools(&options.config_name)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit::ERROR);
+            }
+        };
     let new = rendered.file_map();
-    let result = files::observe_dir(out, new.keys().cloned())
-        .and_then(|live| files::write_files(out, &new, &live.files, &rendered.options.config_name));
+    let result = files::write_files(out, &new, &live.files, &rendered.options.config_name);
     match result {
         Ok(written) => {
             println!(

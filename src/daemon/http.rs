@@ -26,6 +26,8 @@ pub struct AppState {
     /// The local HAProxy, when the daemon drives one (a fleet's members report in `/status`).
     pub target: Option<Arc<HaproxyTarget>>,
     pub git: Option<Arc<GitHook>>,
+    /// ACME certificates: each one's expiry and last error.
+    pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
 
 /// Largest webhook body read (forges' push events are a few KiB; 413 beyond).
@@ -198,13 +200,16 @@ async fn status(State(app): State<AppState>) -> Response {
     if let Some(haproxy) = haproxy {
         body["haproxy"] = haproxy;
     }
+    if let Some(acme) = &app.acme {
+        body["acme"] = acme.status_json();
+    }
     Json(body).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
+        app.metrics.render() + &app.acme.as_ref().map(|a| a.metrics()).unwrap_or_default(),
     )
         .into_response()
 }

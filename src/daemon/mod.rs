@@ -210,6 +210,24 @@ fn run_with(
         }
     }
 
+    // ACME issuance runs beside the reconcile loop and asks it to install each certificate
+    // (a local haproxy target's: a fleet's members get none). Its sender is taken back at
+    // shutdown so the loop can end.
+    let acme_sender = Arc::new(Mutex::new(Some(requests.clone())));
+    let acme = local.as_ref().map(|target| {
+        crate::acme::manager::Shared::new(&target.state_dir, &target.runtime_socket, {
+            let sender = acme_sender.clone();
+            Box::new(move || {
+                if let Some(sender) = sender.lock().expect("acme sender").as_ref() {
+                    let _ = sender.send(Request {
+                        trigger: Trigger::Acme,
+                        reply: None,
+                    });
+                }
+            })
+        })
+    });
+    let acme_thread = acme.clone().map(crate::acme::manager::spawn);
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),
@@ -220,6 +238,7 @@ fn run_with(
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
+        acme: acme.clone(),
         holding: None,
         last_reload: None,
         for_api: false,
@@ -311,6 +330,7 @@ fn run_with(
         requests: Arc::new(Mutex::new(requests)),
         target: local.map(Arc::new),
         git,
+        acme: acme.clone(),
     };
     let served = runtime.block_on(serve(listener, app, api, signals.shutdown()));
 
@@ -325,6 +345,13 @@ fn run_with(
         reconcile.lock().expect("git").take();
     }
     for t in threads {
+        let _ = t.join();
+    }
+    if let Some(acme) = &acme {
+        acme.stop();
+    }
+    acme_sender.lock().expect("acme sender").take();
+    if let Some(t) = acme_thread {
         let _ = t.join();
     }
     // The last sender is gone with the HTTP state: the loop ends after its current reconcile.

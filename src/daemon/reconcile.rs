@@ -42,6 +42,8 @@ pub enum Trigger {
     Settle,
     /// A change made through the agent API.
     Api,
+    /// The ACME manager has a new or renewed certificate to install.
+    Acme,
 }
 
 /// A request to reconcile; `reply` gets the outcome.
@@ -171,6 +173,8 @@ pub struct Reconciler {
     /// Held while the state is read, by whoever moves or writes the folder too (the git
     /// clone's owner): a reconcile never reads a checkout half moved.
     pub state_lock: Option<Arc<Mutex<()>>>,
+    /// Issuance and renewal of ACME certificates, told what the applied state wants.
+    pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
 
 impl Reconciler {
@@ -363,6 +367,17 @@ impl Reconciler {
                 }
             }
         };
+        // The certificates the ACME store holds are rendered like a certificate folder (a local
+        // target's; a fleet's members are rendered by `fleet::prepare`, which does the same).
+        let model = match (&self.drive, crate::acme::uses_acme(&model)) {
+            (Drive::Local(target), true) => {
+                match crate::acme::store::Store::new(&target.state_dir).overlay(model) {
+                    Ok(model) => model,
+                    Err(e) => return fail("failed", e.to_string(), Vec::new()),
+                }
+            }
+            _ => model,
+        };
         let model = Arc::new(model);
         *self.valid_model.lock().expect("model") = Some(model.clone());
         let partial = !held_back.is_empty();
@@ -390,12 +405,14 @@ impl Reconciler {
                 return finish(self.reconcile_fleet(trigger, &model, git_commit));
             }
         };
-        let rendered = match render::render(&model, &self.options) {
-            Ok(r) => r,
+        // The target first: the rendering starts from the app slots its configuration holds.
+        let live = match haproxy::observe(&target, render::output_paths(&model, &self.options)) {
+            Ok(live) => live,
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
-        let live = match haproxy::observe(&target, rendered.files().into_iter().map(|f| f.path)) {
-            Ok(live) => live,
+        let slots = live.slot_pools(&self.options.config_name);
+        let rendered = match render::render_onto(&model, &self.options, &slots) {
+            Ok(r) => r,
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
         timer.lap("render+observe");
@@ -463,6 +480,9 @@ impl Reconciler {
             }
             // HAProxy runs this state: the commit it was read at describes what runs.
             haproxy::marker::set_git_commit(&target, git_commit.as_deref());
+            if let Some(acme) = &self.acme {
+                acme.wanted(&model);
+            }
             return finish(Self::outcome(trigger, "unchanged"));
         }
 
@@ -527,6 +547,12 @@ impl Reconciler {
                         self.last_reload = Some(Instant::now());
                     }
                     How::Started { .. } | How::Unchanged => {}
+                }
+                if let Some(acme) = &self.acme {
+                    if matches!(applied.how, How::Reloaded { .. } | How::Started { .. }) {
+                        acme.after_reload();
+                    }
+                    acme.wanted(&model);
                 }
                 finish(o)
             }

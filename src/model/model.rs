@@ -18,6 +18,12 @@ pub struct Model {
     pub global: Global,
     /// Settings of the agent API (`api:`), kept as validated JSON for the API layer.
     pub api: Option<serde_json::Value>,
+    /// Automatic certificates (`acme:`): where to get them, for the listeners with `acme: true`.
+    pub acme: Option<Acme>,
+    /// Certificates obtained from the ACME CA, kept in a target's state folder: not desired
+    /// state but an input of the rendering, like a certificate folder. Empty until a target's
+    /// store is read (`crate::acme::store::Store::overlay`).
+    pub issued: Issued,
     /// The merged state document this model was validated from, recorded with each apply.
     pub(crate) document: StateDocument,
 }
@@ -62,6 +68,12 @@ impl Model {
         &self.document
     }
 
+    /// The model with the certificates a target's ACME store holds.
+    pub fn with_issued(mut self, issued: Issued) -> Model {
+        self.issued = issued;
+        self
+    }
+
     /// The model as one target serves it: its own listener addresses (`binds`, checked by
     /// validation) in place of the state's. Borrowed when the target has none.
     pub fn with_binds(&self, binds: &BTreeMap<String, String>) -> std::borrow::Cow<'_, Model> {
@@ -87,6 +99,53 @@ pub struct Listener {
     pub kind: ListenerKind,
     /// Raw HAProxy lines for its frontend (`extra:`), each checked by `names::check_raw_line`.
     pub extra: Vec<String>,
+    /// HTTP listeners: domains served here get certificates from the ACME CA (TLS even
+    /// without a certificate folder).
+    pub acme: bool,
+    /// Plain HTTP listeners: every request is redirected to this TLS listener (ACME
+    /// challenges excepted).
+    pub redirect_to: Option<String>,
+    /// TLS HTTP listeners: the Strict-Transport-Security header sent.
+    pub hsts: Option<Hsts>,
+}
+
+/// `Strict-Transport-Security: max-age=…[; includeSubDomains][; preload]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hsts {
+    pub max_age_seconds: u64,
+    pub include_subdomains: bool,
+    pub preload: bool,
+}
+
+/// Where certificates come from automatically (`acme:`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Acme {
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// `mailto:` contacts of the account.
+    pub contact: Vec<String>,
+    /// A PEM bundle trusted for the directory's HTTPS instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Renew when less than this remains.
+    pub renew_before: Duration,
+    pub key_type: KeyType,
+    /// Publishes DNS-01 TXT records for wildcards: `dns_hook set|clear <name> <value>`.
+    pub dns_hook: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+}
+
+/// Certificates lunafront obtained itself, by domain, and the self-signed default an ACME
+/// listener without a certificate folder presents to names it has no certificate for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Issued {
+    pub fallback: Option<CertFile>,
+    pub certs: BTreeMap<String, CertFile>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +167,11 @@ pub enum TcpTls {
 impl Listener {
     pub fn is_http(&self) -> bool {
         matches!(self.kind, ListenerKind::Http { .. })
+    }
+
+    /// Terminates TLS: has certificates, or gets them from ACME.
+    pub fn is_tls(&self) -> bool {
+        self.certificates().is_some() || self.acme
     }
 
     pub fn certificates(&self) -> Option<&Certificates> {

@@ -98,6 +98,30 @@ struct RawListener {
     mode: Option<String>,
     certificates: Option<String>,
     tls: Option<String>,
+    #[serde(default)]
+    acme: bool,
+    redirect_to: Option<String>,
+    hsts: Option<Toggle<RawHsts>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawHsts {
+    max_age: Option<String>,
+    #[serde(default)]
+    include_subdomains: bool,
+    #[serde(default)]
+    preload: bool,
+}
+
+#[derive(Deserialize)]
+struct RawAcme {
+    directory: String,
+    #[serde(default)]
+    contact: Vec<String>,
+    ca_file: Option<String>,
+    renew_before: Option<String>,
+    key_type: Option<String>,
+    dns_hook: Option<String>,
 }
 
 /// The `extra:` list of an entry, when it has one.
@@ -353,6 +377,7 @@ impl<'a> Checker<'a> {
         let domains = self.domains(&listeners, &listener_names, &backend_names);
         let backends = self.backend_modes(backends, &domains, &listeners);
         self.name_claims(&domains, &listeners);
+        let acme = self.acme(&listeners, &listener_names, &domains);
         let targets = self.targets(&listeners, &listener_names);
         let groups = self.groups(&target_names);
         let global = self.global();
@@ -384,6 +409,8 @@ impl<'a> Checker<'a> {
             groups,
             global,
             api: doc.get("api").cloned(),
+            acme,
+            issued: Issued::default(),
             document: super::model::StateDocument::new(&self.source.document),
         })
     }
@@ -505,10 +532,56 @@ impl<'a> Checker<'a> {
                 }
                 ListenerKind::Http { certificates }
             };
+            let hsts = match raw.hsts {
+                None | Some(Toggle::Flag(false)) => None,
+                Some(Toggle::Flag(true)) => Some(RawHsts::default()),
+                Some(Toggle::Settings(h)) => Some(h),
+            };
+            let hsts = match hsts {
+                None => None,
+                Some(h) => {
+                    let at = format!("{pointer}/hsts");
+                    let Some(max_age) = self.duration(
+                        h.max_age.as_deref(),
+                        &format!("{at}/max_age"),
+                        Duration::from_ms(365 * 86_400_000),
+                    ) else {
+                        continue;
+                    };
+                    let hsts = Hsts {
+                        max_age_seconds: max_age.ms / 1000,
+                        include_subdomains: h.include_subdomains,
+                        preload: h.preload,
+                    };
+                    if hsts.preload
+                        && (!hsts.include_subdomains || hsts.max_age_seconds < 365 * 86_400)
+                    {
+                        self.error(
+                            "hsts-preload",
+                            &format!("{at}/preload"),
+                            true,
+                            format!("listener {} asks for HSTS preloading without `include_subdomains: true` and a `max_age` of at least 365d", quote(name)),
+                            "browsers preload only names that send includeSubDomains and max-age of a year or more: set both, or remove `preload`",
+                        );
+                        continue;
+                    }
+                    Some(hsts)
+                }
+            };
             let Some(extra) = self.extra("listener", name, &pointer, value) else {
                 continue;
             };
-            out.insert(name.to_string(), Listener { bind, kind, extra });
+            out.insert(
+                name.to_string(),
+                Listener {
+                    bind,
+                    kind,
+                    extra,
+                    acme: raw.acme,
+                    redirect_to: raw.redirect_to.filter(|r| names::is_identifier(r)),
+                    hsts,
+                },
+            );
         }
         out
     }
@@ -1072,6 +1145,176 @@ impl<'a> Checker<'a> {
             }
         }
         out
+    }
+
+    /// The `acme` section, and what listeners ask of each other: `acme: true` on HTTP listeners
+    /// with a plain HTTP listener beside them to answer HTTP-01, wildcards only with a DNS
+    /// hook or a certificate file, redirects to a TLS listener, HSTS on TLS only.
+    fn acme(
+        &mut self,
+        listeners: &BTreeMap<String, Listener>,
+        listener_names: &BTreeSet<&str>,
+        domains: &BTreeMap<String, Domain>,
+    ) -> Option<Acme> {
+        let doc = &self.source.document;
+        let raw = doc.get("acme").and_then(Self::raw::<RawAcme>);
+        let acme = raw.and_then(|raw| {
+            let renew_before = self.duration(
+                raw.renew_before.as_deref(),
+                "/acme/renew_before",
+                Duration::from_ms(30 * 86_400_000),
+            )?;
+            let safe = |p: &Option<String>| p.as_deref().is_none_or(names::is_safe_path);
+            if !safe(&raw.ca_file) || !safe(&raw.dns_hook) {
+                return None; // reported by the schema
+            }
+            Some(Acme {
+                directory: raw.directory,
+                contact: raw.contact,
+                ca_file: raw.ca_file.map(|f| self.path("/acme", &f)),
+                renew_before,
+                key_type: match raw.key_type.as_deref() {
+                    Some("ecdsa-p384") => KeyType::EcdsaP384,
+                    _ => KeyType::EcdsaP256,
+                },
+                dns_hook: raw.dns_hook.map(|f| self.path("/acme", &f)),
+            })
+        });
+        let plain_http = listeners
+            .iter()
+            .find(|(_, l)| l.is_http() && !l.is_tls())
+            .map(|(n, _)| n.clone());
+        for (name, listener) in listeners {
+            let pointer = format!("/listeners/{}", escape_pointer_token(name));
+            if listener.acme {
+                let at = format!("{pointer}/acme");
+                if !listener.is_http() {
+                    self.error(
+                        "acme-on-tcp",
+                        &at,
+                        true,
+                        format!("listener {} routes TCP by server name; `acme` gets certificates for HTTP listeners", quote(name)),
+                        "remove `acme`, or put `certificates:` on this listener",
+                    );
+                } else if doc.get("acme").is_none() {
+                    self.error(
+                        "acme-not-configured",
+                        &at,
+                        true,
+                        format!("listener {} asks for ACME certificates, but the state has no `acme:` section", quote(name)),
+                        "add `acme: { directory: https://acme-staging-v02.api.letsencrypt.org/directory, contact: [\"mailto:you@example.com\"] }` (staging first)",
+                    );
+                } else if plain_http.is_none() {
+                    self.error(
+                        "acme-without-http-listener",
+                        &at,
+                        true,
+                        format!("listener {} asks for ACME certificates, but no plain HTTP listener can answer the CA's HTTP-01 challenges", quote(name)),
+                        "add a listener without TLS on port 80, such as `http: { bind: \":80\" }`",
+                    );
+                } else if acme.as_ref().is_some_and(|a| a.dns_hook.is_none()) {
+                    let files = listener.certificates().map(|c| c.files.as_slice());
+                    for (host, domain) in domains {
+                        let served = match &domain.listener {
+                            Some(l) => l == name,
+                            None => true,
+                        };
+                        if served
+                            && names::is_wildcard(host)
+                            && !crate::acme::covered_by_files(host, files.unwrap_or_default())
+                        {
+                            let d = Diagnostic::error(
+                                "acme-wildcard-needs-dns",
+                                format!("wildcard domain {} is served on ACME listener {}, and a CA validates wildcards only through DNS (DNS-01)", quote(host), quote(name)),
+                            )
+                            .hint("set `acme.dns_hook` to a command that publishes TXT records, or put a certificate for the wildcard in the listener's `certificates` folder")
+                            .at(self.at(&format!("/domains/{}", escape_pointer_token(host)), true))
+                            .pointer(format!("/domains/{}", escape_pointer_token(host)))
+                            .note(self.at(&at, true), "the listener asks for ACME certificates here");
+                            self.push(d);
+                        }
+                    }
+                }
+            }
+            if let Some(to) = &listener.redirect_to {
+                let at = format!("{pointer}/redirect_to");
+                if !listener.is_http() || listener.is_tls() {
+                    self.error(
+                        "redirect-invalid",
+                        &at,
+                        false,
+                        format!("listener {} already serves TLS or TCP; `redirect_to` sends plain HTTP requests to HTTPS", quote(name)),
+                        "set `redirect_to` on the plain HTTP listener (port 80)",
+                    );
+                } else {
+                    match listeners.get(to) {
+                        // Defined but invalid: reported where it is defined.
+                        None if listener_names.contains(to.as_str()) => {}
+                        None => self.unknown(
+                            "unknown-listener",
+                            "listener",
+                            "listeners",
+                            to,
+                            &at,
+                            false,
+                            listener_names,
+                        ),
+                        Some(l) if !l.is_http() || !l.is_tls() => self.error(
+                            "redirect-invalid",
+                            &at,
+                            false,
+                            format!(
+                                "listener {} redirects to {}, which is not an HTTPS listener",
+                                quote(name),
+                                quote(to)
+                            ),
+                            "name an HTTP listener with `certificates` or `acme: true`",
+                        ),
+                        Some(_) => {}
+                    }
+                    for (host, domain) in domains {
+                        if domain.listener.as_deref() == Some(name.as_str()) {
+                            let d = Diagnostic::error(
+                                "redirect-pinned-domain",
+                                format!("domain {} is served only on listener {}, which redirects every request to {}", quote(host), quote(name), quote(to)),
+                            )
+                            .hint("pin the domain to the HTTPS listener, or remove `redirect_to`")
+                            .at(self.at(&format!("/domains/{}/listener", escape_pointer_token(host)), false))
+                            .pointer(format!("/domains/{}/listener", escape_pointer_token(host)))
+                            .note(self.at(&at, true), "the redirect is set here");
+                            self.push(d);
+                        }
+                    }
+                }
+            }
+            if listener.hsts.is_some() && (!listener.is_http() || !listener.is_tls()) {
+                self.error(
+                    "hsts-without-tls",
+                    &format!("{pointer}/hsts"),
+                    true,
+                    format!("listener {} does not serve HTTPS; browsers ignore Strict-Transport-Security over plain HTTP", quote(name)),
+                    "set `hsts` on the HTTPS listener, and `redirect_to` on the plain one",
+                );
+            }
+        }
+        let asked = doc
+            .get("listeners")
+            .and_then(Value::as_object)
+            .is_some_and(|l| {
+                l.values()
+                    .any(|l| l.get("acme") == Some(&Value::Bool(true)))
+            });
+        if acme.is_some() && !asked {
+            let d = Diagnostic::warning(
+                "acme-unused",
+                "the `acme` section is set, but no listener has `acme: true`".to_string(),
+            )
+            .hint("add `acme: true` to the HTTPS listener whose domains should get certificates")
+            .at(self.at("/acme", true))
+            .pointer("/acme");
+            self.push(d);
+        }
+        acme
     }
 
     fn listener_lacks_tls(&self, listener: &str) -> bool {

@@ -2,8 +2,10 @@
 //! one (`+ domain`, `~ backend`, `- agent`), each saying whether HAProxy's runtime API can apply
 //! it without a reload, and if not, why. Pure.
 
-use crate::model::{Backend, Domain, Listener, ListenerKind, Model, ServerTarget, TcpTls};
-use crate::render::layout::{self, pool_name};
+use crate::model::{
+    Backend, Domain, Listener, ListenerKind, Mode as BackendMode, Model, ServerTarget, TcpTls,
+};
+use crate::render::layout::{self, SlotPools, mode_str};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -182,15 +184,92 @@ fn arrow(before: impl Display, after: impl Display) -> String {
     format!("{before} → {after}")
 }
 
+/// The app slots of the configuration the target runs and of the new one (both read back from
+/// the configurations, `readback::slot_pools`): whether an app can take or free a slot at
+/// runtime depends on them, not on the models alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Slots<'a> {
+    pub before: &'a SlotPools,
+    pub after: &'a SlotPools,
+}
+
+impl Slots<'_> {
+    /// Why an app of `mode` entering or leaving a slot needs a reload: its pool is created,
+    /// resized or removed by this change. `None` when the pool stays as it is.
+    fn reload_reason(&self, mode: BackendMode) -> Option<String> {
+        let (before, after) = (
+            self.before.pool(mode).capacity,
+            self.after.pool(mode).capacity,
+        );
+        let m = mode_str(mode);
+        match (before, after) {
+            _ if before == after => None,
+            (0, _) => Some(format!(
+                "the {m} app slots are new backends: they come with a reload"
+            )),
+            (_, 0) => Some(format!(
+                "no {m} listener or app is left: the {m} app slots go with a reload"
+            )),
+            _ if after > before => Some(format!(
+                "no free {m} slot was left for every new app: the pool grows from {before} to {after} slots with a reload"
+            )),
+            _ => Some(format!(
+                "the {m} pool is more than twice the size its apps need: it shrinks from {before} to {after} slots with a reload"
+            )),
+        }
+    }
+
+    /// Why app `name` of `mode` entering or leaving a slot needs a reload: its pool is
+    /// resized, or its slot passes between it and another app in this one change (what a
+    /// rollback to files rendered earlier can ask). At runtime the old app's routes could
+    /// still point at the slot while the new app's server is in it; a reload switches both
+    /// at once.
+    fn reload_reason_for(&self, name: &str, mode: BackendMode) -> Option<String> {
+        if let Some(reason) = self.reload_reason(mode) {
+            return Some(reason);
+        }
+        let (before, after) = (self.before.pool(mode), self.after.pool(mode));
+        let handover = |slot: Option<&u32>, other: &layout::SlotPool| {
+            let slot = *slot?;
+            let holder = other
+                .apps
+                .iter()
+                .find(|(a, s)| **s == slot && *a != name)?
+                .0;
+            Some((slot, holder.clone()))
+        };
+        if let Some((slot, holder)) = handover(after.apps.get(name), before) {
+            return Some(format!(
+                "{} passes from app {holder} to app {name}: a reload switches both at once",
+                layout::slot_name(mode, slot)
+            ));
+        }
+        handover(before.apps.get(name), after).map(|(slot, holder)| {
+            format!(
+                "{} passes from app {name} to app {holder}: a reload switches both at once",
+                layout::slot_name(mode, slot)
+            )
+        })
+    }
+
+    fn slot(pools: &SlotPools, name: &str, mode: BackendMode) -> String {
+        pools
+            .slot_of(name, mode)
+            .unwrap_or_else(|| format!("slot:{}:?", mode_str(mode)))
+    }
+}
+
 /// Every change from `old` to `new`, in a stable order (global, listeners, certificates,
 /// agents, backends, servers, domains).
-pub fn diff_models(old: &Model, new: &Model) -> Vec<Change> {
+pub fn diff_models(old: &Model, new: &Model, slots: &Slots<'_>) -> Vec<Change> {
     let mut changes = Vec::new();
     global_changes(old, new, &mut changes);
+    slot_changes(new, slots, &mut changes);
     listener_changes(old, new, &mut changes);
     agent_changes(old, new, &mut changes);
-    backend_changes(old, new, &mut changes);
+    backend_changes(old, new, slots, &mut changes);
     domain_changes(old, new, &mut changes);
+    issued_changes(old, new, &mut changes);
     changes.sort_by(|a, b| (a.kind, &a.name, a.action).cmp(&(b.kind, &b.name, b.action)));
     changes
 }
@@ -249,8 +328,61 @@ fn global_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     }
 }
 
+/// A pool of app slots created, grown, shrunk or removed: new backend sections, so a reload.
+fn slot_changes(new: &Model, slots: &Slots<'_>, out: &mut Vec<Change>) {
+    for mode in [BackendMode::Http, BackendMode::Tcp] {
+        let Some(reason) = slots.reload_reason(mode) else {
+            continue;
+        };
+        let (before, after) = (
+            slots.before.pool(mode).capacity,
+            slots.after.pool(mode).capacity,
+        );
+        let action = match (before, after) {
+            (0, _) => Action::Create,
+            (_, 0) => Action::Delete,
+            _ => Action::Update,
+        };
+        let apps = new
+            .backends
+            .values()
+            .filter(|b| b.mode == mode && layout::is_app(b))
+            .count();
+        let detail = match action {
+            Action::Create => format!(": {after} slots for {apps} app(s)"),
+            Action::Delete => format!(": {before} slots"),
+            Action::Update => format!(": {} slots for {apps} app(s)", arrow(before, after)),
+        };
+        out.push(
+            Change::new(
+                action,
+                Kind::Global,
+                format!("slots.{}", mode_str(mode)),
+                Mode::Reload,
+                reason,
+            )
+            .detail(detail),
+        );
+    }
+}
+
 fn describe_listener(l: &Listener) -> String {
+    let mut text = describe_listener_kind(l);
+    if l.acme {
+        text.push_str(" (acme)");
+    }
+    if let Some(to) = &l.redirect_to {
+        text.push_str(&format!(" (redirect to {to})"));
+    }
+    if let Some(h) = l.hsts {
+        text.push_str(&format!(" (hsts {}s)", h.max_age_seconds));
+    }
+    text
+}
+
+fn describe_listener_kind(l: &Listener) -> String {
     match &l.kind {
+        ListenerKind::Http { certificates: None } if l.acme => format!("https on {}", l.bind),
         ListenerKind::Http { certificates: None } => format!("http on {}", l.bind),
         ListenerKind::Http {
             certificates: Some(_),
@@ -340,10 +472,13 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         let shape_changed = o.bind != n.bind
             || std::mem::discriminant(&o.kind) != std::mem::discriminant(&n.kind)
             || o.certificates().is_some() != n.certificates().is_some()
+            || (o.acme, &o.redirect_to, o.hsts) != (n.acme, &n.redirect_to, n.hsts)
             || matches!((&o.kind, &n.kind), (ListenerKind::Tcp { tls: a }, ListenerKind::Tcp { tls: b }) if std::mem::discriminant(a) != std::mem::discriminant(b));
         if shape_changed {
-            let reason = if o.certificates().is_none() && n.certificates().is_some() {
+            let reason = if !o.is_tls() && n.is_tls() {
                 "turning on TLS (the first certificate) changes the bind line: reload"
+            } else if (o.acme, &o.redirect_to, o.hsts) != (n.acme, &n.redirect_to, n.hsts) {
+                "ACME, redirect and HSTS settings are rules of the frontend: reload"
             } else {
                 "a listener's bind or protocol changes with a reload"
             };
@@ -418,13 +553,100 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     }
 }
 
+/// Certificates from the ACME store: installed, renewed and removed at runtime, unless a
+/// listener that lists them is itself reloaded.
+fn issued_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    // By digest: a recorded model knows its certificates by digest only.
+    let digests = |m: &Model| -> BTreeMap<String, String> {
+        m.issued
+            .certs
+            .iter()
+            .map(|(d, f)| (d.clone(), f.sha256.clone()))
+            .collect()
+    };
+    let (old_certs, new_certs) = (digests(old), digests(new));
+    let fingerprint = |m: &Model| m.issued.fallback.as_ref().map(|f| f.sha256.clone());
+    if old_certs == new_certs && fingerprint(old) == fingerprint(new) {
+        return;
+    }
+    let (wanted_old, wanted_new) = (crate::acme::wanted(old), crate::acme::wanted(new));
+    let reloaded = |model: &Model, domain: &str| -> Option<String> {
+        let wanted = if std::ptr::eq(model, old) {
+            &wanted_old
+        } else {
+            &wanted_new
+        };
+        wanted
+            .get(domain)?
+            .listeners
+            .iter()
+            .find(|l| {
+                let (o, n) = (old.listeners.get(*l), new.listeners.get(*l));
+                match (o, n) {
+                    (Some(o), Some(n)) => {
+                        o.bind != n.bind || o.is_tls() != n.is_tls() || o.acme != n.acme
+                    }
+                    _ => true,
+                }
+            })
+            .cloned()
+    };
+    let mode = |model: &Model, domain: &str, runtime: &str| match reloaded(model, domain) {
+        Some(l) => (Mode::Reload, format!("comes with listener {l}'s reload")),
+        None => (Mode::Runtime, runtime.to_string()),
+    };
+    let id = |domain: &str| crate::acme::cert_file(domain);
+    let d = diff_maps(&old_certs, &new_certs);
+    for (domain, _) in d.added {
+        let (mode, reason) = mode(new, domain, "new ssl cert + add ssl crt-list");
+        out.push(
+            Change::new(Action::Create, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": issued by the ACME CA for {domain}")),
+        );
+    }
+    for (domain, _) in d.removed {
+        let (mode, reason) = mode(old, domain, "del ssl crt-list + del ssl cert");
+        out.push(
+            Change::new(Action::Delete, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": {domain} no longer served on an ACME listener")),
+        );
+    }
+    for (domain, _, _) in d.changed {
+        let (mode, reason) = mode(new, domain, "set ssl cert + commit ssl cert");
+        out.push(
+            Change::new(Action::Update, Kind::Certificate, id(domain), mode, reason)
+                .detail(format!(": renewed for {domain} (not shown)")),
+        );
+    }
+    if let (Some(a), Some(b)) = (fingerprint(old), fingerprint(new))
+        && a != b
+    {
+        out.push(
+            Change::new(
+                Action::Update,
+                Kind::Certificate,
+                crate::acme::fallback_file(),
+                Mode::Runtime,
+                "set ssl cert + commit ssl cert",
+            )
+            .detail(": the default certificate of ACME listeners (not shown)"),
+        );
+    }
+}
+
 fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     let d = diff_maps(&old.agents, &new.agents);
     for (name, a) in d.added {
         out.push(
-            Change::new(Action::Create, Kind::Agent, name.as_str(), Mode::Reload, "a new agent gets its pool backends with a reload; its apps are then added at runtime")
-                .detail(format!(": {}", a.address))
-                .values(None, Some(agent_value(a))),
+            Change::new(
+                Action::Create,
+                Kind::Agent,
+                name.as_str(),
+                Mode::Runtime,
+                "an agent is no HAProxy object of its own: its apps take free slots",
+            )
+            .detail(format!(": {}", a.address))
+            .values(None, Some(agent_value(a))),
         );
     }
     for (name, a) in d.removed {
@@ -433,8 +655,8 @@ fn agent_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 Action::Delete,
                 Kind::Agent,
                 name.as_str(),
-                Mode::Reload,
-                "removing an agent removes its pool backends: reload",
+                Mode::Runtime,
+                "an agent is no HAProxy object of its own: its apps leave with their backends",
             )
             .detail(format!(": {}", a.address))
             .values(Some(agent_value(a)), None),
@@ -492,7 +714,7 @@ fn describe_backend(b: &Backend) -> String {
     servers.join(", ")
 }
 
-fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+fn backend_changes(old: &Model, new: &Model, slots: &Slots<'_>, out: &mut Vec<Change>) {
     let names: std::collections::BTreeSet<&String> =
         old.backends.keys().chain(new.backends.keys()).collect();
     for name in names {
@@ -505,22 +727,22 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
     }
     let d = diff_maps(&old.backends, &new.backends);
     for (name, b) in d.added {
-        let (mode, reason) = match layout::pooled_agent(b) {
-            Some(agent) if old.agents.contains_key(agent) => (
-                Mode::Runtime,
-                format!(
-                    "add server {}/{name}: a new app on a known agent",
-                    pool_name(agent, b.mode)
+        let (mode, reason) = if layout::is_app(b) {
+            match slots.reload_reason_for(name, b.mode) {
+                Some(reason) => (Mode::Reload, reason),
+                None => (
+                    Mode::Runtime,
+                    format!(
+                        "add server {}/{name}: a new app takes a free slot",
+                        Slots::slot(slots.after, name, b.mode)
+                    ),
                 ),
-            ),
-            Some(agent) => (
-                Mode::Reload,
-                format!("agent {agent} is new: its pool backends come with the reload"),
-            ),
-            None => (
+            }
+        } else {
+            (
                 Mode::Reload,
                 dedicated_reason(b, "a new backend section needs a reload"),
-            ),
+            )
         };
         out.push(
             Change::new(Action::Create, Kind::Backend, name.as_str(), mode, reason)
@@ -529,19 +751,22 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         );
     }
     for (name, b) in d.removed {
-        let (mode, reason) = match layout::pooled_agent(b) {
-            Some(agent) if new.agents.contains_key(agent) => (
-                Mode::Runtime,
-                format!("del server {}/{name}", pool_name(agent, b.mode)),
-            ),
-            Some(_) => (
-                Mode::Reload,
-                "its agent is removed with a reload".to_string(),
-            ),
-            None => (
+        let (mode, reason) = if layout::is_app(b) {
+            match slots.reload_reason_for(name, b.mode) {
+                Some(reason) => (Mode::Reload, reason),
+                None => (
+                    Mode::Runtime,
+                    format!(
+                        "del server {}/{name}: its slot is free for a later app",
+                        Slots::slot(slots.before, name, b.mode)
+                    ),
+                ),
+            }
+        } else {
+            (
                 Mode::Reload,
                 "removing a backend section needs a reload".to_string(),
-            ),
+            )
         };
         out.push(
             Change::new(Action::Delete, Kind::Backend, name.as_str(), mode, reason)
@@ -550,7 +775,7 @@ fn backend_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
         );
     }
     for (name, o, n) in d.changed {
-        backend_update(old, new, name, o, n, out);
+        backend_update(slots, name, o, n, out);
     }
 }
 
@@ -569,18 +794,11 @@ fn dedicated_reason(b: &Backend, base: &str) -> String {
     } else {
         "it sets a balance algorithm"
     };
-    format!("{base} ({why}, so it cannot live in an agent pool)")
+    format!("{base} ({why}, so it cannot take an app slot)")
 }
 
-fn backend_update(
-    old: &Model,
-    new: &Model,
-    name: &str,
-    o: &Backend,
-    n: &Backend,
-    out: &mut Vec<Change>,
-) {
-    let (op, np) = (layout::pooled_agent(o), layout::pooled_agent(n));
+fn backend_update(slots: &Slots<'_>, name: &str, o: &Backend, n: &Backend, out: &mut Vec<Change>) {
+    let (op, np) = (layout::is_app(o), layout::is_app(n));
     // Each update names the field it changes, with its values before and after.
     let mut update =
         |mode: Mode, reason: String, detail: String, field: &str, values: (Value, Value)| {
@@ -594,53 +812,56 @@ fn backend_update(
             );
         };
     let servers = |b: &Backend| json!(b.servers.iter().map(server_value).collect::<Vec<_>>());
+    let described = format!(": {}", arrow(describe_backend(o), describe_backend(n)));
     match (op, np) {
-        (Some(_), None) => {
+        (true, false) => {
             return update(
                 Mode::Reload,
                 dedicated_reason(
                     n,
-                    "moves out of its agent pool into a backend section of its own: reload",
+                    "leaves its app slot for a backend section of its own: reload",
                 ),
-                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+                described,
                 "servers",
                 (servers(o), servers(n)),
             );
         }
-        (None, Some(agent)) => {
+        (false, true) => {
             return update(
                 Mode::Reload,
-                format!(
-                    "now fits agent {agent}'s pool; its own backend section goes with a reload"
-                ),
-                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
+                "becomes an app: its backend section goes and it takes a slot, with a reload"
+                    .into(),
+                described,
                 "servers",
                 (servers(o), servers(n)),
             );
         }
-        (Some(a), Some(b)) if a != b || o.mode != n.mode => {
-            let mode = if new.agents.contains_key(b) && old.agents.contains_key(b) {
-                Mode::Runtime
-            } else {
-                Mode::Reload
-            };
-            return update(
-                mode,
-                format!(
-                    "del server {}/{name} + add server {}/{name}",
-                    pool_name(a, o.mode),
-                    pool_name(b, n.mode)
-                ),
-                format!(": {}", arrow(describe_backend(o), describe_backend(n))),
-                "servers",
-                (servers(o), servers(n)),
+        (true, true) => {
+            let (from, to) = (
+                Slots::slot(slots.before, name, o.mode),
+                Slots::slot(slots.after, name, n.mode),
             );
+            if from != to {
+                // Another pool (mode), or moved down as its pool shrinks.
+                let reason = slots
+                    .reload_reason_for(name, o.mode)
+                    .or_else(|| slots.reload_reason_for(name, n.mode));
+                let (mode, reason) = match reason {
+                    Some(reason) => (Mode::Reload, reason),
+                    None => (
+                        Mode::Runtime,
+                        format!("del server {from}/{name} + add server {to}/{name}"),
+                    ),
+                };
+                let detail = format!("{described} (slot {})", arrow(&from, &to));
+                return update(mode, reason, detail, "slot", (json!(from), json!(to)));
+            }
         }
-        _ => {}
+        (false, false) => {}
     }
-    let pooled = np.is_some();
+    let app = np;
     // Backend-wide settings of a dedicated backend live in its section.
-    if !pooled {
+    if !app {
         if o.mode != n.mode {
             update(
                 Mode::Reload,
@@ -711,10 +932,10 @@ fn backend_update(
             (tls_value(o), tls_value(n)),
         );
     }
-    server_changes(name, o, n, pooled, out);
+    server_changes(name, o, n, app, out);
 }
 
-fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &mut Vec<Change>) {
+fn server_changes(backend: &str, o: &Backend, n: &Backend, app: bool, out: &mut Vec<Change>) {
     use crate::model::Server;
     // A one-server backend speaks of its server as itself: `~ backend legacy: weight 10 → 20`,
     // even when the server's derived name (`agent:port`) changes with it.
@@ -789,9 +1010,9 @@ fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &m
                 ServerTarget::Address(ip) => std::net::SocketAddr::new(*ip, s.port).to_string(),
             };
             parts.push(format!("server {}", arrow(show(a), show(b))));
-            // A pooled app's server is named after its backend; a dedicated backend's servers
-            // are named after their address, so a new address is a new server.
-            commands.push(if pooled || a.name == b.name {
+            // An app's server is named after its backend; a dedicated backend's servers are
+            // named after their address, so a new address is a new server.
+            commands.push(if app || a.name == b.name {
                 "set server addr"
             } else {
                 "add server + del server"
@@ -799,11 +1020,7 @@ fn server_changes(backend: &str, o: &Backend, n: &Backend, pooled: bool, out: &m
         }
         if a.weight != b.weight {
             parts.push(format!("weight {}", arrow(a.weight, b.weight)));
-            commands.push(if pooled {
-                "set server state"
-            } else {
-                "set server weight"
-            });
+            commands.push("set server weight");
         }
         if a.maintenance != b.maintenance {
             parts.push(format!(

@@ -8,6 +8,7 @@ pub mod saved;
 pub mod text;
 
 use crate::model::Model;
+use crate::render::layout::SlotPools;
 use crate::render::{MANIFEST, RenderOptions, Rendered, readback};
 use crate::target::files::Files;
 use diff::{Action, Change, Kind, Mode};
@@ -50,6 +51,14 @@ impl Live {
 
     pub fn config<'a>(&'a self, config_name: &str) -> Option<&'a [u8]> {
         self.files.get(config_name).map(Vec::as_slice)
+    }
+
+    /// The app slots of the configuration the target holds (none when it holds none): what a
+    /// rendering for it starts from (`render::render_onto`).
+    pub fn slot_pools(&self, config_name: &str) -> SlotPools {
+        self.config(config_name)
+            .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
+            .unwrap_or_default()
     }
 }
 
@@ -169,7 +178,14 @@ pub fn empty_model() -> Model {
 
 /// Builds the plan for `target` from the new model and its rendering, against `live`.
 pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) -> Plan {
-    plan_files(target, model, rendered.file_map(), &rendered.options, live)
+    plan_with_slots(
+        target,
+        model,
+        rendered.file_map(),
+        &rendered.options,
+        live,
+        &rendered.slots,
+    )
 }
 
 /// Builds the plan for files already rendered (a history entry, for a rollback).
@@ -180,10 +196,30 @@ pub fn plan_files(
     options: &RenderOptions,
     live: &Live,
 ) -> Plan {
+    let slots = new_files
+        .get(&options.config_name)
+        .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
+        .unwrap_or_default();
+    plan_with_slots(target, model, new_files, options, live, &slots)
+}
+
+/// `slots_after`: the app slots of `new_files`' configuration.
+fn plan_with_slots(
+    target: &str,
+    model: &Model,
+    new_files: Files,
+    options: &RenderOptions,
+    live: &Live,
+    slots_after: &SlotPools,
+) -> Plan {
     let empty = empty_model();
     let previous = live.previous.as_deref().unwrap_or(&empty);
     let model = &*model.with_binds(&options.binds);
-    let mut changes = diff::diff_models(previous, model);
+    let slots = diff::Slots {
+        before: &live.slot_pools(&options.config_name),
+        after: slots_after,
+    };
+    let mut changes = diff::diff_models(previous, model, &slots);
     let mass_delete = MassDelete::between(previous, model);
 
     let files = file_changes(&new_files, live);
@@ -204,10 +240,16 @@ pub fn plan_files(
             raw: false,
         });
     }
-    let reload_required =
-        live.interrupted.is_some() || needs_reload(live, &new_files, &options.config_name);
-    if reload_required && !changes.iter().any(|c| c.mode == Mode::Reload) {
-        // The configuration text changed with no change of the state: a new lunafront version.
+    let blocker = match &live.interrupted {
+        Some(_) => Some("an apply was interrupted: a reload finishes it".to_string()),
+        None => runtime_blocker(live, &new_files, &options.config_name),
+    };
+    let reload_required = blocker.is_some();
+    if let Some(reason) = blocker
+        && !changes.iter().any(|c| c.mode == Mode::Reload)
+    {
+        // The configuration text changed with no change of the state that explains it: a new
+        // lunafront version, or files rendered earlier (a rollback).
         changes.push(Change {
             action: Action::Update,
             kind: Kind::Global,
@@ -216,7 +258,7 @@ pub fn plan_files(
             before: None,
             after: None,
             mode: Mode::Reload,
-            reason: "the configuration differs beyond what the runtime API can change".into(),
+            reason,
             raw: false,
         });
     }
@@ -316,25 +358,20 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
     }
 }
 
-/// The ground truth of reload versus runtime: a reload is needed when the configuration on the
-/// target differs from the new one in anything but what the runtime API changes (server
-/// address, port, weight, state; servers added or removed; map and certificate contents).
-pub fn needs_reload(live: &Live, new_files: &Files, config_name: &str) -> bool {
+/// The ground truth of reload versus runtime: why the target cannot get `new_files` through
+/// the runtime API, if it cannot. A reload is needed when the configuration on the target
+/// differs from the new one in anything but what the runtime API changes (server address,
+/// port, weight, state; servers added or removed; map and certificate contents), or when a
+/// change at runtime could not be made safely (`readback::runtime_blocker`).
+fn runtime_blocker(live: &Live, new_files: &Files, config_name: &str) -> Option<String> {
     let (Some(config), Some(new_config)) = (live.config(config_name), new_files.get(config_name))
     else {
-        return true;
+        return Some("there is no running configuration to change".into());
     };
-    let new_config = String::from_utf8_lossy(new_config);
-    let config = String::from_utf8_lossy(config);
-    if readback::skeleton(&config) != readback::skeleton(&new_config) {
-        return true;
-    }
-    // Options fixed at a server's creation (checks, TLS) differ: a reload recreates it.
-    let before = readback::parse_servers(&config);
-    let after = readback::parse_servers(&new_config);
-    before
-        .iter()
-        .any(|(key, old)| after.get(key).is_some_and(|new| new.options != old.options))
+    readback::runtime_blocker(
+        &String::from_utf8_lossy(config),
+        &String::from_utf8_lossy(new_config),
+    )
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ pub mod readback;
 
 use crate::model::{ListenerKind, Model, Target, TcpTls};
 use crate::spec::load::CertFile;
-use layout::ProxyBackend;
+use layout::{ProxyBackend, SlotPools};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -97,8 +97,13 @@ pub struct Rendered {
     pub crt_lists: BTreeMap<String, Vec<String>>,
     /// Certificate file name → the certificate (PEM of certificate and key: secret).
     pub certs: BTreeMap<String, CertFile>,
-    /// HAProxy backends with their servers, for runtime changes and verification.
-    pub backends: BTreeMap<String, ProxyBackend>,
+    /// HAProxy backends with their servers, in the configuration's order.
+    pub backends: Vec<ProxyBackend>,
+    /// Which slot each app holds: what the next rendering for this target starts from.
+    pub slots: SlotPools,
+    /// The ACME challenge map (as the configuration names it), when a listener uses ACME:
+    /// written empty, filled at runtime only while challenges are pending.
+    pub acme_challenge_map: Option<String>,
     /// The state this was rendered from (JSON), so a later plan can say what changed.
     pub manifest: String,
 }
@@ -146,6 +151,13 @@ impl Rendered {
                 secret: true,
             });
         }
+        if let Some(map) = &self.acme_challenge_map {
+            files.push(OutputFile {
+                path: map.clone(),
+                bytes: Vec::new(),
+                secret: false,
+            });
+        }
         files.push(OutputFile {
             path: MANIFEST.into(),
             bytes: self.manifest.clone().into_bytes(),
@@ -175,6 +187,27 @@ pub fn map_text(entries: &BTreeMap<String, String>) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The paths `render` writes for `model` (configuration first, manifest last), without
+/// rendering: what must be read from a target before rendering onto it.
+pub fn output_paths(model: &Model, options: &RenderOptions) -> Vec<String> {
+    let mut paths = vec![options.config_name.clone()];
+    paths.extend(layout::map_files(model).iter().map(|m| options.map_ref(m)));
+    let mut certs = Vec::new();
+    for (name, listener) in &model.listeners {
+        if let Some(c) = listener.certificates() {
+            paths.push(options.cert_ref(&format!("{name}.crt-list")));
+            certs.extend(
+                c.files
+                    .iter()
+                    .map(|f| options.cert_ref(&format!("{name}.{}", f.name))),
+            );
+        }
+    }
+    paths.extend(certs);
+    paths.push(MANIFEST.into());
+    paths
 }
 
 fn environment() -> &'static Environment<'static> {
@@ -227,6 +260,18 @@ struct ListenerView {
     own_lookup: bool,
     wildcard_lookup: bool,
     extra: Vec<String>,
+    /// Plain HTTP listeners of a state using ACME: answer HTTP-01 challenges.
+    acme_challenges: bool,
+    /// Plain HTTP listeners: the port of the HTTPS listener every request is redirected to.
+    redirect_port: Option<u16>,
+    hsts: Option<HstsView>,
+}
+
+#[derive(Serialize)]
+struct HstsView {
+    max_age: u64,
+    include_subdomains: bool,
+    preload: bool,
 }
 
 #[derive(Serialize)]
@@ -247,7 +292,6 @@ struct BackendView {
     name: String,
     mode: &'static str,
     balance: &'static str,
-    pool_of: Option<String>,
     http_check: Option<CheckView>,
     servers: Vec<ServerView>,
     extra: Vec<String>,
@@ -269,11 +313,14 @@ struct ConfigView {
     http_listeners: Vec<ListenerView>,
     tcp_listeners: Vec<ListenerView>,
     shared_map: String,
+    acme_challenge_map: String,
     not_found: &'static str,
     reject: &'static str,
     backends: Vec<BackendView>,
     /// The bind of HAProxy's Prometheus exporter and stats page, when asked for.
     stats: Option<String>,
+    /// Slot backends, after the others, in pool and slot order.
+    slots: Vec<BackendView>,
 }
 
 #[derive(Serialize)]
@@ -286,12 +333,37 @@ struct ManifestView<'a> {
     /// The target's own listener addresses it was rendered with.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     binds: &'a BTreeMap<String, String>,
+    /// The ACME certificates it was rendered with (domain → SHA-256; the default one as
+    /// `fallback`), so a later plan sees them as applied rather than new.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acme: Option<IssuedView<'a>>,
 }
 
+#[derive(Serialize)]
+struct IssuedView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<&'a str>,
+    certs: BTreeMap<&'a str, &'a str>,
+}
+
+/// Renders `model` as a first rendering: apps take slots 1, 2, 3… in name order. For a target
+/// that already runs a configuration use `render_onto`, so that its apps keep their slots.
 pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, RenderError> {
+    render_onto(model, options, &SlotPools::default())
+}
+
+/// Renders `model` for a target whose running configuration holds the app slots `previous`
+/// (`readback::slot_pools`, or `Live::slot_pools`): apps keep their slots, new ones take free
+/// slots (see `layout::assign_slots`). The same model and `previous` give the same bytes.
+pub fn render_onto(
+    model: &Model,
+    options: &RenderOptions,
+    previous: &SlotPools,
+) -> Result<Rendered, RenderError> {
     let model = &*model.with_binds(&options.binds);
-    let backends = layout::proxy_backends(model);
-    let maps = layout::route_maps(model);
+    let slots = layout::assign_slots(model, previous);
+    let backends = layout::proxy_backends(model, &slots);
+    let maps = layout::route_maps(model, &slots);
     for (file, entries) in &maps {
         filters::check_token(file).map_err(RenderError::Unsafe)?;
         for (key, value) in entries {
@@ -305,11 +377,17 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
     let mut certs = BTreeMap::new();
     let mut http_listeners = Vec::new();
     let mut tcp_listeners = Vec::new();
+    let uses_acme = model.acme.is_some() && model.listeners.values().any(|l| l.acme);
     for (name, listener) in &model.listeners {
-        let crt_list = listener.certificates().map(|c| {
+        let tls = listener.is_tls();
+        let crt_list = tls.then(|| {
             let list_name = format!("{name}.crt-list");
             let mut lines = Vec::new();
-            for file in &c.files {
+            for file in listener
+                .certificates()
+                .map(|c| c.files.as_slice())
+                .unwrap_or_default()
+            {
                 if file.pem.is_none() {
                     missing_pem.push(file.name.clone());
                 }
@@ -317,8 +395,31 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
                 lines.push(options.cert_ref(&file_name));
                 certs.insert(file_name, file.clone());
             }
+            // Certificates from the CA, after the folder's (its first file stays the default).
+            for (file_name, file) in crate::acme::listener_certs(model, name) {
+                if file.pem.is_none() {
+                    missing_pem.push(file_name.clone());
+                }
+                lines.push(options.cert_ref(&file_name));
+                certs.insert(file_name, file.clone());
+            }
             crt_lists.insert(list_name.clone(), lines);
             options.cert_ref(&list_name)
+        });
+        if tls && crt_lists[&format!("{name}.crt-list")].is_empty() {
+            return Err(RenderError::Unsafe(format!(
+                "listener {name} gets its certificates from ACME and has no certificate yet: render it for a target (--target), whose state folder holds its default certificate"
+            )));
+        }
+        let redirect_port = listener
+            .redirect_to
+            .as_ref()
+            .and_then(|to| model.listeners.get(to))
+            .map(|to| to.bind.port);
+        let hsts = listener.hsts.map(|h| HstsView {
+            max_age: h.max_age_seconds,
+            include_subdomains: h.include_subdomains,
+            preload: h.preload,
         });
         let lookups = layout::http_lookups(model, name);
         let view = ListenerView {
@@ -327,6 +428,9 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             own_map: options.map_ref(&layout::listener_map(name)),
             own_lookup: lookups.own,
             wildcard_lookup: lookups.wildcards,
+            acme_challenges: uses_acme && listener.is_http() && !tls,
+            redirect_port,
+            hsts,
             crt_list,
             extra: listener.extra.clone(),
         };
@@ -345,32 +449,29 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             missing_pem.join(", ")
         )));
     }
-    let backend_views: Vec<BackendView> = backends
-        .values()
-        .map(|b| BackendView {
-            name: b.name.clone(),
-            mode: match b.mode {
-                crate::model::Mode::Http => "http",
-                crate::model::Mode::Tcp => "tcp",
-            },
-            balance: b.balance.as_str(),
-            pool_of: b.pool_of.clone(),
-            http_check: b.http_check.as_ref().map(|h| CheckView {
-                path: h.path.clone().unwrap_or_default(),
-                host: h.host.clone(),
-            }),
-            servers: b
-                .servers
-                .iter()
-                .map(|s| ServerView {
-                    name: s.name.clone(),
-                    address: s.address(),
-                    params: s.params(),
-                })
-                .collect(),
-            extra: b.extra.clone(),
-        })
-        .collect();
+    let view_of = |b: &ProxyBackend| BackendView {
+        name: b.name.clone(),
+        mode: layout::mode_str(b.mode),
+        balance: b.balance.as_str(),
+        http_check: b.http_check.as_ref().map(|h| CheckView {
+            path: h.path.clone().unwrap_or_default(),
+            host: h.host.clone(),
+        }),
+        servers: b
+            .servers
+            .iter()
+            .map(|s| ServerView {
+                name: s.name.clone(),
+                address: s.address(),
+                params: s.params(),
+            })
+            .collect(),
+        extra: b.extra.clone(),
+    };
+    let (slot_views, backend_views): (Vec<&ProxyBackend>, Vec<&ProxyBackend>) =
+        backends.iter().partition(|b| b.slot.is_some());
+    let slot_views: Vec<BackendView> = slot_views.into_iter().map(view_of).collect();
+    let backend_views: Vec<BackendView> = backend_views.into_iter().map(view_of).collect();
 
     let g = &model.global;
     let t = &g.timeouts;
@@ -399,10 +500,12 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         http_listeners,
         tcp_listeners,
         shared_map: options.map_ref(layout::SHARED_HTTP_MAP),
+        acme_challenge_map: crate::acme::CHALLENGE_MAP.to_string(),
         not_found: layout::NOT_FOUND_BACKEND,
         reject: layout::REJECT_BACKEND,
         backends: backend_views,
         stats: g.stats.as_ref().map(|b| b.to_string()),
+        slots: slot_views,
     };
     let config = environment()
         .get_template("haproxy.cfg.j2")?
@@ -415,6 +518,8 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
         crt_lists,
         certs,
         backends,
+        slots,
+        acme_challenge_map: uses_acme.then(|| crate::acme::CHALLENGE_MAP.to_string()),
         manifest: String::new(),
     };
     let files = rendered
@@ -446,6 +551,15 @@ pub fn render(model: &Model, options: &RenderOptions) -> Result<Rendered, Render
             .collect(),
         files,
         binds: &options.binds,
+        acme: (model.issued != Default::default()).then(|| IssuedView {
+            fallback: model.issued.fallback.as_ref().map(|f| f.sha256.as_str()),
+            certs: model
+                .issued
+                .certs
+                .iter()
+                .map(|(d, f)| (d.as_str(), f.sha256.as_str()))
+                .collect(),
+        }),
     };
     rendered.manifest = serde_json::to_string(&manifest).expect("manifest serializes") + "\n";
     Ok(rendered)

@@ -208,6 +208,8 @@ pub struct Recording {
     pub files: BTreeMap<String, String>,
     /// The target's own listener addresses the files were rendered with.
     pub binds: BTreeMap<String, String>,
+    /// The ACME certificates rendered (known by digest only).
+    pub issued: crate::model::Issued,
 }
 
 impl Source {
@@ -390,6 +392,14 @@ impl Source {
             files: BTreeMap<String, String>,
             #[serde(default)]
             binds: BTreeMap<String, String>,
+            #[serde(default)]
+            acme: Option<RecordedIssued>,
+        }
+        #[derive(serde::Deserialize)]
+        struct RecordedIssued {
+            fallback: Option<String>,
+            #[serde(default)]
+            certs: BTreeMap<String, String>,
         }
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| format!("{}: {e}", origin.display()))?;
@@ -433,6 +443,31 @@ impl Source {
             Recording {
                 files: manifest.files,
                 binds: manifest.binds,
+                issued: manifest
+                    .acme
+                    .map(|a| crate::model::Issued {
+                        fallback: a.fallback.map(|sha256| CertFile {
+                            name: crate::acme::fallback_file(),
+                            sha256,
+                            pem: None,
+                        }),
+                        certs: a
+                            .certs
+                            .into_iter()
+                            .map(|(domain, sha256)| {
+                                let name = crate::acme::cert_file(&domain);
+                                (
+                                    domain,
+                                    CertFile {
+                                        name,
+                                        sha256,
+                                        pem: None,
+                                    },
+                                )
+                            })
+                            .collect(),
+                    })
+                    .unwrap_or_default(),
             },
         ))
     }

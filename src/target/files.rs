@@ -149,7 +149,12 @@ pub fn recorded_from_text(text: &str, origin: &Path) -> Result<Recorded, String>
     let validation = crate::model::validate(&source);
     let recorded = match validation.model {
         Some(model) => Recorded {
-            model: Arc::new(model.with_binds(&recording.binds).into_owned()),
+            model: Arc::new(
+                model
+                    .with_binds(&recording.binds)
+                    .into_owned()
+                    .with_issued(recording.issued),
+            ),
             files: recording.files,
         },
         None => {

@@ -17,12 +17,16 @@ pub struct Prepared {
     pub plan: Plan,
     /// The revision the target holds before the apply.
     pub before: Option<String>,
+    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
+    pub acme_requests: Vec<String>,
     /// The git commit the state was read at (recorded with the apply).
     pub git_commit: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
+    #[error("target {target}: {message}")]
+    Acme { target: String, message: String },
     #[error(transparent)]
     Render(#[from] render::RenderError),
     #[error(transparent)]
@@ -31,13 +35,31 @@ pub enum PrepareError {
 
 /// Renders for the target, reads what it holds, and plans.
 pub fn prepare(model: &Model, name: &str, target: &Target) -> Result<Prepared, PrepareError> {
-    let rendered = render::render(model, &super::render_options(target))?;
-    let live = super::observe(name, target, &rendered)?;
+    let model = crate::acme::for_target(model, target).map_err(|message| PrepareError::Acme {
+        target: name.to_string(),
+        message,
+    })?;
+    let options = super::render_options(target);
+    // Read the target first: the rendering starts from the app slots its configuration holds.
+    let live = super::observe_paths(
+        name,
+        target,
+        &options,
+        render::output_paths(&model, &options),
+    )?;
+    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
+    // A Data Plane API never gives a certificate back: whether it holds the one rendered is
+    // known only by comparing with the rendered file, so it is read again with those files.
+    let live = match target {
+        Target::Dataplane(_) => super::observe_files(name, target, &options, &rendered.file_map())?,
+        Target::Haproxy(_) => live,
+    };
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),
         before: live_revision(&live),
-        plan: plan::make_plan(name, model, &rendered, &live),
+        plan: plan::make_plan(name, &model, &rendered, &live),
+        acme_requests: crate::acme::requests(&model),
         git_commit: None,
     })
 }

@@ -12,7 +12,7 @@ pub use apply::{Applied, ApplyError, ApplyRequest, How};
 
 use crate::model::{Model, Target};
 use crate::plan::Live;
-use crate::render::{RenderOptions, Rendered};
+use crate::render::RenderOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -59,12 +59,6 @@ pub fn render_options(target: &Target) -> RenderOptions {
     RenderOptions::for_target(Some(target))
 }
 
-/// Reads what the target holds now, for the files of `rendered`.
-pub fn observe(name: &str, target: &Target, rendered: &Rendered) -> Result<Live, TargetError> {
-    let wanted = rendered.files().into_iter().map(|f| f.path);
-    observe_paths(name, target, &rendered.options, wanted)
-}
-
 /// Reads what the target holds now for these files (and those its last apply recorded).
 pub fn observe_paths(
     name: &str,
@@ -72,11 +66,24 @@ pub fn observe_paths(
     options: &RenderOptions,
     wanted: impl IntoIterator<Item = String>,
 ) -> Result<Live, TargetError> {
+    let expected: files::Files = wanted.into_iter().map(|p| (p, Vec::new())).collect();
+    observe_files(name, target, options, &expected)
+}
+
+/// Reads what the target holds now for the files of `expected` (and those its last apply
+/// recorded). A target that cannot give some files back (a Data Plane API's certificates)
+/// says whether it holds the expected ones.
+pub fn observe_files(
+    name: &str,
+    target: &Target,
+    options: &RenderOptions,
+    expected: &files::Files,
+) -> Result<Live, TargetError> {
     match target {
-        Target::Haproxy(t) => Ok(haproxy::observe(t, wanted)?),
+        Target::Haproxy(t) => Ok(haproxy::observe(t, expected.keys().cloned())?),
         Target::Dataplane(t) => {
             let client = dataplane::client::Client::new(name, t).map_err(TargetError::Remote)?;
-            dataplane::observe(&client, options, wanted)
+            dataplane::observe(&client, options, expected)
                 .map_err(|e| TargetError::Remote(e.to_string()))
         }
     }

@@ -3,8 +3,9 @@
 //! Apache-2.0) specifies them, backed by a real HAProxy.
 //! It keeps the configuration file with its `# _version=N` line, checks pushes with
 //! `haproxy -c`, reloads HAProxy through its master CLI (reload IDs, in_progress → succeeded or
-//! failed), keeps map files and general files in storage folders, and changes HAProxy's maps
-//! through its runtime API. Faults can be injected: a conflicting writer (409), 5xx answers,
+//! failed), keeps map files, general files, certificates and crt-lists in storage folders
+//! (certificates answered with metadata only, as the API does), and changes HAProxy's maps,
+//! certificates and crt-lists through its runtime API. Faults can be injected: a conflicting writer (409), 5xx answers,
 //! slow answers, malformed answers. It stands in for the real API (a Go service we do not
 //! ship); everything behind it is real. Every request and answer is checked against the
 //! specification (`spec_problems`; paths, methods, parameters, content types, status codes,
@@ -97,7 +98,7 @@ impl DataplaneApi {
     /// Starts HAProxy on a placeholder configuration serving `port` (503 for everything) and
     /// the API in front of it; files live under `dir`.
     pub fn start(dir: &Path, password: &str, port: u16) -> DataplaneApi {
-        for sub in ["maps", "general"] {
+        for sub in ["maps", "general", "ssl"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let config = dir.join("haproxy.cfg");
@@ -439,6 +440,18 @@ fn route(shared: &Arc<Shared>, r: &Request) -> Response {
         (method, ["runtime", "maps", map, "entries", rest @ ..]) => {
             runtime_map(shared, r, method, map, rest.first().copied())
         }
+        (
+            method,
+            [
+                "storage",
+                kind @ ("ssl_certificates" | "ssl_crt_lists"),
+                rest @ ..,
+            ],
+        ) => ssl_storage(shared, r, method, kind, rest.first().copied()),
+        (method, ["runtime", "ssl_certs", rest @ ..]) => {
+            runtime_ssl_cert(shared, r, method, rest.first().copied())
+        }
+        (method, ["runtime", "ssl_crt_lists", "entries"]) => runtime_crt_list(shared, r, method),
         _ => error(404, "not found"),
     }
 }
@@ -642,6 +655,178 @@ fn storage(
         },
         _ => error(404, "not found"),
     }
+}
+
+/// SHA-256 of the first certificate of a PEM file, upper-case hex.
+fn cert_fingerprint(pem: &[u8]) -> String {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::pem_slice_iter(pem)
+        .next()
+        .and_then(Result::ok)
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    lunafront::plan::sha256_hex(&der).to_uppercase()
+}
+
+/// The SSL storage: certificates (answered with metadata, as the API does: never the file)
+/// and crt-lists (answered with the file), in one folder, `ssl/`.
+fn ssl_storage(
+    shared: &Arc<Shared>,
+    r: &Request,
+    method: &str,
+    kind: &str,
+    name: Option<&str>,
+) -> Response {
+    let dir = shared.dir.join("ssl");
+    if name.is_some_and(|n| n.contains('/') || n.starts_with('.')) {
+        return error(400, "invalid name");
+    }
+    let meta = |name: &str, bytes: &[u8]| {
+        serde_json::json!({
+            "storage_name": name,
+            "file": dir.join(name),
+            "sha256_finger_print": cert_fingerprint(bytes),
+            "size": bytes.len(),
+        })
+    };
+    let described = |name: &str, bytes: &[u8]| match kind {
+        "ssl_certificates" => meta(name, bytes),
+        _ => serde_json::json!({ "storage_name": name, "file": dir.join(name) }),
+    };
+    match (method, name) {
+        ("GET", Some(name)) => match std::fs::read(dir.join(name)) {
+            Ok(bytes) if kind == "ssl_certificates" => json(200, meta(name, &bytes)),
+            Ok(bytes) => Response {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+                body: bytes,
+            },
+            Err(_) => error(404, "no such file"),
+        },
+        ("POST", None) => {
+            let Some((name, bytes)) = upload(r) else {
+                return error(400, "a multipart file_upload is required");
+            };
+            if dir.join(&name).exists() {
+                return error(409, "the file already exists");
+            }
+            std::fs::write(dir.join(&name), &bytes).unwrap();
+            json(201, described(&name, &bytes))
+        }
+        ("PUT", Some(name)) => {
+            if !dir.join(name).exists() {
+                return error(404, "no such file");
+            }
+            std::fs::write(dir.join(name), &r.body).unwrap();
+            if r.flag("skip_reload") {
+                json(200, described(name, &r.body))
+            } else {
+                let mut state = shared.state.lock().unwrap();
+                let id = start_reload(shared, &mut state);
+                let mut response = json(202, described(name, &r.body));
+                response.headers.push(("Reload-Id".into(), id));
+                response
+            }
+        }
+        ("DELETE", Some(name)) => match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => empty(204),
+            Err(_) => error(404, "no such file"),
+        },
+        _ => error(404, "not found"),
+    }
+}
+
+/// `set ssl cert` + `commit ssl cert` through HAProxy's runtime API.
+fn load_cert(api: &RuntimeApi, path: &str, pem: &[u8]) -> Result<(), String> {
+    let payload: String = String::from_utf8_lossy(pem)
+        .lines()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    api.run(
+        &format!("set ssl cert {path} <<\n{payload}\n"),
+        Expect::Prefix("Transaction"),
+    )
+    .map_err(|e| e.to_string())?;
+    let answer = api
+        .run(&format!("commit ssl cert {path}"), Expect::Any)
+        .map_err(|e| e.to_string())?;
+    if answer.contains("Success") {
+        Ok(())
+    } else {
+        Err(answer)
+    }
+}
+
+/// Runtime certificates: created (`new ssl cert`), replaced, deleted; `name` is the
+/// certificate's path as HAProxy knows it.
+fn runtime_ssl_cert(shared: &Shared, r: &Request, method: &str, name: Option<&str>) -> Response {
+    let api = RuntimeApi::new(&shared.dir.join("admin.sock"));
+    let result = match (method, name) {
+        ("POST", None) => {
+            let Some((path, bytes)) = upload(r) else {
+                return error(400, "a multipart file_upload is required");
+            };
+            api.run(
+                &format!("new ssl cert {path}"),
+                Expect::Prefix("New empty certificate store"),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|_| load_cert(&api, &path, &bytes))
+            .map(|()| empty(201))
+        }
+        ("PUT", Some(path)) => {
+            let Some((_, bytes)) = upload(r) else {
+                return error(400, "a multipart file_upload is required");
+            };
+            load_cert(&api, path, &bytes).map(|()| empty(200))
+        }
+        ("DELETE", Some(path)) => api
+            .run(&format!("del ssl cert {path}"), Expect::Any)
+            .map_err(|e| e.to_string())
+            .and_then(|a| match a.contains("deleted") {
+                true => Ok(empty(204)),
+                false => Err(a),
+            }),
+        _ => return error(404, "not found"),
+    };
+    result.unwrap_or_else(|e| error(400, &e))
+}
+
+/// Entries of a crt-list HAProxy serves, at runtime.
+fn runtime_crt_list(shared: &Shared, r: &Request, method: &str) -> Response {
+    let api = RuntimeApi::new(&shared.dir.join("admin.sock"));
+    let query = |key: &str| r.query.get(key).cloned();
+    let Some(list) = query("name") else {
+        return error(400, "name is required");
+    };
+    let result = match method {
+        "POST" => {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            let Some(file) = body.get("file").and_then(|f| f.as_str()) else {
+                return error(400, "file is required");
+            };
+            api.run(&format!("add ssl crt-list {list} {file}"), Expect::Any)
+                .map_err(|e| e.to_string())
+                .and_then(|a| match a.contains("Success") || a.contains("Inserting") {
+                    true => Ok(empty(201)),
+                    false => Err(a),
+                })
+        }
+        "DELETE" => {
+            let Some(cert) = query("cert_file") else {
+                return error(400, "cert_file is required");
+            };
+            api.run(&format!("del ssl crt-list {list} {cert}"), Expect::Any)
+                .map_err(|e| e.to_string())
+                .and_then(|a| match a.contains("deleted") {
+                    true => Ok(empty(204)),
+                    false => Err(a),
+                })
+        }
+        _ => return error(404, "not found"),
+    };
+    result.unwrap_or_else(|e| error(400, &e))
 }
 
 fn runtime_map(

@@ -635,6 +635,13 @@ impl Site {
         (proc.reloads, proc.current().map(|w| w.pid).collect())
     }
 
+    /// The slot backend (`slot:http:N`) that holds HTTP app `app` in the live configuration.
+    pub fn http_slot_of(&self, app: &str) -> String {
+        let config = std::fs::read_to_string(self.path().join("live/haproxy.cfg")).unwrap();
+        let pools = lunafront::render::readback::slot_pools(&config);
+        lunafront::render::layout::slot_name(lunafront::model::Mode::Http, pools.http.apps[app])
+    }
+
     /// Every file under `live/`, to compare before and after.
     pub fn live_files(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
         fn walk(dir: &Path, root: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {

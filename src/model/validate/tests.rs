@@ -66,6 +66,79 @@ const ROWS: &[Row] = &[
         )],
         "state.yaml:4:3: error[yaml-syntax]: agents: `agent-7` is defined twice in the same mapping",
     ),
+    // ---- ACME, redirects and HSTS ----
+    row(
+        "acme-on-tcp",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  db: { bind: \":27017\", tls: passthrough, acme: true }\n",
+        )],
+        "state.yaml:4:43: error[acme-on-tcp]: listener `db` routes TCP by server name; `acme` gets certificates for HTTP listeners",
+    ),
+    row(
+        "acme-not-configured",
+        &[(
+            "state.yaml",
+            "version: 1\nlisteners:\n  http: { bind: \":80\" }\n  https: { bind: \":443\", acme: true }\n",
+        )],
+        "state.yaml:4:26: error[acme-not-configured]: listener `https` asks for ACME certificates, but the state has no `acme:` section",
+    ),
+    row(
+        "acme-without-http-listener",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  https: { bind: \":443\", acme: true }\n",
+        )],
+        "state.yaml:4:26: error[acme-without-http-listener]: listener `https` asks for ACME certificates, but no plain HTTP listener can answer the CA's HTTP-01 challenges",
+    ),
+    row(
+        "acme-wildcard-needs-dns",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  http: { bind: \":80\" }\n  https: { bind: \":443\", acme: true }\nbackends:\n  web: { servers: [ { address: 10.0.0.8, port: 80 } ] }\ndomains:\n  \"*.preview.example.com\": { backend: web }\n",
+        )],
+        "state.yaml:9:3: error[acme-wildcard-needs-dns]: wildcard domain `*.preview.example.com` is served on ACME listener `https`, and a CA validates wildcards only through DNS (DNS-01)",
+    ),
+    row(
+        "acme-unused",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  http: { bind: \":80\" }\n",
+        )],
+        "state.yaml:2:1: warning[acme-unused]: the `acme` section is set, but no listener has `acme: true`",
+    ),
+    row(
+        "redirect-invalid",
+        &[(
+            "state.yaml",
+            "version: 1\nlisteners:\n  http: { bind: \":80\", redirect_to: other }\n  other: { bind: \":8080\" }\n",
+        )],
+        "state.yaml:3:37: error[redirect-invalid]: listener `http` redirects to `other`, which is not an HTTPS listener",
+    ),
+    row(
+        "redirect-pinned-domain",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  http: { bind: \":80\", redirect_to: https }\n  https: { bind: \":443\", acme: true }\nbackends:\n  web: { servers: [ { address: 10.0.0.8, port: 80 } ] }\ndomains:\n  plain.example.com: { backend: web, listener: http }\n",
+        )],
+        "state.yaml:9:48: error[redirect-pinned-domain]: domain `plain.example.com` is served only on listener `http`, which redirects every request to `https`",
+    ),
+    row(
+        "hsts-without-tls",
+        &[(
+            "state.yaml",
+            "version: 1\nlisteners:\n  http: { bind: \":80\", hsts: true }\n",
+        )],
+        "state.yaml:3:24: error[hsts-without-tls]: listener `http` does not serve HTTPS; browsers ignore Strict-Transport-Security over plain HTTP",
+    ),
+    row(
+        "hsts-preload",
+        &[(
+            "state.yaml",
+            "version: 1\nacme: { directory: \"https://acme.example.com/dir\" }\nlisteners:\n  http: { bind: \":80\" }\n  https: { bind: \":443\", acme: true, hsts: { max_age: 30d, preload: true } }\n",
+        )],
+        "state.yaml:5:60: error[hsts-preload]: listener `https` asks for HSTS preloading without `include_subdomains: true` and a `max_age` of at least 365d",
+    ),
     // A file emptied or cut short before its first entry (an editor's truncate-then-write, a
     // disk full): never read as a state without entries.
     row(
@@ -585,6 +658,6 @@ fn every_code_has_a_row() {
         unknown.is_empty(),
         "rows for codes no rule reports: {unknown:?}"
     );
-    // The scan sees what it should: the 31 semantic rules, 8 of the schema, 4 of load.
-    assert!(codes.len() >= 43, "{codes:?}");
+    // The scan sees what it should: 57 codes (the 9 of ACME, redirects and HSTS among them).
+    assert!(codes.len() >= 57, "{codes:?}");
 }

@@ -387,14 +387,21 @@ impl Client {
             self.expect(replaced, &[200, 202, 204], step)?;
             return Ok(());
         }
+        // A certificate created in storage is loaded by the next reload or the runtime
+        // endpoints, not by a reload of its own.
+        let query = if kind == "ssl_certificates" {
+            "?skip_reload=true"
+        } else {
+            ""
+        };
         let created = self.request(
             "POST",
-            &format!("/services/haproxy/storage/{kind}"),
+            &format!("/services/haproxy/storage/{kind}{query}"),
             Some((&content_type, &form)),
             step,
             false,
         )?;
-        self.expect(created, &[200, 201], step).map(|_| ())
+        self.expect(created, &[200, 201, 202], step).map(|_| ())
     }
 
     pub fn map_get(&self, name: &str) -> Result<Option<Vec<u8>>, DpError> {
@@ -424,6 +431,136 @@ impl Client {
 
     pub fn general_put(&self, name: &str, bytes: &[u8]) -> Result<(), DpError> {
         self.storage_put("general", name, bytes, true, &format!("writing {name}"))
+    }
+
+    /// A certificate in the API's SSL storage: its metadata (the API never returns the file).
+    pub fn cert_meta(&self, name: &str) -> Result<Option<serde_json::Value>, DpError> {
+        let step = format!("reading certificate {name}");
+        let Some(body) = self.storage_get("ssl_certificates", name, &step)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| DpError::Malformed {
+                target: self.target.clone(),
+                step,
+                message: e.to_string(),
+            })
+    }
+
+    /// Writes a certificate (chain and key) to the SSL storage, without a reload.
+    pub fn cert_put(&self, name: &str, bytes: &[u8]) -> Result<(), DpError> {
+        self.storage_put(
+            "ssl_certificates",
+            name,
+            bytes,
+            false,
+            &format!("writing certificate {name}"),
+        )
+    }
+
+    pub fn crt_list_get(&self, name: &str) -> Result<Option<Vec<u8>>, DpError> {
+        self.storage_get("ssl_crt_lists", name, &format!("reading crt-list {name}"))
+    }
+
+    pub fn crt_list_put(&self, name: &str, bytes: &[u8]) -> Result<(), DpError> {
+        self.storage_put(
+            "ssl_crt_lists",
+            name,
+            bytes,
+            false,
+            &format!("writing crt-list {name}"),
+        )
+    }
+
+    /// Removes a certificate or crt-list file from storage (gone already is fine).
+    pub fn ssl_delete(&self, kind: &str, name: &str) -> Result<(), DpError> {
+        let step = format!("removing {name}");
+        let r = self.request(
+            "DELETE",
+            &format!(
+                "/services/haproxy/storage/{kind}/{}?skip_reload=true",
+                encode(name)
+            ),
+            None,
+            &step,
+            false,
+        )?;
+        self.expect(r, &[202, 204, 404], &step).map(|_| ())
+    }
+
+    /// A certificate new to HAProxy (`path` as its crt-list names it), loaded at runtime.
+    pub fn runtime_cert_new(&self, path: &str, bytes: &[u8]) -> Result<(), DpError> {
+        let step = format!("loading certificate {path} at runtime");
+        let boundary = "lunafront-boundary-7d3f1c";
+        let form = multipart(boundary, path, bytes);
+        let r = self.request(
+            "POST",
+            "/services/haproxy/runtime/ssl_certs",
+            Some((&format!("multipart/form-data; boundary={boundary}"), &form)),
+            &step,
+            false,
+        )?;
+        self.expect(r, &[201], &step).map(|_| ())
+    }
+
+    /// Replaces a certificate HAProxy serves, at runtime.
+    pub fn runtime_cert_replace(&self, path: &str, bytes: &[u8]) -> Result<(), DpError> {
+        let step = format!("replacing certificate {path} at runtime");
+        let boundary = "lunafront-boundary-7d3f1c";
+        let form = multipart(boundary, path, bytes);
+        let r = self.request(
+            "PUT",
+            &format!("/services/haproxy/runtime/ssl_certs/{}", encode(path)),
+            Some((&format!("multipart/form-data; boundary={boundary}"), &form)),
+            &step,
+            false,
+        )?;
+        self.expect(r, &[200], &step).map(|_| ())
+    }
+
+    pub fn runtime_cert_delete(&self, path: &str) -> Result<(), DpError> {
+        let step = format!("unloading certificate {path}");
+        let r = self.request(
+            "DELETE",
+            &format!("/services/haproxy/runtime/ssl_certs/{}", encode(path)),
+            None,
+            &step,
+            false,
+        )?;
+        self.expect(r, &[204], &step).map(|_| ())
+    }
+
+    pub fn runtime_crt_list_add(&self, list: &str, cert: &str) -> Result<(), DpError> {
+        let step = format!("adding {cert} to crt-list {list} at runtime");
+        let body = serde_json::json!({ "file": cert }).to_string();
+        let r = self.request(
+            "POST",
+            &format!(
+                "/services/haproxy/runtime/ssl_crt_lists/entries?name={}",
+                encode(list)
+            ),
+            Some(("application/json", body.as_bytes())),
+            &step,
+            false,
+        )?;
+        self.expect(r, &[201], &step).map(|_| ())
+    }
+
+    pub fn runtime_crt_list_del(&self, list: &str, cert: &str) -> Result<(), DpError> {
+        let step = format!("removing {cert} from crt-list {list} at runtime");
+        let r = self.request(
+            "DELETE",
+            &format!(
+                "/services/haproxy/runtime/ssl_crt_lists/entries?name={}&cert_file={}",
+                encode(list),
+                encode(cert)
+            ),
+            None,
+            &step,
+            false,
+        )?;
+        self.expect(r, &[204, 404], &step).map(|_| ())
     }
 
     /// The entries of a map as HAProxy holds them now.

@@ -3,7 +3,9 @@
 //! applied by pushing the whole configuration in one request — validated first with
 //! `only_validate` — and waiting for the reload, or, when only maps change, through the runtime
 //! map endpoints with no reload. On a 409 it re-reads and retries (a bounded number of times);
-//! a failed reload is undone by pushing the previous configuration back.
+//! a failed reload is undone by pushing the previous configuration back. Certificates and
+//! crt-lists go to the API's SSL storage; a change of certificates alone is applied through
+//! its runtime SSL endpoints (no reload).
 
 pub mod client;
 
@@ -13,7 +15,7 @@ use super::history::History;
 use crate::model::DataplaneTarget;
 use crate::plan::Live;
 use crate::render::{MANIFEST, RenderOptions, readback};
-use crate::target::haproxy::runtime::{Op, map_entry_ops};
+use crate::target::haproxy::runtime::{Op, map_entry_ops, plan_ops};
 use client::{Client, DpError};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -27,12 +29,50 @@ fn map_name<'a>(options: &RenderOptions, path: &'a str) -> Option<&'a str> {
         .filter(|n| n.ends_with(".map") && !n.contains('/'))
 }
 
-/// What the API holds for the files of a rendering (and what the last apply recorded).
+/// A file of the API's SSL storage: (storage kind, name) of a certificate or a crt-list.
+fn ssl_name<'a>(options: &RenderOptions, path: &'a str) -> Option<(&'static str, &'a str)> {
+    let name = path
+        .strip_prefix(&format!("{}/", options.certs_dir))
+        .filter(|n| !n.contains('/'))?;
+    if name.ends_with(".crt-list") {
+        Some(("ssl_crt_lists", name))
+    } else if name.ends_with(".pem") {
+        Some(("ssl_certificates", name))
+    } else {
+        None
+    }
+}
+
+/// SHA-256 of the first certificate of a PEM file, as hex: what the API reports of a
+/// certificate it stores.
+fn fingerprint(pem: &[u8]) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    Some(crate::plan::sha256_hex(&der))
+}
+
+/// Stands for a certificate the API holds that is not the one expected: the API gives the
+/// file back to no one, so only its fingerprint is known.
+fn held_elsewhere(meta: &serde_json::Value) -> Vec<u8> {
+    format!(
+        "# a certificate held by the Data Plane API, sha256 fingerprint {}\n",
+        meta.get("sha256_finger_print")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("unknown")
+    )
+    .into_bytes()
+}
+
+/// What the API holds for the files of `expected` (and what the last apply recorded).
+/// Certificates are never read back: the target holds the expected one when the API's
+/// fingerprint is that certificate's and the last apply recorded writing exactly that file.
 pub fn observe(
     client: &Client,
     options: &RenderOptions,
-    wanted: impl IntoIterator<Item = String>,
+    expected: &Files,
 ) -> Result<Live, DpError> {
+    let wanted = expected.keys().cloned();
     let (config, version) = client.get_raw()?;
     let mut files = Files::new();
     files.insert(options.config_name.clone(), config.into_bytes());
@@ -60,6 +100,34 @@ pub fn observe(
         {
             files.insert(path.clone(), bytes);
         }
+        match ssl_name(options, path) {
+            Some(("ssl_crt_lists", name)) => {
+                if let Some(bytes) = client.crt_list_get(name)? {
+                    files.insert(path.clone(), bytes);
+                }
+            }
+            Some((_, name)) => {
+                if let Some(meta) = client.cert_meta(name)? {
+                    let held = expected.get(path).filter(|bytes| {
+                        let recorded = recorded
+                            .as_ref()
+                            .and_then(|r| r.files.get(path))
+                            .is_some_and(|d| *d == crate::plan::sha256_hex(bytes));
+                        let same = fingerprint(bytes).is_some_and(|f| {
+                            meta.get("sha256_finger_print")
+                                .and_then(serde_json::Value::as_str)
+                                .is_some_and(|m| m.eq_ignore_ascii_case(&f))
+                        });
+                        recorded && same
+                    });
+                    files.insert(
+                        path.clone(),
+                        held.cloned().unwrap_or_else(|| held_elsewhere(&meta)),
+                    );
+                }
+            }
+            None => {}
+        }
     }
     let (previous, recorded_files) = match recorded {
         Some(Recorded { model, files }) => (Some(model), files),
@@ -83,19 +151,17 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
     };
     let client = Client::new(name, target).map_err(prepare)?;
     let options = &request.options;
-    if let Some(cert) = request
-        .files
-        .keys()
-        .find(|p| p.starts_with(&format!("{}/", options.certs_dir)))
-    {
+    if let Some(cert) = request.files.keys().find(|p| {
+        p.starts_with(&format!("{}/", options.certs_dir)) && ssl_name(options, p).is_none()
+    }) {
         return Err(prepare(format!(
-            "{cert}: TLS certificates are not pushed to Data Plane API targets by this version (keep TLS termination on haproxy targets)"
+            "{cert}: the Data Plane API's SSL storage holds files directly in {}",
+            options.certs_dir
         )));
     }
     let mut notes = Vec::new();
     for attempt in 1..=CONFLICT_RETRIES {
-        let live = observe(&client, options, request.files.keys().cloned())
-            .map_err(|e| prepare(e.to_string()))?;
+        let live = observe(&client, options, &request.files).map_err(|e| prepare(e.to_string()))?;
         if attempt == 1
             && let Some(expected) = &request.expected_fingerprint
             && *expected != live.fingerprint()
@@ -121,20 +187,25 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
             });
         }
         let version = live.version.expect("the API versions its configuration");
-        let result =
-            if live.files.get(&options.config_name) == request.files.get(&options.config_name) {
-                maps_at_runtime(&client, options, &live.files, &request.files)
-                    .map(|commands| How::Runtime { commands })
-            } else {
-                push(
-                    &client,
-                    target,
-                    options,
-                    &live.files,
-                    &request.files,
-                    version,
-                )
-            };
+        let result = if let Err(e) = upload_ssl(&client, options, &live.files, &request.files) {
+            Err(Failure::from(e))
+        } else if live.files.get(&options.config_name) == request.files.get(&options.config_name) {
+            certs_at_runtime(&client, options, &live.files, &request.files)
+                .and_then(|certs| {
+                    maps_at_runtime(&client, options, &live.files, &request.files)
+                        .map(|maps| certs + maps)
+                })
+                .map(|commands| How::Runtime { commands })
+        } else {
+            push(
+                &client,
+                target,
+                options,
+                &live.files,
+                &request.files,
+                version,
+            )
+        };
         match result {
             Ok(how) => {
                 for path in live
@@ -147,6 +218,13 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
                     {
                         notes.push(format!(
                             "a map file no longer used stays on the target: {e}"
+                        ));
+                    }
+                    if let Some((kind, name)) = ssl_name(options, path)
+                        && let Err(e) = client.ssl_delete(kind, name)
+                    {
+                        notes.push(format!(
+                            "a certificate file no longer used stays on the target: {e}"
                         ));
                     }
                 }
@@ -229,6 +307,60 @@ impl From<DpError> for Failure {
             other => Failure::Untouched(other.to_string()),
         }
     }
+}
+
+/// Writes the certificates and crt-lists that are new or changed to the SSL storage (no
+/// reload): a configuration naming them validates, and a reload or the runtime endpoints then
+/// load them. The previous certificate of a renewed name is not kept to put back: the new one
+/// is as good for the configuration that names it.
+fn upload_ssl(
+    client: &Client,
+    options: &RenderOptions,
+    old: &Files,
+    new: &Files,
+) -> Result<(), DpError> {
+    // Certificates before the crt-lists that list them.
+    let mut changed: Vec<(&'static str, &str, &Vec<u8>)> = new
+        .iter()
+        .filter(|(p, b)| old.get(*p) != Some(*b))
+        .filter_map(|(p, b)| ssl_name(options, p).map(|(kind, name)| (kind, name, b)))
+        .collect();
+    changed.sort_by_key(|(kind, ..)| *kind == "ssl_crt_lists");
+    for (kind, name, bytes) in changed {
+        match kind {
+            "ssl_crt_lists" => client.crt_list_put(name, bytes)?,
+            _ => client.cert_put(name, bytes)?,
+        }
+    }
+    Ok(())
+}
+
+/// The configuration is unchanged: certificates added, renewed and removed through the
+/// runtime SSL endpoints, as `haproxy` targets do through the runtime API.
+fn certs_at_runtime(
+    client: &Client,
+    options: &RenderOptions,
+    old: &Files,
+    new: &Files,
+) -> Result<usize, Failure> {
+    let touches = |files: &Files| files.keys().any(|p| ssl_name(options, p).is_some());
+    if !touches(old) && !touches(new) {
+        return Ok(0);
+    }
+    let ops = plan_ops(old, new, options).map_err(Failure::Untouched)?;
+    let mut commands = 0;
+    for op in &ops {
+        match op {
+            Op::CertNew { cert, pem } => client.runtime_cert_new(cert, pem)?,
+            Op::CertUpdate { cert, pem } => client.runtime_cert_replace(cert, pem)?,
+            Op::CrtListAdd { list, cert } => client.runtime_crt_list_add(list, cert)?,
+            Op::CrtListDel { list, cert } => client.runtime_crt_list_del(list, cert)?,
+            Op::CertDel { cert } => client.runtime_cert_delete(cert)?,
+            _ => continue, // maps: `maps_at_runtime`; servers do not change with the file
+        }
+        commands += 1;
+    }
+    Ok(commands)
 }
 
 /// Only maps changed: write the files (no reload) and change HAProxy's maps through the

@@ -543,8 +543,17 @@ pub fn verify(
             ));
         }
     }
+    // Thousands of app slots: one dump of every backend's servers, not a command for each.
+    let dump = if backends.len() > 32 {
+        Some(read_all_servers(api).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     for backend in backends {
-        let live = read_servers(api, backend).map_err(|e| e.to_string())?;
+        let live = match &dump {
+            Some(all) => all.get(backend).cloned().unwrap_or_default(),
+            None => read_servers(api, backend).map_err(|e| e.to_string())?,
+        };
         let want: BTreeMap<&str, ServerState> = expected
             .servers
             .iter()
@@ -617,7 +626,30 @@ pub fn read_servers(
     backend: &str,
 ) -> Result<BTreeMap<String, ServerState>, SocketError> {
     let text = api.run(&format!("show servers state {backend}"), Expect::Any)?;
-    let mut out = BTreeMap::new();
+    let out = parse_servers_state(&text)
+        .remove(backend)
+        .unwrap_or_default();
+    if out.is_empty() && text.contains("Can't find backend") {
+        return Err(SocketError::Refused {
+            command: format!("show servers state {backend}"),
+            answer: text.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// `show servers state`: the servers of every backend, by backend.
+pub fn read_all_servers(
+    api: &RuntimeApi,
+) -> Result<BTreeMap<String, BTreeMap<String, ServerState>>, SocketError> {
+    Ok(parse_servers_state(
+        &api.run("show servers state", Expect::Any)?,
+    ))
+}
+
+/// Backend → server → state, from `show servers state` (format version 1).
+fn parse_servers_state(text: &str) -> BTreeMap<String, BTreeMap<String, ServerState>> {
+    let mut out: BTreeMap<String, BTreeMap<String, ServerState>> = BTreeMap::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
         if line.starts_with('#') || f.len() < 19 {
@@ -626,7 +658,7 @@ pub fn read_servers(
         // srv_admin_state: forced (1), inherited (2), configured (4) or resolution (0x20)
         // maintenance all mean "in maintenance".
         let admin: u32 = f[6].parse().unwrap_or(0);
-        out.insert(
+        out.entry(f[1].to_string()).or_default().insert(
             f[3].to_string(),
             ServerState {
                 addr: f[4].to_string(),
@@ -636,13 +668,7 @@ pub fn read_servers(
             },
         );
     }
-    if out.is_empty() && text.contains("Can't find backend") {
-        return Err(SocketError::Refused {
-            command: format!("show servers state {backend}"),
-            answer: text.trim().to_string(),
-        });
-    }
-    Ok(out)
+    out
 }
 
 /// Puts HAProxy's runtime state back to what its files say, when someone changed it through

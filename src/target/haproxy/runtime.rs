@@ -143,8 +143,8 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
     let (Some(old_config), Some(new_config)) = (config(old), config(new)) else {
         return Err("there is no running configuration to change".into());
     };
-    if readback::skeleton(&old_config) != readback::skeleton(&new_config) {
-        return Err("the configuration changes beyond servers and maps".into());
+    if let Some(reason) = readback::runtime_blocker(&old_config, &new_config) {
+        return Err(reason);
     }
     let before = RuntimeState::from_files(old, options);
     let after = RuntimeState::from_files(new, options);
@@ -160,11 +160,6 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
                 backend: backend.clone(),
                 server: server.clone(),
             }),
-            Some(old) if old.options != server.options => {
-                return Err(format!(
-                    "server {backend}/{name} changes settings fixed at its creation (checks, TLS)"
-                ));
-            }
             Some(old) => {
                 if (old.addr, old.port) != (server.addr, server.port) {
                     ops.push(Op::SetAddr {
@@ -588,13 +583,19 @@ impl Op {
 mod tests {
     use super::*;
     use crate::model::validate;
-    use crate::render::render;
+    use crate::render::{readback, render_onto};
     use crate::spec::load::{Source, SourceFile};
 
-    fn files(yaml: &str) -> Files {
+    /// The files of `yaml` rendered for a target that holds `onto` (the way `apply` renders).
+    fn files_onto(yaml: &str, onto: Option<&Files>) -> Files {
         let source = Source::parse(vec![SourceFile::new("s.yaml".into(), yaml.to_string())]);
         let model = validate(&source).model.expect("valid");
-        render(&model, &RenderOptions::for_target(None))
+        let options = RenderOptions::for_target(None);
+        let slots = onto
+            .and_then(|f| f.get(&options.config_name))
+            .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
+            .unwrap_or_default();
+        render_onto(&model, &options, &slots)
             .unwrap()
             .files()
             .into_iter()
@@ -602,7 +603,11 @@ mod tests {
             .collect()
     }
 
-    fn state_with(apps: &[(&str, u16)], weight: u16, agent_ip: &str) -> Files {
+    fn files(yaml: &str) -> Files {
+        files_onto(yaml, None)
+    }
+
+    fn yaml_with(apps: &[(&str, u16)], weight: u16, agent_ip: &str) -> String {
         let mut s = format!(
             "version: 1\nlisteners:\n  http: {{ bind: \":80\" }}\nagents:\n  a: {{ address: {agent_ip} }}\n  b: {{ address: 10.0.0.2 }}\nbackends:\n  multi: {{ servers: [ {{ agent: a, port: 1, weight: {weight} }}, {{ agent: b, port: 1 }} ] }}\n"
         );
@@ -615,7 +620,7 @@ mod tests {
         for (app, _) in apps {
             s.push_str(&format!("  {app}.example.com: {{ backend: {app} }}\n"));
         }
-        files(&s)
+        s
     }
 
     fn replay(old: &Files, new: &Files) -> RuntimeState {
@@ -633,44 +638,46 @@ mod tests {
         let options = RenderOptions::for_target(None);
         let cases = [
             (
-                state_with(&[("shop", 9001)], 1, "10.0.0.1"),
-                state_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
+                yaml_with(&[("shop", 9001)], 1, "10.0.0.1"),
+                yaml_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
             ),
             (
-                state_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
-                state_with(&[("blog", 9003)], 5, "10.0.0.9"),
+                yaml_with(&[("shop", 9001), ("blog", 9002)], 1, "10.0.0.1"),
+                yaml_with(&[("blog", 9003)], 5, "10.0.0.9"),
             ),
             (
-                state_with(&[], 1, "10.0.0.1"),
-                state_with(&[("x1", 1), ("x2", 2)], 1, "10.0.0.1"),
+                yaml_with(&[], 1, "10.0.0.1"),
+                yaml_with(&[("x1", 1), ("x2", 2)], 1, "10.0.0.1"),
             ),
         ];
-        for (old, new) in &cases {
-            assert_eq!(replay(old, new), RuntimeState::from_files(new, &options));
-            assert_eq!(replay(new, old), RuntimeState::from_files(old, &options));
+        for (a, b) in &cases {
+            // There and back, each rendered onto what the target then holds.
+            let old = files(a);
+            let new = files_onto(b, Some(&old));
+            assert_eq!(replay(&old, &new), RuntimeState::from_files(&new, &options));
+            let back = files_onto(a, Some(&new));
+            assert_eq!(
+                replay(&new, &back),
+                RuntimeState::from_files(&back, &options)
+            );
         }
     }
 
     #[test]
     fn many_routes_replace_the_map_in_one_transaction() {
-        let apps: Vec<(String, u16)> = (0..200)
-            .map(|i| (format!("app{i}"), 1000 + i as u16))
-            .collect();
-        let refs: Vec<(&str, u16)> = apps.iter().map(|(a, p)| (a.as_str(), *p)).collect();
-        let old = state_with(&[], 1, "10.0.0.1");
-        let new = state_with(&refs, 1, "10.0.0.1");
+        let mut yaml = yaml_with(&[("shop", 9001)], 1, "10.0.0.1");
+        let old = files(&yaml);
+        for i in 0..200 {
+            yaml.push_str(&format!("  d{i}.example.com: {{ backend: shop }}\n"));
+        }
+        let new = files_onto(&yaml, Some(&old));
         let ops = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap();
         assert_eq!(
             ops.iter()
                 .filter(|o| matches!(o, Op::MapReplace { .. }))
                 .count(),
-            1
-        );
-        assert_eq!(
-            ops.iter()
-                .filter(|o| matches!(o, Op::AddServer { .. }))
-                .count(),
-            200
+            1,
+            "{ops:#?}"
         );
         // Teardown, too.
         assert_eq!(
@@ -721,9 +728,30 @@ mod tests {
     }
 
     #[test]
+    fn new_apps_take_free_slots_at_runtime() {
+        let old = files(&yaml_with(&[("shop", 9001)], 1, "10.0.0.1"));
+        let apps: Vec<(String, u16)> = (0..10).map(|i| (format!("app{i}"), 1000 + i)).collect();
+        let mut refs: Vec<(&str, u16)> = apps.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+        refs.push(("shop", 9001));
+        let new = files_onto(&yaml_with(&refs, 1, "10.0.0.1"), Some(&old));
+        let ops = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap();
+        let added: Vec<&str> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddServer { backend, .. } => Some(backend.as_str()),
+                _ => None,
+            })
+            .collect();
+        // shop holds slot 1; the new apps take 2, 3, … in name order.
+        assert_eq!(added.len(), 10, "{ops:#?}");
+        assert!(added.iter().all(|b| b.starts_with("slot:http:")));
+        assert!(!added.contains(&"slot:http:1"));
+    }
+
+    #[test]
     fn servers_are_added_before_routes_and_removed_after() {
-        let old = state_with(&[("shop", 9001)], 1, "10.0.0.1");
-        let new = state_with(&[("blog", 9002)], 1, "10.0.0.1");
+        let old = files(&yaml_with(&[("shop", 9001)], 1, "10.0.0.1"));
+        let new = files_onto(&yaml_with(&[("blog", 9002)], 1, "10.0.0.1"), Some(&old));
         let ops = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap();
         let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
         let add = pos(&|o| matches!(o, Op::AddServer { .. }));
@@ -736,22 +764,46 @@ mod tests {
             .flat_map(|o| o.commands())
             .map(|c| c.text)
             .collect();
+        // shop keeps slot 1 until it is gone; blog takes slot 2, free before this change.
         assert!(
-            commands.contains(&"add server agent:a/blog 10.0.0.1:9002 weight 0".to_string()),
+            commands.contains(&"add server slot:http:2/blog 10.0.0.1:9002 weight 1".to_string()),
             "{commands:#?}"
         );
-        assert!(commands.contains(&"enable server agent:a/blog".to_string()));
+        assert!(commands.contains(&"enable server slot:http:2/blog".to_string()));
         assert!(
-            commands.contains(&"add map maps/hosts.map blog.example.com agent:a/blog".to_string())
+            commands.contains(&"add map maps/hosts.map blog.example.com slot:http:2".to_string())
         );
-        assert!(commands.contains(&"del server agent:a/shop".to_string()));
+        assert!(commands.contains(&"del server slot:http:1/shop".to_string()));
+    }
+
+    #[test]
+    fn a_slot_passing_from_one_app_to_another_needs_a_reload() {
+        // What a rollback to files rendered from scratch can ask: slot 1 from shop to blog.
+        let old = files(&yaml_with(&[("shop", 9001)], 1, "10.0.0.1"));
+        let new = files(&yaml_with(&[("blog", 9002)], 1, "10.0.0.1"));
+        let reason = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap_err();
+        assert!(
+            reason.contains("slot:http:1 passes from app shop to app blog"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_full_slot_pool_grows_with_a_reload() {
+        let old = files(&yaml_with(&[], 1, "10.0.0.1"));
+        let apps: Vec<(String, u16)> = (0..17).map(|i| (format!("app{i}"), 1000 + i)).collect();
+        let refs: Vec<(&str, u16)> = apps.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+        let new = files_onto(&yaml_with(&refs, 1, "10.0.0.1"), Some(&old));
+        let reason = plan_ops(&old, &new, &RenderOptions::for_target(None)).unwrap_err();
+        assert!(reason.contains("beyond servers and maps"), "{reason}");
     }
 
     #[test]
     fn a_new_backend_section_needs_a_reload() {
         let old = files("version: 1\nlisteners:\n  http: { bind: \":80\" }\n");
-        let new = files(
+        let new = files_onto(
             "version: 1\nlisteners:\n  http: { bind: \":80\" }\nbackends:\n  x: { servers: [ { address: 10.0.0.1, port: 80 } ] }\ndomains:\n  x.example.com: { backend: x }\n",
+            Some(&old),
         );
         assert!(plan_ops(&old, &new, &RenderOptions::for_target(None)).is_err());
     }
