@@ -1378,7 +1378,15 @@ fn a_daemon_drives_a_group_canary_first_and_a_data_plane_api_target() {
             other => Err(format!("{other:?}\n{}", solo.log_text())),
         }
     });
-    let status = solo.json("/status");
+    // HAProxy serves the route before the apply returns: the reconcile's report comes after.
+    let status = wait_until("the reconcile reports edge-2", CONVERGE, || {
+        let s = solo.json("/status");
+        if s["last_reconcile"].is_null() {
+            Err(s.to_string())
+        } else {
+            Ok(s)
+        }
+    });
     assert_eq!(status["targets"][0]["target"], "edge-2", "{status}");
     assert_eq!(status["targets"][0]["result"], "applied", "{status}");
     solo.stop();
