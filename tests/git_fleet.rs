@@ -1392,6 +1392,65 @@ fn a_daemon_drives_a_group_canary_first_and_a_data_plane_api_target() {
     solo.stop();
 }
 
+/// Regression (the merge of issue 15 into the daemon's rollout): a Data Plane API never gives a
+/// certificate back, so the daemon's plan must read the target again with the rendered files
+/// to know it holds them; without that every reconcile pushed the certificates again.
+#[test]
+fn a_daemon_driving_a_data_plane_api_target_with_certificates_leaves_them_alone_once_applied() {
+    use support::dpapi::DataplaneApi;
+    let work = TempDir::new().unwrap();
+    let (http, https) = (free_port(), free_port());
+    let api_dir = TempDir::new().unwrap();
+    let api = DataplaneApi::start(api_dir.path(), DPAPI_PASSWORD, http);
+    let shop = http_backend("shop");
+    let ca = TestCa::new();
+    let leaf = ca.leaf(&["shop.example.com"]);
+    write(work.path(), "state/certs/shop.pem", &leaf.combined());
+    write(
+        work.path(),
+        "state/state.yaml",
+        &format!(
+            "version: 1\nlisteners:\n  http: {{ bind: \"127.0.0.1:{http}\" }}\n  https: {{ bind: \"127.0.0.1:{https}\", certificates: certs }}\nagents:\n  a1: {{ address: 127.0.0.1 }}\nbackends:\n  shop: {{ servers: [ {{ agent: a1, port: {} }} ] }}\ndomains:\n  shop.example.com: {{ backend: shop }}\ntargets:\n  edge-2: {{ type: dataplane, url: \"{}\", username: admin, password_env: DPAPI_PASSWORD, maps_dir: {d}/maps, runtime_socket: {d}/admin.sock, state_dir: {d}/lunafront, certs_dir: {d}/ssl }}\n",
+            shop.port,
+            api.url(),
+            d = api.dir.display()
+        ),
+    );
+    let env = [("DPAPI_PASSWORD", DPAPI_PASSWORD)];
+    let mut daemon = Daemon::start_target(work.path(), "state", "edge-2", &[], &env);
+    wait_until(
+        "edge-2 presents the certificate",
+        CONVERGE,
+        || match served_certificate(&ca, https, "shop.example.com") {
+            Ok(der) if der == leaf.der() => Ok(()),
+            other => Err(format!(
+                "{:?}\n{}",
+                other.map(|d| d.len()),
+                daemon.log_text()
+            )),
+        },
+    );
+    daemon.wait_for("/ready", 200, "ok", CONVERGE);
+    api.clear_requests();
+    // Nothing changed since: a reconcile has nothing to do and sends the API no write.
+    for _ in 0..2 {
+        let (code, body) = daemon.post("/reconcile");
+        assert_eq!(code, 200, "{body}");
+        let outcome: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(outcome["result"], "unchanged", "{outcome}");
+    }
+    let status = daemon.json("/status");
+    assert!(status["pending_plan"].is_null(), "{status}");
+    assert_eq!(status["targets"][0]["result"], "unchanged", "{status}");
+    let writes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET "))
+        .collect();
+    assert!(writes.is_empty(), "{writes:?}");
+    daemon.stop();
+}
+
 /// Regression: a daemon serving the API never ended on SIGTERM (the API's certificate task
 /// and its connections kept the reconcile loop's sender), so whoever stopped it had to kill
 /// it, which left its HAProxy running.
