@@ -445,6 +445,74 @@ fn a_pushed_commit_is_served_by_all_three_and_one_that_does_not_validate_by_none
     assert!(row.contains("unreachable"), "{row}");
 }
 
+/// Regression: `/status` published a newly fetched commit before counting how far behind it the
+/// node is, so while the commit was checked (and once it was refused) a reader saw the new
+/// `fetched_commit` with the old `behind` (0), as if the node ran it.
+#[test]
+fn status_never_shows_a_fetched_commit_with_a_stale_count_behind() {
+    let mut fleet = GitFleet::new(1);
+    // Only `POST /reconcile` fetches after the start.
+    fleet.start_all(&["--git-interval", "1h"]);
+    // A large state makes the check of the commit (validated from the commit) take a while.
+    let hosts: Vec<String> = (0..5000).map(|i| format!("d{i}.example.com")).collect();
+    let mut routes: Vec<(&str, &str)> = hosts.iter().map(|h| (h.as_str(), "shop")).collect();
+    routes.push(("broken.example.com", "nope"));
+    let bad = fleet.commit(
+        &[("domains.yaml", &domains(&routes))],
+        "5000 routes, one broken",
+    );
+    let port = fleet.daemon(0).port;
+    let fetch = std::thread::spawn(move || http_json(port, "POST", "/reconcile", None, None));
+    let mut seen = 0;
+    let mut stale = Vec::new();
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let status = fleet.status(0);
+        let git = &status["git"];
+        if git["fetched_commit"] == bad.as_str() {
+            seen += 1;
+            if git["behind"] != 1 {
+                stale.push(git.to_string());
+            }
+        }
+        if git["refused"]["commit"] == bad.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {status}");
+    }
+    let (code, body) = fetch.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(seen > 0);
+    assert!(stale.is_empty(), "{} of {seen}: {}", stale.len(), stale[0]);
+
+    // The fix is taken: while it is applied and once it runs, the count follows.
+    routes.pop();
+    let good = fleet.commit(
+        &[("domains.yaml", &domains(&routes))],
+        "the broken route removed",
+    );
+    let fetch = std::thread::spawn(move || http_json(port, "POST", "/reconcile", None, None));
+    loop {
+        let status = fleet.status(0);
+        let git = &status["git"];
+        let (applied, fetched) = (
+            git["applied_commit"] == good.as_str(),
+            git["fetched_commit"] == good.as_str(),
+        );
+        if applied && git["behind"] != 0 || fetched && !applied && git["behind"] != 2 {
+            stale.push(git.to_string());
+        }
+        if applied && fetch.is_finished() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied: {status}");
+    }
+    let (code, body) = fetch.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(stale.is_empty(), "{}: {}", stale.len(), stale[0]);
+    fleet.wait_served(0, "d4999.example.com", "shop");
+}
+
 #[test]
 fn an_agent_registering_and_adding_a_route_on_node_1_is_served_by_nodes_2_and_3() {
     let mut fleet = GitFleet::new(3);

@@ -278,12 +278,13 @@ impl Syncer {
             g.last_successful_fetch = Some(at.clone());
             g.remote_reachable = Some(true);
             g.fetch_error = None;
-            g.fetched_commit = Some(fetched.clone());
             was
         });
         if was_reachable == Some(false) {
             tracing::info!("git: the remote {} answers again", self.repo.shown_url());
         }
+        // Published with its count: never a new fetched commit beside the old `behind`.
+        self.publish_behind(Some(&fetched));
         match self.follow(&fetched) {
             Ok(moved) => {
                 if self.refused.take().is_some() {
@@ -391,11 +392,19 @@ impl Syncer {
     }
 
     fn update_behind(&mut self) {
+        self.publish_behind(None);
+    }
+
+    /// Counts the commits of the fetched commit (`fetched_now`, else the one last published)
+    /// that the applied one lacks, and publishes the commits and the count in one update.
+    fn publish_behind(&mut self, fetched_now: Option<&str>) {
         let (applied, fetched) = {
             let status = self.status.lock().expect("status");
             (
                 status.revision.git_commit.clone(),
-                status.git.as_ref().and_then(|g| g.fetched_commit.clone()),
+                fetched_now
+                    .map(str::to_string)
+                    .or_else(|| status.git.as_ref().and_then(|g| g.fetched_commit.clone())),
             )
         };
         let behind = match (&applied, &fetched) {
@@ -413,6 +422,7 @@ impl Syncer {
         );
         self.with_status(|g| {
             g.applied_commit = applied;
+            g.fetched_commit = fetched;
             g.behind = behind;
             g.checked_out = self.repo.head().ok();
         });
