@@ -50,6 +50,65 @@ pub struct StateArg {
     pub state: PathBuf,
 }
 
+/// `lunafront daemon --git URL …`: a fleet's nodes follow one repository.
+#[derive(Args, Debug, Clone)]
+pub struct GitArgs {
+    /// Follow this git repository: the state folder is a clone the daemon manages (cloned
+    /// when missing or empty), moved forward to each new commit that passes the checks, and the
+    /// API's changes are committed and pushed to it. A password in the URL is never shown; set
+    /// it in $LUNAFRONT_GIT_URL to keep it out of the process list too.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "LUNAFRONT_GIT_URL",
+        hide_env_values = true
+    )]
+    pub git: Option<String>,
+    /// The branch to follow.
+    #[arg(long, default_value = "main", requires = "git")]
+    pub branch: String,
+    /// How often to fetch (also on POST /reconcile and POST /hooks/git).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, requires = "git")]
+    pub git_interval: std::time::Duration,
+    /// SSH private key for the remote (used through GIT_SSH_COMMAND).
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_key: Option<PathBuf>,
+    /// Follow the branch when it is rewritten (force-pushed); by default such a commit is
+    /// refused and reported.
+    #[arg(long, requires = "git")]
+    pub allow_rewrite: bool,
+    /// Accept only commits signed by a key of this allowed-signers file (ssh-keygen's format;
+    /// git verify-commit checks them).
+    #[arg(long, value_name = "ALLOWED_SIGNERS", requires = "git")]
+    pub require_signed: Option<PathBuf>,
+    /// SSH key the API signs its commits with (needed with --require-signed and --api).
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_signing_key: Option<PathBuf>,
+    /// File holding the shared secret of POST /hooks/git (a forge's push webhook, signed with
+    /// X-Hub-Signature-256 or X-Gitlab-Token); without it the hook is off.
+    #[arg(long, value_name = "FILE", requires = "git")]
+    pub git_hook_secret_file: Option<PathBuf>,
+    /// Longest a git command may take.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, requires = "git")]
+    pub git_timeout: std::time::Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetAction {
+    /// Ask each daemon's /status which commit it runs, and which nodes lag or fail.
+    Status {
+        /// Each node's daemon address (http://HOST:PORT, the daemon's --listen).
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+        /// Print `{"format_version", "in_sync", "nodes": […]}` on stdout.
+        #[arg(long)]
+        json: bool,
+        /// How long each node may take to answer.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum AgentAction {
     /// Create a one-time enrollment token: the agent registers with it as its key.
@@ -179,8 +238,13 @@ pub enum Command {
     Daemon {
         #[command(flatten)]
         state: StateArg,
+        /// A haproxy target (driven locally), or a dataplane target or a group (rolled out as
+        /// `apply` does: the canary and its health check first).
         #[arg(long)]
         target: String,
+        /// With a group: after the canary, apply to this many targets at a time.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
         /// Address of the health/status/metrics endpoints.
         #[arg(long, default_value = "127.0.0.1:9180")]
         listen: std::net::SocketAddr,
@@ -200,6 +264,13 @@ pub enum Command {
         /// Where the API keeps tokens and its private CA (default: <target state_dir>/api).
         #[arg(long, value_name = "DIR")]
         api_data: Option<PathBuf>,
+        #[command(flatten)]
+        git: Box<GitArgs>,
+    },
+    /// A fleet of daemons following one git repository.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
     },
     /// Manage agents' credentials for the API.
     Agent {

@@ -3,12 +3,14 @@
 //! The pipeline runs in one direction:
 //! `spec::load` (YAML, positions) → `model::validate` (the only constructor of a `Model`) →
 //! `render` (templates → haproxy.cfg, maps, certificates) → `plan` (what changes, runtime or
-//! reload) → `target` (the I/O edge that observes and applies).
+//! reload) → `target` (the I/O edge that observes and applies). `daemon` keeps a target
+//! converged; `git` lets a fleet of daemons follow one repository.
 
 pub mod acme;
 pub mod api;
 pub mod clock;
 pub mod daemon;
+pub mod git;
 pub mod import;
 pub mod model;
 pub mod plan;

@@ -117,13 +117,22 @@ fn main() -> ExitCode {
         Command::Daemon {
             state,
             target,
+            parallel,
             listen,
             spawn,
             interval,
             api,
             admin_token_file,
             api_data,
+            git,
         } => {
+            let git = match cmd::daemon_git_options(git) {
+                Ok(git) => git,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(cmd::exit::ERROR);
+                }
+            };
             let api = api.map(|listen| lunafront::api::ApiOptions {
                 listen,
                 admin_token_file: admin_token_file.clone(),
@@ -139,6 +148,8 @@ fn main() -> ExitCode {
                 debounce_cap: std::time::Duration::from_millis(300),
                 api,
                 after_reconcile: Some(release_freed_memory),
+                git,
+                parallel: *parallel,
             };
             keep_freed_memory_briefly();
             match lunafront::daemon::run(options) {
@@ -151,6 +162,7 @@ fn main() -> ExitCode {
         }
         Command::DemoBackends { apps } => cmd::demo::run(apps),
         Command::Agent { action } => cmd::agent::run(action),
+        Command::Fleet { action } => cmd::fleet::run(action),
         Command::Schema => {
             print!("{}", lunafront::spec::schema::SCHEMA_TEXT);
             ExitCode::SUCCESS

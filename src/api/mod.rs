@@ -13,7 +13,7 @@ pub mod v1;
 
 use crate::daemon::reconcile::{Request, Status, Trigger};
 use crate::model::address::Cidr;
-use crate::model::{HaproxyTarget, Model};
+use crate::model::{Model, Target};
 use crate::render::RenderOptions;
 use axum::Router;
 use axum::body::Bytes;
@@ -51,7 +51,7 @@ pub struct AppState {
     pub status: Arc<Mutex<Status>>,
     pub state_path: PathBuf,
     pub target_name: String,
-    pub target: Arc<HaproxyTarget>,
+    pub target: Arc<Target>,
     pub options: RenderOptions,
 }
 
@@ -426,6 +426,8 @@ pub struct Shared {
     pub status: Arc<Mutex<Status>>,
     /// The daemon's own HTTP listener (health, metrics): never a route target.
     pub daemon_listen: SocketAddr,
+    /// With `--git`: changes are committed and pushed through this clone.
+    pub git: Option<Arc<crate::git::Repo>>,
 }
 
 /// Opens the API's stores (tokens, CA) and its router.
@@ -433,7 +435,7 @@ pub fn build(
     options: &ApiOptions,
     state_path: PathBuf,
     target_name: String,
-    target: HaproxyTarget,
+    target: Target,
     render: RenderOptions,
     shared: Shared,
 ) -> Result<AppState, String> {
@@ -456,11 +458,17 @@ pub fn build(
         changes: auth::RateLimiter::new(10_000),
         reloads: auth::RateLimiter::new(10_000),
         ca: certs::Ca::open_or_create(&options.data_dir)?,
-        store: store::Store::new(&state_path),
+        // With git, the store shares the clone's lock: a change is written, committed and
+        // pushed while the clone stays where it is.
+        store: match &shared.git {
+            Some(repo) => store::Store::with_lock(&state_path, repo.state_lock.clone()),
+            None => store::Store::new(&state_path),
+        },
         model: shared.model,
         data_dir: options.data_dir.clone(),
         front: vec![options.listen, shared.daemon_listen],
-        binds: target.fleet.binds.clone(),
+        binds: target.fleet().binds.clone(),
+        git: shared.git,
     };
     Ok(AppState {
         api: Arc::new(api),
@@ -546,11 +554,16 @@ pub async fn serve(
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
-    tokio::spawn(renew_certificates(state.clone()));
+    // Every task here holds the reconcile loop's sender: all end with the API, or the daemon
+    // would wait for them forever when it stops.
+    let renew = tokio::spawn(renew_certificates(state.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
     let api = state.api.clone();
     let app = router(state);
     tokio::pin!(shutdown);
     loop {
+        // Connections that ended are forgotten as they go.
+        while tasks.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -567,7 +580,7 @@ pub async fn serve(
             .settings()
             .map(|(_, s)| s.trusted_proxies)
             .unwrap_or_default();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut stream = stream;
             let mut peer = Peer {
                 addr: peer,
@@ -596,4 +609,10 @@ pub async fn serve(
             let _ = connection.await;
         });
     }
+    renew.abort();
+    // Requests under way get a moment to be answered; idle connections are then closed.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
 }

@@ -324,8 +324,13 @@ pub struct MongoRoute {
 pub struct Saved {
     /// HAProxy must reload for it (the plan's typed diff says so).
     pub reload: bool,
-    /// The git commit to record it with (`api.git_commit`).
-    commit: Option<Commit>,
+    /// Who made the change and what it is: the commit's author and message.
+    change: Commit,
+    /// Committed in the state folder's git checkout (`api.git_commit`).
+    commit: bool,
+    /// The agent's fragment as it was when the change was checked (`--git` makes the change
+    /// again on another node's commit relative to it).
+    old: Fragment,
 }
 
 pub struct Api {
@@ -346,7 +351,13 @@ pub struct Api {
     pub front: Vec<SocketAddr>,
     /// The target's own listener addresses (`binds`), which replace the listeners' binds.
     pub binds: BTreeMap<String, String>,
+    /// With `--git`: each change is committed and pushed, and answered only once the remote
+    /// took it.
+    pub git: Option<Arc<crate::git::Repo>>,
 }
+
+/// How many times a change is made again on a newer head when another node pushed first.
+pub const PUSH_ATTEMPTS: usize = 5;
 
 fn field(errors: &mut BTreeMap<String, String>, name: &str, problem: impl Into<String>) {
     errors.insert(name.to_string(), problem.into());
@@ -737,7 +748,7 @@ impl Api {
             if enrolled {
                 self.use_enrollment(agent, key)?;
             }
-            saved = self.write(agent, &fragment, saved)?;
+            saved = self.write(agent, &fragment, &model, saved)?;
         }
         let token = self
             .tokens
@@ -1111,7 +1122,7 @@ impl Api {
         if let Some(dir) = &front_pem {
             self.write_front_pem(agent, &domain, dir)?;
         }
-        let saved = self.write(agent, &fragment, saved)?;
+        let saved = self.write(agent, &fragment, &model, saved)?;
         let public_port = settings.mongodb_port.unwrap_or(listener.bind.port);
         Ok((
             MongoRoute {
@@ -1334,6 +1345,7 @@ impl Api {
     /// the agent's reload budget). A problem the change would cause is refused and nothing
     /// is written: 400 naming the agent's own fields, 409 naming a conflict with another
     /// file. Problems the state already had are the administrator's, never the agent's.
+    /// With `--git` the change is committed and pushed (see `write_through_git`).
     pub fn save(
         &self,
         caller: &Caller,
@@ -1344,7 +1356,7 @@ impl Api {
         message: String,
     ) -> Result<Saved, ApiError> {
         let saved = self.check(caller, agent, fragment, model, settings, message)?;
-        self.write(agent, fragment, saved)
+        self.write(agent, fragment, model, saved)
     }
 
     /// Everything `save` checks, writing nothing: a change that passes is written with `write`
@@ -1361,6 +1373,73 @@ impl Api {
         if !names::is_identifier(agent) {
             return Err(ApiError::field("id", names::IDENTIFIER_RULE));
         }
+        let old = self
+            .store
+            .read(agent)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .unwrap_or_default();
+        let reload = self.check_change(agent, &old, fragment, model)?;
+        if reload && let Caller::Agent(me) = caller {
+            self.reloads
+                .check(me, settings.limits.reloads)
+                .map_err(|wait| {
+                    ApiError::too_many(
+                        format!(
+                            "this change needs HAProxy to reload, and agent `{me}` may cause {} such changes at once and {} an hour; retry later",
+                            settings.limits.reloads.burst,
+                            settings.limits.reloads.per_minute * 60.0
+                        ),
+                        wait,
+                    )
+                })?;
+        }
+        Ok(Saved {
+            reload,
+            change: Commit {
+                author: caller.name().to_string(),
+                message,
+            },
+            commit: settings.git_commit,
+            old,
+        })
+    }
+
+    /// Writes the agent's fragment that `check` accepted (see `save`): with `--git`, committed
+    /// and pushed (`write_through_git`); else written, and committed in the state folder's
+    /// checkout with `api.git_commit`.
+    pub fn write(
+        &self,
+        agent: &str,
+        fragment: &Fragment,
+        model: &Model,
+        saved: Saved,
+    ) -> Result<Saved, ApiError> {
+        match &self.git {
+            Some(repo) => self.write_through_git(
+                repo,
+                &saved.change,
+                agent,
+                saved.old.clone(),
+                fragment.clone(),
+                model,
+            )?,
+            None => self
+                .store
+                .write(agent, fragment, saved.commit.then_some(&saved.change))
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+        }
+        Ok(saved)
+    }
+
+    /// Checks the agent's new fragment against the whole state on disk (see `save`); returns
+    /// whether the change needs HAProxy to reload (the plan's own typed diff says so).
+    fn check_change(
+        &self,
+        agent: &str,
+        old: &Fragment,
+        fragment: &Fragment,
+        model: &Model,
+    ) -> Result<bool, ApiError> {
         let root = self.store.root();
         let file = self.store.path(agent);
         let text = fragment.text();
@@ -1410,11 +1489,6 @@ impl Api {
             )));
         }
         // The plan's own typed diff says whether this agent's change needs a reload.
-        let old = self
-            .store
-            .read(agent)
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .unwrap_or_default();
         let names: BTreeSet<String> = [agent.to_string()]
             .into_iter()
             .chain(fragment.backends.keys().cloned())
@@ -1429,43 +1503,130 @@ impl Api {
             before: &pools,
             after: &pools,
         };
-        let reload = crate::plan::diff::diff_models(model, &merged, &slots)
+        Ok(crate::plan::diff::diff_models(model, &merged, &slots)
             .iter()
             .any(|c| {
                 c.mode == ChangeMode::Reload
                     && names
                         .iter()
                         .any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
-            });
-        if reload && let Caller::Agent(me) = caller {
-            self.reloads
-                .check(me, settings.limits.reloads)
-                .map_err(|wait| {
-                    ApiError::too_many(
-                        format!(
-                            "this change needs HAProxy to reload, and agent `{me}` may cause {} such changes at once and {} an hour; retry later",
-                            settings.limits.reloads.burst,
-                            settings.limits.reloads.per_minute * 60.0
-                        ),
-                        wait,
-                    )
-                })?;
-        }
-        Ok(Saved {
-            reload,
-            commit: settings.git_commit.then(|| Commit {
-                author: caller.name().to_string(),
-                message,
-            }),
-        })
+            }))
     }
 
-    /// Writes the agent's fragment that `check` accepted (see `save`).
-    pub fn write(&self, agent: &str, fragment: &Fragment, saved: Saved) -> Result<Saved, ApiError> {
-        self.store
-            .write(agent, fragment, saved.commit.as_ref())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(saved)
+    /// With `--git`: writes the fragment, commits it (the agent or admin as author) and pushes
+    /// it; git is the arbiter between nodes. When another node pushed first, the remote's new
+    /// head is fetched, must pass the same gate as any fetched commit, and the change is made
+    /// again on it (`Fragment::rebased`) and checked again against the state there — a conflict
+    /// with what the other node wrote is a 409 with nothing pushed — then pushed again, at most
+    /// `PUSH_ATTEMPTS` times. A remote that cannot be reached (or a push that fails otherwise)
+    /// drops the local commit: 503, nothing changed. The caller holds the store's lock, which
+    /// is the clone's.
+    fn write_through_git(
+        &self,
+        repo: &crate::git::Repo,
+        change: &Commit,
+        agent: &str,
+        mut old: Fragment,
+        mut fragment: Fragment,
+        model: &Model,
+    ) -> Result<(), ApiError> {
+        use crate::git::{GitError, short};
+        let file = self.store.path(agent);
+        let rel = file
+            .strip_prefix(self.store.root())
+            .unwrap_or(&file)
+            .to_path_buf();
+        let internal = |e: GitError| ApiError::internal(e.to_string());
+        let unavailable = |what: String| {
+            ApiError::unavailable(format!(
+                "{what}; nothing was changed (the change was not pushed, so no node applies it)"
+            ))
+        };
+        for _ in 0..PUSH_ATTEMPTS {
+            let base = repo.head().map_err(internal)?;
+            // Drops what this attempt wrote or committed: the clone is back at `base`.
+            let undo = || {
+                if let Err(e) = repo.move_to(&base) {
+                    tracing::error!("git: cannot drop the change not pushed: {e}");
+                }
+            };
+            self.store
+                .write(agent, &fragment, None)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            match repo.commit(&[&rel], &change.author, &change.message) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()), // the file already holds this change
+                Err(e) => {
+                    undo();
+                    return Err(internal(e));
+                }
+            }
+            let rejected = match repo.push() {
+                Ok(()) => {
+                    if let Some(m) = self.git_metrics() {
+                        m.pushes_ok
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
+                Err(GitError::Rejected) => GitError::Rejected,
+                Err(e) => {
+                    undo();
+                    return Err(unavailable(format!(
+                        "the git remote {} did not take the change ({e})",
+                        repo.shown_url()
+                    )));
+                }
+            };
+            if let Some(m) = self.git_metrics() {
+                m.pushes_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::info!(agent, "{rejected}: making the change again on the new head");
+            let remote = match repo.fetch() {
+                Ok(remote) => remote,
+                Err(e) => {
+                    undo();
+                    return Err(unavailable(format!(
+                        "the git remote {} cannot be reached ({e})",
+                        repo.shown_url()
+                    )));
+                }
+            };
+            if !repo.options.allow_rewrite && !repo.is_ancestor(&base, &remote).map_err(internal)? {
+                undo();
+                return Err(unavailable(format!(
+                    "the branch {} was rewritten (force-pushed) and this node refuses rewrites",
+                    repo.options.branch
+                )));
+            }
+            if let Err((_, why, _)) = crate::git::sync::gate(repo, &remote) {
+                undo();
+                return Err(unavailable(format!(
+                    "the remote's branch is at commit {}, which this node refuses: {why}",
+                    short(&remote)
+                )));
+            }
+            // A newer valid commit: the clone follows it (as the next fetch would), and the
+            // change is made again there.
+            repo.move_to(&remote).map_err(internal)?;
+            let current = self
+                .store
+                .read(agent)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .unwrap_or_default();
+            fragment = fragment.rebased(&old, &current);
+            old = current;
+            self.check_change(agent, &old, &fragment, model)?;
+        }
+        Err(ApiError::unavailable(format!(
+            "other nodes pushed first {PUSH_ATTEMPTS} times in a row; nothing was changed, retry"
+        )))
+    }
+
+    /// The daemon's git counters, when it has them.
+    fn git_metrics(&self) -> Option<&crate::git::sync::GitMetrics> {
+        self.git.as_deref().map(|r| r.metrics.as_ref())
     }
 
     /// The errors of `validation` that the state on disk does not have already.

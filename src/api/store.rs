@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Fragment {
@@ -111,6 +111,37 @@ impl Fragment {
         );
     }
 
+    /// This fragment's change from `before`, made again on `current` (the agent's fragment on
+    /// a newer commit, another node's change in it): each entry the change set or removed is
+    /// set or removed in `current`; the rest of `current` stays as it is.
+    pub fn rebased(&self, before: &Fragment, current: &Fragment) -> Fragment {
+        fn section<V: Clone + PartialEq>(
+            before: &BTreeMap<String, V>,
+            after: &BTreeMap<String, V>,
+            current: &BTreeMap<String, V>,
+        ) -> BTreeMap<String, V> {
+            let mut out = current.clone();
+            for key in before.keys().chain(after.keys()) {
+                if before.get(key) != after.get(key) {
+                    match after.get(key) {
+                        Some(v) => {
+                            out.insert(key.clone(), v.clone());
+                        }
+                        None => {
+                            out.remove(key);
+                        }
+                    }
+                }
+            }
+            out
+        }
+        Fragment {
+            agents: section(&before.agents, &self.agents, &current.agents),
+            backends: section(&before.backends, &self.backends, &current.backends),
+            domains: section(&before.domains, &self.domains, &current.domains),
+        }
+    }
+
     /// As a JSON object in the state's shape, to merge into a document.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("fragments are JSON")
@@ -137,23 +168,29 @@ pub struct StoreError {
 pub struct Store {
     /// The state folder.
     root: PathBuf,
-    lock: Mutex<()>,
+    lock: Arc<Mutex<()>>,
 }
 
 const HEADER: &str = "# Written by the lunafront API for one agent. Edits by hand are kept, but the API rewrites\n# this file on the agent's next change.\n";
 
 impl Store {
     pub fn new(root: &Path) -> Store {
+        Store::with_lock(root, Arc::new(Mutex::new(())))
+    }
+
+    /// A store whose changes also hold `lock` (a git clone's: nothing moves the checkout
+    /// between a change's check and its commit).
+    pub fn with_lock(root: &Path, lock: Arc<Mutex<()>>) -> Store {
         Store {
             root: root.to_path_buf(),
-            lock: Mutex::new(()),
+            lock,
         }
     }
 
     /// Held while a change is checked and written: changes to fragments are one at a time, so
     /// two agents cannot claim the same name between a check and a write.
     pub fn lock(&self) -> MutexGuard<'_, ()> {
-        self.lock.lock().expect("store lock")
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -308,6 +345,7 @@ impl Store {
 }
 
 /// A git commit of an API change.
+#[derive(Debug, Clone, Default)]
 pub struct Commit {
     pub author: String,
     pub message: String,
@@ -346,5 +384,43 @@ mod tests {
         store.write("agent-7", &Fragment::default(), None).unwrap();
         assert!(store.read("agent-7").unwrap().is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn route(port: u16) -> Route {
+        Route {
+            backend: format!("b{port}"),
+            port,
+            listener: None,
+            health_check: None,
+            tls: None,
+            service: None,
+        }
+    }
+
+    /// A change made on one head and re-made on a newer one (another node's change of the
+    /// same agent in it) keeps both: what the change touched is set, the rest stays.
+    #[test]
+    fn a_change_rebased_on_a_newer_head_keeps_the_other_node_s_entries() {
+        let mut before = Fragment::default();
+        before.route("a", "old.example.com", route(1));
+        before.route("a", "gone.example.com", route(2));
+        let mut after = before.clone();
+        after.route("a", "new.example.com", route(3));
+        after.domains.remove("gone.example.com");
+        // Meanwhile another node added a route of its own and changed `old`.
+        let mut current = before.clone();
+        current.route("a", "theirs.example.com", route(4));
+        current.route("a", "old.example.com", route(5));
+        let rebased = after.rebased(&before, &current);
+        let domains: Vec<&str> = rebased.domains.keys().map(String::as_str).collect();
+        assert_eq!(
+            domains,
+            ["new.example.com", "old.example.com", "theirs.example.com"]
+        );
+        // Not touched by this change: the other node's version stays.
+        assert_eq!(rebased.domains["old.example.com"].backend, "b5");
+        assert!(rebased.backends.contains_key("b4") && rebased.backends.contains_key("b3"));
+        // Nothing changed meanwhile: the rebased change is the change.
+        assert_eq!(after.rebased(&before, &before), after);
     }
 }

@@ -4,7 +4,7 @@
 use super::exit;
 use crate::cli::AgentAction;
 use lunafront::api::auth::{Kind, TokenStore};
-use lunafront::model::{Target, validate};
+use lunafront::model::Target;
 use lunafront::spec::load;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,7 +19,7 @@ fn data_dir(
         return Ok(dir.to_path_buf());
     }
     let source = load::load_path(state).map_err(|e| e.to_string())?;
-    let validation = validate(&source.only(&["targets"]));
+    let validation = lunafront::model::validate_targets(&source);
     let errors: Vec<String> = validation.errors().map(|d| d.to_string()).collect();
     let model = validation.model.ok_or_else(|| errors.join("\n"))?;
     match lunafront::target::select(&model, target).map_err(|e| e.to_string())? {

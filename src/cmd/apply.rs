@@ -8,10 +8,9 @@ use super::{exit, stdout_color};
 use crate::cli::ColorChoice;
 use lunafront::clock;
 use lunafront::model::Target;
-use lunafront::plan::{self, Plan, saved::SavedPlan, text};
-use lunafront::render;
-use lunafront::target::haproxy;
-use lunafront::target::{self, Applied, ApplyError, ApplyRequest, How, files, fleet};
+use lunafront::plan::{Plan, saved::SavedPlan, text};
+use lunafront::target::fleet::{RollEvent, RollOutcome as Outcome};
+use lunafront::target::{self, Applied, ApplyError, How, files, fleet};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -29,18 +28,7 @@ pub struct Options<'a> {
     pub json: bool,
 }
 
-/// One target's part of an apply.
-pub struct Prepared {
-    pub name: String,
-    pub target: Target,
-    pub plan: Plan,
-    /// The revision the target holds before the apply.
-    pub before: Option<String>,
-    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
-    pub acme_requests: Vec<String>,
-    /// The git commit the state was read at (recorded with the apply).
-    pub git_commit: Option<String>,
-}
+pub use lunafront::target::fleet::{Prepared, apply_one, prepare};
 
 pub fn run(o: Options<'_>) -> ExitCode {
     let (prepared, revision) = match o.saved {
@@ -60,7 +48,7 @@ pub fn run(o: Options<'_>) -> ExitCode {
     }
     let pending: Vec<&Prepared> = prepared
         .iter()
-        .filter(|p| !p.plan.is_empty() || must_start(&p.target))
+        .filter(|p| !p.plan.is_empty() || fleet::must_start(&p.target))
         .collect();
     if pending.is_empty() {
         if o.json {
@@ -230,11 +218,6 @@ fn print_json(prepared: &[Prepared], outcomes: &[Outcome], revision: Option<&str
     );
 }
 
-/// A spawned HAProxy that is not running must be started even when the files match.
-fn must_start(target: &Target) -> bool {
-    matches!(target, Target::Haproxy(t) if t.spawn && haproxy::process::running(t).is_none())
-}
-
 fn from_state(
     state: &Path,
     names: &[String],
@@ -276,41 +259,6 @@ pub fn git_commit_of(state: &Path) -> Option<String> {
     lunafront::daemon::reconcile::git_head(&dir)
 }
 
-/// Renders for the target, reads what it holds, and plans.
-pub fn prepare(
-    model: &lunafront::model::Model,
-    name: &str,
-    target: &Target,
-) -> anyhow::Result<Prepared> {
-    let model = lunafront::acme::for_target(model, target)
-        .map_err(|e| anyhow::anyhow!("target {name}: {e}"))?;
-    let options = target::render_options(target);
-    // Read the target first: the rendering starts from the app slots its configuration holds.
-    let live = target::observe_paths(
-        name,
-        target,
-        &options,
-        render::output_paths(&model, &options),
-    )?;
-    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
-    // A Data Plane API never gives a certificate back: whether it holds the one rendered is
-    // known only by comparing with the rendered file, so it is read again with those files.
-    let live = match target {
-        Target::Dataplane(_) => {
-            target::observe_files(name, target, &options, &rendered.file_map())?
-        }
-        Target::Haproxy(_) => live,
-    };
-    Ok(Prepared {
-        name: name.to_string(),
-        target: target.clone(),
-        before: fleet::live_revision(&live),
-        plan: plan::make_plan(name, &model, &rendered, &live),
-        acme_requests: lunafront::acme::requests(&model),
-        git_commit: None,
-    })
-}
-
 fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
     let fail = |message: String| {
         eprintln!("error: {}: {message}", path.display());
@@ -341,25 +289,6 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         acme_requests: Vec::new(),
         git_commit: None,
     })
-}
-
-/// Applies one target's plan. `rollback_of` marks a rollback in the history.
-pub fn apply_one(
-    p: &Prepared,
-    rollback_of: Option<u64>,
-    saved: bool,
-) -> Result<Applied, ApplyError> {
-    let request = ApplyRequest {
-        target_name: p.name.clone(),
-        files: p.plan.new_files.clone(),
-        options: p.plan.options.clone(),
-        expected_fingerprint: Some(p.plan.live_fingerprint.clone()),
-        changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
-        rollback_of,
-        retry_conflicts: !saved,
-        git_commit: p.git_commit.clone(),
-    };
-    target::apply(&p.target, &request)
 }
 
 /// From here on, SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) no longer
@@ -466,24 +395,10 @@ pub fn confirm(targets: &[&str], json: bool) -> bool {
     }
 }
 
-enum Outcome {
-    Applied(Applied),
-    Failed(ApplyError),
-    /// The canary's health check failed after its apply.
-    Unhealthy(String),
-    NotStarted,
-}
-
 /// Canary first (applied, then its health URL must answer 2xx), then the rest `parallel` at
 /// a time; the first failure stops the rollout. Ends with which target holds which revision.
 fn rollout(prepared: &[Prepared], revision: String, parallel: usize, json: bool) -> ExitCode {
-    let mut outcomes: Vec<Outcome> = prepared.iter().map(|_| Outcome::NotStarted).collect();
     let canary = &prepared[0];
-    let report = |name: &str, applied: &Applied| {
-        if !json {
-            report_applied(name, applied)
-        }
-    };
     if !json {
         println!(
             "\nRolling out revision {revision} to {} targets; canary: {}.",
@@ -491,59 +406,17 @@ fn rollout(prepared: &[Prepared], revision: String, parallel: usize, json: bool)
             canary.name
         );
     }
-    outcomes[0] = match apply_one(canary, None, false) {
-        Ok(applied) => {
-            report(&canary.name, &applied);
-            match &canary.target.fleet().health_check {
-                Some(check) => match fleet::check_health(check) {
-                    Ok(()) => {
-                        if !json {
-                            println!(
-                                "Canary {} answers its health check ({}).",
-                                canary.name, check.url
-                            );
-                        }
-                        Outcome::Applied(applied)
-                    }
-                    Err(e) => Outcome::Unhealthy(e),
-                },
-                None => Outcome::Applied(applied),
+    let outcomes = fleet::roll_out(prepared, parallel, &|event| {
+        if json {
+            return;
+        }
+        match event {
+            RollEvent::Applied(name, applied) => report_applied(name, applied),
+            RollEvent::CanaryHealthy(name, url) => {
+                println!("Canary {name} answers its health check ({url}).")
             }
         }
-        Err(e) => Outcome::Failed(e),
-    };
-    let mut stopped = !matches!(outcomes[0], Outcome::Applied(_));
-    let rest: Vec<usize> = (1..prepared.len()).collect();
-    for chunk in rest.chunks(parallel) {
-        if stopped {
-            break;
-        }
-        if target::interrupted() {
-            break;
-        }
-        let results: Vec<(usize, Result<Applied, ApplyError>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|&i| (i, scope.spawn(move || apply_one(&prepared[i], None, false))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|(i, h)| (i, h.join().expect("apply thread")))
-                .collect()
-        });
-        for (i, result) in results {
-            outcomes[i] = match result {
-                Ok(applied) => {
-                    report(&prepared[i].name, &applied);
-                    Outcome::Applied(applied)
-                }
-                Err(e) => {
-                    stopped = true;
-                    Outcome::Failed(e)
-                }
-            };
-        }
-    }
+    });
 
     let code = outcomes
         .iter()

@@ -19,7 +19,7 @@ fn targets(state: &Path) -> Result<Model, ExitCode> {
         eprintln!("error: {e}");
         ExitCode::from(exit::ERROR)
     })?;
-    let validation = validate(&source.only(&["targets"]));
+    let validation = lunafront::model::validate_targets(&source);
     validation.model.ok_or_else(|| {
         super::print_diagnostics(&validation.diagnostics, false);
         ExitCode::from(exit::ERROR)

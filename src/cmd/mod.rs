@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod apply;
 pub mod demo;
+pub mod fleet;
 pub mod generate;
 pub mod history;
 pub mod import;
@@ -17,6 +18,57 @@ use lunafront::spec::load;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
+
+/// The daemon's `--git*` flags as the library takes them (the hook secret read from its file).
+pub fn daemon_git_options(
+    args: &crate::cli::GitArgs,
+) -> anyhow::Result<Option<lunafront::git::GitOptions>> {
+    use anyhow::Context;
+    let Some(url) = &args.git else {
+        return Ok(None);
+    };
+    let hook_secret = match &args.git_hook_secret_file {
+        Some(file) => {
+            let secret = std::fs::read_to_string(file)
+                .with_context(|| format!("--git-hook-secret-file {}", file.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "--git-hook-secret-file {}: the secret must be at least 16 characters",
+                file.display()
+            );
+            Some(secret)
+        }
+        None => None,
+    };
+    for (flag, file) in [
+        ("--git-key", &args.git_key),
+        ("--require-signed", &args.require_signed),
+        ("--git-signing-key", &args.git_signing_key),
+    ] {
+        if let Some(file) = file {
+            anyhow::ensure!(file.is_file(), "{flag} {}: no such file", file.display());
+        }
+    }
+    let absolute = |p: &Option<std::path::PathBuf>| -> anyhow::Result<Option<std::path::PathBuf>> {
+        Ok(match p {
+            Some(p) => Some(std::path::absolute(p)?),
+            None => None,
+        })
+    };
+    Ok(Some(lunafront::git::GitOptions {
+        url: url.clone(),
+        branch: args.branch.clone(),
+        interval: args.git_interval,
+        key: absolute(&args.git_key)?,
+        allow_rewrite: args.allow_rewrite,
+        allowed_signers: absolute(&args.require_signed)?,
+        signing_key: absolute(&args.git_signing_key)?,
+        hook_secret,
+        timeout: args.git_timeout,
+    }))
+}
 
 /// Exit codes, as documented in the README.
 pub mod exit {

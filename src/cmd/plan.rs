@@ -30,7 +30,7 @@ pub fn run(o: Options<'_>) -> ExitCode {
         .and_then(|targets| {
             targets
                 .into_iter()
-                .map(|(name, target)| apply::prepare(&model, &name, target))
+                .map(|(name, target)| Ok(apply::prepare(&model, &name, target)?))
                 .collect::<anyhow::Result<Vec<Prepared>>>()
         });
     let prepared = match result {

@@ -1,8 +1,9 @@
 //! The daemon's HTTP endpoints (I/O edge): `GET /` (the status page), `GET /health` (liveness: the daemon runs and
 //! HAProxy answers), `GET /ready` (readiness: the last reconcile succeeded too), `GET /status`,
 //! `GET /metrics`, `POST /reconcile`, `POST /approve?revision=R` (a change the delete guard
-//! holds). Handlers never touch HAProxy themselves: a reconcile goes through the reconcile loop
-//! like any other change.
+//! holds), and with `--git` `POST /hooks/git` (a forge's push webhook). Handlers never touch
+//! HAProxy themselves: a reconcile goes through the reconcile loop like any other change, and
+//! a fetch through the git thread.
 
 use super::metrics::Metrics;
 use super::reconcile::{Outcome, Request, Status, Trigger};
@@ -22,9 +23,66 @@ pub struct AppState {
     pub status: Arc<Mutex<Status>>,
     pub metrics: Arc<Metrics>,
     pub requests: Arc<Mutex<Sender<Request>>>,
-    pub target: Arc<HaproxyTarget>,
+    /// The local HAProxy, when the daemon drives one (a fleet's members report in `/status`).
+    pub target: Option<Arc<HaproxyTarget>>,
+    pub git: Option<Arc<GitHook>>,
     /// ACME certificates: each one's expiry and last error.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
+}
+
+/// Largest webhook body read (forges' push events are a few KiB; 413 beyond).
+pub const HOOK_BODY_LIMIT: usize = 1024 * 1024;
+
+/// What `/hooks/git` and `/reconcile` need of the git thread.
+pub struct GitHook {
+    asks: Mutex<Sender<crate::git::sync::FetchRequest>>,
+    /// None: the hook is off (404).
+    secret: Option<String>,
+    /// Failed attempts per client, and accepted hooks in all.
+    failures: crate::api::auth::RateLimiter<std::net::IpAddr>,
+    accepted: crate::api::auth::RateLimiter<()>,
+}
+
+/// Hooks with a wrong or missing signature, per client: 10 at once, then 10 a minute.
+const HOOK_FAILURES: crate::api::auth::Rate = crate::api::auth::Rate {
+    per_minute: 10.0,
+    burst: 10.0,
+};
+/// Accepted hooks (each asks for a fetch; those that arrive during one share the next):
+/// 30 at once, then 60 a minute.
+const HOOKS_ACCEPTED: crate::api::auth::Rate = crate::api::auth::Rate {
+    per_minute: 60.0,
+    burst: 30.0,
+};
+
+impl GitHook {
+    pub fn new(asks: Sender<crate::git::sync::FetchRequest>, secret: Option<String>) -> GitHook {
+        GitHook {
+            asks: Mutex::new(asks),
+            secret,
+            failures: crate::api::auth::RateLimiter::new(10_000),
+            accepted: crate::api::auth::RateLimiter::new(1),
+        }
+    }
+
+    /// Asks for a fetch; with `wait`, returns once it is done (and what it brought reconciled).
+    async fn fetch(&self, wait: bool) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .asks
+            .lock()
+            .ok()
+            .map(|asks| {
+                asks.send(crate::git::sync::FetchRequest {
+                    reply: wait.then_some(tx),
+                })
+                .is_ok()
+            })
+            .unwrap_or(false);
+        if sent && wait {
+            let _ = rx.await;
+        }
+    }
 }
 
 impl AppState {
@@ -52,6 +110,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/reconcile", post(reconcile))
         .route("/approve", post(approve))
+        .route(
+            "/hooks/git",
+            post(git_hook).layer(axum::extract::DefaultBodyLimit::max(HOOK_BODY_LIMIT)),
+        )
         .with_state(state)
 }
 
@@ -69,9 +131,11 @@ fn haproxy_info(target: &HaproxyTarget) -> serde_json::Value {
     })
 }
 
-/// Whether HAProxy's runtime API answers.
+/// Whether HAProxy's runtime API answers (a fleet's members are judged by their rollouts).
 async fn haproxy_answers(app: &AppState) -> bool {
-    let target = app.target.clone();
+    let Some(target) = app.target.clone() else {
+        return true;
+    };
     tokio::task::spawn_blocking(move || {
         RuntimeApi::new(&target.runtime_socket).worker_pid().is_ok()
     })
@@ -124,13 +188,19 @@ async fn ready(State(app): State<AppState>) -> Response {
 }
 
 async fn status(State(app): State<AppState>) -> Response {
-    let target = app.target.clone();
-    let haproxy = tokio::task::spawn_blocking(move || haproxy_info(&target))
-        .await
-        .unwrap_or_default();
+    let haproxy = match app.target.clone() {
+        Some(target) => Some(
+            tokio::task::spawn_blocking(move || haproxy_info(&target))
+                .await
+                .unwrap_or_default(),
+        ),
+        None => None,
+    };
     let status = app.status.lock().expect("status").clone();
     let mut body = serde_json::to_value(&status).expect("status serializes");
-    body["haproxy"] = haproxy;
+    if let Some(haproxy) = haproxy {
+        body["haproxy"] = haproxy;
+    }
     if let Some(acme) = &app.acme {
         body["acme"] = acme.status_json();
     }
@@ -144,7 +214,11 @@ async fn status_page(State(app): State<AppState>) -> Response {
     let acme = app.acme.as_ref().map(|a| a.status_json());
     let target = app.target.clone();
     let html = tokio::task::spawn_blocking(move || {
-        super::status_page::render(&super::status_page::collect(&target, &status, acme))
+        super::status_page::render(&super::status_page::collect(
+            target.as_deref(),
+            &status,
+            acme,
+        ))
     })
     .await
     .unwrap_or_else(|e| format!("status page: {e}"));
@@ -159,8 +233,73 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+/// With `--git`, fetches first: what the remote holds now is what gets reconciled.
 async fn reconcile(State(app): State<AppState>) -> Response {
+    if let Some(git) = &app.git {
+        git.fetch(true).await;
+    }
     answer_reconcile(&app).await
+}
+
+/// A forge's push webhook: authenticated by the shared secret (see `git::hook`), rate limited,
+/// answered at once (202) while the fetch runs — forges give up after about ten seconds.
+async fn git_hook(
+    State(app): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let answer = |code: StatusCode, body: serde_json::Value| (code, Json(body)).into_response();
+    let Some(git) = app.git.clone() else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": "the daemon does not follow a git remote (--git)"}),
+        );
+    };
+    let Some(secret) = git.secret.as_deref() else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            json!({"error": "the git hook is off: start the daemon with --git-hook-secret-file FILE"}),
+        );
+    };
+    let client = crate::api::auth::client_key(peer.ip());
+    let too_many = |wait: std::time::Duration, what: &str| {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
+            Json(json!({"error": what})),
+        )
+            .into_response()
+    };
+    if let Err(wait) = git.failures.peek(&client, HOOK_FAILURES) {
+        return too_many(
+            wait,
+            "too many hooks with a wrong signature from this client",
+        );
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": format!("the body is over {HOOK_BODY_LIMIT} bytes")}),
+            );
+        }
+        Err(e) => return answer(StatusCode::BAD_REQUEST, json!({"error": e.body_text()})),
+    };
+    if let Err(e) = crate::git::hook::authenticate(secret, &headers, &body) {
+        let _ = git.failures.check(&client, HOOK_FAILURES);
+        tracing::warn!(client = %peer.ip(), "POST /hooks/git refused: {e}");
+        return answer(StatusCode::UNAUTHORIZED, json!({"error": e.to_string()}));
+    }
+    if let Err(wait) = git.accepted.check(&(), HOOKS_ACCEPTED) {
+        return too_many(
+            wait,
+            "too many hooks; the next fetch is on its interval anyway",
+        );
+    }
+    git.fetch(false).await;
+    answer(StatusCode::ACCEPTED, json!({"status": "fetching"}))
 }
 
 #[derive(serde::Deserialize)]

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub watch_polls: std::sync::Arc<AtomicU64>,
     /// 1 while a change is held by `global.delete_guard`.
     pub change_held: AtomicU64,
+    /// The git remote's counters (`--git`).
+    pub git: std::sync::OnceLock<std::sync::Arc<crate::git::sync::GitMetrics>>,
 }
 
 impl Metrics {
@@ -162,6 +164,9 @@ impl Metrics {
             crate::VERSION,
             crate::GIT_COMMIT
         );
+        if let Some(git) = self.git.get() {
+            git.render(&mut out);
+        }
         process_metrics(&mut out);
         out
     }

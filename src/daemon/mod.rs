@@ -1,7 +1,9 @@
 //! `lunafront daemon`: keeps a target converged with a watched state folder. A thin shell
-//! around the same pipeline as `apply`: file changes, the drift timer and HTTP requests all
-//! become reconcile requests, served one at a time by the reconcile loop.
+//! around the same pipeline as `apply`: file changes, the drift timer, new commits of a git
+//! remote (`--git`) and HTTP requests all become reconcile requests, served one at a time by
+//! the reconcile loop.
 
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod notify;
@@ -14,7 +16,7 @@ pub mod watch;
 use crate::model::Target;
 use crate::render::RenderOptions;
 use crate::target::haproxy;
-use reconcile::{Reconciler, Request, Status, Trigger};
+use reconcile::{Drive, Reconciler, Request, Status, Targets, Trigger};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +38,10 @@ pub struct DaemonOptions {
     /// Called after every reconcile, once its transient data is dropped: the binary hands
     /// its allocator's memory back to the system here, so an idle daemon stays small.
     pub after_reconcile: Option<fn()>,
+    /// Follow a git remote: the state folder is a clone the daemon manages.
+    pub git: Option<crate::git::GitOptions>,
+    /// With a group: targets applied at a time after the canary.
+    pub parallel: usize,
 }
 
 pub fn run(options: DaemonOptions) -> Result<(), String> {
@@ -62,24 +68,68 @@ fn run_with(
     signals: &signals::Signals,
 ) -> Result<(), String> {
     let state = std::path::absolute(&options.state).map_err(|e| e.to_string())?;
-    let (mut target, _) = reconcile::target_of(&state, &options.target)?;
-    // `--spawn` only says who runs HAProxy: the sockets stay where the state puts them, so
-    // `plan` and `apply` on the same state speak to the same HAProxy.
-    target.spawn |= options.spawn;
-    let render_options = RenderOptions::for_target(Some(&Target::Haproxy(target.clone())));
-    let config_dir = haproxy::config_dir(&target).to_path_buf();
-    {
+    // With --git the state folder is a clone: cloned first (the targets are in it), or kept
+    // as it is when the remote cannot be reached (it holds the last good commit).
+    let repo = match &options.git {
+        Some(git) => {
+            if git.allowed_signers.is_some() && options.api.is_some() && git.signing_key.is_none() {
+                return Err("--require-signed with --api needs --git-signing-key: the commits the API makes must be signed too, or the other nodes refuse them".into());
+            }
+            Some(Arc::new(
+                crate::git::Repo::open_or_clone(&state, git.clone()).map_err(|e| e.to_string())?,
+            ))
+        }
+        None => None,
+    };
+    let (drive, local) = match reconcile::targets_of(&state, &options.target)? {
+        Targets::Local(mut target) => {
+            // `--spawn` only says who runs HAProxy: the sockets stay where the state puts
+            // them, so `plan` and `apply` on the same state speak to the same HAProxy.
+            target.spawn |= options.spawn;
+            (Drive::Local(target.clone()), Some(target))
+        }
+        Targets::Fleet(members) => {
+            if options.spawn {
+                return Err(format!(
+                    "--spawn runs the HAProxy of one haproxy target; `{}` is driven as a fleet (a target with `spawn: true` in it is started as `apply` starts it)",
+                    options.target
+                ));
+            }
+            (
+                Drive::Fleet(fleet::Fleet {
+                    name: options.target.clone(),
+                    parallel: options.parallel.max(1),
+                    members,
+                    applied_commit: None,
+                }),
+                None,
+            )
+        }
+    };
+    // The targets whose daemon lock this daemon holds (and whose state folders it uses).
+    let driven: Vec<(String, Target)> = match &drive {
+        Drive::Local(t) => vec![(options.target.clone(), Target::Haproxy(t.clone()))],
+        Drive::Fleet(f) => f.members.clone(),
+    };
+    // The API (and its own-listener rule) speaks for the local target, or a fleet's canary.
+    let api_target = driven[0].1.clone();
+    let render_options = RenderOptions::for_target(Some(&api_target));
+    let mut locks = Vec::new();
+    for (name, target) in &driven {
+        let state_dir = crate::target::state_dir(target);
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&target.state_dir)
-            .map_err(|e| format!("cannot create {}: {e}", target.state_dir.display()))?;
+            .create(state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
+        // One daemon per target: a second one would supervise (and reload) the same HAProxy.
+        locks.push(lock(state_dir, name)?);
     }
-    // One daemon per target: a second one would supervise (and reload) the same HAProxy.
-    let _lock = lock(&target, &options.target)?;
-    // A previous daemon killed in the middle of an apply may have left temporary files.
-    haproxy::clean_leftovers(&config_dir);
+    if let Some(target) = &local {
+        // A previous daemon killed in the middle of an apply may have left temporary files.
+        haproxy::clean_leftovers(haproxy::config_dir(target));
+    }
 
     let status = Arc::new(Mutex::new(Status {
         target: options.target.clone(),
@@ -87,13 +137,17 @@ fn run_with(
         ..Status::default()
     }));
     let metrics = Arc::new(metrics::Metrics::default());
+    let git_metrics = repo.as_ref().map(|repo| {
+        let _ = metrics.git.set(repo.metrics.clone());
+        repo.metrics.clone()
+    });
     // Until the first reconcile, the API works from the last applied state.
-    let valid_model = Arc::new(Mutex::new(
-        crate::target::files::read_recorded(&config_dir)
+    let valid_model = Arc::new(Mutex::new(local.as_ref().and_then(|target| {
+        crate::target::files::read_recorded(haproxy::config_dir(target))
             .ok()
             .flatten()
-            .map(|r| r.model),
-    ));
+            .map(|r| r.model)
+    })));
     let (requests, receiver) = mpsc::channel::<Request>();
 
     // Everything that can refuse to start does so before HAProxy is started: the listeners
@@ -120,20 +174,21 @@ fn run_with(
                         listen: api_listen,
                         admin_token_file: api_options.admin_token_file.clone(),
                         data_dir: if api_options.data_dir.as_os_str().is_empty() {
-                            target.state_dir.join("api")
+                            crate::target::state_dir(&api_target).join("api")
                         } else {
                             api_options.data_dir.clone()
                         },
                     },
                     state.clone(),
-                    options.target.clone(),
-                    target.clone(),
-                    RenderOptions::for_target(Some(&Target::Haproxy(target.clone()))),
+                    driven[0].0.clone(),
+                    api_target.clone(),
+                    render_options.clone(),
                     crate::api::Shared {
                         model: valid_model.clone(),
                         requests: requests.clone(),
                         status: status.clone(),
                         daemon_listen,
+                        git: repo.clone(),
                     },
                 )?,
             ))
@@ -142,53 +197,58 @@ fn run_with(
     };
     signals.reconcile_with(requests.clone());
 
-    let supervisor = target
-        .spawn
-        .then(|| supervise::Supervisor::new(target.clone(), metrics.haproxy_restarts.clone()));
+    let supervisor = local
+        .as_ref()
+        .filter(|t| t.spawn)
+        .map(|target| supervise::Supervisor::new(target.clone(), metrics.haproxy_restarts.clone()));
     // Whatever way this function returns, the HAProxy it runs (or adopted) is stopped.
     let _stop_haproxy = StopOnExit(supervisor.clone());
-    if let Some(supervisor) = &supervisor {
+    if let (Some(supervisor), Some(target)) = (&supervisor, &local) {
         // Serve the last applied state at once, before looking at the (maybe broken) state.
-        match supervisor.start(&target) {
+        match supervisor.start(target) {
             Ok(pid) => tracing::info!(worker = pid, "HAProxy serves the last applied state"),
             Err(e) => tracing::info!("HAProxy not started yet: {e}"),
         }
     }
 
-    // ACME issuance runs beside the reconcile loop and asks it to install each certificate.
-    // Its sender is taken back at shutdown so the loop can end.
+    // ACME issuance runs beside the reconcile loop and asks it to install each certificate
+    // (a local haproxy target's: a fleet's members get none). Its sender is taken back at
+    // shutdown so the loop can end.
     let acme_sender = Arc::new(Mutex::new(Some(requests.clone())));
-    let acme = crate::acme::manager::Shared::new(&target.state_dir, &target.runtime_socket, {
-        let sender = acme_sender.clone();
-        Box::new(move || {
-            if let Some(sender) = sender.lock().expect("acme sender").as_ref() {
-                let _ = sender.send(Request {
-                    trigger: Trigger::Acme,
-                    reply: None,
-                });
-            }
+    let acme = local.as_ref().map(|target| {
+        crate::acme::manager::Shared::new(&target.state_dir, &target.runtime_socket, {
+            let sender = acme_sender.clone();
+            Box::new(move || {
+                if let Some(sender) = sender.lock().expect("acme sender").as_ref() {
+                    let _ = sender.send(Request {
+                        trigger: Trigger::Acme,
+                        reply: None,
+                    });
+                }
+            })
         })
     });
-    let acme_thread = crate::acme::manager::spawn(acme.clone());
+    let acme_thread = acme.clone().map(crate::acme::manager::spawn);
     // A restarted HAProxy has an empty challenge map, as after a reload.
-    if let Some(supervisor) = &supervisor {
+    if let (Some(supervisor), Some(acme)) = (&supervisor, &acme) {
         let acme = acme.clone();
         supervisor.on_restart(move || acme.after_reload());
     }
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),
-        target: target.clone(),
+        drive,
         options: render_options,
         status: status.clone(),
         metrics: metrics.clone(),
         supervisor: supervisor.clone(),
         valid_model: valid_model.clone(),
         after_reconcile: options.after_reconcile,
-        acme: Some(acme.clone()),
+        acme: acme.clone(),
         holding: None,
         last_reload: None,
         for_api: false,
+        state_lock: repo.as_ref().map(|r| r.state_lock.clone()),
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));
@@ -203,8 +263,15 @@ fn run_with(
             root: root.clone(),
             // lunafront's own writes (rendered certificates, the history's copies) are not
             // changes of the state; a folder holding the state itself is never ignored.
-            ignore: [config_dir.clone(), target.state_dir.join("history")]
-                .into_iter()
+            ignore: driven
+                .iter()
+                .flat_map(|(_, t)| {
+                    let history = crate::target::state_dir(t).join("history");
+                    match t {
+                        Target::Haproxy(h) => vec![haproxy::config_dir(h).to_path_buf(), history],
+                        Target::Dataplane(_) => vec![history],
+                    }
+                })
                 .filter(|dir| !root.starts_with(dir))
                 .collect(),
             quiet: options.debounce_quiet,
@@ -238,13 +305,38 @@ fn run_with(
         trigger: Trigger::Start,
         reply: None,
     });
+    // The git remote is followed by a thread of its own: a fetch (up to its timeout) never
+    // holds up a reconcile.
+    let (git, git_reconcile) = match (&repo, git_metrics) {
+        (Some(repo), Some(git_metrics)) => {
+            let (asks, receiver) = mpsc::channel();
+            let syncer = crate::git::sync::Syncer::new(
+                repo.clone(),
+                status.clone(),
+                requests.clone(),
+                git_metrics,
+            );
+            let reconcile = syncer.reconcile.clone();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || syncer.run(receiver, stop)));
+            (
+                Some(Arc::new(http::GitHook::new(
+                    asks,
+                    repo.options.hook_secret.clone(),
+                ))),
+                Some(reconcile),
+            )
+        }
+        _ => (None, None),
+    };
 
     let app = http::AppState {
         status,
         metrics,
         requests: Arc::new(Mutex::new(requests)),
-        target: Arc::new(target),
-        acme: Some(acme.clone()),
+        target: local.map(Arc::new),
+        git,
+        acme: acme.clone(),
     };
     let served = runtime.block_on(serve(listener, app, api, signals.shutdown()));
 
@@ -254,12 +346,20 @@ fn run_with(
         supervisor.begin_stop();
     }
     stop.store(true, Ordering::SeqCst);
+    // A fetch under way may take up to its timeout: the reconcile loop does not wait for it.
+    if let Some(reconcile) = git_reconcile {
+        reconcile.lock().expect("git").take();
+    }
     for t in threads {
         let _ = t.join();
     }
-    acme.stop();
+    if let Some(acme) = &acme {
+        acme.stop();
+    }
     acme_sender.lock().expect("acme sender").take();
-    let _ = acme_thread.join();
+    if let Some(t) = acme_thread {
+        let _ = t.join();
+    }
     // The last sender is gone with the HTTP state: the loop ends after its current reconcile.
     let _ = reconcile_thread.join();
     if let Some(supervisor) = &supervisor {
@@ -274,8 +374,8 @@ fn run_with(
 /// Holds the target's daemon lock (`<state_dir>/daemon.lock`) for the daemon's life. Not
 /// inherited by HAProxy (the file is opened close-on-exec), so a daemon started after this one
 /// died gets it even while the HAProxy it ran still serves.
-fn lock(target: &crate::model::HaproxyTarget, name: &str) -> Result<std::fs::File, String> {
-    let path = target.state_dir.join("daemon.lock");
+fn lock(state_dir: &Path, name: &str) -> Result<std::fs::File, String> {
+    let path = state_dir.join("daemon.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -332,10 +432,13 @@ async fn serve(
         }
         None => None,
     };
-    let result = axum::serve(listener, http::router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| e.to_string());
+    let result = axum::serve(
+        listener,
+        http::router(app).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| e.to_string());
     let _ = stop_tx.send(true);
     if let Some(task) = api_task {
         let _ = task.await;

@@ -30,6 +30,8 @@ pub enum Trigger {
     Start,
     /// Files of the state changed.
     Files,
+    /// The clone moved to a new commit of the git remote (`--git`).
+    Git,
     /// The drift timer.
     Timer,
     /// `POST /reconcile`.
@@ -111,6 +113,12 @@ pub struct Status {
     /// The last reconciles, newest first (at most `RECENT_RECONCILES`), for the status page.
     #[serde(skip)]
     pub recent: std::collections::VecDeque<Outcome>,
+    /// The git remote the state follows (`--git`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git: Option<crate::git::sync::GitStatus>,
+    /// Each target of a group (or a Data Plane API target): what the last rollout did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<super::fleet::MemberStatus>,
 }
 
 /// How many reconciles the status page lists.
@@ -142,10 +150,18 @@ pub struct Holding {
     pub due_at: String,
 }
 
+/// What the daemon drives.
+pub enum Drive {
+    /// One local HAProxy (files, master CLI, runtime API), maybe run as the daemon's child.
+    Local(HaproxyTarget),
+    /// A Data Plane API target or a group (any mix), rolled out as `apply` does.
+    Fleet(super::fleet::Fleet),
+}
+
 pub struct Reconciler {
     pub state: PathBuf,
     pub target_name: String,
-    pub target: HaproxyTarget,
+    pub drive: Drive,
     pub options: RenderOptions,
     pub status: Arc<Mutex<Status>>,
     pub metrics: Arc<Metrics>,
@@ -160,6 +176,9 @@ pub struct Reconciler {
     pub last_reload: Option<Instant>,
     /// The reconcile being run serves an agent API change.
     pub for_api: bool,
+    /// Held while the state is read, by whoever moves or writes the folder too (the git
+    /// clone's owner): a reconcile never reads a checkout half moved.
+    pub state_lock: Option<Arc<Mutex<()>>>,
     /// Issuance and renewal of ACME certificates, told what the applied state wants.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
 }
@@ -215,8 +234,15 @@ impl Reconciler {
         }
     }
 
-    fn config_dir(&self) -> &Path {
-        haproxy::config_dir(&self.target)
+    /// The model HAProxy runs (from its recorded files): what isolation keeps invalid entries at.
+    fn previous_model(&self) -> Option<Arc<crate::model::Model>> {
+        match &self.drive {
+            Drive::Local(target) => files::read_recorded(haproxy::config_dir(target))
+                .ok()
+                .flatten()
+                .map(|r| r.model),
+            Drive::Fleet(_) => None,
+        }
     }
 
     pub fn reconcile(&mut self, trigger: Trigger) -> Outcome {
@@ -257,6 +283,10 @@ impl Reconciler {
         }
         let mut status = self.status.lock().expect("status");
         status.revision = self.revision();
+        let applied = status.revision.git_commit.clone();
+        if let Some(git) = status.git.as_mut() {
+            git.applied_commit = applied;
+        }
         status.drift_corrections = self.metrics.drift_corrections.load(Ordering::Relaxed);
         if !outcome.ok() {
             status.last_error = Some(outcome.clone());
@@ -269,7 +299,7 @@ impl Reconciler {
         outcome
     }
 
-    fn outcome(trigger: Trigger, result: &'static str) -> Outcome {
+    pub(super) fn outcome(trigger: Trigger, result: &'static str) -> Outcome {
         Outcome {
             result,
             at: crate::clock::rfc3339_now(),
@@ -293,6 +323,10 @@ impl Reconciler {
         let mut timer = PhaseTimer::new();
         // The commit the state is read at: recorded with what gets applied (a checkout that
         // moved while it was read is no one commit).
+        let read_lock = self.state_lock.clone();
+        let read_guard = read_lock
+            .as_ref()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         let commit_before = git_head(&self.state_folder());
         let source = match load::load_path(&self.state) {
             Ok(source) => source,
@@ -300,6 +334,7 @@ impl Reconciler {
         };
         let git_commit =
             commit_before.filter(|c| git_head(&self.state_folder()).as_ref() == Some(c));
+        drop(read_guard);
         timer.lap("load");
         let validation = validate(&source);
         timer.lap("validate");
@@ -324,10 +359,7 @@ impl Reconciler {
                 if !isolation_enabled(&source.document) {
                     return fail("invalid", message, errors);
                 }
-                let previous = files::read_recorded(self.config_dir())
-                    .ok()
-                    .flatten()
-                    .map(|r| r.model);
+                let previous = self.previous_model();
                 match isolate(&source, &validation, previous.as_deref()) {
                     Some(isolated) => {
                         held_back = isolated.held;
@@ -343,13 +375,16 @@ impl Reconciler {
                 }
             }
         };
-        // The certificates the ACME store holds are rendered like a certificate folder.
-        let model = match crate::acme::uses_acme(&model) {
-            true => match crate::acme::store::Store::new(&self.target.state_dir).overlay(model) {
-                Ok(model) => model,
-                Err(e) => return fail("failed", e.to_string(), Vec::new()),
-            },
-            false => model,
+        // The certificates the ACME store holds are rendered like a certificate folder (a local
+        // target's; a fleet's members are rendered by `fleet::prepare`, which does the same).
+        let model = match (&self.drive, crate::acme::uses_acme(&model)) {
+            (Drive::Local(target), true) => {
+                match crate::acme::store::Store::new(&target.state_dir).overlay(model) {
+                    Ok(model) => model,
+                    Err(e) => return fail("failed", e.to_string(), Vec::new()),
+                }
+            }
+            _ => model,
         };
         let model = Arc::new(model);
         *self.valid_model.lock().expect("model") = Some(model.clone());
@@ -372,9 +407,14 @@ impl Reconciler {
             o
         };
 
+        let target = match &self.drive {
+            Drive::Local(target) => target.clone(),
+            Drive::Fleet(_) => {
+                return finish(self.reconcile_fleet(trigger, &model, git_commit));
+            }
+        };
         // The target first: the rendering starts from the app slots its configuration holds.
-        let live = match haproxy::observe(&self.target, render::output_paths(&model, &self.options))
-        {
+        let live = match haproxy::observe(&target, render::output_paths(&model, &self.options)) {
             Ok(live) => live,
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
@@ -384,7 +424,7 @@ impl Reconciler {
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
         timer.lap("render+observe");
-        let running = haproxy::process::running(&self.target).is_some();
+        let running = haproxy::process::running(&target).is_some();
         let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
         timer.lap("plan");
         // Reloads that agents cause are spaced (a tenant must not be able to reload away the
@@ -426,7 +466,7 @@ impl Reconciler {
                 trigger,
                 Trigger::Timer | Trigger::Start | Trigger::Request | Trigger::Signal | Trigger::Api
             ) {
-                match haproxy::correct_runtime_drift(&self.target, &live.files, &self.options) {
+                match haproxy::correct_runtime_drift(&target, &live.files, &self.options) {
                     Ok(Some(what)) => {
                         self.metrics
                             .drift_corrections
@@ -447,7 +487,7 @@ impl Reconciler {
                 }
             }
             // HAProxy runs this state: the commit it was read at describes what runs.
-            haproxy::marker::set_git_commit(&self.target, git_commit.as_deref());
+            haproxy::marker::set_git_commit(&target, git_commit.as_deref());
             if let Some(acme) = &self.acme {
                 acme.wanted(&model);
             }
@@ -473,9 +513,9 @@ impl Reconciler {
         let result = match &self.supervisor {
             Some(supervisor) => {
                 let supervisor = supervisor.clone();
-                haproxy::apply_with(&self.target, &request, &move |t| supervisor.start(t))
+                haproxy::apply_with(&target, &request, &move |t| supervisor.start(t))
             }
-            None => haproxy::apply(&self.target, &request),
+            None => haproxy::apply(&target, &request),
         };
         self.metrics
             .observe_apply(apply_started.elapsed().as_secs_f64());
@@ -540,7 +580,7 @@ impl Reconciler {
     /// short or emptied looks like) waits until the state read again after the settle time is
     /// still the same, or until `POST /approve` names it. Returns why it is held, or `None`
     /// when it may be applied now.
-    fn hold(
+    pub(super) fn hold(
         &mut self,
         model: &crate::model::Model,
         mass: &crate::plan::MassDelete,
@@ -600,7 +640,7 @@ impl Reconciler {
         Some(message)
     }
 
-    fn release_hold(&mut self) {
+    pub(super) fn release_hold(&mut self) {
         if self.holding.take().is_some() {
             self.status.lock().expect("status").held = None;
         }
@@ -622,16 +662,20 @@ impl Reconciler {
     /// with the applied state (not the checkout's HEAD now: it may hold a state that was not
     /// applied).
     fn revision(&self) -> Revision {
-        let last = History::new(&self.target.state_dir)
+        let target = match &self.drive {
+            Drive::Local(target) => target,
+            Drive::Fleet(fleet) => return fleet.revision(),
+        };
+        let last = History::new(&target.state_dir)
             .list()
             .ok()
             .and_then(|l| l.last().cloned());
-        let manifest = std::fs::read(self.config_dir().join(MANIFEST)).ok();
+        let manifest = std::fs::read(haproxy::config_dir(target).join(MANIFEST)).ok();
         Revision {
             history_entry: last.as_ref().map(|e| e.seq),
             applied_at: last.map(|e| e.time),
             state_sha256: manifest.map(|m| crate::plan::sha256_hex(&m)),
-            git_commit: haproxy::marker::read(&self.target.state_dir).and_then(|m| m.git_commit),
+            git_commit: haproxy::marker::read(&target.state_dir).and_then(|m| m.git_commit),
         }
     }
 }
@@ -680,21 +724,51 @@ pub fn request_blocking(sender: &Sender<Request>, trigger: Trigger) -> Option<Ou
     rx.blocking_recv().ok()
 }
 
-/// The target a daemon serves: only `targets` must validate, so a broken state still lets the
-/// daemon start and serve the last applied one.
-pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptions), String> {
+/// What `--target NAME` designates: one `haproxy` target (driven locally), or a `dataplane`
+/// target or a group (rolled out as `apply` does). Only `targets` and `groups` must validate,
+/// so a broken state still lets the daemon start and serve the last applied one.
+pub enum Targets {
+    Local(HaproxyTarget),
+    Fleet(Vec<(String, Target)>),
+}
+
+pub fn targets_of(state: &Path, name: &str) -> Result<Targets, String> {
     let source = load::load_path(state).map_err(|e| e.to_string())?;
-    let validation = validate(&source.only(&["targets"]));
+    let validation = crate::model::validate_targets(&source);
     let errors: Vec<String> = validation.errors().map(|d| d.to_string()).collect();
-    let model = validation.model.ok_or_else(|| errors.join("\n"))?;
-    match model.targets.get(name) {
-        Some(target @ Target::Haproxy(t)) => {
-            Ok((t.clone(), RenderOptions::for_target(Some(target))))
+    let model = validation.model;
+    let model = model.ok_or_else(|| errors.join("\n"))?;
+    if let Some(Target::Haproxy(t)) = model.targets.get(name) {
+        return Ok(Targets::Local(t.clone()));
+    }
+    if !model.targets.contains_key(name) && !model.groups.contains_key(name) {
+        return Err(format!(
+            "no target or group named `{name}` in the state (targets: {}; groups: {})",
+            model.targets.keys().cloned().collect::<Vec<_>>().join(", "),
+            if model.groups.is_empty() {
+                "none".to_string()
+            } else {
+                model.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+            }
+        ));
+    }
+    let members =
+        crate::target::fleet::resolve(&model, &[name.to_string()]).map_err(|e| e.to_string())?;
+    Ok(Targets::Fleet(
+        members.into_iter().map(|(n, t)| (n, t.clone())).collect(),
+    ))
+}
+
+/// The `haproxy` target a daemon serves (`Targets::Local`), or why it is not one.
+pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptions), String> {
+    match targets_of(state, name)? {
+        Targets::Local(t) => {
+            let options = RenderOptions::for_target(Some(&Target::Haproxy(t.clone())));
+            Ok((t, options))
         }
-        Some(_) => Err(format!(
-            "target {name}: the daemon drives haproxy targets in this build"
+        Targets::Fleet(_) => Err(format!(
+            "`{name}` is not a haproxy target: it is driven as a fleet"
         )),
-        None => Err(format!("no target named `{name}` in the state")),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The daemon's status page (I/O edge): `GET /` is one server-rendered HTML page for an
 //! operator — the applied revision, every domain with its backend, agent and live server state
 //! (from HAProxy's runtime API), the agents, the last reconciles, a held change, the last error
-//! with its file:line diagnostics, and the certificates HAProxy serves with their expiry. No
+//! with its file:line diagnostics, the certificates HAProxy serves with their expiry, and for a
+//! daemon following git or driving a fleet, the commits and each target's last rollout. No
 //! script, no external asset: it works from a phone on a terminal's browser alike.
 //! `collect` reads (the recorded state, the runtime API, the certificate files); `render` is pure.
 
@@ -69,7 +70,13 @@ pub struct CertificateRow {
 }
 
 /// Reads what the page shows. Never fails: what cannot be read is listed in `problems`.
-pub fn collect(target: &HaproxyTarget, status: &Status, acme: Option<serde_json::Value>) -> Page {
+/// `target` is the local HAProxy, when the daemon runs one (a daemon driving a group or a
+/// Data Plane API target shows each target's last rollout instead).
+pub fn collect(
+    target: Option<&HaproxyTarget>,
+    status: &Status,
+    acme: Option<serde_json::Value>,
+) -> Page {
     let mut page = Page {
         target: status.target.clone(),
         state: status.state.clone(),
@@ -87,6 +94,9 @@ pub fn collect(target: &HaproxyTarget, status: &Status, acme: Option<serde_json:
             .collect(),
         acme,
         ..Page::default()
+    };
+    let Some(target) = target else {
+        return page;
     };
     let config_dir = crate::target::haproxy::config_dir(target);
     let recorded = match crate::target::files::read_recorded(config_dir) {

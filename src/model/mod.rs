@@ -10,4 +10,4 @@ pub mod names;
 pub mod validate;
 
 pub use model::*;
-pub use validate::{Validation, validate};
+pub use validate::{Validation, validate, validate_targets};

@@ -28,6 +28,21 @@ impl Validation {
     }
 }
 
+/// The targets (and groups) of a state that may not validate as a whole: what `rollback`,
+/// `agent enroll` and the daemon's start need. Targets' `binds` name listeners, so the whole
+/// state is tried first, then the targets with the listeners, then the targets alone.
+pub fn validate_targets(source: &Source) -> Validation {
+    let whole = validate(source);
+    if whole.model.is_some() {
+        return whole;
+    }
+    let with_listeners = validate(&source.only(&["targets", "groups", "listeners"]));
+    if with_listeners.model.is_some() {
+        return with_listeners;
+    }
+    validate(&source.only(&["targets", "groups"]))
+}
+
 pub fn validate(source: &Source) -> Validation {
     let schema_diagnostics = schema::check(source);
     let mut checker = Checker {

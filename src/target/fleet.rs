@@ -1,13 +1,168 @@
 //! A fleet (I/O edge): several targets kept identical. Names on the command line may be targets
 //! or groups; the first target is the canary. A revision names a desired state (the digest of
 //! its document), the same whatever the target's type, so a report can say which target holds
-//! which.
+//! which. `roll_out` is the one rollout (canary, health check, then the rest) that `apply` and
+//! the daemon share.
 
-use super::TargetError;
+use super::{Applied, ApplyError, ApplyRequest, TargetError};
 use crate::model::{CanaryCheck, Model, Target};
-use crate::plan::Live;
-use crate::render::MANIFEST;
+use crate::plan::{self, Live, Plan};
+use crate::render::{self, MANIFEST};
 use std::time::{Duration, Instant};
+
+/// One target's part of an apply: its plan against what it holds.
+pub struct Prepared {
+    pub name: String,
+    pub target: Target,
+    pub plan: Plan,
+    /// The revision the target holds before the apply.
+    pub before: Option<String>,
+    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
+    pub acme_requests: Vec<String>,
+    /// The git commit the state was read at (recorded with the apply).
+    pub git_commit: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("target {target}: {message}")]
+    Acme { target: String, message: String },
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// Renders for the target, reads what it holds, and plans.
+pub fn prepare(model: &Model, name: &str, target: &Target) -> Result<Prepared, PrepareError> {
+    let model = crate::acme::for_target(model, target).map_err(|message| PrepareError::Acme {
+        target: name.to_string(),
+        message,
+    })?;
+    let options = super::render_options(target);
+    // Read the target first: the rendering starts from the app slots its configuration holds.
+    let live = super::observe_paths(
+        name,
+        target,
+        &options,
+        render::output_paths(&model, &options),
+    )?;
+    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
+    // A Data Plane API never gives a certificate back: whether it holds the one rendered is
+    // known only by comparing with the rendered file, so it is read again with those files.
+    let live = match target {
+        Target::Dataplane(_) => super::observe_files(name, target, &options, &rendered.file_map())?,
+        Target::Haproxy(_) => live,
+    };
+    Ok(Prepared {
+        name: name.to_string(),
+        target: target.clone(),
+        before: live_revision(&live),
+        plan: plan::make_plan(name, &model, &rendered, &live),
+        acme_requests: crate::acme::requests(&model),
+        git_commit: None,
+    })
+}
+
+/// Applies one target's plan. `rollback_of` marks a rollback in the history; `saved`, a plan
+/// reviewed earlier (refused as stale rather than planned again when the target changed).
+pub fn apply_one(
+    p: &Prepared,
+    rollback_of: Option<u64>,
+    saved: bool,
+) -> Result<Applied, ApplyError> {
+    let request = ApplyRequest {
+        target_name: p.name.clone(),
+        files: p.plan.new_files.clone(),
+        options: p.plan.options.clone(),
+        expected_fingerprint: Some(p.plan.live_fingerprint.clone()),
+        changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
+        rollback_of,
+        retry_conflicts: !saved,
+        git_commit: p.git_commit.clone(),
+    };
+    super::apply(&p.target, &request)
+}
+
+/// A spawned HAProxy that is not running must be started even when the files match.
+pub fn must_start(target: &Target) -> bool {
+    matches!(target, Target::Haproxy(t) if t.spawn && super::haproxy::process::running(t).is_none())
+}
+
+/// What a rollout did to one target.
+pub enum RollOutcome {
+    Applied(Applied),
+    Failed(ApplyError),
+    /// The canary's health check failed after its apply.
+    Unhealthy(String),
+    NotStarted,
+}
+
+/// What a rollout tells as it goes.
+pub enum RollEvent<'a> {
+    Applied(&'a str, &'a Applied),
+    /// The canary answered its health check (at this URL).
+    CanaryHealthy(&'a str, &'a str),
+}
+
+/// Canary first (applied, then its health URL must answer 2xx), then the rest `parallel` at a
+/// time; the first failure stops the rollout (and so does an interrupt).
+pub fn roll_out(
+    prepared: &[Prepared],
+    parallel: usize,
+    events: &(dyn Fn(RollEvent<'_>) + Sync),
+) -> Vec<RollOutcome> {
+    let mut outcomes: Vec<RollOutcome> = prepared.iter().map(|_| RollOutcome::NotStarted).collect();
+    let Some(canary) = prepared.first() else {
+        return outcomes;
+    };
+    outcomes[0] = match apply_one(canary, None, false) {
+        Ok(applied) => {
+            events(RollEvent::Applied(&canary.name, &applied));
+            match &canary.target.fleet().health_check {
+                Some(check) => match check_health(check) {
+                    Ok(()) => {
+                        events(RollEvent::CanaryHealthy(&canary.name, &check.url));
+                        RollOutcome::Applied(applied)
+                    }
+                    Err(e) => RollOutcome::Unhealthy(e),
+                },
+                None => RollOutcome::Applied(applied),
+            }
+        }
+        Err(e) => RollOutcome::Failed(e),
+    };
+    let mut stopped = !matches!(outcomes[0], RollOutcome::Applied(_));
+    let rest: Vec<usize> = (1..prepared.len()).collect();
+    for chunk in rest.chunks(parallel.max(1)) {
+        if stopped || super::interrupted() {
+            break;
+        }
+        let results: Vec<(usize, Result<Applied, ApplyError>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|&i| (i, scope.spawn(move || apply_one(&prepared[i], None, false))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|(i, h)| (i, h.join().expect("apply thread")))
+                .collect()
+        });
+        for (i, result) in results {
+            outcomes[i] = match result {
+                Ok(applied) => {
+                    events(RollEvent::Applied(&prepared[i].name, &applied));
+                    RollOutcome::Applied(applied)
+                }
+                Err(e) => {
+                    stopped = true;
+                    RollOutcome::Failed(e)
+                }
+            };
+        }
+    }
+    outcomes
+}
 
 /// The targets `names` designate (groups expanded, in order, each once); without names, the
 /// state's only target.

@@ -1024,3 +1024,49 @@ pub fn tls_backend_counted(name: &str, leaf: &Leaf) -> (Server, Arc<AtomicU64>) 
     });
     (server, exchanges)
 }
+
+// ---- Added for issue 14: a daemon of any target (a fleet's nodes, groups). ----
+
+impl Daemon {
+    /// `lunafront daemon <state> --target <target>` with `extra` arguments and environment.
+    pub fn start_target(
+        dir: &Path,
+        state: &str,
+        target: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let port = free_port();
+        let log_path = dir.join(format!("daemon-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = lunafront()
+            .envs(env.iter().copied())
+            .args(["daemon", state, "--target", target])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            port,
+            log: log_path,
+        };
+        assert!(
+            wait_for_port(port, Duration::from_secs(30)),
+            "daemon did not listen: {}",
+            daemon.log_text()
+        );
+        daemon
+    }
+
+    /// `GET path` as JSON (panics when the answer is not JSON).
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (_, body) = self.get(path);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+}
