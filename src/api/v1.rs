@@ -348,10 +348,9 @@ async fn domains(State(app): State<AppState>, headers: HeaderMap) -> Result<Json
 /// What applying the current state would change (the `plan --json` document).
 async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Response> {
     app.admin(&headers)?;
-    let (state, target, options, name) = (
+    let (state, target, name) = (
         app.state_path.clone(),
         app.target.clone(),
-        app.options.clone(),
         app.target_name.clone(),
     );
     let text = tokio::task::spawn_blocking(move || -> Result<String> {
@@ -367,15 +366,10 @@ async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Respons
             e.fields = fields;
             e
         })?;
-        let live =
-            crate::target::haproxy::observe(&target, crate::render::output_paths(&model, &options))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        let rendered =
-            crate::render::render_onto(&model, &options, &live.slot_pools(&options.config_name))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(crate::plan::json::render(&crate::plan::make_plan(
-            &name, &model, &rendered, &live,
-        )))
+        let target = crate::model::Target::Haproxy((*target).clone());
+        let prepared = crate::pipeline::prepare(&model, &name, &target)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(crate::plan::json::render(&prepared.plan))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;

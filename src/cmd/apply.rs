@@ -8,10 +8,9 @@ use super::{exit, stdout_color};
 use crate::cli::ColorChoice;
 use lunafront::clock;
 use lunafront::model::Target;
-use lunafront::plan::{self, Plan, saved::SavedPlan, text};
-use lunafront::render;
+use lunafront::plan::{Plan, saved::SavedPlan, text};
 use lunafront::target::haproxy;
-use lunafront::target::{self, Applied, ApplyError, ApplyRequest, How, files, fleet};
+use lunafront::target::{self, Applied, ApplyError, How, files, fleet};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -29,18 +28,7 @@ pub struct Options<'a> {
     pub json: bool,
 }
 
-/// One target's part of an apply.
-pub struct Prepared {
-    pub name: String,
-    pub target: Target,
-    pub plan: Plan,
-    /// The revision the target holds before the apply.
-    pub before: Option<String>,
-    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
-    pub acme_requests: Vec<String>,
-    /// The git commit the state was read at (recorded with the apply).
-    pub git_commit: Option<String>,
-}
+pub use lunafront::pipeline::Prepared;
 
 pub fn run(o: Options<'_>) -> ExitCode {
     let (prepared, revision) = match o.saved {
@@ -276,31 +264,13 @@ pub fn git_commit_of(state: &Path) -> Option<String> {
     lunafront::daemon::reconcile::git_head(&dir)
 }
 
-/// Renders for the target, reads what it holds, and plans.
+/// Renders for the target, reads what it holds, and plans (`pipeline::prepare`).
 pub fn prepare(
     model: &lunafront::model::Model,
     name: &str,
     target: &Target,
 ) -> anyhow::Result<Prepared> {
-    let model = lunafront::acme::for_target(model, target)
-        .map_err(|e| anyhow::anyhow!("target {name}: {e}"))?;
-    let options = target::render_options(target);
-    // Read the target first: the rendering starts from the app slots its configuration holds.
-    let live = target::observe_paths(
-        name,
-        target,
-        &options,
-        render::output_paths(&model, &options),
-    )?;
-    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
-    Ok(Prepared {
-        name: name.to_string(),
-        target: target.clone(),
-        before: fleet::live_revision(&live),
-        plan: plan::make_plan(name, &model, &rendered, &live),
-        acme_requests: lunafront::acme::requests(&model),
-        git_commit: None,
-    })
+    Ok(lunafront::pipeline::prepare(model, name, target)?)
 }
 
 fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
@@ -311,11 +281,18 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let saved = SavedPlan::from_json(&text).map_err(fail)?;
     let new_files = saved.files().map_err(fail)?;
+    let execution = lunafront::pipeline::decide_saved(
+        &saved.target_name,
+        &saved.target,
+        &saved.options,
+        &new_files,
+    )
+    .map_err(|e| fail(e.to_string()))?;
     let plan = Plan {
         target: saved.target_name.clone(),
         changes: saved.changes.clone(),
         files: Vec::new(),
-        reload_required: saved.reload_required,
+        execution,
         live_fingerprint: saved.live_fingerprint.clone(),
         new_files,
         options: saved.options.clone(),
@@ -329,6 +306,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         name: saved.target_name,
         target: saved.target,
         plan,
+        live: Default::default(),
         before: None,
         acme_requests: Vec::new(),
         git_commit: None,
@@ -341,17 +319,7 @@ pub fn apply_one(
     rollback_of: Option<u64>,
     saved: bool,
 ) -> Result<Applied, ApplyError> {
-    let request = ApplyRequest {
-        target_name: p.name.clone(),
-        files: p.plan.new_files.clone(),
-        options: p.plan.options.clone(),
-        expected_fingerprint: Some(p.plan.live_fingerprint.clone()),
-        changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
-        rollback_of,
-        retry_conflicts: !saved,
-        git_commit: p.git_commit.clone(),
-    };
-    target::apply(&p.target, &request)
+    lunafront::pipeline::apply(p, rollback_of, !saved, None)
 }
 
 /// From here on, SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed terminal) no longer
