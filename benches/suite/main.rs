@@ -5,7 +5,7 @@
 //! worse than `bench/results/baseline.json`.
 //!
 //! `cargo bench --bench suite -- [--quick] [--check] [--compare [FILE]] [--only S,S] [--out FILE]
-//! [--haproxy CMD[,CMD]]` (scenarios: compile, dataplane, topology, live, load, footprint).
+//! [--haproxy CMD[,CMD]]` (scenarios: compile, dataplane, topology, live, load, footprint, api).
 //! `--haproxy` lists the HAProxy commands to measure (default: `haproxy` and
 //! `scripts/haproxy-3.0`): the topology scenario runs on each, the others on the first.
 //! `bench/run` installs what it needs and passes its arguments here.
@@ -13,6 +13,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod api_change;
 mod change_to_live;
 mod compile;
 mod dataplane_cost;
@@ -29,13 +30,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "compile",
     "dataplane",
     "topology",
     "live",
     "load",
     "footprint",
+    "api",
 ];
 
 struct Args {
@@ -87,8 +89,9 @@ fn args() -> Result<Args, String> {
                 }
             }
             "--only" => {
-                let list = next(i)
-                    .ok_or("--only needs a list: compile,dataplane,topology,live,load,footprint")?;
+                let list = next(i).ok_or(
+                    "--only needs a list: compile,dataplane,topology,live,load,footprint,api",
+                )?;
                 for s in list.split(',') {
                     if !SCENARIOS.contains(&s) {
                         return Err(format!(
@@ -245,6 +248,7 @@ fn main() -> ExitCode {
             "topology" => topology::run(&mut report, &root, args.quick, &bins),
             "live" => change_to_live::run(&mut report, &root, args.quick),
             "load" => under_load::run(&mut report, &root, args.quick),
+            "api" => api_change::run(&mut report, &root, args.quick),
             _ => footprint::run(&mut report, &root, args.quick),
         }));
         report
@@ -367,6 +371,7 @@ fn check(report: &Report, args: &Args) -> bool {
         ("live", "live."),
         ("load", "under_load."),
         ("footprint", "footprint."),
+        ("api", "api."),
     ];
     for (scenario, prefix) in prefixes {
         if !args.only.is_empty() && !args.only.iter().any(|s| s == scenario) {
