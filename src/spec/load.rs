@@ -620,8 +620,10 @@ type Parsed = Result<Value, (String, usize, usize)>;
 /// (the daemon): a change of one file (an agent's fragment, an edited file) re-parses that file
 /// alone; the merge and validation still see the whole state, so the result is the same as a
 /// fresh load (`tests/incremental.rs` checks it over random sequences of changes).
-static KEPT: std::sync::Mutex<Option<std::collections::HashMap<PathBuf, ([u8; 32], Parsed)>>> =
-    std::sync::Mutex::new(None);
+static KEPT: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+
+/// Path → (SHA-256 of the text, what it parsed to).
+type Kept = std::collections::HashMap<PathBuf, ([u8; 32], Parsed)>;
 
 /// From now on, state files loaded from disk are kept parsed (see `KEPT`).
 pub fn keep_parsed() {
