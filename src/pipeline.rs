@@ -60,6 +60,15 @@ pub fn prepare_overlaid(
         render::output_paths(model, &options),
     )?;
     let rendered = render::render_onto(model, &options, &live.slot_pools(&options.config_name))?;
+    // A Data Plane API gives no certificate back: it is known to hold one only against the
+    // exact file expected (the API's fingerprint and the recorded apply). Read it again against
+    // the rendering, or every certificate it holds would look changed outside lunafront.
+    let live = match target {
+        Target::Dataplane(_) => {
+            target::observe_files(name, target, &options, &rendered.file_map())?
+        }
+        Target::Haproxy(_) => live,
+    };
     let plan = plan::make_plan(name, model, &rendered, &live);
     Ok(Prepared {
         name: name.to_string(),
