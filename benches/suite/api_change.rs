@@ -301,8 +301,18 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
                 met,
             );
         }
+        // The HAProxy the daemon supervises is stopped by its master's PID (from /status): the
+        // platform's pidfile alone left it running after this scenario.
+        let master = status_master_pid(listen);
         drop(_daemon);
         drop(platform);
+        if let Some(pid) = master {
+            procs::signal(pid, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         // With `LUNAFRONT_LOG=lunafront=debug` the daemon logs each reconcile's phases: its log
         // is kept to say where the time goes.
         if std::env::var_os("LUNAFRONT_LOG").is_some() {
@@ -324,6 +334,19 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
     }
     table.note("The administrator's route endpoint (an agent's `POST /api/proxy/http` runs the same code after its token check); each change is answered when live, then the new host is polled every 2 ms on a fresh connection. `add map` is HAProxy's own runtime command on the same HAProxy at the same map size (median of 30, each undone), the physical limit of a route change. The burst's probe asks a route live before it every 2 ms: any answer but 200 is a failed request.");
     report.tables.push(table);
+}
+
+/// The PID of the HAProxy master the daemon supervises, from its /status.
+fn status_master_pid(port: u16) -> Option<u32> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let body: serde_json::Value = serde_json::from_str(out.split_once("\r\n\r\n")?.1).ok()?;
+    body.pointer("/haproxy/master_pid")?
+        .as_u64()
+        .map(|p| p as u32)
 }
 
 /// A counter from the daemon's /metrics.
