@@ -2,9 +2,11 @@
 //!
 //! The pipeline runs in one direction:
 //! `spec::load` (YAML, positions) → `model::validate` (the only constructor of a `Model`) →
-//! `render` (templates → haproxy.cfg, maps, certificates) → `plan` (what changes, runtime or
-//! reload) → `target` (the I/O edge that observes and applies). `daemon` keeps a target
-//! converged; `git` lets a fleet of daemons follow one repository.
+//! `render` (templates → haproxy.cfg, maps, certificates) → `plan` (what changes, and the
+//! runtime operations or the reload that make it live) → `target` (the I/O edge that observes
+//! and executes the plan). `pipeline` runs the steps after validation in that order for every
+//! caller (CLI, rollback, daemon, API). `daemon` keeps a target converged; `git` lets a fleet
+//! of daemons follow one repository.
 
 pub mod acme;
 pub mod api;
@@ -13,6 +15,7 @@ pub mod daemon;
 pub mod git;
 pub mod import;
 pub mod model;
+pub mod pipeline;
 pub mod plan;
 pub mod render;
 pub mod spec;

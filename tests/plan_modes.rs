@@ -456,7 +456,7 @@ fn each_change_kind_applies_with_the_promised_mode() {
         } else {
             Mode::Runtime
         };
-        let truth = if plan.reload_required {
+        let truth = if plan.reload_required() {
             Mode::Reload
         } else {
             Mode::Runtime
@@ -575,11 +575,11 @@ fn each_promised_mode_is_what_a_real_haproxy_did() {
 fn an_unchanged_state_plans_nothing_and_an_empty_target_plans_everything() {
     let plan = plan_between(&base(), &base());
     assert!(plan.is_empty(), "{:#?}", plan.changes);
-    assert!(!plan.reload_required);
+    assert!(!plan.reload_required());
 
     let m = model(&base());
     let plan = make_plan("t", &m, &rendered(&m), &Live::default());
-    assert!(plan.reload_required);
+    assert!(plan.reload_required());
     assert!(plan.changes.iter().all(|c| c.action == Action::Create));
     let domains = plan
         .changes
@@ -666,7 +666,7 @@ fn drift_on_the_target_is_reported() {
         "{:#?}",
         plan.changes
     );
-    assert!(plan.reload_required);
+    assert!(plan.reload_required());
 }
 
 /// The file digests an apply of `r` records in its manifest.

@@ -9,11 +9,11 @@ mod support;
 
 use lunafront::model::{Mode as BackendMode, Model, validate};
 use lunafront::plan::diff::Mode;
+use lunafront::plan::ops::{Execution, RuntimeState, plan_ops};
 use lunafront::plan::{Live, make_plan};
 use lunafront::render::layout::slot_name;
 use lunafront::render::{RenderOptions, readback, render, render_onto};
 use lunafront::spec::load::{Source, SourceFile};
-use lunafront::target::haproxy::runtime::{RuntimeState, plan_ops};
 use lunafront::target::haproxy::socket::Expect;
 use lunafront::target::haproxy::{Scope, verify};
 use std::collections::BTreeMap;
@@ -567,16 +567,18 @@ fn any_history_of_changes_renders_what_the_runtime_operations_did() {
         let claimed = plan.changes.iter().any(|c| c.mode == Mode::Reload);
         let new_files = rendered.file_map();
         assert_eq!(
-            claimed, plan.reload_required,
+            claimed,
+            plan.reload_required(),
             "step {step}: the changes claim reload={claimed}: {:#?}",
             plan.changes
         );
         if let Some(_old) = &previous {
-            match plan_ops(&live.files, &new_files, &options) {
-                Ok(ops) => {
-                    assert!(!plan.reload_required, "step {step}: plan says reload");
+            // The plan's own operations, replayed, give the new state (what the target runs).
+            match &plan.execution {
+                Execution::Runtime { ops } => {
+                    assert!(!plan.reload_required(), "step {step}: plan says reload");
                     let mut state = RuntimeState::from_files(&live.files, &options);
-                    for op in &ops {
+                    for op in ops {
                         op.apply_to(&mut state);
                     }
                     assert_eq!(
@@ -586,10 +588,10 @@ fn any_history_of_changes_renders_what_the_runtime_operations_did() {
                     );
                     runtime += 1;
                 }
-                Err(reason) => {
+                Execution::Reload { reasons } => {
                     assert!(
-                        plan.reload_required,
-                        "step {step}: the runtime refuses ({reason}) but the plan says runtime"
+                        plan_ops(&live.files, &new_files, &options).is_err(),
+                        "step {step}: the plan reloads ({reasons:?}) where the runtime could"
                     );
                     reloads += 1;
                 }

@@ -6,7 +6,7 @@
 //!
 //! `cargo bench --bench suite -- [--quick] [--check] [--compare [FILE]] [--only S,S] [--out FILE]
 //! [--haproxy CMD[,CMD]]` (scenarios: compile, dataplane, topology, live, load, footprint,
-//! fleet).
+//! fleet, api).
 //! `--haproxy` lists the HAProxy commands to measure (default: `haproxy` and
 //! `scripts/haproxy-3.0`): the topology scenario runs on each, the others on the first.
 //! `bench/run` installs what it needs and passes its arguments here.
@@ -14,6 +14,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod api_change;
 mod change_to_live;
 mod compile;
 mod dataplane_cost;
@@ -31,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "compile",
     "dataplane",
     "topology",
@@ -39,6 +40,7 @@ const SCENARIOS: [&str; 7] = [
     "load",
     "footprint",
     "fleet",
+    "api",
 ];
 
 struct Args {
@@ -91,7 +93,7 @@ fn args() -> Result<Args, String> {
             }
             "--only" => {
                 let list = next(i).ok_or(
-                    "--only needs a list: compile,dataplane,topology,live,load,footprint,fleet",
+                    "--only needs a list: compile,dataplane,topology,live,load,footprint,fleet,api",
                 )?;
                 for s in list.split(',') {
                     if !SCENARIOS.contains(&s) {
@@ -250,6 +252,7 @@ fn main() -> ExitCode {
             "live" => change_to_live::run(&mut report, &root, args.quick),
             "load" => under_load::run(&mut report, &root, args.quick),
             "fleet" => fleet::run(&mut report, &root, args.quick),
+            "api" => api_change::run(&mut report, &root, args.quick),
             _ => footprint::run(&mut report, &root, args.quick),
         }));
         report
@@ -373,6 +376,7 @@ fn check(report: &Report, args: &Args) -> bool {
         ("load", "under_load."),
         ("footprint", "footprint."),
         ("fleet", "fleet."),
+        ("api", "api."),
     ];
     for (scenario, prefix) in prefixes {
         if !args.only.is_empty() && !args.only.iter().any(|s| s == scenario) {

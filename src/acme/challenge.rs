@@ -3,8 +3,8 @@
 //! added again after a reload or a restart empties it. DNS-01 (wildcards): the TXT record is published by
 //! the `acme.dns_hook` command, `dns_hook set|clear _acme-challenge.<name> <value>`.
 
+use crate::plan::ops::Op;
 use crate::target::haproxy::execute;
-use crate::target::haproxy::runtime::Op;
 use crate::target::haproxy::socket::RuntimeApi;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

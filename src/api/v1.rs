@@ -381,7 +381,7 @@ async fn plan(State(app): State<AppState>, headers: HeaderMap) -> Result<Respons
             e
         })?;
         // The plan `lunafront plan` makes: ACME certificates, slots, a Data Plane API's files.
-        let prepared = crate::target::fleet::prepare(&model, &name, &target)
+        let prepared = crate::pipeline::prepare(&model, &name, &target)
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(crate::plan::json::render(&prepared.plan))
     })

@@ -267,11 +267,18 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let saved = SavedPlan::from_json(&text).map_err(fail)?;
     let new_files = saved.files().map_err(fail)?;
+    let execution = lunafront::pipeline::decide_saved(
+        &saved.target_name,
+        &saved.target,
+        &saved.options,
+        &new_files,
+    )
+    .map_err(|e| fail(e.to_string()))?;
     let plan = Plan {
         target: saved.target_name.clone(),
         changes: saved.changes.clone(),
         files: Vec::new(),
-        reload_required: saved.reload_required,
+        execution,
         live_fingerprint: saved.live_fingerprint.clone(),
         new_files,
         options: saved.options.clone(),
@@ -285,6 +292,7 @@ fn from_saved(path: &Path) -> Result<Prepared, ExitCode> {
         name: saved.target_name,
         target: saved.target,
         plan,
+        live: Default::default(),
         before: None,
         acme_requests: Vec::new(),
         git_commit: None,

@@ -5,7 +5,7 @@
 use super::{exit, stdout_color};
 use crate::cli::ColorChoice;
 use lunafront::model::{Model, Target, validate};
-use lunafront::plan::{self, text};
+use lunafront::plan::text;
 use lunafront::render::MANIFEST;
 use lunafront::spec::load::{self, Source};
 use lunafront::target::{self, history::History};
@@ -138,7 +138,7 @@ pub fn rollback(
         return ExitCode::from(exit::ERROR);
     };
     let entry = &entries[index];
-    let result = (|| -> anyhow::Result<plan::Plan> {
+    let result = (|| -> anyhow::Result<lunafront::pipeline::Prepared> {
         let files = history.files(entry.seq)?;
         let manifest = files
             .get(MANIFEST)
@@ -149,17 +149,20 @@ pub fn rollback(
         let model = validate(&source)
             .model
             .ok_or_else(|| anyhow::anyhow!("entry {} no longer validates", entry.seq))?;
-        let live = target::observe_files(&name, &target, &options, &files)?;
-        Ok(plan::plan_files(&name, &model, files, &options, &live))
+        Ok(lunafront::pipeline::prepare_files(
+            &model, &name, &target, files,
+        )?)
     })();
-    let plan = match result {
-        Ok(plan) => plan,
+    let mut prepared = match result {
+        Ok(prepared) => prepared,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(exit::ERROR);
         }
     };
-    let plan_value = lunafront::plan::json::value(&plan);
+    prepared.git_commit = entry.git_commit.clone();
+    let plan = &prepared.plan;
+    let plan_value = lunafront::plan::json::value(plan);
     let target_name = name.clone();
     let to_json = |result: serde_json::Value| {
         let mut doc = serde_json::json!({
@@ -181,7 +184,7 @@ pub fn rollback(
             "Rolling target {name} back to entry {} (applied {}).",
             entry.seq, entry.time
         );
-        print!("{}", text::render(&plan, stdout_color(color)));
+        print!("{}", text::render(plan, stdout_color(color)));
     }
     if plan.is_empty() {
         if json {
@@ -200,14 +203,6 @@ pub fn rollback(
         }
         return ExitCode::from(exit::ERROR);
     }
-    let prepared = super::apply::Prepared {
-        name,
-        target,
-        plan,
-        before: None,
-        acme_requests: Vec::new(),
-        git_commit: entry.git_commit.clone(),
-    };
     super::apply::finish_before_exiting();
     let result = super::apply::apply_one(&prepared, Some(entry.seq), false);
     if json {

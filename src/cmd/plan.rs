@@ -102,7 +102,7 @@ fn group(prepared: &[Prepared], o: &Options<'_>) -> ExitCode {
         for (p, &drift) in prepared.iter().zip(&drift) {
             let how = if p.plan.is_empty() {
                 "-"
-            } else if p.plan.reload_required {
+            } else if p.plan.reload_required() {
                 "reload"
             } else {
                 "runtime"

@@ -112,7 +112,7 @@ impl Reconciler {
             .find(|p| !p.plan.is_empty())
             .map(|p| PendingPlan {
                 changes: p.plan.changes.clone(),
-                reload_required: p.plan.reload_required,
+                reload_required: p.plan.reload_required(),
             });
         let changes: Vec<String> = prepared
             .iter()

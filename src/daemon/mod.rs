@@ -45,6 +45,8 @@ pub struct DaemonOptions {
 }
 
 pub fn run(options: DaemonOptions) -> Result<(), String> {
+    // A long-running process: each reload re-parses only the state files that changed.
+    crate::spec::load::keep_parsed();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,21 +1,22 @@
 //! The daemon's reconcile loop: one reconcile at a time, whatever asked for it (a file change,
 //! the drift timer, `POST /reconcile`, an API call). Each runs the same pipeline as `apply`:
-//! load → validate → render → plan → apply. A state that does not validate never replaces the
-//! last good one: HAProxy keeps serving what was last applied, and the errors are exposed.
+//! load → validate → `crate::pipeline` (render → plan → apply). A state that does not validate
+//! never replaces the last good one: HAProxy keeps serving what was last applied, and the
+//! errors are exposed.
 
 use super::metrics::Metrics;
 use super::supervise::Supervisor;
 use crate::model::isolate::isolate;
 use crate::model::{HaproxyTarget, Target, validate};
+use crate::pipeline;
 use crate::plan::diff::{Change, Kind};
-use crate::plan::{self};
-use crate::render::{self, MANIFEST, RenderOptions};
+use crate::render::{MANIFEST, RenderOptions};
 use crate::spec::diagnostics::Diagnostic;
 use crate::spec::load;
 use crate::target::files;
 use crate::target::haproxy;
 use crate::target::history::History;
-use crate::target::{ApplyError, ApplyRequest, How};
+use crate::target::{ApplyError, How};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -413,24 +414,22 @@ impl Reconciler {
                 return finish(self.reconcile_fleet(trigger, &model, git_commit));
             }
         };
-        // The target first: the rendering starts from the app slots its configuration holds.
-        let live = match haproxy::observe(&target, render::output_paths(&model, &self.options)) {
-            Ok(live) => live,
+        let mut prepared = match pipeline::prepare_overlaid(
+            &model,
+            &self.target_name,
+            &Target::Haproxy(target.clone()),
+        ) {
+            Ok(p) => p,
             Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
         };
-        let slots = live.slot_pools(&self.options.config_name);
-        let rendered = match render::render_onto(&model, &self.options, &slots) {
-            Ok(r) => r,
-            Err(e) => return finish(fail("failed", e.to_string(), Vec::new())),
-        };
-        timer.lap("render+observe");
+        prepared.git_commit = git_commit;
+        timer.lap("observe+render+plan");
         let running = haproxy::process::running(&target).is_some();
-        let plan = plan::make_plan(&self.target_name, &model, &rendered, &live);
-        timer.lap("plan");
+        let (plan, live) = (&prepared.plan, &prepared.live);
         // Reloads that agents cause are spaced (a tenant must not be able to reload away the
         // others' long-lived connections): wait for the interval to pass, then start over so
         // that every change written meanwhile goes into this one reload.
-        if plan.reload_required
+        if plan.reload_required()
             && running
             && self.for_api
             && let Some(last) = self.last_reload
@@ -446,7 +445,7 @@ impl Reconciler {
             .store(model.domains.len() as u64, Ordering::Relaxed);
         self.status.lock().expect("status").pending_plan = Some(PendingPlan {
             changes: plan.changes.clone(),
-            reload_required: plan.reload_required,
+            reload_required: plan.reload_required(),
         });
         if let Some(mass) = &plan.mass_delete
             && let Some(held) = self.hold(&model, mass)
@@ -487,7 +486,7 @@ impl Reconciler {
                 }
             }
             // HAProxy runs this state: the commit it was read at describes what runs.
-            haproxy::marker::set_git_commit(&target, git_commit.as_deref());
+            haproxy::marker::set_git_commit(&target, prepared.git_commit.as_deref());
             if let Some(acme) = &self.acme {
                 acme.wanted(&model);
             }
@@ -499,23 +498,14 @@ impl Reconciler {
             .changes
             .iter()
             .any(|c| c.kind == Kind::Global && c.detail.contains("outside lunafront"));
-        let request = ApplyRequest {
-            target_name: self.target_name.clone(),
-            files: plan.new_files.clone(),
-            options: self.options.clone(),
-            expected_fingerprint: Some(plan.live_fingerprint.clone()),
-            changes: plan.changes.iter().map(|c| c.summary()).collect(),
-            rollback_of: None,
-            retry_conflicts: true,
-            git_commit,
-        };
+        let changes: Vec<String> = plan.changes.iter().map(|c| c.summary()).collect();
         let apply_started = Instant::now();
         let result = match &self.supervisor {
             Some(supervisor) => {
                 let supervisor = supervisor.clone();
-                haproxy::apply_with(&target, &request, &move |t| supervisor.start(t))
+                pipeline::apply(&prepared, None, true, Some(&move |t| supervisor.start(t)))
             }
-            None => haproxy::apply(&target, &request),
+            None => pipeline::apply(&prepared, None, true, None),
         };
         self.metrics
             .observe_apply(apply_started.elapsed().as_secs_f64());
@@ -530,7 +520,7 @@ impl Reconciler {
                 }
                 let mut o = Self::outcome(trigger, "applied");
                 o.how = Some(applied.how.label());
-                o.changes = request.changes;
+                o.changes = changes.clone();
                 let mut notes = applied.notes.clone();
                 if let Some(why) = &applied.unrecorded {
                     tracing::error!(
@@ -570,7 +560,7 @@ impl Reconciler {
                     _ => "failed",
                 };
                 let mut o = fail(result, e.to_string(), Vec::new());
-                o.changes = request.changes;
+                o.changes = changes.clone();
                 finish(o)
             }
         }

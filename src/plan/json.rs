@@ -46,6 +46,9 @@ struct JsonPlan<'a> {
     target: &'a str,
     changes: Vec<JsonChange<'a>>,
     reload_required: bool,
+    /// How it goes live: `{"how": "runtime", "operations": [...]}` or `{"how": "reload",
+    /// "reasons": [...]}` — what the target executes.
+    execution: serde_json::Value,
     files: Vec<JsonFile<'a>>,
     /// Set when the plan trips `global.delete_guard`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -120,8 +123,38 @@ fn document(plan: &Plan) -> JsonPlan<'_> {
         format_version: "1",
         target: &plan.target,
         changes: plan.changes.iter().map(JsonChange::new).collect(),
-        reload_required: plan.reload_required,
+        reload_required: plan.reload_required(),
+        execution: execution(&plan.execution),
         files,
         mass_delete: plan.mass_delete.as_ref(),
+    }
+}
+
+/// The execution as the document shows it: every operation with its fields, except certificate
+/// contents (their SHA-256 instead) and a whole map's entries (their count).
+fn execution(execution: &super::ops::Execution) -> serde_json::Value {
+    use super::ops::{Execution, Op};
+    match execution {
+        Execution::Reload { reasons } => serde_json::json!({ "how": "reload", "reasons": reasons }),
+        Execution::Runtime { ops } => {
+            let operations: Vec<serde_json::Value> = ops
+                .iter()
+                .map(|op| {
+                    let mut v = serde_json::to_value(op).expect("operations serialize");
+                    match op {
+                        Op::CertNew { pem, .. } | Op::CertUpdate { pem, .. } => {
+                            if let Some(o) = v.as_object_mut() {
+                                o.remove("pem");
+                                o.insert("pem_sha256".into(), super::sha256_hex(pem).into());
+                            }
+                        }
+                        Op::MapReplace { entries, .. } => v["entries"] = entries.len().into(),
+                        _ => {}
+                    }
+                    v
+                })
+                .collect();
+            serde_json::json!({ "how": "runtime", "operations": operations })
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! `plan`: compares the new rendering with what a target holds (its files, and the state it was
-//! last applied from) and says what changes, whether HAProxy's runtime API can apply it or a
-//! reload is needed and why, and what the files will look like. Pure: targets read the files.
+//! last applied from) and says what changes, how it goes live — the exact runtime operations,
+//! or a reload and why (`ops::Execution`, decided here once) — and what the files will look
+//! like. Pure: targets read the files, and execute the plan's `execution`.
 
 pub mod diff;
 pub mod json;
+pub mod ops;
 pub mod saved;
 pub mod text;
 
@@ -79,7 +81,9 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Files that differ (the manifest excluded).
     pub files: Vec<FileChange>,
-    pub reload_required: bool,
+    /// How the target gets there: runtime operations, or a reload with its reasons. The text
+    /// and JSON outputs show it; the target executes it.
+    pub execution: ops::Execution,
     /// Fingerprint of the live files the plan was made against.
     pub live_fingerprint: String,
     /// Every file to write (manifest included), and how they name each other.
@@ -155,6 +159,10 @@ impl MassDelete {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty() && self.files.is_empty()
+    }
+
+    pub fn reload_required(&self) -> bool {
+        self.execution.is_reload()
     }
 
     pub fn reload_reasons(&self) -> Vec<String> {
@@ -240,14 +248,11 @@ fn plan_with_slots(
             raw: false,
         });
     }
-    let blocker = match &live.interrupted {
-        Some(_) => Some("an apply was interrupted: a reload finishes it".to_string()),
-        None => runtime_blocker(live, &new_files, &options.config_name),
-    };
-    let reload_required = blocker.is_some();
-    if let Some(reason) = blocker
+    let execution = decide(live, &new_files, options);
+    if let ops::Execution::Reload { reasons } = &execution
         && !changes.iter().any(|c| c.mode == Mode::Reload)
     {
+        let reason = reasons.join("; ");
         // The configuration text changed with no change of the state that explains it: a new
         // lunafront version, or files rendered earlier (a rollback).
         changes.push(Change {
@@ -266,11 +271,23 @@ fn plan_with_slots(
         target: target.to_string(),
         changes,
         files,
-        reload_required,
+        execution,
         live_fingerprint: live.fingerprint(),
         new_files,
         options: options.clone(),
         mass_delete,
+    }
+}
+
+/// The one decision: how a target holding `live` gets `new_files` — the runtime operations, or a
+/// reload and why. Deterministic in what it reads, so a saved plan applied against the same
+/// target (its fingerprint checked) gets the same answer.
+pub fn decide(live: &Live, new_files: &Files, options: &RenderOptions) -> ops::Execution {
+    match &live.interrupted {
+        Some(_) => ops::Execution::Reload {
+            reasons: vec!["an apply was interrupted: a reload finishes it".to_string()],
+        },
+        None => ops::Execution::decide(&live.files, new_files, options),
     }
 }
 
@@ -356,22 +373,6 @@ fn global_change(name: &str, detail: String, mode: Mode) -> Change {
         },
         raw: false,
     }
-}
-
-/// The ground truth of reload versus runtime: why the target cannot get `new_files` through
-/// the runtime API, if it cannot. A reload is needed when the configuration on the target
-/// differs from the new one in anything but what the runtime API changes (server address,
-/// port, weight, state; servers added or removed; map and certificate contents), or when a
-/// change at runtime could not be made safely (`readback::runtime_blocker`).
-fn runtime_blocker(live: &Live, new_files: &Files, config_name: &str) -> Option<String> {
-    let (Some(config), Some(new_config)) = (live.config(config_name), new_files.get(config_name))
-    else {
-        return Some("there is no running configuration to change".into());
-    };
-    readback::runtime_blocker(
-        &String::from_utf8_lossy(config),
-        &String::from_utf8_lossy(new_config),
-    )
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ impl SavedPlan {
             target_name: plan.target.clone(),
             target: target.clone(),
             live_fingerprint: plan.live_fingerprint.clone(),
-            reload_required: plan.reload_required,
+            reload_required: plan.reload_required(),
             changes: plan.changes.clone(),
             options: plan.options.clone(),
             mass_delete: plan.mass_delete.clone(),

@@ -2,6 +2,7 @@
 //! terminal. Private keys are never shown.
 
 use super::diff::{Action, Mode};
+use super::ops::Execution;
 use super::{FileChange, Plan};
 use similar::{ChangeTag, TextDiff};
 use std::fmt::Write;
@@ -13,6 +14,8 @@ const CYAN: &str = "\x1b[36m";
 const BOLD: &str = "\x1b[1m";
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
+/// Runtime operations listed in the text view (the JSON view has them all).
+const SHOWN_OPS: usize = 10;
 
 struct Paint {
     color: bool,
@@ -82,14 +85,24 @@ pub fn render(plan: &Plan, color: bool) -> String {
         count(Action::Update),
         count(Action::Delete)
     );
-    if plan.reload_required {
-        let _ = writeln!(
-            out,
-            "A reload is needed: {}.",
-            plan.reload_reasons().join("; ")
-        );
-    } else {
-        out.push_str("No reload: every change goes through HAProxy's runtime API.\n");
+    match &plan.execution {
+        Execution::Reload { .. } => {
+            let _ = writeln!(
+                out,
+                "A reload is needed: {}.",
+                plan.reload_reasons().join("; ")
+            );
+        }
+        Execution::Runtime { ops } => {
+            out.push_str("No reload: every change goes through HAProxy's runtime API.\n");
+            // The operations the target runs, the first few of them.
+            for op in ops.iter().take(SHOWN_OPS) {
+                let _ = writeln!(out, "  {}", p.paint(DIM, &op.describe()));
+            }
+            if ops.len() > SHOWN_OPS {
+                let _ = writeln!(out, "  … {} more operation(s)", ops.len() - SHOWN_OPS);
+            }
+        }
     }
     let raw: Vec<String> = plan
         .changes

@@ -309,7 +309,7 @@ pub fn route_value(name: &str, backend: &Backend, slots: &SlotPools) -> String {
 
 /// One `server` line: everything HAProxy needs to create it, in the config file or through
 /// `add server` at runtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerLine {
     pub name: String,
     pub addr: IpAddr,

@@ -41,6 +41,15 @@ pub struct RenderOptions {
     /// Listener addresses this target binds instead of the state's (listener name → address).
     #[serde(default)]
     pub binds: BTreeMap<String, String>,
+    /// The target changes servers through its runtime API (a local HAProxy); a Data Plane API
+    /// target changes them only with its configuration (a push and a reload). The plan reads
+    /// it when it decides between runtime and reload.
+    #[serde(default = "runtime_servers_default")]
+    pub runtime_servers: bool,
+}
+
+fn runtime_servers_default() -> bool {
+    true
 }
 
 impl RenderOptions {
@@ -57,6 +66,7 @@ impl RenderOptions {
                 maps_dir: "maps".into(),
                 certs_dir: "certs".into(),
                 binds: t.fleet.binds.clone(),
+                runtime_servers: true,
             },
             Some(Target::Dataplane(t)) => RenderOptions {
                 config_name: "haproxy.cfg".into(),
@@ -64,6 +74,7 @@ impl RenderOptions {
                 maps_dir: t.maps_dir.clone(),
                 certs_dir: t.certs_dir.clone(),
                 binds: t.fleet.binds.clone(),
+                runtime_servers: false,
             },
             None => RenderOptions {
                 config_name: "haproxy.cfg".into(),
@@ -71,6 +82,7 @@ impl RenderOptions {
                 maps_dir: "maps".into(),
                 certs_dir: "certs".into(),
                 binds: BTreeMap::new(),
+                runtime_servers: true,
             },
         }
     }

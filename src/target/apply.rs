@@ -11,6 +11,9 @@ pub struct ApplyRequest {
     pub target_name: String,
     pub files: Files,
     pub options: RenderOptions,
+    /// What the plan decided: the runtime operations to run, or a reload. The target executes
+    /// it (map operations re-based on what HAProxy holds when they run).
+    pub execution: crate::plan::ops::Execution,
     /// Refuse unless the target still holds what the plan was made against.
     pub expected_fingerprint: Option<String>,
     /// The plan's change summaries, for the history.

@@ -4,84 +4,23 @@
 //! which. `roll_out` is the one rollout (canary, health check, then the rest) that `apply` and
 //! the daemon share.
 
-use super::{Applied, ApplyError, ApplyRequest, TargetError};
+use super::{Applied, ApplyError, TargetError};
 use crate::model::{CanaryCheck, Model, Target};
-use crate::plan::{self, Live, Plan};
-use crate::render::{self, MANIFEST};
+use crate::plan::Live;
+use crate::render::MANIFEST;
 use std::time::{Duration, Instant};
 
-/// One target's part of an apply: its plan against what it holds.
-pub struct Prepared {
-    pub name: String,
-    pub target: Target,
-    pub plan: Plan,
-    /// The revision the target holds before the apply.
-    pub before: Option<String>,
-    /// Domains whose certificate `lunafront daemon` will request from the ACME CA.
-    pub acme_requests: Vec<String>,
-    /// The git commit the state was read at (recorded with the apply).
-    pub git_commit: Option<String>,
-}
+pub use crate::pipeline::{PipelineError as PrepareError, Prepared, prepare};
 
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    #[error("target {target}: {message}")]
-    Acme { target: String, message: String },
-    #[error(transparent)]
-    Render(#[from] render::RenderError),
-    #[error(transparent)]
-    Target(#[from] TargetError),
-}
-
-/// Renders for the target, reads what it holds, and plans.
-pub fn prepare(model: &Model, name: &str, target: &Target) -> Result<Prepared, PrepareError> {
-    let model = crate::acme::for_target(model, target).map_err(|message| PrepareError::Acme {
-        target: name.to_string(),
-        message,
-    })?;
-    let options = super::render_options(target);
-    // Read the target first: the rendering starts from the app slots its configuration holds.
-    let live = super::observe_paths(
-        name,
-        target,
-        &options,
-        render::output_paths(&model, &options),
-    )?;
-    let rendered = render::render_onto(&model, &options, &live.slot_pools(&options.config_name))?;
-    // A Data Plane API never gives a certificate back: whether it holds the one rendered is
-    // known only by comparing with the rendered file, so it is read again with those files.
-    let live = match target {
-        Target::Dataplane(_) => super::observe_files(name, target, &options, &rendered.file_map())?,
-        Target::Haproxy(_) => live,
-    };
-    Ok(Prepared {
-        name: name.to_string(),
-        target: target.clone(),
-        before: live_revision(&live),
-        plan: plan::make_plan(name, &model, &rendered, &live),
-        acme_requests: crate::acme::requests(&model),
-        git_commit: None,
-    })
-}
-
-/// Applies one target's plan. `rollback_of` marks a rollback in the history; `saved`, a plan
-/// reviewed earlier (refused as stale rather than planned again when the target changed).
+/// Applies one target's plan (`pipeline::apply`). `rollback_of` marks a rollback in the
+/// history; `saved`, a plan reviewed earlier (refused as stale rather than planned again when
+/// the target changed).
 pub fn apply_one(
     p: &Prepared,
     rollback_of: Option<u64>,
     saved: bool,
 ) -> Result<Applied, ApplyError> {
-    let request = ApplyRequest {
-        target_name: p.name.clone(),
-        files: p.plan.new_files.clone(),
-        options: p.plan.options.clone(),
-        expected_fingerprint: Some(p.plan.live_fingerprint.clone()),
-        changes: p.plan.changes.iter().map(|c| c.summary()).collect(),
-        rollback_of,
-        retry_conflicts: !saved,
-        git_commit: p.git_commit.clone(),
-    };
-    super::apply(&p.target, &request)
+    crate::pipeline::apply(p, rollback_of, !saved, None)
 }
 
 /// A spawned HAProxy that is not running must be started even when the files match.

@@ -1,8 +1,8 @@
 //! The `dataplane` target: an HAProxy managed through its Data Plane API (I/O edge). Planned
 //! against the raw configuration it serves (with its version) and the map files in its storage;
 //! applied by pushing the whole configuration in one request — validated first with
-//! `only_validate` — and waiting for the reload, or, when only maps change, through the runtime
-//! map endpoints with no reload. On a 409 it re-reads and retries (a bounded number of times);
+//! `only_validate` — and waiting for the reload, or, when the plan says runtime, through the
+//! runtime map endpoints with no reload. On a 409 it re-reads and retries (a bounded number of times);
 //! a failed reload is undone by pushing the previous configuration back. Certificates and
 //! crt-lists go to the API's SSL storage; a change of certificates alone is applied through
 //! its runtime SSL endpoints (no reload).
@@ -14,8 +14,8 @@ use super::files::{Files, Recorded, recorded_from_text};
 use super::history::History;
 use crate::model::DataplaneTarget;
 use crate::plan::Live;
+use crate::plan::ops::{Execution, Op, map_entry_ops};
 use crate::render::{MANIFEST, RenderOptions, readback};
-use crate::target::haproxy::runtime::{Op, map_entry_ops, plan_ops};
 use client::{Client, DpError};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -162,10 +162,11 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
     let mut notes = Vec::new();
     for attempt in 1..=CONFLICT_RETRIES {
         let live = observe(&client, options, &request.files).map_err(|e| prepare(e.to_string()))?;
-        if attempt == 1
-            && let Some(expected) = &request.expected_fingerprint
-            && *expected != live.fingerprint()
-        {
+        let stale = request
+            .expected_fingerprint
+            .as_ref()
+            .is_some_and(|expected| *expected != live.fingerprint());
+        if attempt == 1 && stale {
             // A saved plan was reviewed against what the target held: refuse. A fresh one is
             // the same desired state: plan again against what it holds now.
             if !request.retry_conflicts {
@@ -187,10 +188,16 @@ pub fn apply(target: &DataplaneTarget, request: &ApplyRequest) -> Result<Applied
             });
         }
         let version = live.version.expect("the API versions its configuration");
+        // What the plan decided, or, when the target changed since, the same decision made
+        // again against what it holds now.
+        let execution = match stale {
+            false => request.execution.clone(),
+            true => crate::plan::decide(&live, &request.files, options),
+        };
         let result = if let Err(e) = upload_ssl(&client, options, &live.files, &request.files) {
             Err(Failure::from(e))
-        } else if live.files.get(&options.config_name) == request.files.get(&options.config_name) {
-            certs_at_runtime(&client, options, &live.files, &request.files)
+        } else if let Execution::Runtime { ops } = &execution {
+            certs_at_runtime(&client, ops)
                 .and_then(|certs| {
                     maps_at_runtime(&client, options, &live.files, &request.files)
                         .map(|maps| certs + maps)
@@ -335,36 +342,29 @@ fn upload_ssl(
     Ok(())
 }
 
-/// The configuration is unchanged: certificates added, renewed and removed through the
-/// runtime SSL endpoints, as `haproxy` targets do through the runtime API.
-fn certs_at_runtime(
-    client: &Client,
-    options: &RenderOptions,
-    old: &Files,
-    new: &Files,
-) -> Result<usize, Failure> {
-    let touches = |files: &Files| files.keys().any(|p| ssl_name(options, p).is_some());
-    if !touches(old) && !touches(new) {
-        return Ok(0);
-    }
-    let ops = plan_ops(old, new, options).map_err(Failure::Untouched)?;
+/// The plan's certificate operations (the configuration is unchanged), through the runtime SSL
+/// endpoints, as `haproxy` targets do through the runtime API.
+fn certs_at_runtime(client: &Client, ops: &[Op]) -> Result<usize, Failure> {
     let mut commands = 0;
-    for op in &ops {
+    for op in ops {
         match op {
             Op::CertNew { cert, pem } => client.runtime_cert_new(cert, pem)?,
             Op::CertUpdate { cert, pem } => client.runtime_cert_replace(cert, pem)?,
             Op::CrtListAdd { list, cert } => client.runtime_crt_list_add(list, cert)?,
             Op::CrtListDel { list, cert } => client.runtime_crt_list_del(list, cert)?,
             Op::CertDel { cert } => client.runtime_cert_delete(cert)?,
-            _ => continue, // maps: `maps_at_runtime`; servers do not change with the file
+            // Maps: `maps_at_runtime`; the plan gives this target no server operation
+            // (`RenderOptions::runtime_servers`).
+            _ => continue,
         }
         commands += 1;
     }
     Ok(commands)
 }
 
-/// Only maps changed: write the files (no reload) and change HAProxy's maps through the
-/// runtime endpoints, entry by entry, against the entries HAProxy holds now.
+/// The plan's map changes: write the files (no reload) and change HAProxy's maps through the
+/// runtime endpoints, entry by entry, re-based on the entries HAProxy holds now (the API has no
+/// atomic replacement: a replacement goes entry by entry too).
 fn maps_at_runtime(
     client: &Client,
     options: &RenderOptions,

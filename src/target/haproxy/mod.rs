@@ -10,7 +10,6 @@
 
 pub mod marker;
 pub mod process;
-pub mod runtime;
 pub mod socket;
 
 use super::apply::{Applied, ApplyError, ApplyRequest, How};
@@ -18,8 +17,8 @@ use super::files::{self, Files};
 use super::history::History;
 use crate::model::HaproxyTarget;
 use crate::plan::Live;
+use crate::plan::ops::{self as runtime, Execution, Op, RuntimeState};
 use crate::render::RenderOptions;
-use runtime::{Op, RuntimeState};
 use socket::{Expect, RuntimeApi, SocketError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -196,12 +195,14 @@ pub fn apply_with(
             )
         })
     };
-    let ops = running.as_ref().map(|_| match &live.interrupted {
-        Some(why) => Err(format!("{why}: a reload makes HAProxy run the files")),
-        None => runtime::plan_ops(&live.files, &request.files, &request.options),
-    });
+    // The plan decided how; HAProxy not running has nothing to change at runtime (it is started
+    // on the files), and an apply found interrupted since the plan is finished by a reload.
+    let ops = match (&request.execution, &running, &live.interrupted) {
+        (Execution::Runtime { ops }, Some(_), None) => Some(ops),
+        _ => None,
+    };
 
-    let how = if let Some(Ok(ops)) = &ops {
+    let how = if let Some(ops) = ops {
         // A runtime change goes live first: HAProxy checks each command as it applies it while
         // `haproxy -c` checks the staged files beside it, and the files are swapped only once
         // both agree. So the route answers without waiting for the check, and the files on
@@ -267,8 +268,16 @@ pub fn apply_with(
             .map_err(|e| refused(staging.clean(&e)))?;
         go_live()?;
         swap(false)?;
-        if let Some(Err(reason)) = &ops {
-            notes.push(format!("reload: {reason}"));
+        if running.is_some() {
+            match (&request.execution, &live.interrupted) {
+                (_, Some(why)) => notes.push(format!(
+                    "reload: {why}: a reload makes HAProxy run the files"
+                )),
+                (Execution::Reload { reasons }, None) => {
+                    notes.push(format!("reload: {}", reasons.join("; ")))
+                }
+                (Execution::Runtime { .. }, None) => {}
+            }
         }
         match activate(target, running.is_some(), start) {
             Ok(how) => how,

@@ -1,12 +1,13 @@
-//! Runtime changes of a local HAProxy, pure part: from the files HAProxy runs and the files it
-//! should run, the runtime API operations that take it there without a reload (or the reason
-//! none can). The same operations replayed on an in-memory copy of the runtime state must give
-//! exactly the new state: that is how they are tested.
+//! `plan`, operations half: from the files HAProxy runs and the files it should run, the typed
+//! runtime operations (map entries, servers, certificates) that take it there without a reload,
+//! or the reason none can. This is the one place that decides runtime or reload (`Execution`);
+//! targets only execute what it says. The same operations replayed on an in-memory copy of the
+//! runtime state must give exactly the new state: that is how they are tested.
 
-use super::socket::Expect;
 use crate::render::RenderOptions;
 use crate::render::layout::ServerLine;
 use crate::render::readback::{self, Servers};
+use crate::target::haproxy::socket::Expect;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -56,7 +57,8 @@ impl RuntimeState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
 pub enum Op {
     AddServer {
         backend: String,
@@ -132,8 +134,36 @@ const MAP_BATCH: usize = 64;
 /// half of it leaves room for a smaller `tune.bufsize` and for the command line itself.
 pub const PAYLOAD_BUDGET: usize = 8 * 1024;
 
+/// How a plan takes a target to the new files: the decision, made once, by `plan_ops`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "how")]
+pub enum Execution {
+    /// Through the runtime API, these operations in this order (none when only files that
+    /// HAProxy does not read change). The files are written too, so a reload keeps them.
+    Runtime { ops: Vec<Op> },
+    /// A reload (or a start) onto the new files, for these reasons.
+    Reload { reasons: Vec<String> },
+}
+
+impl Execution {
+    pub fn is_reload(&self) -> bool {
+        matches!(self, Execution::Reload { .. })
+    }
+
+    /// The decision for a target holding `old` that should hold `new`.
+    pub fn decide(old: &Files, new: &Files, options: &RenderOptions) -> Execution {
+        match plan_ops(old, new, options) {
+            Ok(ops) => Execution::Runtime { ops },
+            Err(reason) => Execution::Reload {
+                reasons: vec![reason],
+            },
+        }
+    }
+}
+
 /// The operations that take HAProxy from the `old` files to the `new` ones, or why only a
-/// reload can.
+/// reload can (a configuration that differs beyond servers and maps; servers, for a target
+/// whose servers change only with its configuration: `RenderOptions::runtime_servers`).
 pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec<Op>, String> {
     let config = |files: &Files| {
         files
@@ -245,6 +275,14 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
             backend: backend.clone(),
             name: name.clone(),
         });
+    }
+    if !options.runtime_servers
+        && let Some(op) = ops.iter().find(|op| op.backend().is_some())
+    {
+        return Err(format!(
+            "{}: this target changes servers only with its configuration",
+            op.describe()
+        ));
     }
     Ok(ops)
 }
@@ -369,6 +407,53 @@ fn payload(lines: impl Iterator<Item = String>) -> String {
 }
 
 impl Op {
+    /// The backend whose servers this operation changes, if it changes servers.
+    pub fn backend(&self) -> Option<&str> {
+        match self {
+            Op::AddServer { backend, .. }
+            | Op::SetAddr { backend, .. }
+            | Op::SetWeight { backend, .. }
+            | Op::SetState { backend, .. }
+            | Op::DelServer { backend, .. } => Some(backend),
+            _ => None,
+        }
+    }
+
+    /// The map this operation changes, if it changes a map.
+    pub fn map(&self) -> Option<&str> {
+        match self {
+            Op::MapAdd { map, .. }
+            | Op::MapSet { map, .. }
+            | Op::MapDel { map, .. }
+            | Op::MapReplace { map, .. } => Some(map),
+            _ => None,
+        }
+    }
+
+    /// One line for people (the plan's text view): the command for a single one, a summary for
+    /// payloads (no certificate content is shown).
+    pub fn describe(&self) -> String {
+        match self {
+            Op::MapReplace { map, entries } => {
+                format!(
+                    "replace map {map} ({} entries, one transaction)",
+                    entries.len()
+                )
+            }
+            Op::CertNew { cert, .. } => format!("new ssl cert {cert}"),
+            Op::CertUpdate { cert, .. } => format!("update ssl cert {cert}"),
+            Op::AddServer { backend, server } => {
+                format!("add server {backend}/{} {}", server.name, server.address())
+            }
+            other => other
+                .commands()
+                .into_iter()
+                .last()
+                .map(|c| c.text)
+                .unwrap_or_default(),
+        }
+    }
+
     /// The commands, in order. A map replacement's version number is only known once
     /// `prepare map` answers: its `add` and `commit` use the `@VERSION` placeholder.
     pub fn commands(&self) -> Vec<Command> {
