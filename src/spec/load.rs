@@ -182,6 +182,11 @@ fn collect_yaml(
             Err(_) if !is_yaml_name(&name) && entry.file_type().is_ok_and(|t| t.is_symlink()) => {
                 continue;
             }
+            // Something that is not a state file went away between listing and looking (a
+            // socket's or an editor's temporary file): it was never part of the state.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !is_yaml_name(&name) => {
+                continue;
+            }
             Err(e) => {
                 return Err(std::io::Error::new(
                     e.kind(),

@@ -652,11 +652,19 @@ impl Site {
                 let path = entry.unwrap().path();
                 if path.is_dir() {
                     walk(&path, root, out);
-                } else {
-                    out.insert(
-                        path.strip_prefix(root).unwrap().display().to_string(),
-                        std::fs::read(&path).unwrap(),
-                    );
+                    continue;
+                }
+                // A daemon may be applying beside the test: its staged files are renamed away
+                // between listing the folder and reading them. A file gone is not in the folder.
+                match std::fs::read(&path) {
+                    Ok(bytes) => {
+                        out.insert(
+                            path.strip_prefix(root).unwrap().display().to_string(),
+                            bytes,
+                        );
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => panic!("{}: {e}", path.display()),
                 }
             }
         }
