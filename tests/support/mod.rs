@@ -138,15 +138,36 @@ pub fn haproxy_check(config: &Path) -> Result<(), String> {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the kernel will not hand it out again soon).
+/// A free TCP port on 127.0.0.1, for a listener a test configures (HAProxy's, the daemon's).
+/// Not one the kernel picks (`bind(…:0)`): a port picked and released that way can be handed
+/// out again at once to another test's server or to an outgoing connection, and the listener
+/// configured on it then fails to bind. Ports come from below the kernel's ephemeral range
+/// (which it never assigns by itself), in turn within this process, each checked free.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed);
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let ephemeral_low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if ephemeral_low < 4096 {
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = (ephemeral_low - 2048).min(12000);
+    let base = ephemeral_low - span;
+    // Another test binary running at the same time starts elsewhere in the range.
+    let offset = (u64::from(std::process::id()) * 977) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (offset + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
