@@ -286,6 +286,11 @@ impl Reconciler {
         status.revision = self.revision();
         let applied = status.revision.git_commit.clone();
         if let Some(git) = status.git.as_mut() {
+            // Applied what was fetched: nothing of it is missing. The git thread's next count
+            // says the same, but until then /status must not show a stale count beside it.
+            if applied.is_some() && applied == git.fetched_commit {
+                git.behind = Some(0);
+            }
             git.applied_commit = applied;
         }
         status.drift_corrections = self.metrics.drift_corrections.load(Ordering::Relaxed);
