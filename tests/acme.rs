@@ -855,10 +855,13 @@ impl HeldRelay {
     }
 }
 
-/// Issue 15: HTTP-01 answers live in HAProxy's runtime challenge map only, so a HAProxy that
+/// Issue 15: HTTP-01 answers lived in HAProxy's runtime challenge map only, so a HAProxy that
 /// died and was restarted by the daemon's supervisor while the CA was validating answered 404:
-/// the validation failed and the domain waited a back-off for nothing. The supervisor's
-/// restart puts pending answers back, as a reload does.
+/// the validation failed and the domain waited a back-off for nothing. Putting the answers
+/// back through the runtime API after the restart still left a window (a CI run saw one of
+/// pebble's three validation requests arrive in it). The answer is in the map file HAProxy
+/// loads, so the new HAProxy answers from its first request: the relay lets pebble through as
+/// soon as the new HAProxy accepts connections.
 #[test]
 fn a_haproxy_restarted_during_validation_still_answers_the_challenge() {
     use std::sync::atomic::Ordering;
@@ -880,6 +883,11 @@ fn a_haproxy_restarted_during_validation_still_answers_the_challenge() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let map = std::fs::read_to_string(s.site.path().join("live/acme/challenges.map")).unwrap();
+    assert!(
+        map.starts_with("shop.example.com/"),
+        "the pending answer is not in the challenge map file a restarted HAProxy loads: {map:?}"
+    );
     // HAProxy dies; the supervisor starts a new one on the files.
     let before = s
         .site
@@ -891,21 +899,17 @@ fn a_haproxy_restarted_during_validation_still_answers_the_challenge() {
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let restarted = s
-            .site
-            .master()
-            .show_proc(Duration::from_secs(1))
-            .is_ok_and(|p| p.master_pid != before.master_pid && p.current().next().is_some());
-        if restarted && s.site.runtime().worker_pid().is_ok() {
-            break;
-        }
+    while TcpStream::connect(("127.0.0.1", s.http)).is_ok() {
+        assert!(Instant::now() < deadline, "HAProxy did not die");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while TcpStream::connect(("127.0.0.1", s.http)).is_err() {
         assert!(
             Instant::now() < deadline,
             "HAProxy was not restarted:\n{}",
             daemon.log_text()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     relay.release.store(true, Ordering::SeqCst);
 

@@ -1,13 +1,13 @@
 //! Publishing ACME challenges (I/O edge). HTTP-01: an entry `host/token → key authorization`
-//! in HAProxy's challenge map, added and removed through the runtime API (no reload), and
-//! added again after a reload or a restart empties it. DNS-01 (wildcards): the TXT record is published by
-//! the `acme.dns_hook` command, `dns_hook set|clear _acme-challenge.<name> <value>`.
+//! in HAProxy's challenge map. The answer is saved in the ACME store and a reconcile applies
+//! it like any change: the plan adds the entry at runtime (no reload) and writes it into the
+//! map file, so a HAProxy restarted or reloaded while the CA validates answers at once.
+//! DNS-01 (wildcards): the TXT record is published by the `acme.dns_hook` command,
+//! `dns_hook set|clear _acme-challenge.<name> <value>`.
 
-use crate::plan::ops::Op;
-use crate::target::haproxy::execute;
-use crate::target::haproxy::socket::RuntimeApi;
+use super::store::Store;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,10 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum ChallengeError {
     #[error("the CA sent a challenge token with characters outside base64url: {0:?}")]
     BadToken(String),
-    #[error("HAProxy refused the challenge answer: {0}")]
-    Runtime(String),
+    #[error("saving the challenge answer: {0}")]
+    Store(#[from] super::store::StoreError),
+    #[error("the challenge answer was not applied: {0}")]
+    Apply(String),
     #[error("no `acme.dns_hook` to publish the DNS-01 record of {0}")]
     NoHook(String),
     #[error("dns_hook {hook} {action} {name}: {message}")]
@@ -31,16 +33,20 @@ pub enum ChallengeError {
     },
 }
 
-/// The challenges pending on one HAProxy.
+/// Asks the reconcile loop to apply what the store holds, and waits for the outcome.
+pub type ApplyStore = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// The HTTP-01 answers pending on one target.
 pub struct Challenges {
-    runtime_socket: PathBuf,
-    /// `host/token` → key authorization, while the CA may ask for it.
+    store: Store,
+    apply: ApplyStore,
+    /// `host/token` → key authorization, while the CA may ask for it (what the store holds).
     pending: Mutex<BTreeMap<String, String>>,
 }
 
 /// RFC 8555 tokens and key authorizations are base64url (a key authorization joins two with
-/// a dot). They go into a runtime API command: nothing else may pass.
-fn is_base64url(s: &str, dot: bool) -> bool {
+/// a dot). They go into a map file and runtime API commands: nothing else may pass.
+pub(super) fn is_base64url(s: &str, dot: bool) -> bool {
     !s.is_empty()
         && s.len() <= 512
         && s.bytes()
@@ -48,29 +54,36 @@ fn is_base64url(s: &str, dot: bool) -> bool {
 }
 
 impl Challenges {
-    pub fn new(runtime_socket: &Path) -> Challenges {
+    /// Answers a previous daemon left in the store belong to orders nobody waits for any more:
+    /// they are dropped (the first reconcile takes them out of the map).
+    pub fn new(store: Store, apply: ApplyStore) -> Challenges {
+        if !store.challenges().is_empty()
+            && let Err(e) = store.save_challenges(&BTreeMap::new())
+        {
+            tracing::warn!("clearing stale ACME challenges: {e}");
+        }
         Challenges {
-            runtime_socket: runtime_socket.to_path_buf(),
+            store,
+            apply,
             pending: Mutex::new(BTreeMap::new()),
         }
     }
 
-    fn op(key: &str, value: Option<&str>) -> Op {
-        match value {
-            Some(value) => Op::MapAdd {
-                map: super::CHALLENGE_MAP.to_string(),
-                key: key.to_string(),
-                value: value.to_string(),
-            },
-            None => Op::MapDel {
-                map: super::CHALLENGE_MAP.to_string(),
-                key: key.to_string(),
-            },
+    /// Saves the pending answers with `change` made, and has them applied.
+    fn update(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, String>) -> bool,
+    ) -> Result<(), ChallengeError> {
+        let mut pending = self.pending.lock().expect("challenges");
+        if !change(&mut pending) {
+            return Ok(());
         }
+        self.store.save_challenges(&pending)?;
+        (self.apply)().map_err(ChallengeError::Apply)
     }
 
-    /// Answers `http://<host>/.well-known/acme-challenge/<token>` with `key_authorization`.
-    /// `host` is a domain of the validated state.
+    /// Answers `http://<host>/.well-known/acme-challenge/<token>` with `key_authorization`
+    /// once this returns. `host` is a domain of the validated state.
     pub fn publish_http(
         &self,
         host: &str,
@@ -84,45 +97,16 @@ impl Challenges {
             return Err(ChallengeError::BadToken(key_authorization.to_string()));
         }
         let key = format!("{host}/{token}");
-        self.pending
-            .lock()
-            .expect("challenges")
-            .insert(key.clone(), key_authorization.to_string());
-        let api = RuntimeApi::new(&self.runtime_socket);
-        execute(&api, &[Self::op(&key, Some(key_authorization))])
-            .map(|_| ())
-            .map_err(ChallengeError::Runtime)
+        self.update(|pending| {
+            pending.insert(key, key_authorization.to_string()).as_deref() != Some(key_authorization)
+        })
     }
 
-    /// Stops answering; an entry HAProxy no longer has (a reload) is fine.
+    /// Stops answering.
     pub fn withdraw_http(&self, host: &str, token: &str) {
         let key = format!("{host}/{token}");
-        if self
-            .pending
-            .lock()
-            .expect("challenges")
-            .remove(&key)
-            .is_some()
-        {
-            let api = RuntimeApi::new(&self.runtime_socket);
-            if let Err(e) = execute(&api, &[Self::op(&key, None)]) {
-                tracing::debug!("removing ACME challenge {key}: {e}");
-            }
-        }
-    }
-
-    /// After a reload or a start HAProxy's challenge map is empty again (its file is): puts
-    /// back the challenges still pending.
-    pub fn restore(&self) {
-        let pending = self.pending.lock().expect("challenges").clone();
-        if pending.is_empty() {
-            return;
-        }
-        let api = RuntimeApi::new(&self.runtime_socket);
-        let ops: Vec<Op> = pending.iter().map(|(k, v)| Self::op(k, Some(v))).collect();
-        match execute(&api, &ops) {
-            Ok(_) => tracing::info!("{} pending ACME challenge(s) put back", ops.len()),
-            Err(e) => tracing::warn!("putting pending ACME challenges back: {e}"),
+        if let Err(e) = self.update(|pending| pending.remove(&key).is_some()) {
+            tracing::warn!("removing ACME challenge {key}: {e}");
         }
     }
 

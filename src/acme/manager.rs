@@ -75,12 +75,13 @@ pub fn backoff(failures: u32, rate_limited: bool) -> i64 {
 }
 
 impl Shared {
-    /// The manager of the target whose state folder and runtime socket are given. `install`
-    /// asks for a reconcile.
+    /// The manager of the target whose state folder is given. `install` asks for a
+    /// reconcile; `apply` asks for one and waits for its outcome (a challenge answer must be
+    /// served before the CA is told to look).
     pub fn new(
         state_dir: &std::path::Path,
-        runtime_socket: &std::path::Path,
         install: Box<dyn Fn() + Send + Sync>,
+        apply: super::challenge::ApplyStore,
     ) -> Arc<Shared> {
         let store = Store::new(state_dir);
         let status = store.status().unwrap_or_else(|e| {
@@ -89,7 +90,7 @@ impl Shared {
         });
         Arc::new(Shared {
             store,
-            challenges: Arc::new(Challenges::new(runtime_socket)),
+            challenges: Arc::new(Challenges::new(Store::new(state_dir), apply)),
             inner: Mutex::new(Inner {
                 status,
                 ..Inner::default()
@@ -112,11 +113,6 @@ impl Shared {
         if changed {
             self.wake.notify_one();
         }
-    }
-
-    /// Called after HAProxy reloaded or started: its challenge map is empty again.
-    pub fn after_reload(&self) {
-        self.challenges.restore();
     }
 
     pub fn stop(&self) {

@@ -1,8 +1,9 @@
 //! The ACME store of a target (I/O edge): `<state_dir>/acme/` holds the account key, the
 //! self-signed default certificate, each issued certificate (chain and key in one PEM) and
-//! what the daemon knows of each domain (expiry, failures, next attempt). Folder 0700, files
-//! 0600, each written atomically. `overlay` gives a model the certificates the store holds
-//! for it, so every path that renders for the target (daemon, `plan`, `apply`) renders them.
+//! what the daemon knows of each domain (expiry, failures, next attempt) and the HTTP-01
+//! answers pending while the CA validates. Folder 0700, files 0600, each written atomically.
+//! `overlay` gives a model the certificates and answers the store holds for it, so every path
+//! that renders for the target (daemon, `plan`, `apply`) renders them.
 
 use super::{Wanted, wanted};
 use crate::model::{Issued, Model};
@@ -175,6 +176,28 @@ impl Store {
         self.write(&self.dir.join("status.json"), &bytes)
     }
 
+    /// The pending HTTP-01 answers (`host/token` → key authorization). They only matter while
+    /// the CA validates: an unreadable file counts as none.
+    pub fn challenges(&self) -> BTreeMap<String, String> {
+        let path = self.dir.join("challenges.json");
+        match self.read(&path) {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("{}: {e}; no pending ACME challenges", path.display());
+                BTreeMap::new()
+            }),
+            Ok(None) => BTreeMap::new(),
+            Err(e) => {
+                tracing::warn!("{e}; no pending ACME challenges");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    pub fn save_challenges(&self, pending: &BTreeMap<String, String>) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(pending).expect("challenges serialize");
+        self.write(&self.dir.join("challenges.json"), &bytes)
+    }
+
     /// The model with the certificates this store holds for it: the default certificate when
     /// an ACME listener has no folder (created on first use), and each wanted domain's
     /// certificate once issued. A model without ACME listeners is returned as it is.
@@ -238,7 +261,21 @@ impl Store {
                 certs.insert(domain.clone(), cert);
             }
         }
-        Ok(Issued { fallback, certs })
+        // Answers go into a map file: only well-formed ones, for the domains wanted here.
+        let challenges = self
+            .challenges()
+            .into_iter()
+            .filter(|(key, answer)| {
+                key.split_once('/').is_some_and(|(host, token)| {
+                    wanted.contains_key(host) && super::challenge::is_base64url(token, false)
+                }) && super::challenge::is_base64url(answer, true)
+            })
+            .collect();
+        Ok(Issued {
+            fallback,
+            certs,
+            challenges,
+        })
     }
 }
 

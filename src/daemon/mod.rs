@@ -218,24 +218,32 @@ fn run_with(
     // shutdown so the loop can end.
     let acme_sender = Arc::new(Mutex::new(Some(requests.clone())));
     let acme = local.as_ref().map(|target| {
-        crate::acme::manager::Shared::new(&target.state_dir, &target.runtime_socket, {
-            let sender = acme_sender.clone();
+        let (install, apply) = (acme_sender.clone(), acme_sender.clone());
+        crate::acme::manager::Shared::new(
+            &target.state_dir,
             Box::new(move || {
-                if let Some(sender) = sender.lock().expect("acme sender").as_ref() {
+                if let Some(sender) = install.lock().expect("acme sender").as_ref() {
                     let _ = sender.send(Request {
                         trigger: Trigger::Acme,
                         reply: None,
                     });
                 }
-            })
-        })
+            }),
+            Box::new(move || {
+                let sender = apply.lock().expect("acme sender").clone();
+                let outcome = sender
+                    .and_then(|sender| reconcile::request_blocking(&sender, Trigger::Acme))
+                    .ok_or("the daemon is stopping")?;
+                match outcome.ok() {
+                    true => Ok(()),
+                    false => Err(outcome
+                        .message
+                        .unwrap_or_else(|| format!("the reconcile {}", outcome.result))),
+                }
+            }),
+        )
     });
     let acme_thread = acme.clone().map(crate::acme::manager::spawn);
-    // A restarted HAProxy has an empty challenge map, as after a reload.
-    if let (Some(supervisor), Some(acme)) = (&supervisor, &acme) {
-        let acme = acme.clone();
-        supervisor.on_restart(move || acme.after_reload());
-    }
     let reconciler = Reconciler {
         state: state.clone(),
         target_name: options.target.clone(),

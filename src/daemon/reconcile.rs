@@ -552,9 +552,6 @@ impl Reconciler {
                     How::Started { .. } | How::Unchanged => {}
                 }
                 if let Some(acme) = &self.acme {
-                    if matches!(applied.how, How::Reloaded { .. } | How::Started { .. }) {
-                        acme.after_reload();
-                    }
                     acme.wanted(&model);
                 }
                 finish(o)

@@ -24,9 +24,6 @@ pub struct Supervisor {
     /// Whether a master of this target ever ran while this daemon watched: until then the
     /// first reconcile starts HAProxy, and a missing master is no restart.
     ever_ran: AtomicBool,
-    /// Run after each restart: what lived only in the dead HAProxy's memory (ACME challenge
-    /// answers) is put back.
-    after_restart: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Supervisor {
@@ -37,13 +34,7 @@ impl Supervisor {
             stopping: AtomicBool::new(false),
             restarts,
             ever_ran: AtomicBool::new(false),
-            after_restart: Mutex::new(None),
         })
-    }
-
-    /// `f` runs after each restart of HAProxy (a new master on the files on disk).
-    pub fn on_restart(&self, f: impl Fn() + Send + Sync + 'static) {
-        *self.after_restart.lock().expect("after_restart") = Some(Box::new(f));
     }
 
     /// Whether our child is alive (it may still be loading its configuration).
@@ -167,10 +158,6 @@ impl Supervisor {
                     Ok(pid) => {
                         self.restarts.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(worker = pid, "HAProxy restarted");
-                        if let Some(f) = self.after_restart.lock().expect("after_restart").as_ref()
-                        {
-                            f();
-                        }
                     }
                     Err(e) => {
                         tracing::error!("HAProxy restart failed: {e}");

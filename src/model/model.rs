@@ -140,12 +140,17 @@ pub enum KeyType {
     EcdsaP384,
 }
 
-/// Certificates lunafront obtained itself, by domain, and the self-signed default an ACME
-/// listener without a certificate folder presents to names it has no certificate for.
+/// Certificates lunafront obtained itself, by domain, the self-signed default an ACME
+/// listener without a certificate folder presents to names it has no certificate for, and
+/// the HTTP-01 answers the CA may be asking for now.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Issued {
     pub fallback: Option<CertFile>,
     pub certs: BTreeMap<String, CertFile>,
+    /// `host/token` → key authorization: the challenge map's entries. Rendered into its file
+    /// (not only added at runtime) so a HAProxy that restarts or reloads while the CA
+    /// validates answers from its first request.
+    pub challenges: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

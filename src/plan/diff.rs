@@ -270,6 +270,7 @@ pub fn diff_models(old: &Model, new: &Model, slots: &Slots<'_>) -> Vec<Change> {
     backend_changes(old, new, slots, &mut changes);
     domain_changes(old, new, &mut changes);
     issued_changes(old, new, &mut changes);
+    challenge_changes(old, new, &mut changes);
     changes.sort_by(|a, b| (a.kind, &a.name, a.action).cmp(&(b.kind, &b.name, b.action)));
     changes
 }
@@ -550,6 +551,25 @@ fn listener_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
                 .values(digest(old_sha), digest(new_sha)),
             );
         }
+    }
+}
+
+/// HTTP-01 answers the CA asks for while it validates a domain: entries of the challenge map,
+/// added and removed at runtime.
+fn challenge_changes(old: &Model, new: &Model, out: &mut Vec<Change>) {
+    let d = diff_maps(&old.issued.challenges, &new.issued.challenges);
+    let entry = |action, key: &str, reason| {
+        Change::new(action, Kind::Domain, key, Mode::Runtime, reason)
+            .detail(": the ACME CA's HTTP-01 challenge")
+    };
+    for (key, _) in d.added {
+        out.push(entry(Action::Create, key, "add map"));
+    }
+    for (key, _, _) in d.changed {
+        out.push(entry(Action::Update, key, "set map"));
+    }
+    for (key, _) in d.removed {
+        out.push(entry(Action::Delete, key, "del map"));
     }
 }
 

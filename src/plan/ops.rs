@@ -34,7 +34,9 @@ impl RuntimeState {
             let text = || String::from_utf8_lossy(bytes);
             if *path == options.config_name {
                 state.servers = readback::parse_servers(&text());
-            } else if path.starts_with(&maps_prefix) && path.ends_with(".map") {
+            } else if (path.starts_with(&maps_prefix) && path.ends_with(".map"))
+                || path == crate::acme::CHALLENGE_MAP
+            {
                 state
                     .maps
                     .insert(path.clone(), readback::parse_map(&text()));

@@ -113,9 +113,10 @@ pub struct Rendered {
     pub backends: Vec<ProxyBackend>,
     /// Which slot each app holds: what the next rendering for this target starts from.
     pub slots: SlotPools,
-    /// The ACME challenge map (as the configuration names it), when a listener uses ACME:
-    /// written empty, filled at runtime only while challenges are pending.
+    /// The ACME challenge map (as the configuration names it), when a listener uses ACME,
+    /// and the HTTP-01 answers it holds (empty unless challenges are pending).
     pub acme_challenge_map: Option<String>,
+    pub acme_challenges: BTreeMap<String, String>,
     /// The state this was rendered from (JSON), so a later plan can say what changed.
     pub manifest: String,
 }
@@ -166,7 +167,7 @@ impl Rendered {
         if let Some(map) = &self.acme_challenge_map {
             files.push(OutputFile {
                 path: map.clone(),
-                bytes: Vec::new(),
+                bytes: map_text(&self.acme_challenges).into_bytes(),
                 secret: false,
             });
         }
@@ -356,6 +357,8 @@ struct IssuedView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback: Option<&'a str>,
     certs: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    challenges: &'a BTreeMap<String, String>,
 }
 
 /// Renders `model` as a first rendering: apps take slots 1, 2, 3… in name order. For a target
@@ -532,6 +535,10 @@ pub fn render_onto(
         backends,
         slots,
         acme_challenge_map: uses_acme.then(|| crate::acme::CHALLENGE_MAP.to_string()),
+        acme_challenges: match uses_acme {
+            true => model.issued.challenges.clone(),
+            false => BTreeMap::new(),
+        },
         manifest: String::new(),
     };
     let files = rendered
@@ -571,6 +578,7 @@ pub fn render_onto(
                 .iter()
                 .map(|(d, f)| (d.as_str(), f.sha256.as_str()))
                 .collect(),
+            challenges: &model.issued.challenges,
         }),
     };
     rendered.manifest = serde_json::to_string(&manifest).expect("manifest serializes") + "\n";

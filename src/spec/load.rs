@@ -424,6 +424,8 @@ impl Source {
             fallback: Option<String>,
             #[serde(default)]
             certs: BTreeMap<String, String>,
+            #[serde(default)]
+            challenges: BTreeMap<String, String>,
         }
         let manifest: Manifest =
             serde_json::from_str(text).map_err(|e| format!("{}: {e}", origin.display()))?;
@@ -490,6 +492,7 @@ impl Source {
                                 )
                             })
                             .collect(),
+                        challenges: a.challenges,
                     })
                     .unwrap_or_default(),
             },
