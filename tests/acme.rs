@@ -204,17 +204,7 @@ fn https_request(
 
 /// A plain HTTP request; returns the head (status line and headers) and the body.
 fn http_raw(port: u16, host: &str, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
+    let text = raw_get(port, host, path);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (head.to_string(), body.to_string())
 }
@@ -222,51 +212,42 @@ fn http_raw(port: u16, host: &str, path: &str) -> (String, String) {
 /// The certificate (DER) HAProxy presents for `sni`, verified against `root` (so chained to
 /// it); an error when it is not.
 fn served_by(root: &str, port: u16, sni: &str) -> std::io::Result<Vec<u8>> {
-    let server_name =
-        rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    let mut conn = rustls::ClientConnection::new(client_config_trusting(root), server_name)
-        .map_err(std::io::Error::other)?;
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut stream)?;
-    }
-    conn.peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .ok_or_else(|| std::io::Error::other("no certificate presented"))
+    served_certificate_with(client_config_trusting(root), port, sni)
 }
 
 /// The certificate HAProxy presents for `sni`, whoever signed it (no verification).
 fn presented(port: u16, sni: &str) -> Vec<u8> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, Error};
     #[derive(Debug)]
     struct Anything;
-    impl rustls::client::danger::ServerCertVerifier for Anything {
+    impl ServerCertVerifier for Anything {
         fn verify_server_cert(
             &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
             _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
         }
         fn verify_tls12_signature(
             &self,
             _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Ok(HandshakeSignatureValid::assertion())
         }
         fn verify_tls13_signature(
             &self,
             _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Ok(HandshakeSignatureValid::assertion())
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             rustls::crypto::ring::default_provider()
@@ -282,16 +263,7 @@ fn presented(port: u16, sni: &str) -> Vec<u8> {
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(Anything))
     .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    while conn.is_handshaking() {
-        conn.complete_io(&mut stream).unwrap();
-    }
-    conn.peer_certificates().unwrap()[0].to_vec()
+    served_certificate_with(Arc::new(config), port, sni).unwrap()
 }
 
 /// Waits until `sni` is served with a certificate chained to `root` (other than `not`).

@@ -103,7 +103,7 @@ impl Refusals<'_> {
 #[test]
 fn every_write_that_would_make_the_merged_state_invalid_is_refused_and_writes_nothing() {
     let admin_cert = TestCa::new().leaf(&["mongodb.example.net"]).combined();
-    let front = ApiFront::start_with(
+    let front = ApiFront::start_ready(
         "terminate, certificates: certs",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n",
         "",
@@ -117,9 +117,6 @@ fn every_write_that_would_make_the_merged_state_invalid_is_refused_and_writes_no
             ),
         ],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let a = front.register("a", "127.0.3.1");
     let b = front.register("b", "127.0.3.2");
     let c = front.register("c", "127.0.3.3");
@@ -376,14 +373,12 @@ fn every_write_that_would_make_the_merged_state_invalid_is_refused_and_writes_no
 /// let it through): every id in a path or body that is not a name is a 400 naming it.
 #[test]
 fn ids_that_are_not_names_are_a_400_everywhere_never_a_500() {
-    let front = ApiFront::start(
+    let front = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { client_attempt_burst: 1000 }\n",
         "",
+        &[],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     for id in [
         "%C3%83",
         "%15%C2%90",
@@ -443,14 +438,12 @@ fn ids_that_are_not_names_are_a_400_everywhere_never_a_500() {
 /// it, a production front can lower it.
 #[test]
 fn the_limit_on_registration_attempts_per_client_is_the_state_s() {
-    let front = ApiFront::start(
+    let front = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { client_attempt_burst: 3, client_attempts_per_minute: 1 }\n",
         "",
+        &[],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let attempt = || {
         front.call_from(
             "127.0.11.1",
@@ -484,13 +477,12 @@ fn the_limit_on_registration_attempts_per_client_is_the_state_s() {
     assert_eq!(status, 401);
 
     // Raised, fifty attempts from one client all get an answer of their own.
-    let site = ApiFront::start(
+    let site = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { client_attempt_burst: 100, client_attempts_per_minute: 100 }\n",
         "",
+        &[],
     );
-    site.daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     for i in 0..50 {
         let (status, body) = site.call_from(
             "127.0.11.3",
@@ -510,7 +502,7 @@ fn the_limit_on_registration_attempts_per_client_is_the_state_s() {
 /// is a 409 naming the agent, nothing is written, and the next tenant's change goes live.
 #[test]
 fn posting_an_agent_the_administrator_defines_is_a_409_that_writes_nothing_and_blocks_no_one() {
-    let front = ApiFront::start_with(
+    let front = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n",
         "",
@@ -519,18 +511,10 @@ fn posting_an_agent_the_administrator_defines_is_a_409_that_writes_nothing_and_b
             "agents:\n  a: { address: 127.0.0.1 }\n".to_string(),
         )],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let b = front.register("b", "127.0.3.2");
     let state = front.site.path().join("state");
     let before = snapshot(&state);
-    let (status, body) = front.call(
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "a", "address": "127.0.0.1"})),
-    );
+    let (status, body) = post_agent(front.api, "a", "127.0.0.1");
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"], "conflict", "{body}");
     assert!(
@@ -606,7 +590,7 @@ fn every_status_an_operation_answers_is_documented_for_it() {
         &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml")).unwrap(),
     )
     .unwrap();
-    let front = ApiFront::start_with(
+    let front = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { client_attempt_burst: 1000 }\n",
         "",
@@ -615,9 +599,6 @@ fn every_status_an_operation_answers_is_documented_for_it() {
             "agents:\n  admin-agent: { address: 127.0.9.9 }\n".to_string(),
         )],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let me = front.register("me", "127.0.5.5");
     let (status, body) = front.call(
         "POST",

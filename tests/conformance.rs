@@ -64,7 +64,7 @@ fn setting(name: &str, default: u64) -> u64 {
 /// to redefine or remove it) and one registered through the API (`me`). Returns the front and
 /// `me`'s token.
 fn front() -> (ApiFront, String) {
-    let front = ApiFront::start_with(
+    let front = ApiFront::start_ready(
         "passthrough",
         "  allowed_networks: [ \"127.0.0.0/8\" ]\n  limits: { changes_per_minute: 100000, change_burst: 100000, reloads_per_hour: 100000, reload_burst: 100000, reload_interval: 1ms, client_attempts_per_minute: 100000, client_attempt_burst: 100000 }\n",
         "",
@@ -73,9 +73,6 @@ fn front() -> (ApiFront, String) {
             "agents:\n  admin-agent: { address: 127.0.9.9 }\n".to_string(),
         )],
     );
-    front
-        .daemon
-        .wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let me = front.register("me", "127.0.5.5");
     (front, me)
 }

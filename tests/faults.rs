@@ -62,6 +62,36 @@ fn state(
     s
 }
 
+/// `state` routing shop.example.com alone, started by lunafront (with `haproxy_bin` when given).
+fn shop_state(site: &Site, port: u16, apps: &Apps, haproxy_bin: Option<&Path>) -> String {
+    state(
+        site,
+        port,
+        apps,
+        &[("shop.example.com", "shop")],
+        "",
+        haproxy_bin,
+        true,
+    )
+}
+
+/// A site on a free port with the apps and a state routing shop.example.com to shop (written,
+/// not applied; lunafront starts HAProxy).
+fn shop_site() -> (Site, Apps, u16) {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    site.write_state(&shop_state(&site, port, &apps, None));
+    (site, apps, port)
+}
+
+/// `shop_site`, applied.
+fn shop_applied() -> (Site, Apps, u16) {
+    let shop = shop_site();
+    shop.0.apply();
+    shop
+}
+
 /// An `haproxy` executable that runs `on_check` (shell) instead of the plain check when
 /// lunafront runs `haproxy -c ...` while the fault is armed (`armed` exists); every other
 /// use (starting, the master re-executing itself on reload) is the real HAProxy's.
@@ -182,15 +212,7 @@ fn haproxy_c_refusing_after_runtime_commands_went_live_puts_haproxy_back_on_its_
         "echo '[ALERT] (injected) the configuration is refused' >&2; exit 1",
     );
     let bin = Some(faulty.bin.as_path());
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        bin,
-        true,
-    ));
+    site.write_state(&shop_state(&site, port, &apps, bin));
     site.apply();
     let before = site.live_files();
     let counters = proc_counters(&site);
@@ -237,15 +259,7 @@ fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
         ),
     );
     let bin = Some(faulty.bin.as_path());
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        bin,
-        true,
-    ));
+    site.write_state(&shop_state(&site, port, &apps, bin));
     site.apply();
     let before = site.live_files();
 
@@ -274,19 +288,7 @@ fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
 
 #[test]
 fn a_runtime_command_that_fails_falls_back_to_a_reload() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        None,
-        true,
-    ));
-    site.apply();
+    let (site, apps, port) = shop_applied();
     let (reloads, workers) = site.generation();
 
     // Someone already added the server the next apply adds, by hand, at another address: the
@@ -349,19 +351,7 @@ fn a_runtime_command_that_fails_falls_back_to_a_reload() {
 
 #[test]
 fn a_file_swap_that_fails_is_rolled_back_with_exit_3() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        None,
-        true,
-    ));
-    site.apply();
+    let (site, apps, port) = shop_applied();
     let before = site.live_files();
     let (reloads, _) = site.generation();
 
@@ -403,19 +393,7 @@ fn a_file_swap_that_fails_is_rolled_back_with_exit_3() {
 /// as they are (never left with runtime changes no file holds), and `plan` shows what differs.
 #[test]
 fn files_that_cannot_be_restored_after_a_failed_swap_are_exit_4() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        None,
-        true,
-    ));
-    site.apply();
+    let (site, apps, port) = shop_applied();
     let before = site.live_files();
     let (reloads, failed) = proc_counters(&site);
 
@@ -703,15 +681,7 @@ fn the_supervisor_restarts_a_dead_haproxy_backing_off_while_it_cannot_start() {
         "echo '[ALERT] (injected) cannot start' >&2; exit 1",
     );
     let bin = Some(faulty.bin.as_path());
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        bin,
-        true,
-    ));
+    site.write_state(&shop_state(&site, port, &apps, bin));
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
     daemon.wait_for("/health", 200, "ok", Duration::from_secs(20));
     assert!(serves(port, "shop.example.com", "shop"));
@@ -775,18 +745,7 @@ fn the_supervisor_restarts_a_dead_haproxy_backing_off_while_it_cannot_start() {
 /// between the first reconcile writing the files and starting HAProxy: 2 runs in 8 under load).
 #[test]
 fn the_restart_counter_counts_a_restart_without_waiting_for_a_reconcile() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        None,
-        true,
-    ));
+    let (site, _apps, _) = shop_site();
     let daemon = Daemon::start(site.path(), "state.yaml", &[]);
     daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
     let master = site
@@ -985,19 +944,7 @@ fn timestamp(line: &str) -> f64 {
 /// reload timeout and reported it not started. The current generation is the newest one.
 #[test]
 fn a_daemon_adopts_a_haproxy_whose_last_reload_failed() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop")],
-        "",
-        None,
-        true,
-    ));
-    site.apply();
+    let (site, _apps, port) = shop_applied();
     assert!(serves(port, "shop.example.com", "shop"));
 
     // A reload HAProxy refuses (a configuration it cannot parse), then the good file back.

@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::agent::{ADMIN, api_call, post_agent};
 use support::*;
 
-const ADMIN: &str = "admin-token-0123456789-abcdefghijklmnop";
 /// Long enough for a loaded machine; the waits end as soon as the condition holds.
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -272,10 +272,30 @@ impl GitFleet {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let (status, text) = http_json(self.nodes[i].api, method, path, token, body.as_ref());
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        api_call(self.nodes[i].api, method, path, token, body)
+    }
+
+    /// Commits and pushes domains.yaml with `routes` as (host, backend); returns the commit.
+    fn commit_domains(&self, routes: &[(&str, &str)], message: &str) -> String {
+        self.commit(&[("domains.yaml", &domains(routes))], message)
+    }
+
+    /// Commits and pushes domains.yaml routing blog.example.com beside shop; returns the commit.
+    fn route_blog(&self) -> String {
+        self.commit_domains(
+            &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+            "route blog",
+        )
+    }
+
+    /// `POST /v1/agents/<agent>/routes` on node `i` as the administrator.
+    fn add_route(&self, i: usize, agent: &str, subdomain: &str, port: u16) -> (u16, Value) {
+        self.call(
+            i,
+            "POST",
+            &format!("/v1/agents/{agent}/routes"),
+            Some(ADMIN),
+            Some(json!({"subdomain": subdomain, "port": port})),
         )
     }
 
@@ -306,13 +326,7 @@ fn a_pushed_commit_is_served_by_all_three_and_one_that_does_not_validate_by_none
     fleet.start_all(&["--git-interval", "1s"]);
 
     // A commit pushed to the remote: every node serves it within its interval.
-    let c1 = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[("shop.example.com", "shop"), ("blog.example.com", "blog")]),
-        )],
-        "route blog",
-    );
+    let c1 = fleet.route_blog();
     for i in 0..3 {
         fleet.wait_served(i, "blog.example.com", "blog");
         let status = fleet.wait_applied(i, &c1);
@@ -356,15 +370,12 @@ fn a_pushed_commit_is_served_by_all_three_and_one_that_does_not_validate_by_none
     );
 
     // A commit that does not validate: applied nowhere, reported everywhere.
-    let bad = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[
-                ("shop.example.com", "shop"),
-                ("blog.example.com", "blog"),
-                ("broken.example.com", "nope"),
-            ]),
-        )],
+    let bad = fleet.commit_domains(
+        &[
+            ("shop.example.com", "shop"),
+            ("blog.example.com", "blog"),
+            ("broken.example.com", "nope"),
+        ],
         "a route to a backend that does not exist",
     );
     for i in 0..3 {
@@ -417,15 +428,12 @@ fn a_pushed_commit_is_served_by_all_three_and_one_that_does_not_validate_by_none
     assert_eq!(doc["nodes"][0]["refused"]["reason"], "invalid");
 
     // The next commit fixes it: every node moves past the bad one.
-    let c3 = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[
-                ("shop.example.com", "shop"),
-                ("blog.example.com", "blog"),
-                ("fixed.example.com", "shop"),
-            ]),
-        )],
+    let c3 = fleet.commit_domains(
+        &[
+            ("shop.example.com", "shop"),
+            ("blog.example.com", "blog"),
+            ("fixed.example.com", "shop"),
+        ],
         "fix the route",
     );
     for i in 0..3 {
@@ -585,23 +593,11 @@ fn concurrent_api_changes_on_nodes_1_and_2_both_land_and_a_conflict_has_one_winn
     let alpha = http_backend_everywhere("alpha");
     let beta = http_backend_everywhere("beta");
 
-    let (status, body) = fleet.call(
-        0,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "team-a", "address": "127.0.4.1"})),
-    );
+    let (status, body) = post_agent(fleet.nodes[0].api, "team-a", "127.0.4.1");
     assert_eq!(status, 201, "{body}");
     // Node 2 has not seen team-a's commit: its push is refused by the remote, it fetches, makes
     // the change again on the new head and pushes that.
-    let (status, body) = fleet.call(
-        1,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "team-b", "address": "127.0.4.2"})),
-    );
+    let (status, body) = post_agent(fleet.nodes[1].api, "team-b", "127.0.4.2");
     assert_eq!(status, 201, "{body}");
     let metrics = fleet.daemon(1).get("/metrics").1;
     assert_eq!(
@@ -616,30 +612,10 @@ fn concurrent_api_changes_on_nodes_1_and_2_both_land_and_a_conflict_has_one_winn
     );
 
     // Two changes at the same moment on nodes 1 and 2, for different agents: both land.
-    let barrier = std::sync::Barrier::new(2);
-    let (a, b) = std::thread::scope(|scope| {
-        let a = scope.spawn(|| {
-            barrier.wait();
-            fleet.call(
-                0,
-                "POST",
-                "/v1/agents/team-a/routes",
-                Some(ADMIN),
-                Some(json!({"subdomain": "alpha", "port": alpha.port})),
-            )
-        });
-        let b = scope.spawn(|| {
-            barrier.wait();
-            fleet.call(
-                1,
-                "POST",
-                "/v1/agents/team-b/routes",
-                Some(ADMIN),
-                Some(json!({"subdomain": "beta", "port": beta.port})),
-            )
-        });
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let (a, b) = at_once(
+        || fleet.add_route(0, "team-a", "alpha", alpha.port),
+        || fleet.add_route(1, "team-b", "beta", beta.port),
+    );
     assert_eq!(a.0, 201, "{}", a.1);
     assert_eq!(b.0, 201, "{}", b.1);
     // Each is live on its node when answered; node 3 follows the remote and serves both.
@@ -688,30 +664,10 @@ fn concurrent_api_changes_on_nodes_1_and_2_both_land_and_a_conflict_has_one_winn
     assert!(rejected >= 2.0, "the concurrent pushes met: {rejected}");
 
     // The same name claimed on both nodes at the same moment: one winner, a 409 for the other.
-    let barrier = std::sync::Barrier::new(2);
-    let (a, b) = std::thread::scope(|scope| {
-        let a = scope.spawn(|| {
-            barrier.wait();
-            fleet.call(
-                0,
-                "POST",
-                "/v1/agents/team-a/routes",
-                Some(ADMIN),
-                Some(json!({"subdomain": "gamma", "port": alpha.port})),
-            )
-        });
-        let b = scope.spawn(|| {
-            barrier.wait();
-            fleet.call(
-                1,
-                "POST",
-                "/v1/agents/team-b/routes",
-                Some(ADMIN),
-                Some(json!({"subdomain": "gamma", "port": beta.port})),
-            )
-        });
-        (a.join().unwrap(), b.join().unwrap())
-    });
+    let (a, b) = at_once(
+        || fleet.add_route(0, "team-a", "gamma", alpha.port),
+        || fleet.add_route(1, "team-b", "gamma", beta.port),
+    );
     let mut codes = [a.0, b.0];
     codes.sort();
     assert_eq!(codes, [201, 409], "{a:?} {b:?}");
@@ -781,13 +737,7 @@ fn the_remote_going_away_keeps_every_node_serving_and_is_reported() {
         assert!(fleet.daemon(i).log_text().contains("cannot be reached"));
     }
     // An API change cannot be pushed: refused, nothing changed anywhere.
-    let (status, body) = fleet.call(
-        0,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "late", "address": "127.0.4.9"})),
-    );
+    let (status, body) = post_agent(fleet.nodes[0].api, "late", "127.0.4.9");
     assert_eq!(status, 503, "{body}");
     assert!(
         body["message"]
@@ -807,13 +757,7 @@ fn the_remote_going_away_keeps_every_node_serving_and_is_reported() {
             s["git"]["remote_reachable"] == true && s["git"]["fetch_error"].is_null()
         });
     }
-    let (status, body) = fleet.call(
-        0,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "late", "address": "127.0.4.9"})),
-    );
+    let (status, body) = post_agent(fleet.nodes[0].api, "late", "127.0.4.9");
     assert_eq!(status, 201, "{body}");
 }
 
@@ -823,13 +767,7 @@ fn a_force_pushed_rewrite_is_refused_unless_allow_rewrite() {
     fleet.start(0, &["--git-interval", "1s"]);
     fleet.start(1, &["--git-interval", "1s"]);
     fleet.start(2, &["--git-interval", "1s", "--allow-rewrite"]);
-    let c1 = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[("shop.example.com", "shop"), ("blog.example.com", "blog")]),
-        )],
-        "route blog",
-    );
+    let c1 = fleet.route_blog();
     for i in 0..3 {
         fleet.wait_served(i, "blog.example.com", "blog");
         fleet.wait_applied(i, &c1);
@@ -989,14 +927,11 @@ fn with_require_signed_signed_commits_are_applied_and_unsigned_ones_refused() {
     }
 
     // Unsigned: refused by both.
-    let unsigned = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[
-                ("shop.example.com", "shop"),
-                ("unsigned.example.com", "blog"),
-            ]),
-        )],
+    let unsigned = fleet.commit_domains(
+        &[
+            ("shop.example.com", "shop"),
+            ("unsigned.example.com", "blog"),
+        ],
         "unsigned",
     );
     // (`commit` signs nothing unless asked: -S is not given.)
@@ -1056,13 +991,7 @@ fn with_require_signed_signed_commits_are_applied_and_unsigned_ones_refused() {
         fleet.wait_applied(i, &signed);
     }
     // The API of node 1 signs its commits: node 2 takes them.
-    let (status, body) = fleet.call(
-        0,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "team-a", "address": "127.0.4.1"})),
-    );
+    let (status, body) = post_agent(fleet.nodes[0].api, "team-a", "127.0.4.1");
     assert_eq!(status, 201, "{body}");
     let head = git(&fleet.remote, &["rev-parse", "main"]);
     let verify = Command::new("git")
@@ -1159,13 +1088,7 @@ fn credentials_never_appear_in_logs_status_metrics_or_errors() {
         status["git"]["url"],
         format!("http://deploy:***@127.0.0.1:{}/fleet.git", host.port)
     );
-    let (code, body) = fleet.call(
-        0,
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "team-a", "address": "127.0.4.1"})),
-    );
+    let (code, body) = post_agent(fleet.nodes[0].api, "team-a", "127.0.4.1");
     assert_eq!(code, 503, "{body}");
     let (_, hook) = fleet.daemon(0).post("/hooks/git");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", fleet.daemon(0).child.id())).unwrap();
@@ -1220,26 +1143,12 @@ fn the_webhook_needs_the_shared_secret_and_post_reconcile_fetches_first() {
     let head = git(&fleet.remote, &["rev-parse", "main"]);
     fleet.wait_applied(0, &head);
 
-    let c1 = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[("shop.example.com", "shop"), ("blog.example.com", "blog")]),
-        )],
-        "route blog",
-    );
+    let c1 = fleet.route_blog();
     let port = fleet.daemon(0).port;
     let body = format!("{{\"ref\":\"refs/heads/main\",\"after\":\"{c1}\"}}");
     let hook_from = |source: [u8; 4], headers: &[(&str, String)], body: &str| -> (u16, String) {
         use std::io::{Read, Write};
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&std::net::SocketAddr::from((source, 0)).into())
-            .unwrap();
-        socket
-            .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-            .unwrap();
-        let mut stream: std::net::TcpStream = socket.into();
+        let mut stream = connect_from(source.into(), port);
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -1304,15 +1213,12 @@ fn the_webhook_needs_the_shared_secret_and_post_reconcile_fetches_first() {
     assert_eq!(code, 202);
 
     // POST /reconcile fetches first: the commit is live when it answers.
-    let c2 = fleet.commit(
-        &[(
-            "domains.yaml",
-            &domains(&[
-                ("shop.example.com", "shop"),
-                ("blog.example.com", "blog"),
-                ("now.example.com", "shop"),
-            ]),
-        )],
+    let c2 = fleet.commit_domains(
+        &[
+            ("shop.example.com", "shop"),
+            ("blog.example.com", "blog"),
+            ("now.example.com", "shop"),
+        ],
         "route now",
     );
     let (code, body) = fleet.daemon(0).post("/reconcile");

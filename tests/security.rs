@@ -31,14 +31,7 @@ fn request_from(
     extra: &str,
     body: &str,
 ) -> Answer {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&std::net::SocketAddr::new(source.parse::<IpAddr>().unwrap(), 0).into())
-        .unwrap();
-    socket
-        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .unwrap();
-    let mut stream: std::net::TcpStream = socket.into();
+    let mut stream = connect_from(source.parse::<IpAddr>().unwrap(), port);
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -541,12 +534,7 @@ fn generated_names_cannot_collide_and_a_change_the_state_would_refuse_is_never_w
 
     // The administrator's agent cannot be redefined through the API: 409, nothing written,
     // and every tenant's next change still goes live.
-    let (status, body) = front.call(
-        "POST",
-        "/v1/agents",
-        Some(ADMIN),
-        Some(json!({"id": "admin-agent", "address": "127.0.9.10"})),
-    );
+    let (status, body) = post_agent(front.api, "admin-agent", "127.0.9.10");
     assert_eq!(status, 409, "{body}");
     assert!(
         !front
@@ -767,25 +755,35 @@ fn reload_forcing_changes_of_many_tenants_share_reloads() {
     }
 }
 
+/// Asserts that the environment of each process of the site's HAProxy (master and current
+/// workers) is readable and does not hold `secret`.
+fn assert_haproxy_environ_lacks(site: &Site, secret: &str) {
+    let proc = site
+        .master()
+        .show_proc(Duration::from_secs(2))
+        .expect("master answers");
+    let mut pids: Vec<u32> = proc.current().map(|w| w.pid).collect();
+    pids.push(proc.master_pid);
+    for pid in pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        assert!(
+            !environ.is_empty(),
+            "HAProxy {pid}'s environment is readable"
+        );
+        assert!(
+            !environ.contains(secret),
+            "HAProxy {pid} inherited: {environ}"
+        );
+    }
+}
+
 /// HAProxy expands `${VAR}` in quoted configuration strings and `env()` in expressions: a
 /// HAProxy started by lunafront (the daemon's child, or `apply` with `spawn: true`) must not
 /// inherit the admin token or any other `LUNAFRONT_*` secret from lunafront's environment.
 #[test]
 fn haproxy_started_by_lunafront_never_inherits_the_admin_token() {
-    let read_environ = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/environ"))
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    };
-    let pids_of = |site: &Site| {
-        let proc = site
-            .master()
-            .show_proc(Duration::from_secs(2))
-            .expect("master answers");
-        let mut pids: Vec<u32> = proc.current().map(|w| w.pid).collect();
-        pids.push(proc.master_pid);
-        pids
-    };
     let secret = "admin-token-that-must-stay-in-lunafront";
     let shop = http_backend("shop");
     let port = free_port();
@@ -810,17 +808,7 @@ fn haproxy_started_by_lunafront_never_inherits_the_admin_token() {
         ],
     );
     daemon.wait_for("/ready", 200, "ok", Duration::from_secs(20));
-    for pid in pids_of(&site) {
-        let environ = read_environ(pid);
-        assert!(
-            !environ.is_empty(),
-            "HAProxy {pid}'s environment is readable"
-        );
-        assert!(
-            !environ.contains(secret),
-            "HAProxy {pid} inherited: {environ}"
-        );
-    }
+    assert_haproxy_environ_lacks(&site, secret);
     drop(daemon);
     drop(site);
 
@@ -838,15 +826,5 @@ fn haproxy_started_by_lunafront_never_inherits_the_admin_token() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for pid in pids_of(&site) {
-        let environ = read_environ(pid);
-        assert!(
-            !environ.is_empty(),
-            "HAProxy {pid}'s environment is readable"
-        );
-        assert!(
-            !environ.contains(secret),
-            "HAProxy {pid} inherited: {environ}"
-        );
-    }
+    assert_haproxy_environ_lacks(&site, secret);
 }

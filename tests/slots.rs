@@ -59,6 +59,16 @@ fn state(site: &Site, port: u16, apps: &[App]) -> String {
     s
 }
 
+/// Applies a state with app shop alone (agent a1) and waits until it serves.
+fn serve_shop(site: &Site, port: u16, shop: &Server) {
+    site.apply_until_served(
+        &state(site, port, &[app("shop", "a1", shop.port)]),
+        port,
+        "shop.example.com",
+        "backend=shop",
+    );
+}
+
 /// The slot backend that holds `app` in the site's live configuration.
 fn slot_of(site: &Site, app: &str) -> String {
     let config = std::fs::read_to_string(site.path().join("live/haproxy.cfg")).unwrap();
@@ -112,14 +122,7 @@ fn a_new_app_on_a_known_or_new_agent_takes_a_free_slot_without_a_reload() {
     let port = free_port();
     let (shop, blog) = (http_backend("shop"), http_backend("blog"));
     let wiki = http_backend_everywhere("wiki");
-    site.write_state(&state(&site, port, &[app("shop", "a1", shop.port)]));
-    site.apply();
-    wait_for_route(
-        port,
-        "shop.example.com",
-        "backend=shop",
-        Duration::from_secs(5),
-    );
+    serve_shop(&site, port, &shop);
     let generation = site.generation();
 
     // A new app on a known agent: the plan says runtime, and the same worker serves it.
@@ -173,13 +176,11 @@ fn a_full_slot_pool_grows_with_one_reload_that_the_plan_explains() {
             .collect()
     };
     // One app: a pool of 32 slots.
-    site.write_state(&state(&site, port, &apps(1)));
-    site.apply();
-    wait_for_route(
+    site.apply_until_served(
+        &state(&site, port, &apps(1)),
         port,
         "app00.example.com",
         "backend=many",
-        Duration::from_secs(5),
     );
     let (reloads, workers) = site.generation();
 
@@ -246,17 +247,15 @@ fn removing_an_app_frees_its_slot_at_runtime_and_a_later_app_takes_it() {
         http_backend("blog"),
         http_backend("cart"),
     );
-    site.write_state(&state(
-        &site,
-        port,
-        &[app("blog", "a1", blog.port), app("shop", "a1", shop.port)],
-    ));
-    site.apply();
-    wait_for_route(
+    site.apply_until_served(
+        &state(
+            &site,
+            port,
+            &[app("blog", "a1", blog.port), app("shop", "a1", shop.port)],
+        ),
         port,
         "shop.example.com",
         "backend=shop",
-        Duration::from_secs(5),
     );
     assert_eq!(slot_of(&site, "shop"), "slot:http:2");
     let generation = site.generation();
@@ -298,14 +297,7 @@ fn health_checks_weights_and_maintenance_work_on_slotted_apps() {
     let port = free_port();
     let shop = http_backend("shop");
     let blog = http_backend("blog");
-    site.write_state(&state(&site, port, &[app("shop", "a1", shop.port)]));
-    site.apply();
-    wait_for_route(
-        port,
-        "shop.example.com",
-        "backend=shop",
-        Duration::from_secs(5),
-    );
+    serve_shop(&site, port, &shop);
     let generation = site.generation();
 
     // An app with a health check, added at runtime: `add server … check` + `enable health`.
@@ -386,13 +378,11 @@ fn statistics_are_per_app() {
         app("two", "a1", upstream.port),
         app("three", "a1", upstream.port),
     ];
-    site.write_state(&state(&site, port, &apps));
-    site.apply();
-    wait_for_route(
+    site.apply_until_served(
+        &state(&site, port, &apps),
         port,
         "one.example.com",
         "backend=any",
-        Duration::from_secs(5),
     );
     for _ in 0..2 {
         assert_eq!(backend_of(port, "one.example.com").0, 200);
@@ -421,14 +411,7 @@ fn a_rollback_that_hands_a_slot_to_another_app_reloads_so_no_request_crosses_ove
     let site = Site::new();
     let port = free_port();
     let (shop, blog) = (http_backend("shop"), http_backend("blog"));
-    site.write_state(&state(&site, port, &[app("shop", "a1", shop.port)]));
-    site.apply();
-    wait_for_route(
-        port,
-        "shop.example.com",
-        "backend=shop",
-        Duration::from_secs(5),
-    );
+    serve_shop(&site, port, &shop);
     // shop leaves slot 1; later blog takes it (a later change may reuse a freed slot).
     site.write_state(&state(&site, port, &[]));
     site.apply();

@@ -656,6 +656,15 @@ impl ApiFront {
         ApiFront::start_with(tls, api, extra, &[])
     }
 
+    /// `start_with`, returning once the daemon is ready (20 s at the most).
+    pub fn start_ready(tls: &str, api: &str, extra: &str, files: &[(&str, String)]) -> ApiFront {
+        let front = ApiFront::start_with(tls, api, extra, files);
+        front
+            .daemon
+            .wait_for("/ready", 200, "ok", Duration::from_secs(20));
+        front
+    }
+
     /// `start`, with `files` (path in the site → text) written before the daemon starts.
     /// `{API}` in `extra` is the API's port.
     pub fn start_with(tls: &str, api: &str, extra: &str, files: &[(&str, String)]) -> ApiFront {
@@ -694,9 +703,7 @@ impl ApiFront {
         token: Option<&str>,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        let (status, text) = super::http_json(self.api, method, path, token, body.as_ref());
-        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        (status, value)
+        api_call(self.api, method, path, token, body)
     }
 
     /// `call` from a loopback address of its own (each client has its own rate limit).
@@ -752,6 +759,31 @@ impl ApiFront {
     pub fn generation(&self) -> (u32, Vec<u32>) {
         self.site.generation()
     }
+}
+
+/// A request to the API on `api`: the status and the answer as JSON (a JSON string where it is
+/// not JSON).
+pub fn api_call(
+    api: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let (status, text) = super::http_json(api, method, path, token, body.as_ref());
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, value)
+}
+
+/// `POST /v1/agents` as the administrator to the API on `api`: agent `id` at `address`.
+pub fn post_agent(api: u16, id: &str, address: &str) -> (u16, serde_json::Value) {
+    api_call(
+        api,
+        "POST",
+        "/v1/agents",
+        Some(ADMIN),
+        Some(serde_json::json!({"id": id, "address": address})),
+    )
 }
 
 /// `lunafront daemon state --api 127.0.0.1:<api>` with the admin token and the clock file.

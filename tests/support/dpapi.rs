@@ -590,6 +590,33 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Whether a storage name would leave the storage folder (a path, or a dot file such as `..`).
+fn unsafe_name(name: &str) -> bool {
+    name.contains('/') || name.starts_with('.')
+}
+
+/// A 200 whose body is a stored file's bytes (`application/octet-stream`).
+fn file_response(bytes: Vec<u8>) -> Response {
+    Response {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/octet-stream".into())],
+        body: bytes,
+    }
+}
+
+/// Writes a POST's multipart `file_upload` into `dir`: its name and bytes, or the refusal
+/// (400 without an upload, 409 when the file exists).
+fn save_upload(r: &Request, dir: &Path) -> Result<(String, Vec<u8>), Response> {
+    let Some((name, bytes)) = upload(r) else {
+        return Err(error(400, "a multipart file_upload is required"));
+    };
+    if dir.join(&name).exists() {
+        return Err(error(409, "the file already exists"));
+    }
+    std::fs::write(dir.join(&name), &bytes).unwrap();
+    Ok((name, bytes))
+}
+
 fn storage(
     shared: &Arc<Shared>,
     r: &Request,
@@ -598,31 +625,21 @@ fn storage(
     name: Option<&str>,
 ) -> Response {
     let dir = shared.dir.join(kind);
-    if name.is_some_and(|n| n.contains('/') || n.starts_with('.')) {
+    if name.is_some_and(unsafe_name) {
         return error(400, "invalid name");
     }
     match (method, name) {
         ("GET", Some(name)) => match std::fs::read(dir.join(name)) {
-            Ok(bytes) => Response {
-                status: 200,
-                headers: vec![("Content-Type".into(), "application/octet-stream".into())],
-                body: bytes,
-            },
+            Ok(bytes) => file_response(bytes),
             Err(_) => error(404, "no such file"),
         },
-        ("POST", None) => {
-            let Some((name, bytes)) = upload(r) else {
-                return error(400, "a multipart file_upload is required");
-            };
-            if dir.join(&name).exists() {
-                return error(409, "the file already exists");
-            }
-            std::fs::write(dir.join(&name), bytes).unwrap();
-            json(
+        ("POST", None) => match save_upload(r, &dir) {
+            Ok((name, _)) => json(
                 201,
                 serde_json::json!({ "storage_name": name, "file": dir.join(&name) }),
-            )
-        }
+            ),
+            Err(refused) => refused,
+        },
         ("PUT", Some(name)) => {
             if !dir.join(name).exists() {
                 return error(404, "no such file");
@@ -679,7 +696,7 @@ fn ssl_storage(
     name: Option<&str>,
 ) -> Response {
     let dir = shared.dir.join("ssl");
-    if name.is_some_and(|n| n.contains('/') || n.starts_with('.')) {
+    if name.is_some_and(unsafe_name) {
         return error(400, "invalid name");
     }
     let meta = |name: &str, bytes: &[u8]| {
@@ -697,23 +714,13 @@ fn ssl_storage(
     match (method, name) {
         ("GET", Some(name)) => match std::fs::read(dir.join(name)) {
             Ok(bytes) if kind == "ssl_certificates" => json(200, meta(name, &bytes)),
-            Ok(bytes) => Response {
-                status: 200,
-                headers: vec![("Content-Type".into(), "application/octet-stream".into())],
-                body: bytes,
-            },
+            Ok(bytes) => file_response(bytes),
             Err(_) => error(404, "no such file"),
         },
-        ("POST", None) => {
-            let Some((name, bytes)) = upload(r) else {
-                return error(400, "a multipart file_upload is required");
-            };
-            if dir.join(&name).exists() {
-                return error(409, "the file already exists");
-            }
-            std::fs::write(dir.join(&name), &bytes).unwrap();
-            json(201, described(&name, &bytes))
-        }
+        ("POST", None) => match save_upload(r, &dir) {
+            Ok((name, bytes)) => json(201, described(&name, &bytes)),
+            Err(refused) => refused,
+        },
         ("PUT", Some(name)) => {
             if !dir.join(name).exists() {
                 return error(404, "no such file");
@@ -784,13 +791,18 @@ fn runtime_ssl_cert(shared: &Shared, r: &Request, method: &str, name: Option<&st
         ("DELETE", Some(path)) => api
             .run(&format!("del ssl cert {path}"), Expect::Any)
             .map_err(|e| e.to_string())
-            .and_then(|a| match a.contains("deleted") {
-                true => Ok(empty(204)),
-                false => Err(a),
-            }),
+            .and_then(deleted),
         _ => return error(404, "not found"),
     };
     result.unwrap_or_else(|e| error(400, &e))
+}
+
+/// A 204 when HAProxy's answer to a `del ssl …` says deleted; otherwise the answer, as the error.
+fn deleted(answer: String) -> Result<Response, String> {
+    match answer.contains("deleted") {
+        true => Ok(empty(204)),
+        false => Err(answer),
+    }
 }
 
 /// Entries of a crt-list HAProxy serves, at runtime.
@@ -819,10 +831,7 @@ fn runtime_crt_list(shared: &Shared, r: &Request, method: &str) -> Response {
             };
             api.run(&format!("del ssl crt-list {list} {cert}"), Expect::Any)
                 .map_err(|e| e.to_string())
-                .and_then(|a| match a.contains("deleted") {
-                    true => Ok(empty(204)),
-                    false => Err(a),
-                })
+                .and_then(deleted)
         }
         _ => return error(404, "not found"),
     };

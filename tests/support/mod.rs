@@ -639,6 +639,14 @@ impl Site {
         stdout
     }
 
+    /// Writes and applies `yaml`, then waits (5 s at the most) until `host` on `port` answers a
+    /// body starting with `prefix`.
+    pub fn apply_until_served(&self, yaml: &str, port: u16, host: &str, prefix: &str) {
+        self.write_state(yaml);
+        self.apply();
+        wait_for_route(port, host, prefix, Duration::from_secs(5));
+    }
+
     pub fn master(&self) -> lunafront::target::haproxy::socket::MasterCli {
         lunafront::target::haproxy::socket::MasterCli::new(&self.path().join("state/master.sock"))
     }
@@ -858,6 +866,41 @@ pub fn wait_for_route(port: u16, host: &str, prefix: &str, timeout: Duration) {
     panic!("{host} never answered {prefix:?}; last: {last:?}");
 }
 
+/// The whole response (status line, headers, body) to one GET with `Connection: close`.
+pub fn raw_get(port: u16, host: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// Runs `a` and `b` on two threads released at the same moment; returns both results.
+pub fn at_once<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| {
+            barrier.wait();
+            a()
+        });
+        let b = scope.spawn(|| {
+            barrier.wait();
+            b()
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    })
+}
+
 /// An HTTP/1.1 request with a JSON body (or none) and optional bearer token; returns
 /// (status, body).
 pub fn http_json(
@@ -880,6 +923,11 @@ pub fn http_json_from(
     token: Option<&str>,
     body: Option<&serde_json::Value>,
 ) -> (u16, String) {
+    exchange_json(connect_from(source, port), method, path, token, body)
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `source`.
+pub fn connect_from(source: std::net::IpAddr, port: u16) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket
         .bind(&std::net::SocketAddr::new(source, 0).into())
@@ -887,7 +935,7 @@ pub fn http_json_from(
     socket
         .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
         .unwrap();
-    exchange_json(socket.into(), method, path, token, body)
+    socket.into()
 }
 
 /// One JSON request on a connected stream: the status and the body of the answer.
@@ -1011,10 +1059,20 @@ impl Leaf {
 /// The certificate (DER) a TLS server on 127.0.0.1:`port` presents for server name `sni`,
 /// verified against `ca`.
 pub fn served_certificate(ca: &TestCa, port: u16, sni: &str) -> std::io::Result<Vec<u8>> {
+    served_certificate_with(ca.client_config(), port, sni)
+}
+
+/// The certificate (DER) a TLS server on 127.0.0.1:`port` presents for `sni`, verified by
+/// `config`.
+pub fn served_certificate_with(
+    config: Arc<rustls::ClientConfig>,
+    port: u16,
+    sni: &str,
+) -> std::io::Result<Vec<u8>> {
     let server_name =
         rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    let mut conn = rustls::ClientConnection::new(ca.client_config(), server_name)
-        .map_err(std::io::Error::other)?;
+    let mut conn =
+        rustls::ClientConnection::new(config, server_name).map_err(std::io::Error::other)?;
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     while conn.is_handshaking() {
