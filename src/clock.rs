@@ -62,6 +62,47 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Durations of a reconcile's or an apply's phases, for `LUNAFRONT_LOG=lunafront=debug`.
+pub struct PhaseTimer {
+    last: std::time::Instant,
+    phases: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Default for PhaseTimer {
+    fn default() -> PhaseTimer {
+        PhaseTimer::new()
+    }
+}
+
+impl PhaseTimer {
+    pub fn new() -> PhaseTimer {
+        PhaseTimer {
+            last: std::time::Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    pub fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.phases.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for PhaseTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, d)) in self.phases.iter().enumerate() {
+            write!(
+                f,
+                "{}{phase}={:.1}ms",
+                if i > 0 { " " } else { "" },
+                d.as_secs_f64() * 1000.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

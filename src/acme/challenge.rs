@@ -98,7 +98,10 @@ impl Challenges {
         }
         let key = format!("{host}/{token}");
         self.update(|pending| {
-            pending.insert(key, key_authorization.to_string()).as_deref() != Some(key_authorization)
+            pending
+                .insert(key, key_authorization.to_string())
+                .as_deref()
+                != Some(key_authorization)
         })
     }
 

@@ -545,8 +545,7 @@ impl Api {
     /// An agent declared by the administrator (not through the API): its entry is not the API's.
     fn admin_declared(&self, agent: &str, model: &Model) -> bool {
         model
-            .document()
-            .pointer(&format!("/agents/{agent}"))
+            .document_pointer(&format!("/agents/{}", pointer_token(agent)))
             .is_some_and(|a| a.get("owner").and_then(Value::as_str) != Some(agent))
     }
 
@@ -830,8 +829,7 @@ impl Api {
                 return Some(format!("agent `{owner}`"));
             }
         }
-        let document = model.document();
-        let entry = document.get("domains").and_then(|d| d.get(domain))?;
+        let entry = model.document_pointer(&format!("/domains/{}", pointer_token(domain)))?;
         match entry.get("owner").and_then(Value::as_str) {
             // Written by an agent's fragment: current only if that fragment still has it.
             Some(owner) if owner == agent => None,
@@ -1767,10 +1765,13 @@ pub fn is_agent_key(key: &str) -> bool {
 /// The key hash the administrator's files declare for `agent`.
 fn admin_key(agent: &str, model: &Model) -> Option<String> {
     model
-        .document()
-        .pointer(&format!("/agents/{agent}/key_sha256"))
-        .and_then(Value::as_str)
-        .map(str::to_string)
+        .document_pointer(&format!("/agents/{}/key_sha256", pointer_token(agent)))
+        .and_then(|v| v.as_str().map(str::to_string))
+}
+
+/// A name as one token of a JSON pointer (`~` and `/` escaped).
+fn pointer_token(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
 }
 
 fn quota(agent: &str, settings: &Settings) -> ApiError {

@@ -259,6 +259,8 @@ fn run_with(
         last_reload: None,
         for_api: false,
         state_lock: repo.as_ref().map(|r| r.state_lock.clone()),
+        last_converged: None,
+        file_events_only: false,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

@@ -182,6 +182,46 @@ pub struct Reconciler {
     pub state_lock: Option<Arc<Mutex<()>>>,
     /// Issuance and renewal of ACME certificates, told what the applied state wants.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
+    /// What the last reconcile that left the target running the whole state read, and what
+    /// the target's files were then: a file event that changed neither (the API's own write,
+    /// already applied by the reconcile it asked for) is answered without planning again.
+    pub last_converged: Option<Converged>,
+    /// The requests being served are all file events (an API change or an ACME certificate
+    /// batched with them must be planned whatever the files say).
+    pub file_events_only: bool,
+}
+
+/// See `Reconciler::last_converged`.
+#[derive(Clone, PartialEq)]
+pub struct Converged {
+    input: u64,
+    manifest: Option<(u64, u64, std::time::SystemTime)>,
+}
+
+/// A digest of everything a reconcile reads from the state folder: the files' text, the
+/// certificate folders' digests and the commit.
+fn input_digest(source: &crate::spec::load::Source, git_commit: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in &source.files {
+        (&f.path, &f.text).hash(&mut h);
+    }
+    for (listener, dir) in &source.certificates {
+        (listener, &dir.path).hash(&mut h);
+        match &dir.files {
+            Ok(files) => files.iter().for_each(|f| (&f.name, &f.sha256).hash(&mut h)),
+            Err(e) => e.hash(&mut h),
+        }
+    }
+    git_commit.hash(&mut h);
+    h.finish()
+}
+
+/// Which manifest the target's folder holds (each apply replaces it by rename).
+fn manifest_stamp(target: &HaproxyTarget) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(haproxy::config_dir(target).join(crate::render::MANIFEST)).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()?))
 }
 
 impl Reconciler {
@@ -212,6 +252,7 @@ impl Reconciler {
             }
             let trigger = batch.iter().map(|r| r.trigger).min().expect("one request");
             self.for_api = batch.iter().any(|r| r.trigger == Trigger::Api);
+            self.file_events_only = batch.iter().all(|r| r.trigger == Trigger::Files);
             let outcome = self.reconcile(trigger);
             // A reconcile past the settle time that neither applied nor held the change again
             // ended before it (the state does not validate now): what was held is no longer
@@ -326,7 +367,7 @@ impl Reconciler {
             o.diagnostics = diagnostics;
             o
         };
-        let mut timer = PhaseTimer::new();
+        let mut timer = crate::clock::PhaseTimer::new();
         // The commit the state is read at: recorded with what gets applied (a checkout that
         // moved while it was read is no one commit).
         let read_lock = self.state_lock.clone();
@@ -342,6 +383,22 @@ impl Reconciler {
             commit_before.filter(|c| git_head(&self.state_folder()).as_ref() == Some(c));
         drop(read_guard);
         timer.lap("load");
+        let converged = match &self.drive {
+            Drive::Local(target) => Some(Converged {
+                input: input_digest(&source, git_commit.as_deref()),
+                manifest: manifest_stamp(target),
+            }),
+            Drive::Fleet(_) => None,
+        };
+        if self.file_events_only
+            && self.holding.is_none()
+            && converged.is_some()
+            && self.last_converged == converged
+        {
+            return Self::outcome(trigger, "unchanged");
+        }
+        // Set again below once this reconcile leaves the target on the whole state.
+        self.last_converged = None;
         let validation = validate(&source);
         timer.lap("validate");
         let mut held_back = Vec::new();
@@ -495,6 +552,9 @@ impl Reconciler {
             if let Some(acme) = &self.acme {
                 acme.wanted(&model);
             }
+            if !partial {
+                self.last_converged = converged;
+            }
             return finish(Self::outcome(trigger, "unchanged"));
         }
 
@@ -553,6 +613,22 @@ impl Reconciler {
                 }
                 if let Some(acme) = &self.acme {
                     acme.wanted(&model);
+                }
+                if let Some(manifest) = prepared.plan.new_files.get(crate::render::MANIFEST) {
+                    files::remember_recorded(
+                        haproxy::config_dir(&target),
+                        manifest,
+                        match model.with_binds(&self.options.binds) {
+                            std::borrow::Cow::Borrowed(_) => model.clone(),
+                            std::borrow::Cow::Owned(bound) => Arc::new(bound),
+                        },
+                    );
+                }
+                if !partial && applied.unrecorded.is_none() {
+                    self.last_converged = converged.map(|c| Converged {
+                        manifest: manifest_stamp(&target),
+                        ..c
+                    });
                 }
                 finish(o)
             }
@@ -761,40 +837,5 @@ pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptio
         Targets::Fleet(_) => Err(format!(
             "`{name}` is not a haproxy target: it is driven as a fleet"
         )),
-    }
-}
-
-/// Durations of a reconcile's phases, for `LUNAFRONT_LOG=lunafront=debug`.
-struct PhaseTimer {
-    last: Instant,
-    phases: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl PhaseTimer {
-    fn new() -> PhaseTimer {
-        PhaseTimer {
-            last: Instant::now(),
-            phases: Vec::new(),
-        }
-    }
-
-    fn lap(&mut self, phase: &'static str) {
-        let now = Instant::now();
-        self.phases.push((phase, now - self.last));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for PhaseTimer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, d)) in self.phases.iter().enumerate() {
-            write!(
-                f,
-                "{}{phase}={:.1}ms",
-                if i > 0 { " " } else { "" },
-                d.as_secs_f64() * 1000.0
-            )?;
-        }
-        Ok(())
     }
 }

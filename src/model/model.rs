@@ -63,6 +63,32 @@ impl Model {
         serde_json::from_str(self.document.json()).expect("written by StateDocument::new")
     }
 
+    /// One value of the state document by JSON pointer (`/domains/shop.example.com/owner`),
+    /// without building the rest: each level is only scanned. An API call looks up one entry
+    /// of a document that holds every route of the platform.
+    pub fn document_pointer(&self, pointer: &str) -> Option<serde_json::Value> {
+        use serde_json::value::RawValue;
+        let mut raw: &RawValue = self.document.raw();
+        if !pointer.is_empty() {
+            for token in pointer.strip_prefix('/')?.split('/') {
+                let key = token.replace("~1", "/").replace("~0", "~");
+                raw = match raw.get().as_bytes().first() {
+                    Some(b'{') => {
+                        let entries: std::collections::HashMap<String, &RawValue> =
+                            serde_json::from_str(raw.get()).ok()?;
+                        entries.get(&key).copied()?
+                    }
+                    Some(b'[') => {
+                        let items: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+                        items.get(key.parse::<usize>().ok()?).copied()?
+                    }
+                    _ => return None,
+                };
+            }
+        }
+        serde_json::from_str(raw.get()).ok()
+    }
+
     /// The state document as kept: compact JSON.
     pub fn document_text(&self) -> &StateDocument {
         &self.document

@@ -133,10 +133,34 @@ pub fn read_recorded(dir: &Path) -> Result<Option<Recorded>, String> {
     recorded_from_text(&text, &path).map(Some)
 }
 
+/// The manifest read last: its path, the digest of its text, and what it records.
+static LAST: Mutex<Option<(PathBuf, String, Recorded)>> = Mutex::new(None);
+
+/// An apply that just wrote `manifest` into `dir` knows the model it records (`model`, as
+/// rendered for the target): the next read of that manifest need not validate it again.
+pub fn remember_recorded(dir: &Path, manifest: &[u8], model: Arc<Model>) {
+    #[derive(serde::Deserialize)]
+    struct Files {
+        #[serde(default)]
+        files: BTreeMap<String, String>,
+    }
+    let Ok(recorded) = serde_json::from_slice::<Files>(manifest) else {
+        return;
+    };
+    let digest = crate::plan::sha256_hex(manifest);
+    *LAST.lock().expect("manifest cache") = Some((
+        dir.join(MANIFEST),
+        digest,
+        Recorded {
+            model,
+            files: recorded.files,
+        },
+    ));
+}
+
 /// The state a manifest records (`origin` names it in messages). The last one read is kept
 /// for as long as its text does not change.
 pub fn recorded_from_text(text: &str, origin: &Path) -> Result<Recorded, String> {
-    static LAST: Mutex<Option<(PathBuf, String, Recorded)>> = Mutex::new(None);
     let path = origin.to_path_buf();
     let digest = crate::plan::sha256_hex(text.as_bytes());
     if let Some((p, d, recorded)) = LAST.lock().expect("manifest cache").as_ref()

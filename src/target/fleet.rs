@@ -136,10 +136,14 @@ pub fn revision_of(document_json: &str) -> String {
 
 /// The revision a target holds (from the manifest the last apply left), if any.
 pub fn live_revision(live: &Live) -> Option<String> {
-    let manifest: serde_json::Value = serde_json::from_slice(live.files.get(MANIFEST)?).ok()?;
-    Some(revision_of(
-        &serde_json::to_string(manifest.get("document")?).ok()?,
-    ))
+    // Only the document, as written (compact JSON, keys in order): the rest is skipped.
+    #[derive(serde::Deserialize)]
+    struct Manifest<'a> {
+        #[serde(borrow)]
+        document: &'a serde_json::value::RawValue,
+    }
+    let manifest: Manifest = serde_json::from_slice(live.files.get(MANIFEST)?).ok()?;
+    Some(revision_of(manifest.document.get()))
 }
 
 /// Waits until the canary check answers 2xx: a GET of its URL, with its Host header when set

@@ -661,3 +661,39 @@ fn every_code_has_a_row() {
     // The scan sees what it should: 57 codes (the 9 of ACME, redirects and HSTS among them).
     assert!(codes.len() >= 57, "{codes:?}");
 }
+
+#[test]
+fn a_document_pointer_finds_what_the_whole_document_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("state.yaml"),
+        "version: 1\nlisteners:\n  web: { bind: \"127.0.0.1:8080\" }\nbackends:\n  shop: { servers: [ { address: 10.0.0.1, port: 80 } ] }\ndomains:\n  shop.example.com: { backend: shop, owner: agent-7 }\n  a.example.com: { backend: shop }\n",
+    )
+    .unwrap();
+    let source = load_path(&dir.path().join("state.yaml")).unwrap();
+    let validation = validate(&source);
+    let model = validation
+        .model
+        .unwrap_or_else(|| panic!("{:?}", validation.diagnostics));
+    let document = model.document();
+    for pointer in [
+        "",
+        "/domains",
+        "/domains/shop.example.com/owner",
+        "/domains/a~0b.example.com",
+        "/backends/shop/servers/0/port",
+        "/backends/shop/servers/1",
+        "/domains/nowhere.example.com",
+        "/listeners/web/bind/x",
+    ] {
+        assert_eq!(
+            model.document_pointer(pointer),
+            document.pointer(pointer).cloned(),
+            "{pointer}"
+        );
+    }
+    assert_eq!(
+        model.document_pointer("/domains/shop.example.com/owner"),
+        Some(serde_json::json!("agent-7"))
+    );
+}

@@ -165,8 +165,10 @@ pub fn apply_with(
         target: name.to_string(),
         detail,
     };
+    let mut timer = crate::clock::PhaseTimer::new();
     let staging = Staging::write(dir, &request.files)
         .map_err(|e| prepare(format!("staging the files: {e}")))?;
+    timer.lap("stage");
     let staged_config = staging.dir.join(&request.options.config_name);
     let config_name = &request.options.config_name;
     let mut notes = Vec::new();
@@ -224,6 +226,7 @@ pub fn apply_with(
             )
             .map(|()| commands)
         });
+        timer.lap("runtime");
         let checked = check
             .join()
             .unwrap_or_else(|_| Err("haproxy -c did not finish".into()));
@@ -241,7 +244,9 @@ pub fn apply_with(
                 },
             });
         }
+        timer.lap("check");
         swap(true)?;
+        timer.lap("swap");
         match runtime {
             Ok(commands) => How::Runtime { commands },
             Err(e) => {
@@ -297,6 +302,7 @@ pub fn apply_with(
         .map(|e| {
             format!("what HAProxy runs could not be recorded ({e}): the next plan reloads it")
         });
+    timer.lap("marker");
     let seq = match History::new(&target.state_dir).record_applied(request, &how, target.history) {
         Ok(seq) => Some(seq),
         Err(e) => {
@@ -307,6 +313,8 @@ pub fn apply_with(
             None
         }
     };
+    timer.lap("history");
+    tracing::debug!(phases = %timer, "apply timings");
     Ok(Applied {
         how,
         seq,
