@@ -773,6 +773,33 @@ fn the_restart_counter_counts_a_restart_without_waiting_for_a_reconcile() {
     );
 }
 
+/// A HAProxy the daemon starts that exits at once (a listener port someone else holds:
+/// `haproxy -c` cannot see that) was waited for the whole reload timeout, and the daemon
+/// reported only "HAProxy did not come up within 10s". It now notices the exit and reports
+/// HAProxy's own reason.
+#[test]
+fn a_haproxy_that_exits_at_start_is_reported_with_its_reason_not_a_timeout() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    site.write_state(&shop_state(&site, port, &apps, None));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    let status = daemon.wait_for(
+        "/status",
+        200,
+        "cannot bind socket",
+        Duration::from_secs(60),
+    );
+    assert!(
+        status.contains("HAProxy exited before it served"),
+        "{status}\n{}",
+        daemon.log_text()
+    );
+    assert!(!status.contains("did not come up within"), "{status}");
+    drop(taken);
+}
+
 #[test]
 fn ready_is_503_after_a_rolled_back_apply_and_200_once_fixed_while_health_stays_200() {
     let site = Site::new();

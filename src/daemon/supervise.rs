@@ -98,6 +98,8 @@ impl Supervisor {
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        // What this HAProxy writes starts here: its reason, should it exit at once.
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         // Its own process group: a Ctrl-C or a signal to the daemon's group does not reach
         // HAProxy directly; the daemon stops it gracefully on its way out.
         let child = process::haproxy_command(&target.haproxy_bin)
@@ -118,7 +120,20 @@ impl Supervisor {
         self.ever_ran.store(true, Ordering::SeqCst);
         *child_slot = Some(child);
         drop(child_slot);
-        let worker = process::wait_ready(target, target.reload_timeout.as_std())?;
+        let worker =
+            process::wait_ready_while(target, target.reload_timeout.as_std(), &mut || {
+                let status = match self.child.lock().expect("child lock").as_mut() {
+                    Some(child) => child.try_wait().ok().flatten(),
+                    None => None,
+                };
+                match status {
+                    None => Ok(()),
+                    Some(status) => Err(format!(
+                        "HAProxy exited before it served ({status}): {}",
+                        log_since(&log_path, log_start)
+                    )),
+                }
+            })?;
         // It read the files on disk: it runs them (an interrupted apply is finished by this).
         marker::started_on_disk(target);
         Ok(worker)
@@ -230,5 +245,22 @@ fn signal(pid: u32, signal: i32) {
     // and checked alive just before); no memory is shared.
     unsafe {
         libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// What HAProxy wrote to its log from `offset` on: its reason for exiting (the last lines,
+/// at most 2 KB).
+fn log_since(path: &std::path::Path, offset: u64) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(b.get(offset as usize..).unwrap_or_default()).into_owned())
+        .unwrap_or_default();
+    let text = text.trim();
+    let start = text.len().saturating_sub(2048);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    match &text[start..] {
+        "" => "nothing in its log".to_string(),
+        reason => reason.replace('\n', " | "),
     }
 }

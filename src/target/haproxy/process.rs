@@ -204,6 +204,17 @@ pub fn master_socket_arg(target: &HaproxyTarget) -> String {
 
 /// Waits until a master answers and the runtime socket answers from one of its workers.
 pub fn wait_ready(target: &HaproxyTarget, timeout: Duration) -> Result<u32, String> {
+    wait_ready_while(target, timeout, &mut || Ok(()))
+}
+
+/// `wait_ready` for a HAProxy started as a child: `exited` says (with HAProxy's reason) when
+/// it ended before it answered — a listener that cannot bind, say — rather than waiting out
+/// the whole timeout.
+pub fn wait_ready_while(
+    target: &HaproxyTarget,
+    timeout: Duration,
+    exited: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<u32, String> {
     let deadline = Instant::now() + timeout;
     let master = MasterCli::new(&target.master_socket);
     let runtime = RuntimeApi::new(&target.runtime_socket);
@@ -214,6 +225,7 @@ pub fn wait_ready(target: &HaproxyTarget, timeout: Duration) -> Result<u32, Stri
         {
             return Ok(pid);
         }
+        exited()?;
         if Instant::now() >= deadline {
             return Err(format!(
                 "HAProxy did not come up within {}s (master socket {}, runtime socket {})",
