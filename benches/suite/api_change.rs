@@ -155,6 +155,7 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
                 why,
                 false,
             );
+            finish(listen, _daemon, platform, &dir, n);
             continue;
         }
         let reloaded = metric(listen, "lunafront_reloads_total").saturating_sub(reloads_before);
@@ -301,26 +302,7 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
                 met,
             );
         }
-        // The HAProxy the daemon supervises is stopped by its master's PID (from /status): the
-        // platform's pidfile alone left it running after this scenario.
-        let master = status_master_pid(listen);
-        drop(_daemon);
-        drop(platform);
-        if let Some(pid) = master {
-            procs::signal(pid, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        // With `LUNAFRONT_LOG=lunafront=debug` the daemon logs each reconcile's phases: its log
-        // is kept to say where the time goes.
-        if std::env::var_os("LUNAFRONT_LOG").is_some() {
-            let kept = std::env::temp_dir().join(format!("lunafront-bench-api-{n}.log"));
-            let _ = std::fs::copy(dir.join("daemon.log"), &kept);
-            eprintln!("the daemon's log: {}", kept.display());
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        finish(listen, _daemon, platform, &dir, n);
     }
     if let [(small, a), (large, b)] = p50_by_size[..] {
         let growth = b / a;
@@ -334,6 +316,31 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
     }
     table.note("The administrator's route endpoint (an agent's `POST /api/proxy/http` runs the same code after its token check); each change is answered when live, then the new host is polled every 2 ms on a fresh connection. `add map` is HAProxy's own runtime command on the same HAProxy at the same map size (median of 30, each undone), the physical limit of a route change. The burst's probe asks a route live before it every 2 ms: any answer but 200 is a failed request.");
     report.tables.push(table);
+}
+
+/// Ends one size's run, whether it measured or failed: stops the daemon and the HAProxy it
+/// supervises, keeps the daemon's log, removes the folder.
+fn finish(listen: u16, daemon: Proc, platform: Platform, dir: &Path, n: usize) {
+    // The HAProxy the daemon supervises is stopped by its master's PID (from /status): the
+    // platform's pidfile alone left it running after this scenario.
+    let master = status_master_pid(listen);
+    drop(daemon);
+    drop(platform);
+    if let Some(pid) = master {
+        procs::signal(pid, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // With `LUNAFRONT_LOG=lunafront=debug` the daemon logs each reconcile's phases: its log
+    // is kept to say where the time goes.
+    if std::env::var_os("LUNAFRONT_LOG").is_some() {
+        let kept = std::env::temp_dir().join(format!("lunafront-bench-api-{n}.log"));
+        let _ = std::fs::copy(dir.join("daemon.log"), &kept);
+        eprintln!("the daemon's log: {}", kept.display());
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The PID of the HAProxy master the daemon supervises, from its /status.
