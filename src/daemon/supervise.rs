@@ -127,11 +127,13 @@ impl Supervisor {
                     None => None,
                 };
                 match status {
-                    None => Ok(()),
-                    Some(status) => Err(format!(
+                    // Killed from outside (a signal), it is restarted like any HAProxy that
+                    // dies: the wait goes on. Only its own failure to start ends it.
+                    Some(status) if status.code().is_some_and(|code| code != 0) => Err(format!(
                         "HAProxy exited before it served ({status}): {}",
                         log_since(&log_path, log_start)
                     )),
+                    _ => Ok(()),
                 }
             })?;
         // It read the files on disk: it runs them (an interrupted apply is finished by this).
