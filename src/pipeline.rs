@@ -52,6 +52,7 @@ pub fn prepare_overlaid(
     target: &Target,
 ) -> Result<Prepared, PipelineError> {
     let options = target::render_options(target);
+    let mut timer = crate::clock::PhaseTimer::new();
     // Read the target first: the rendering starts from the app slots its configuration holds.
     let live = target::observe_paths(
         name,
@@ -59,7 +60,9 @@ pub fn prepare_overlaid(
         &options,
         render::output_paths(model, &options),
     )?;
+    timer.lap("observe");
     let rendered = render::render_onto(model, &options, &live.slot_pools(&options.config_name))?;
+    timer.lap("render");
     // A Data Plane API gives no certificate back: it is known to hold one only against the
     // exact file expected (the API's fingerprint and the recorded apply). Read it again against
     // the rendering, or every certificate it holds would look changed outside lunafront.
@@ -70,6 +73,8 @@ pub fn prepare_overlaid(
         Target::Haproxy(_) => live,
     };
     let plan = plan::make_plan(name, model, &rendered, &live);
+    timer.lap("plan");
+    tracing::debug!(phases = %timer, "prepare timings");
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),

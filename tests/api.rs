@@ -1196,3 +1196,114 @@ fn mongodb_terminated_at_the_front_uses_the_private_ca_per_name_and_csrs_and_ren
             .contains("PRIVATE KEY")
     );
 }
+
+/// Route changes made at the same moment are checked together (one validation of the state with
+/// all of them, `api::batch`), and that keeps every rule a change checked alone obeys: a name
+/// two agents claim at once goes to one of them, one agent's changes all land (none overwrites
+/// another made beside it), and its route quota holds.
+#[test]
+fn route_changes_at_the_same_moment_keep_names_quotas_and_every_change() {
+    let front = Front::start("  limits: { routes_per_agent: 4 }\n");
+    let app = http_backend_everywhere("app");
+    for i in 0..10 {
+        front.register(&format!("agent-{i}"));
+    }
+    // agent-0..7: one route each; agent-8 and agent-9: the same name; agent-9 also asks for
+    // six routes of its own, over its quota of four (with the shared name, seven changes).
+    let mut asks: Vec<(String, String)> = (0..8)
+        .map(|i| (format!("agent-{i}"), format!("own{i}")))
+        .collect();
+    asks.push(("agent-8".into(), "same".into()));
+    asks.push(("agent-9".into(), "same".into()));
+    asks.extend((0..6).map(|k| ("agent-9".to_string(), format!("many{k}"))));
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(asks.len()));
+    let (api, port) = (front.api, app.port);
+    let answers: Vec<(String, String, u16, String)> = asks
+        .into_iter()
+        .map(|(agent, label)| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let (status, body) = http_json(
+                    api,
+                    "POST",
+                    &format!("/v1/agents/{agent}/routes"),
+                    Some(ADMIN),
+                    Some(&json!({"subdomain": label, "port": port})),
+                );
+                (agent, label, status, body)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let status_of = |agent: &str, label: &str| {
+        answers
+            .iter()
+            .find(|(a, l, _, _)| a == agent && l == label)
+            .map(|(_, _, s, b)| (*s, b.clone()))
+            .unwrap()
+    };
+    for i in 0..8 {
+        let (status, body) = status_of(&format!("agent-{i}"), &format!("own{i}"));
+        assert_eq!(status, 201, "agent-{i}: {body}");
+    }
+    // The shared name: exactly one owner.
+    let same: Vec<u16> = ["agent-8", "agent-9"]
+        .iter()
+        .map(|a| status_of(a, "same").0)
+        .collect();
+    assert_eq!(
+        same.iter().filter(|s| **s == 201).count(),
+        1,
+        "one of the two gets the name: {answers:?}"
+    );
+    assert!(same.contains(&409), "{answers:?}");
+    let owner = if same[0] == 201 { "agent-8" } else { "agent-9" };
+    // agent-9's quota: four routes in all, whatever came first.
+    let fragment = |agent: &str| -> Value {
+        let text = std::fs::read_to_string(
+            front
+                .site
+                .path()
+                .join(format!("state/agents.d/{agent}.yaml")),
+        )
+        .unwrap();
+        serde_yaml::from_str(&text).unwrap()
+    };
+    let nine = fragment("agent-9");
+    let nine_routes = nine["domains"].as_object().map_or(0, |d| d.len());
+    assert_eq!(nine_routes, 4, "agent-9 holds its quota exactly: {nine}");
+    let many_ok = (0..6)
+        .filter(|k| status_of("agent-9", &format!("many{k}")).0 == 201)
+        .count();
+    assert_eq!(
+        many_ok + usize::from(owner == "agent-9"),
+        4,
+        "every accepted change of agent-9 is in its file: {answers:?}"
+    );
+    for k in 0..6 {
+        let (status, body) = status_of("agent-9", &format!("many{k}"));
+        assert!(status == 201 || status == 403, "many{k}: {status} {body}");
+    }
+    // What was accepted is live and in the files; what was refused is not.
+    for (agent, label, status, _) in &answers {
+        let host = format!("{label}.apps.example.com");
+        let (got, body) = http_get(front.http, &host, "/").unwrap();
+        if *status == 201 && (label != "same" || agent == owner) {
+            assert_eq!(
+                (got, body.starts_with("backend=app ")),
+                (200, true),
+                "{host}"
+            );
+            assert_eq!(fragment(agent)["domains"][&host]["owner"], agent.as_str());
+        } else if label != "same" {
+            assert_eq!(got, 404, "{host} was refused: {body}");
+        }
+    }
+    let (_, plan, _) = front
+        .site
+        .lunafront(&["plan", "state", "--detailed-exitcode"]);
+    assert!(plan.contains("No changes"), "{plan}");
+}

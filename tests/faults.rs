@@ -202,8 +202,12 @@ impl Drop for HiddenSocket {
 
 // ---- The apply path ----
 
+/// A runtime change is not checked again with `haproxy -c`: HAProxy's runtime API parsed and
+/// took each line that differs (the plan allows no other difference). Here `haproxy -c` refuses
+/// everything, and the change still goes live and is applied; the files it leaves are ones the
+/// real `haproxy -c` accepts.
 #[test]
-fn haproxy_c_refusing_after_runtime_commands_went_live_puts_haproxy_back_on_its_files() {
+fn a_runtime_change_haproxy_took_is_not_checked_again_and_its_files_pass_haproxy_c() {
     let site = Site::new();
     let apps = Apps::new();
     let port = free_port();
@@ -214,11 +218,77 @@ fn haproxy_c_refusing_after_runtime_commands_went_live_puts_haproxy_back_on_its_
     let bin = Some(faulty.bin.as_path());
     site.write_state(&shop_state(&site, port, &apps, bin));
     site.apply();
+    let counters = proc_counters(&site);
+
+    faulty.arm();
+    site.write_state(&state(
+        &site,
+        port,
+        &apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        bin,
+        true,
+    ));
+    let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(serves(port, "blog.example.com", "blog"));
+    assert!(serves(port, "shop.example.com", "shop"));
+    assert_eq!(
+        proc_counters(&site),
+        counters,
+        "a runtime change, no reload"
+    );
+    faulty.disarm();
+    let config = site.path().join("live/haproxy.cfg");
+    assert!(
+        site.live_files()
+            .values()
+            .any(|t| String::from_utf8_lossy(t).contains("blog.example.com"))
+    );
+    lunafront::target::haproxy::process::check_config(Path::new(&haproxy_bin()), &config)
+        .expect("the files a runtime change leaves pass haproxy -c");
+}
+
+/// The runtime socket moved away: no runtime command can go through. `restore_runtime_socket`
+/// (shell) puts it back before a reload: the new worker takes over the old one's sockets, this
+/// one included, by their path.
+fn hide_runtime_socket(site: &Site) {
+    let socket = site.path().join("state/admin.sock");
+    std::fs::rename(&socket, site.path().join("state/admin.sock.hidden")).unwrap();
+}
+
+fn restore_runtime_socket(site: &Site) -> String {
+    let socket = site.path().join("state/admin.sock");
+    format!(
+        "mv {}.hidden {} 2>/dev/null",
+        socket.display(),
+        socket.display()
+    )
+}
+
+#[test]
+fn a_runtime_change_that_fails_is_reloaded_only_onto_files_haproxy_c_accepts() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        &format!(
+            "{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+            restore_runtime_socket(&site)
+        ),
+    );
+    let bin = Some(faulty.bin.as_path());
+    site.write_state(&shop_state(&site, port, &apps, bin));
+    site.apply();
     let before = site.live_files();
     let counters = proc_counters(&site);
 
-    // A new domain: a runtime change, live at once, while `haproxy -c` refuses the files.
+    // A new domain: a runtime change, which cannot go through; the reload that replaces it
+    // needs `haproxy -c` to accept the files, and it refuses them.
     faulty.arm();
+    hide_runtime_socket(&site);
     site.write_state(&state(
         &site,
         port,
@@ -235,8 +305,8 @@ fn haproxy_c_refusing_after_runtime_commands_went_live_puts_haproxy_back_on_its_
             && stderr.contains("(injected) the configuration is refused"),
         "{stderr}"
     );
-    // The files were never replaced, and HAProxy was reloaded on them once: the runtime change
-    // is gone again.
+    // The files were never replaced, and HAProxy was reloaded on them once (whatever the
+    // failed runtime change left is gone).
     assert_eq!(site.live_files(), before);
     assert_eq!(proc_counters(&site), (counters.0 + 1, counters.1));
     assert_eq!(http_get(port, "blog.example.com", "/").unwrap().0, 404);
@@ -254,7 +324,8 @@ fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
     let faulty = FaultyHaproxy::new(
         site.path(),
         &format!(
-            "{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+            "{}\n{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+            restore_runtime_socket(&site),
             HiddenSocket::shell(&master)
         ),
     );
@@ -264,6 +335,7 @@ fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
     let before = site.live_files();
 
     faulty.arm();
+    hide_runtime_socket(&site);
     let _hidden = HiddenSocket::guard(&master);
     site.write_state(&state(
         &site,

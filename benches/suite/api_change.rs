@@ -74,6 +74,11 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
     } else {
         (&[10_000, 100_000], 20, 100)
     };
+    // `LUNAFRONT_BENCH_API_SIZES=10000` measures only those sizes (profiling one of them).
+    let chosen: Option<Vec<usize>> = std::env::var("LUNAFRONT_BENCH_API_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let sizes = chosen.as_deref().unwrap_or(sizes);
     let (_origin, origin_port) = procs::origin(root);
     let mut table = Table::new(
         &format!(

@@ -5,6 +5,7 @@
 //! once live.
 
 pub mod auth;
+pub mod batch;
 pub mod certs;
 pub mod compat;
 pub mod ops;
@@ -428,6 +429,8 @@ pub struct Shared {
     pub daemon_listen: SocketAddr,
     /// With `--git`: changes are committed and pushed through this clone.
     pub git: Option<Arc<crate::git::Repo>>,
+    /// Where a change's validated state is handed to the reconcile it asks for.
+    pub prevalidated: crate::daemon::reconcile::Prevalidated,
 }
 
 /// Opens the API's stores (tokens, CA) and its router.
@@ -465,6 +468,9 @@ pub fn build(
             None => store::Store::new(&state_path),
         },
         model: shared.model,
+        prevalidated: shared.prevalidated,
+        batches: Default::default(),
+        agent_locks: Default::default(),
         data_dir: options.data_dir.clone(),
         front: vec![options.listen, shared.daemon_listen],
         binds: target.fleet().binds.clone(),

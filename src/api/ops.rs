@@ -333,6 +333,31 @@ pub struct Saved {
     old: Fragment,
 }
 
+impl Saved {
+    /// A change that needs no reload, by `caller`, made on the agent's fragment `old`.
+    pub(super) fn new(
+        caller: &Caller,
+        message: String,
+        settings: &Settings,
+        old: Fragment,
+    ) -> Saved {
+        Saved {
+            reload: false,
+            change: Commit {
+                author: caller.name().to_string(),
+                message,
+            },
+            commit: settings.git_commit,
+            old,
+        }
+    }
+
+    /// The commit to make in the state folder's checkout, if one is made (`api.git_commit`).
+    pub(super) fn commit(&self) -> Option<&Commit> {
+        self.commit.then_some(&self.change)
+    }
+}
+
 pub struct Api {
     pub tokens: TokenStore,
     pub admin: AdminToken,
@@ -345,6 +370,12 @@ pub struct Api {
     pub store: Store,
     /// The last state that validated (published by the reconcile loop).
     pub model: Arc<Mutex<Option<Arc<Model>>>>,
+    /// The whole state as an accepted change makes it, validated, for the reconcile that
+    /// makes the change live (it does not validate the same files again).
+    pub prevalidated: crate::daemon::reconcile::Prevalidated,
+    /// Route changes checked together (`batch`), one at a time per agent.
+    pub batches: super::batch::Batches,
+    pub agent_locks: super::batch::AgentLocks,
     pub data_dir: PathBuf,
     /// The front's own TCP listeners outside HAProxy (the API, the daemon's health/metrics
     /// port): never a route target.
@@ -863,7 +894,8 @@ impl Api {
             .clone()
             .ok_or_else(|| ApiError::unavailable("the state sets no `api.apps_domain`"))?;
         let domain = format!("{label}.{apps}");
-        let _guard = self.store.lock();
+        let _agent = self.agent_locks.lock(agent);
+        let guard = self.store.lock();
         let all = self
             .store
             .read_all()
@@ -903,7 +935,8 @@ impl Api {
                 service: (label != service).then(|| service.to_string()),
             },
         );
-        let saved = self.save(
+        let saved = self.save_route(
+            guard,
             caller,
             agent,
             &fragment,
@@ -1229,10 +1262,11 @@ impl Api {
         caller: &Caller,
         agent: &str,
         domain: &str,
-        model: &Model,
+        model: &Arc<Model>,
         settings: &Settings,
     ) -> Result<(String, Saved), ApiError> {
-        let _guard = self.store.lock();
+        let _agent = self.agent_locks.lock(agent);
+        let guard = self.store.lock();
         let all = self
             .store
             .read_all()
@@ -1251,7 +1285,8 @@ impl Api {
         {
             fragment.backends.remove(&entry.backend);
         }
-        let saved = self.save(
+        let saved = self.save_route(
+            guard,
             caller,
             agent,
             &fragment,
@@ -1441,9 +1476,13 @@ impl Api {
         let root = self.store.root();
         let file = self.store.path(agent);
         let text = fragment.text();
-        let source = load::load_path_with(root, Some((&file, text.as_deref())))
+        let mut timer = crate::clock::PhaseTimer::new();
+        let source = load::load_path_with(root, &[(&file, text.as_deref())])
             .map_err(|e| ApiError::internal(e.to_string()))?;
+        timer.lap("load");
         let validation = validate(&source);
+        timer.lap("validate");
+        let whole = validation.model.is_some();
         let new_errors = self.new_errors(&validation, root);
         if !new_errors.is_empty() {
             return Err(refusal(&new_errors, fragment, &file, root));
@@ -1473,6 +1512,7 @@ impl Api {
             }
         };
         self.check_own_listeners(agent, fragment, &merged)?;
+        timer.lap("own listeners");
         // The daemon would hold a change that removes this much (`global.delete_guard`): the
         // answer would be "saved but not live". An API call removes a few at a time.
         if let Some(mass) = crate::plan::MassDelete::between(model, &merged) {
@@ -1486,7 +1526,43 @@ impl Api {
                 mass.percent
             )));
         }
-        // The plan's own typed diff says whether this agent's change needs a reload.
+        timer.lap("mass delete");
+        let reload = Self::needs_reload(&self.reload_diff(model, &merged), agent, old, fragment);
+        timer.lap("diff");
+        tracing::debug!(phases = %timer, "API check timings");
+        // The state validated whole (not with entries held back): the reconcile that makes
+        // the change live reads these same files and need not validate them again.
+        if whole {
+            self.prevalidated.keep(source.digest(), Arc::new(merged));
+        }
+        Ok(reload)
+    }
+
+    /// The plan's own typed diff between the state running and the state with the change(s),
+    /// for `needs_reload`. Slots are left out (the same on both sides): an app takes a free
+    /// slot at runtime, and the pool grows by a reload only once per many new apps, which the
+    /// route quota bounds.
+    pub(super) fn reload_diff(
+        &self,
+        model: &Model,
+        merged: &Model,
+    ) -> Vec<crate::plan::diff::Change> {
+        let pools = crate::render::layout::SlotPools::default();
+        let slots = crate::plan::diff::Slots {
+            before: &pools,
+            after: &pools,
+        };
+        crate::plan::diff::diff_models(model, merged, &slots)
+    }
+
+    /// Whether the agent's change from fragment `old` to `fragment` needs HAProxy to reload:
+    /// a change of `diff` that needs one names the agent or one of the entries either holds.
+    pub(super) fn needs_reload(
+        diff: &[crate::plan::diff::Change],
+        agent: &str,
+        old: &Fragment,
+        fragment: &Fragment,
+    ) -> bool {
         let names: BTreeSet<String> = [agent.to_string()]
             .into_iter()
             .chain(fragment.backends.keys().cloned())
@@ -1494,21 +1570,12 @@ impl Api {
             .chain(old.backends.keys().cloned())
             .chain(old.domains.keys().cloned())
             .collect();
-        // Slots are left out (the same on both sides): an app takes a free slot at runtime, and
-        // the pool grows by a reload only once per many new apps, which the route quota bounds.
-        let pools = crate::render::layout::SlotPools::default();
-        let slots = crate::plan::diff::Slots {
-            before: &pools,
-            after: &pools,
-        };
-        Ok(crate::plan::diff::diff_models(model, &merged, &slots)
-            .iter()
-            .any(|c| {
-                c.mode == ChangeMode::Reload
-                    && names
-                        .iter()
-                        .any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
-            }))
+        diff.iter().any(|c| {
+            c.mode == ChangeMode::Reload
+                && names
+                    .iter()
+                    .any(|n| c.name == *n || c.name.starts_with(&format!("{n}/")))
+        })
     }
 
     /// With `--git`: writes the fragment, commits it (the agent or admin as author) and pushes
@@ -1646,7 +1713,7 @@ impl Api {
 
     /// No server of the agent may reach one of the front's own listeners (HAProxy's binds,
     /// the API, the daemon's health and metrics port), whatever `allowed_networks` says.
-    fn check_own_listeners(
+    pub(super) fn check_own_listeners(
         &self,
         agent: &str,
         fragment: &Fragment,

@@ -151,6 +151,7 @@ fn run_with(
             .map(|r| r.model)
     })));
     let (requests, receiver) = mpsc::channel::<Request>();
+    let prevalidated = reconcile::Prevalidated::default();
 
     // Everything that can refuse to start does so before HAProxy is started: the listeners
     // are bound and the API is built first.
@@ -191,6 +192,7 @@ fn run_with(
                         status: status.clone(),
                         daemon_listen,
                         git: repo.clone(),
+                        prevalidated: prevalidated.clone(),
                     },
                 )?,
             ))
@@ -261,6 +263,7 @@ fn run_with(
         state_lock: repo.as_ref().map(|r| r.state_lock.clone()),
         last_converged: None,
         file_events_only: false,
+        prevalidated,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

@@ -189,6 +189,8 @@ pub struct Reconciler {
     /// The requests being served are all file events (an API change or an ACME certificate
     /// batched with them must be planned whatever the files say).
     pub file_events_only: bool,
+    /// The state the API validated for its last change (see `Prevalidated`).
+    pub prevalidated: Prevalidated,
 }
 
 /// See `Reconciler::last_converged`.
@@ -203,18 +205,39 @@ pub struct Converged {
 fn input_digest(source: &crate::spec::load::Source, git_commit: Option<&str>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    for f in &source.files {
-        (&f.path, &f.text).hash(&mut h);
+    (source.digest(), git_commit).hash(&mut h);
+    h.finish()
+}
+
+/// The whole state as the API's last accepted change made it, validated: the API validates the
+/// state as it will be with the change before writing the change, and the reconcile it then
+/// asks for reads those same files. That reconcile takes this validation instead of repeating
+/// it, when what it read has the same digest (`Source::digest`); anything else is validated.
+#[derive(Clone, Default)]
+pub struct Prevalidated(Arc<Mutex<Option<Kept>>>);
+
+/// A validated model and the digest of the source it was validated from.
+type Kept = (u64, Arc<crate::model::Model>);
+
+impl Prevalidated {
+    /// Keeps the model validated from a source of digest `digest` (replacing the one kept).
+    pub fn keep(&self, digest: u64, model: Arc<crate::model::Model>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, model));
     }
-    for (listener, dir) in &source.certificates {
-        (listener, &dir.path).hash(&mut h);
-        match &dir.files {
-            Ok(files) => files.iter().for_each(|f| (&f.name, &f.sha256).hash(&mut h)),
-            Err(e) => e.hash(&mut h),
+
+    /// The model kept for a source of digest `digest`, if that is the one kept; used once.
+    pub fn take(&self, digest: u64) -> Option<crate::model::Model> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match kept.take() {
+            Some((d, model)) if d == digest => {
+                Some(Arc::try_unwrap(model).unwrap_or_else(|shared| (*shared).clone()))
+            }
+            other => {
+                *kept = other;
+                None
+            }
         }
     }
-    git_commit.hash(&mut h);
-    h.finish()
 }
 
 /// Which manifest the target's folder holds (each apply replaces it by rename).
@@ -399,7 +422,13 @@ impl Reconciler {
         }
         // Set again below once this reconcile leaves the target on the whole state.
         self.last_converged = None;
-        let validation = validate(&source);
+        let validation = match self.prevalidated.take(source.digest()) {
+            Some(model) => crate::model::Validation {
+                model: Some(model),
+                diagnostics: Vec::new(),
+            },
+            None => validate(&source),
+        };
         timer.lap("validate");
         let mut held_back = Vec::new();
         let model = match validation.model {

@@ -82,18 +82,36 @@ pub struct Source {
     pub diagnostics: Vec<Diagnostic>,
 }
 
-/// Reads the state at `path` (a file or a directory) and the certificate folders it names.
-pub fn load_path(path: &Path) -> Result<Source, LoadError> {
-    load_path_with(path, None)
+impl Source {
+    /// A digest of everything the source was read from: each file's path and text, and each
+    /// certificate folder's files (by their SHA-256) or the error reading it. Sources with the
+    /// same digest validate the same.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in &self.files {
+            (&f.path, &f.text).hash(&mut h);
+        }
+        for (listener, dir) in &self.certificates {
+            (listener, &dir.path).hash(&mut h);
+            match &dir.files {
+                Ok(files) => files.iter().for_each(|f| (&f.name, &f.sha256).hash(&mut h)),
+                Err(e) => e.hash(&mut h),
+            }
+        }
+        h.finish()
+    }
 }
 
-/// `load_path`, with one file of a state folder seen as `text` instead of what is on disk
-/// (None: as if it did not exist), whether or not it exists: the state as it would be once
-/// that file is written. The API checks a change this way before writing anything.
-pub fn load_path_with(
-    path: &Path,
-    replace: Option<(&Path, Option<&str>)>,
-) -> Result<Source, LoadError> {
+/// Reads the state at `path` (a file or a directory) and the certificate folders it names.
+pub fn load_path(path: &Path) -> Result<Source, LoadError> {
+    load_path_with(path, &[])
+}
+
+/// `load_path`, with files of a state folder seen as the text given instead of what is on disk
+/// (None: as if it did not exist), whether or not they exist: the state as it would be once
+/// those files are written. The API checks changes this way before writing anything.
+pub fn load_path_with(path: &Path, replace: &[(&Path, Option<&str>)]) -> Result<Source, LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -104,7 +122,7 @@ pub fn load_path_with(
         let mut found = Vec::new();
         let mut seen = std::collections::HashSet::new();
         collect_yaml(path, &mut found, &mut folders, &mut seen).map_err(io)?;
-        if let Some((file, text)) = replace {
+        for (file, text) in replace {
             found.retain(|p| p != file);
             if text.is_some() {
                 found.push(file.to_path_buf());
@@ -121,8 +139,8 @@ pub fn load_path_with(
     };
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
-        let text = match replace {
-            Some((file, Some(text))) if p == file => text.to_string(),
+        let text = match replace.iter().find(|(file, _)| *file == p) {
+            Some((_, Some(text))) => text.to_string(),
             _ => std::fs::read_to_string(&p).map_err(|source| LoadError::Io {
                 path: p.clone(),
                 source,

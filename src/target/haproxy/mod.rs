@@ -1,12 +1,14 @@
 //! The `haproxy` target: a local HAProxy whose configuration, maps and certificates live in the
 //! folder of its haproxy.cfg (I/O edge).
 //!
-//! An apply: check the plan is not stale → render into a staging folder → `haproxy -c` on it →
-//! (the point of no return: an interrupt stops the apply before it; `marker` records the apply
-//! under way) → swap the files atomically → apply the change through the runtime API, or
-//! reload → verify (maps and servers as HAProxy reports them, or the new worker) → record what
-//! HAProxy runs (`marker`) and the history. If anything fails once something went live, the
-//! previous files are put back and HAProxy reloads them.
+//! An apply: check the plan is not stale → (the point of no return: an interrupt stops the apply
+//! before it; `marker` records the apply under way) → either the runtime change the plan decided,
+//! command by command, read back from HAProxy, then the files swapped atomically; or the new
+//! files written into a staging folder, `haproxy -c` on them, swapped, and a reload (verified
+//! by the new worker) → record what HAProxy runs (`marker`) and the history. If anything fails
+//! once something went live, the previous files are put back and HAProxy reloads them. Files
+//! on disk are never replaced by ones HAProxy refuses: a reload's pass `haproxy -c`, a runtime
+//! change's differences were each taken by the runtime API (see `apply_with`).
 
 pub mod marker;
 pub mod process;
@@ -166,10 +168,15 @@ pub fn apply_with(
         detail,
     };
     let mut timer = crate::clock::PhaseTimer::new();
-    let staging = Staging::write(dir, &request.files)
-        .map_err(|e| prepare(format!("staging the files: {e}")))?;
-    timer.lap("stage");
-    let staged_config = staging.dir.join(&request.options.config_name);
+    // The new files, written beside the live ones (relative paths resolve the same way) for
+    // `haproxy -c`, with its verdict (HAProxy's message, without the staging folder's name).
+    let check_staged = || -> Result<Result<(), String>, ApplyError> {
+        let staging = Staging::write(dir, &request.files)
+            .map_err(|e| prepare(format!("staging the files: {e}")))?;
+        let staged_config = staging.dir.join(&request.options.config_name);
+        Ok(process::check_config(&target.haproxy_bin, &staged_config)
+            .map_err(|e| staging.clean(&e)))
+    };
     let config_name = &request.options.config_name;
     let mut notes = Vec::new();
     // The point of no return: an interrupt that came before it stops the apply here, with
@@ -205,51 +212,45 @@ pub fn apply_with(
     };
 
     let how = if let Some(ops) = ops {
-        // A runtime change goes live first: HAProxy checks each command as it applies it while
-        // `haproxy -c` checks the staged files beside it, and the files are swapped only once
-        // both agree. So the route answers without waiting for the check, and the files on
-        // disk are still never replaced by ones `haproxy -c` refuses.
+        // A runtime change goes live first, command by command, and is not checked with
+        // `haproxy -c`: HAProxy's runtime API parses each server line (`add server`), address,
+        // weight, map entry and certificate with the parsers its configuration loading uses and
+        // refuses what they refuse, and the plan allowed no other difference between the files
+        // (`readback::runtime_blocker`). So once every command was taken and HAProxy reads back
+        // exactly the new state, the new files differ from the running ones only by what HAProxy
+        // accepted, and they replace them. Should the runtime change not go through, the reload
+        // that replaces it starts from files `haproxy -c` accepted first, as any reload does.
         go_live()?;
-        let haproxy_bin = target.haproxy_bin.clone();
-        let check = std::thread::spawn(move || process::check_config(&haproxy_bin, &staged_config));
         let api = RuntimeApi::new(&target.runtime_socket);
         let expected = RuntimeState::from_files(&request.files, &request.options);
         let ops = runtime::rebase_map_ops(ops.clone(), &expected, |map| read_map(&api, map))
             .unwrap_or_else(|_| ops.clone());
-        let ops = &ops;
-        let runtime = execute(&api, ops).and_then(|commands| {
-            verify(
-                &api,
-                &request.files,
-                &request.options,
-                Scope::TouchedBy(ops),
-            )
-            .map(|()| commands)
+        let runtime = execute(&api, &ops).and_then(|commands| {
+            verify_state(&api, &expected, Scope::TouchedBy(&ops)).map(|()| commands)
         });
         timer.lap("runtime");
-        let checked = check
-            .join()
-            .unwrap_or_else(|_| Err("haproxy -c did not finish".into()));
-        if let Err(detail) = checked {
-            // The previous files are untouched: a reload puts HAProxy back on them.
-            return Err(match process::reload(target) {
-                Ok(_) => {
-                    marker::back_to(target, &live.files);
-                    refused(detail)
-                }
-                Err(e) => ApplyError::RollbackFailed {
-                    target: name.to_string(),
-                    reason: format!("haproxy -c refused the new files: {detail}"),
-                    rollback: e.to_string(),
-                },
-            });
-        }
-        timer.lap("check");
-        swap(true)?;
-        timer.lap("swap");
         match runtime {
-            Ok(commands) => How::Runtime { commands },
+            Ok(commands) => {
+                swap(true)?;
+                timer.lap("swap");
+                How::Runtime { commands }
+            }
             Err(e) => {
+                if let Err(detail) = check_staged()? {
+                    // The previous files are untouched: a reload puts HAProxy back on them.
+                    return Err(match process::reload(target) {
+                        Ok(_) => {
+                            marker::back_to(target, &live.files);
+                            refused(detail)
+                        }
+                        Err(e) => ApplyError::RollbackFailed {
+                            target: name.to_string(),
+                            reason: format!("haproxy -c refused the new files: {detail}"),
+                            rollback: e.to_string(),
+                        },
+                    });
+                }
+                swap(true)?;
                 notes.push(format!(
                     "the runtime change did not go through ({e}); reloaded instead"
                 ));
@@ -269,8 +270,8 @@ pub fn apply_with(
             }
         }
     } else {
-        process::check_config(&target.haproxy_bin, &staged_config)
-            .map_err(|e| refused(staging.clean(&e)))?;
+        check_staged()?.map_err(refused)?;
+        timer.lap("check");
         go_live()?;
         swap(false)?;
         if running.is_some() {
@@ -291,7 +292,6 @@ pub fn apply_with(
             }
         }
     };
-    drop(staging);
     if super::interrupted() {
         notes.push(
             "interrupted while the change was going live: the apply was completed first".into(),
@@ -518,7 +518,15 @@ pub fn verify(
     options: &RenderOptions,
     scope: Scope<'_>,
 ) -> Result<(), String> {
-    let expected = RuntimeState::from_files(files, options);
+    verify_state(api, &RuntimeState::from_files(files, options), scope)
+}
+
+/// `verify` against the runtime state the files hold, already read from them.
+pub fn verify_state(
+    api: &RuntimeApi,
+    expected: &RuntimeState,
+    scope: Scope<'_>,
+) -> Result<(), String> {
     let all_backends = || expected.servers.keys().map(|(b, _)| b.as_str()).collect();
     let (maps, backends): (BTreeSet<&str>, BTreeSet<&str>) = match scope {
         Scope::Everything => (

@@ -1,0 +1,253 @@
+//! Group commit of route changes (the API's I/O edge, beside `ops`): agents that add or remove
+//! a route at the same moment have their changes checked together — the whole state, as it
+//! will be with all of them, validated once instead of once per change in a row — and written
+//! together, and the reconcile they ask for makes them live in one batch. When the state with
+//! all of them does not pass every check, each change is checked alone, in order, exactly as if
+//! it had come alone: no change is refused, or accepted, because of another agent's.
+//!
+//! One agent's changes never share a batch: a change is computed (its quota, its names) from
+//! the agent's fragment as its previous change left it (`AgentLocks`).
+
+use super::ops::{Api, ApiError, Caller, Saved, Settings};
+use super::store::Fragment;
+use crate::model::{Model, validate};
+use crate::spec::load;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// One agent's change, waiting for its batch.
+struct Queued {
+    id: u64,
+    caller: Caller,
+    agent: String,
+    /// The agent's fragment the change was computed from, and the fragment it makes.
+    old: Fragment,
+    new: Fragment,
+    model: Arc<Model>,
+    settings: Settings,
+    message: String,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Queued>,
+    /// A request is checking a batch: the others wait for its outcome or the next batch.
+    leading: bool,
+    decided: HashMap<u64, Result<Saved, ApiError>>,
+    next_id: u64,
+}
+
+/// The changes waiting to be checked, and who checks them: the first request that finds no
+/// batch being checked takes every change waiting and checks them for all.
+#[derive(Default)]
+pub struct Batches {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+/// One route change at a time per agent.
+#[derive(Default)]
+pub struct AgentLocks {
+    busy: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+/// Held while one agent's change is computed, checked and written.
+pub struct AgentGuard<'a> {
+    locks: &'a AgentLocks,
+    agent: String,
+}
+
+impl AgentLocks {
+    pub fn lock(&self, agent: &str) -> AgentGuard<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(agent) {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        busy.insert(agent.to_string());
+        AgentGuard {
+            locks: self,
+            agent: agent.to_string(),
+        }
+    }
+}
+
+impl Drop for AgentGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.locks.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.agent);
+        self.locks.freed.notify_all();
+    }
+}
+
+impl Api {
+    /// `save` for an agent's route change, checked and written with the route changes other
+    /// agents make at the same moment (see the module). `store` is the store's lock the change
+    /// was computed under: released while the change waits for its batch. The caller holds the
+    /// agent's lock (`AgentLocks`). With `--git` each change is its own commit and push.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save_route(
+        &self,
+        store: MutexGuard<'_, ()>,
+        caller: &Caller,
+        agent: &str,
+        fragment: &Fragment,
+        model: &Arc<Model>,
+        settings: &Settings,
+        message: String,
+    ) -> Result<Saved, ApiError> {
+        if self.git.is_some() {
+            return self.save(caller, agent, fragment, model, settings, message);
+        }
+        let old = self
+            .store
+            .read(agent)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .unwrap_or_default();
+        let id = {
+            let mut queue = self.lock_queue();
+            queue.next_id += 1;
+            let id = queue.next_id;
+            queue.waiting.push(Queued {
+                id,
+                caller: caller.clone(),
+                agent: agent.to_string(),
+                old,
+                new: fragment.clone(),
+                model: model.clone(),
+                settings: settings.clone(),
+                message,
+            });
+            id
+        };
+        drop(store);
+        let mut queue = self.lock_queue();
+        loop {
+            if let Some(result) = queue.decided.remove(&id) {
+                return result;
+            }
+            if !queue.leading {
+                queue.leading = true;
+                let batch = std::mem::take(&mut queue.waiting);
+                let ids: Vec<u64> = batch.iter().map(|q| q.id).collect();
+                drop(queue);
+                let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.check_batch(batch)
+                }));
+                queue = self.lock_queue();
+                match decided {
+                    Ok(results) => queue.decided.extend(results),
+                    Err(_) => queue.decided.extend(
+                        ids.into_iter()
+                            .map(|id| (id, Err(ApiError::internal("checking the change failed")))),
+                    ),
+                }
+                queue.leading = false;
+                self.batches.changed.notify_all();
+                continue;
+            }
+            queue = self
+                .batches
+                .changed
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.batches.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks and writes a batch under the store's lock: together when they all pass, else
+    /// each alone in order.
+    fn check_batch(&self, batch: Vec<Queued>) -> Vec<(u64, Result<Saved, ApiError>)> {
+        let _store = self.store.lock();
+        let mut out = Vec::with_capacity(batch.len());
+        // Each change made on the agent's fragment as it is now: something that is not a
+        // route change (a registration) may have written it since.
+        let mut changes = Vec::with_capacity(batch.len());
+        for q in batch {
+            match self.store.read(&q.agent) {
+                Ok(current) => {
+                    let current = current.unwrap_or_default();
+                    let new = if current == q.old {
+                        q.new.clone()
+                    } else {
+                        q.new.rebased(&q.old, &current)
+                    };
+                    changes.push((q, current, new));
+                }
+                Err(e) => out.push((q.id, Err(ApiError::internal(e.to_string())))),
+            }
+        }
+        if changes.len() > 1
+            && let Some(saved) = self.check_together(&changes)
+        {
+            out.extend(saved);
+            return out;
+        }
+        for (q, _, new) in changes {
+            let result = self
+                .check(
+                    &q.caller,
+                    &q.agent,
+                    &new,
+                    &q.model,
+                    &q.settings,
+                    q.message.clone(),
+                )
+                .and_then(|saved| self.write(&q.agent, &new, &q.model, saved));
+            out.push((q.id, result));
+        }
+        out
+    }
+
+    /// The batch checked as one change: `None` (check each alone) unless the state with all of
+    /// them validates whole and every change passes the checks `check` makes — none of them
+    /// needing a reload (those are budgeted per agent, and checked alone).
+    fn check_together(
+        &self,
+        changes: &[(Queued, Fragment, Fragment)],
+    ) -> Option<Vec<(u64, Result<Saved, ApiError>)>> {
+        let root = self.store.root();
+        let files: Vec<(PathBuf, Option<String>)> = changes
+            .iter()
+            .map(|(q, _, new)| (self.store.path(&q.agent), new.text()))
+            .collect();
+        let replace: Vec<(&Path, Option<&str>)> = files
+            .iter()
+            .map(|(path, text)| (path.as_path(), text.as_deref()))
+            .collect();
+        let source = load::load_path_with(root, &replace).ok()?;
+        let merged = validate(&source).model?;
+        let model = &changes[0].0.model;
+        if crate::plan::MassDelete::between(model, &merged).is_some() {
+            return None;
+        }
+        let diff = self.reload_diff(model, &merged);
+        for (q, current, new) in changes {
+            self.check_own_listeners(&q.agent, new, &merged).ok()?;
+            if Self::needs_reload(&diff, &q.agent, current, new) {
+                return None;
+            }
+        }
+        let mut out = Vec::with_capacity(changes.len());
+        let mut all_written = true;
+        for (q, current, new) in changes {
+            let saved = Saved::new(&q.caller, q.message.clone(), &q.settings, current.clone());
+            let result = self
+                .store
+                .write(&q.agent, new, saved.commit())
+                .map(|()| saved)
+                .map_err(|e| ApiError::internal(e.to_string()));
+            all_written &= result.is_ok();
+            out.push((q.id, result));
+        }
+        if all_written {
+            self.prevalidated.keep(source.digest(), Arc::new(merged));
+        }
+        tracing::debug!(changes = changes.len(), "route changes checked together");
+        Some(out)
+    }
+}
