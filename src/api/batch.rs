@@ -6,7 +6,9 @@
 //! it had come alone: no change is refused, or accepted, because of another agent's.
 //!
 //! One agent's changes never share a batch: a change is computed (its quota, its names) from
-//! the agent's fragment as its previous change left it (`AgentLocks`).
+//! the agent's fragment as its previous change left it (`AgentLocks`). Changes are computed
+//! while a batch is being checked (only the check and the writes hold the store's lock), so
+//! the next batch takes every change that arrived meanwhile.
 
 use super::ops::{Api, ApiError, Caller, Saved, Settings};
 use super::store::Fragment;
@@ -82,14 +84,23 @@ impl Drop for AgentGuard<'_> {
 }
 
 impl Api {
+    /// What a route change is computed under, besides the agent's lock: with `--git`, the
+    /// store's lock (the clone's: it must not move before the change is committed); otherwise
+    /// nothing — the change only reads files written atomically, a name another agent claims
+    /// meanwhile is caught when the batch is checked, and a registration writing the agent's
+    /// fragment meanwhile is kept (the change is made again on it).
+    pub fn route_lock(&self) -> Option<MutexGuard<'_, ()>> {
+        self.git.is_some().then(|| self.store.lock())
+    }
+
     /// `save` for an agent's route change, checked and written with the route changes other
-    /// agents make at the same moment (see the module). `store` is the store's lock the change
-    /// was computed under: released while the change waits for its batch. The caller holds the
-    /// agent's lock (`AgentLocks`). With `--git` each change is its own commit and push.
+    /// agents make at the same moment (see the module). The caller holds the agent's lock
+    /// (`AgentLocks`) and `store` from `route_lock`. With `--git` each change is its own commit
+    /// and push, made under the store's lock.
     #[allow(clippy::too_many_arguments)]
     pub fn save_route(
         &self,
-        store: MutexGuard<'_, ()>,
+        store: Option<MutexGuard<'_, ()>>,
         caller: &Caller,
         agent: &str,
         fragment: &Fragment,
@@ -97,7 +108,7 @@ impl Api {
         settings: &Settings,
         message: String,
     ) -> Result<Saved, ApiError> {
-        if self.git.is_some() {
+        if let Some(_store) = store {
             return self.save(caller, agent, fragment, model, settings, message);
         }
         let old = self
@@ -121,7 +132,6 @@ impl Api {
             });
             id
         };
-        drop(store);
         let mut queue = self.lock_queue();
         loop {
             if let Some(result) = queue.decided.remove(&id) {
@@ -211,6 +221,7 @@ impl Api {
         changes: &[(Queued, Fragment, Fragment)],
     ) -> Option<Vec<(u64, Result<Saved, ApiError>)>> {
         let root = self.store.root();
+        let mut timer = crate::clock::PhaseTimer::new();
         let files: Vec<(PathBuf, Option<String>)> = changes
             .iter()
             .map(|(q, _, new)| (self.store.path(&q.agent), new.text()))
@@ -220,18 +231,22 @@ impl Api {
             .map(|(path, text)| (path.as_path(), text.as_deref()))
             .collect();
         let source = load::load_path_with(root, &replace).ok()?;
+        timer.lap("load");
         let merged = validate(&source).model?;
+        timer.lap("validate");
         let model = &changes[0].0.model;
         if crate::plan::MassDelete::between(model, &merged).is_some() {
             return None;
         }
         let diff = self.reload_diff(model, &merged);
+        timer.lap("diff");
         for (q, current, new) in changes {
             self.check_own_listeners(&q.agent, new, &merged).ok()?;
             if Self::needs_reload(&diff, &q.agent, current, new) {
                 return None;
             }
         }
+        timer.lap("each");
         let mut out = Vec::with_capacity(changes.len());
         let mut all_written = true;
         for (q, current, new) in changes {
@@ -247,7 +262,8 @@ impl Api {
         if all_written {
             self.prevalidated.keep(source.digest(), Arc::new(merged));
         }
-        tracing::debug!(changes = changes.len(), "route changes checked together");
+        timer.lap("write");
+        tracing::debug!(changes = changes.len(), phases = %timer, "route changes checked together");
         Some(out)
     }
 }

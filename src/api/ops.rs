@@ -860,6 +860,11 @@ impl Api {
                 return Some(format!("agent `{owner}`"));
             }
         }
+        // A name the state does not route (the common case: a new route) has no owner there;
+        // looking one up reads the whole domains section.
+        if !model.domains.contains_key(domain) {
+            return None;
+        }
         let entry = model.document_pointer(&format!("/domains/{}", pointer_token(domain)))?;
         match entry.get("owner").and_then(Value::as_str) {
             // Written by an agent's fragment: current only if that fragment still has it.
@@ -895,7 +900,7 @@ impl Api {
             .ok_or_else(|| ApiError::unavailable("the state sets no `api.apps_domain`"))?;
         let domain = format!("{label}.{apps}");
         let _agent = self.agent_locks.lock(agent);
-        let guard = self.store.lock();
+        let guard = self.route_lock();
         let all = self
             .store
             .read_all()
@@ -1266,7 +1271,7 @@ impl Api {
         settings: &Settings,
     ) -> Result<(String, Saved), ApiError> {
         let _agent = self.agent_locks.lock(agent);
-        let guard = self.store.lock();
+        let guard = self.route_lock();
         let all = self
             .store
             .read_all()
