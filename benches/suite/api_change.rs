@@ -34,8 +34,9 @@ fn call(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)
 
 /// The median round trip of HAProxy's own `add map` (and the `del map` that undoes it) on its
 /// runtime socket, at the map's current size: what a route change costs HAProxy itself.
-pub fn add_map_rtt(config: &Path, runs: usize) -> f64 {
-    let text = std::fs::read_to_string(config).expect("the rendered configuration");
+pub fn add_map_rtt(config: &Path, runs: usize) -> Result<f64, String> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| format!("the rendered configuration {}: {e}", config.display()))?;
     let socket = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("stats socket "))
@@ -65,7 +66,7 @@ pub fn add_map_rtt(config: &Path, runs: usize) -> f64 {
         run(&format!("del map maps/hosts.map {key}"));
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    percentile(&times, 0.5)
+    Ok(percentile(&times, 0.5))
 }
 
 pub fn run(report: &mut Report, root: &Path, quick: bool) {
@@ -123,7 +124,14 @@ pub fn run(report: &mut Report, root: &Path, quick: bool) {
             Duration::from_secs(600),
         )
         .expect("the first state never answered");
-        let rtt = add_map_rtt(&dir.join("live/haproxy.cfg"), 30);
+        let rtt = match add_map_rtt(&dir.join("live/haproxy.cfg"), 30) {
+            Ok(rtt) => rtt,
+            Err(why) => {
+                report.failures.push(format!("api at {n} domains: {why}"));
+                finish(listen, _daemon, platform, &dir, n);
+                continue;
+            }
+        };
         let k = n / 1000;
         report.figure(format!("api.{k}k.add_map_p50_ms"), rtt, "ms", Better::Lower);
 

@@ -411,8 +411,11 @@ impl Platform {
             new_domains: Vec::new(),
             extra_apps: 0,
             client_timeout_s: 30,
+            // HAProxy 2.6 on 2 cores takes about 10 s to start on 100k apps (each a server in
+            // its slot): the default `reload_timeout` of 10 s rolled the start back while
+            // HAProxy came up anyway. An operator at that size sets it higher, as here.
             target: format!(
-                "  local: {{ type: haproxy, config: {d}/live/haproxy.cfg, spawn: true, state_dir: {d}/run, history: 3, haproxy_bin: {bin} }}\n",
+                "  local: {{ type: haproxy, config: {d}/live/haproxy.cfg, spawn: true, state_dir: {d}/run, history: 3, haproxy_bin: {bin}, reload_timeout: 60s }}\n",
                 d = dir.display(),
                 bin = primary().command
             ),

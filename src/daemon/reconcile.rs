@@ -868,3 +868,20 @@ pub fn target_of(state: &Path, name: &str) -> Result<(HaproxyTarget, RenderOptio
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Prevalidated;
+    use std::sync::Arc;
+
+    /// A validation the API kept is used only by a reconcile that read the very same files,
+    /// and only once.
+    #[test]
+    fn a_kept_validation_serves_only_the_same_source_and_only_once() {
+        let kept = Prevalidated::default();
+        kept.keep(7, Arc::new(crate::plan::empty_model()));
+        assert!(kept.take(8).is_none(), "another source's digest");
+        assert!(kept.take(7).is_some(), "the same source");
+        assert!(kept.take(7).is_none(), "used once");
+    }
+}
