@@ -202,34 +202,50 @@ impl Drop for HiddenSocket {
 
 // ---- The apply path ----
 
+/// The shop applied through a `FaultyHaproxy` whose armed `haproxy -c` runs `before_refusing`
+/// (shell, given the site) and then refuses the configuration.
+fn shop_behind_a_refusing_check(
+    before_refusing: impl FnOnce(&Site) -> String,
+) -> (Site, Apps, u16, FaultyHaproxy) {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let faulty = FaultyHaproxy::new(
+        site.path(),
+        &format!(
+            "{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
+            before_refusing(&site)
+        ),
+    );
+    site.write_state(&shop_state(&site, port, &apps, Some(faulty.bin.as_path())));
+    site.apply();
+    (site, apps, port, faulty)
+}
+
+/// The shop's state with blog.example.com added: a runtime change (one map entry).
+fn with_blog(site: &Site, port: u16, apps: &Apps, faulty: &FaultyHaproxy) -> String {
+    state(
+        site,
+        port,
+        apps,
+        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
+        "",
+        Some(faulty.bin.as_path()),
+        true,
+    )
+}
+
 /// A runtime change is not checked again with `haproxy -c`: HAProxy's runtime API parsed and
 /// took each line that differs (the plan allows no other difference). Here `haproxy -c` refuses
 /// everything, and the change still goes live and is applied; the files it leaves are ones the
 /// real `haproxy -c` accepts.
 #[test]
 fn a_runtime_change_haproxy_took_is_not_checked_again_and_its_files_pass_haproxy_c() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    let faulty = FaultyHaproxy::new(
-        site.path(),
-        "echo '[ALERT] (injected) the configuration is refused' >&2; exit 1",
-    );
-    let bin = Some(faulty.bin.as_path());
-    site.write_state(&shop_state(&site, port, &apps, bin));
-    site.apply();
+    let (site, apps, port, faulty) = shop_behind_a_refusing_check(|_| String::new());
     let counters = proc_counters(&site);
 
     faulty.arm();
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
-        "",
-        bin,
-        true,
-    ));
+    site.write_state(&with_blog(&site, port, &apps, &faulty));
     let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(serves(port, "blog.example.com", "blog"));
@@ -269,19 +285,7 @@ fn restore_runtime_socket(site: &Site) -> String {
 
 #[test]
 fn a_runtime_change_that_fails_is_reloaded_only_onto_files_haproxy_c_accepts() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    let faulty = FaultyHaproxy::new(
-        site.path(),
-        &format!(
-            "{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
-            restore_runtime_socket(&site)
-        ),
-    );
-    let bin = Some(faulty.bin.as_path());
-    site.write_state(&shop_state(&site, port, &apps, bin));
-    site.apply();
+    let (site, apps, port, faulty) = shop_behind_a_refusing_check(restore_runtime_socket);
     let before = site.live_files();
     let counters = proc_counters(&site);
 
@@ -289,15 +293,7 @@ fn a_runtime_change_that_fails_is_reloaded_only_onto_files_haproxy_c_accepts() {
     // needs `haproxy -c` to accept the files, and it refuses them.
     faulty.arm();
     hide_runtime_socket(&site);
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
-        "",
-        bin,
-        true,
-    ));
+    site.write_state(&with_blog(&site, port, &apps, &faulty));
     let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(
@@ -317,35 +313,20 @@ fn a_runtime_change_that_fails_is_reloaded_only_onto_files_haproxy_c_accepts() {
 
 #[test]
 fn haproxy_c_refusing_and_the_master_gone_is_exit_4() {
-    let site = Site::new();
-    let apps = Apps::new();
-    let port = free_port();
-    let master = site.path().join("state/master.sock");
-    let faulty = FaultyHaproxy::new(
-        site.path(),
-        &format!(
-            "{}\n{}\necho '[ALERT] (injected) the configuration is refused' >&2; exit 1",
-            restore_runtime_socket(&site),
-            HiddenSocket::shell(&master)
-        ),
-    );
-    let bin = Some(faulty.bin.as_path());
-    site.write_state(&shop_state(&site, port, &apps, bin));
-    site.apply();
+    let master = |site: &Site| site.path().join("state/master.sock");
+    let (site, apps, port, faulty) = shop_behind_a_refusing_check(|site| {
+        format!(
+            "{}\n{}",
+            restore_runtime_socket(site),
+            HiddenSocket::shell(&master(site))
+        )
+    });
     let before = site.live_files();
 
     faulty.arm();
     hide_runtime_socket(&site);
-    let _hidden = HiddenSocket::guard(&master);
-    site.write_state(&state(
-        &site,
-        port,
-        &apps,
-        &[("shop.example.com", "shop"), ("blog.example.com", "blog")],
-        "",
-        bin,
-        true,
-    ));
+    let _hidden = HiddenSocket::guard(&master(&site));
+    site.write_state(&with_blog(&site, port, &apps, &faulty));
     let (code, stdout, stderr) = site.lunafront(&["apply", "state.yaml", "--auto-approve"]);
     assert_eq!(code, 4, "{stdout}{stderr}");
     assert!(
