@@ -102,12 +102,22 @@ struct FaultyHaproxy {
 
 impl FaultyHaproxy {
     fn new(dir: &Path, on_check: &str) -> FaultyHaproxy {
+        FaultyHaproxy::with_fault(dir, "[ \"$1\" = \"-c\" ]", on_check)
+    }
+
+    /// An `haproxy` that runs `on_start` (shell) before starting HAProxy while armed; its
+    /// `-c` is the real one's. (A reload re-executes the master without this script.)
+    fn on_start(dir: &Path, on_start: &str) -> FaultyHaproxy {
+        FaultyHaproxy::with_fault(dir, "[ \"$1\" != \"-c\" ]", on_start)
+    }
+
+    fn with_fault(dir: &Path, when: &str, fault: &str) -> FaultyHaproxy {
         let bin = dir.join("faulty-haproxy");
         let armed = dir.join("fault-armed");
         std::fs::write(
             &bin,
             format!(
-                "#!/bin/sh\n# haproxy with a fault injected into `haproxy -c` while {armed} exists\nif [ \"$1\" = \"-c\" ] && [ -e {armed} ]; then\n{on_check}\nfi\nexec {real} \"$@\"\n",
+                "#!/bin/sh\n# haproxy with a fault injected while {armed} exists\nif {when} && [ -e {armed} ]; then\n{fault}\nfi\nexec {real} \"$@\"\n",
                 armed = armed.display(),
                 real = haproxy_bin(),
             ),
@@ -851,6 +861,73 @@ fn a_haproxy_that_exits_at_start_is_reported_with_its_reason_not_a_timeout() {
     );
     assert!(!status.contains("did not come up within"), "{status}");
     drop(taken);
+}
+
+/// A HAProxy the daemon starts that does not answer within `reload_timeout` (HAProxy 2.6 needs
+/// 11–13 s to load 100k apps here) was left running when the apply rolled back: the live files
+/// were removed, and a moment later it served the configuration it had read, recorded nowhere.
+/// Here HAProxy reads its files (a hard-linked snapshot of the folder, which the rollback cannot
+/// touch) and then takes 3 s to come up. The start is now stopped with the apply; with a timeout
+/// it fits in (the daemon restarted), the same state starts and serves.
+#[test]
+fn a_start_slower_than_the_reload_timeout_is_stopped_not_left_serving_rolled_back_files() {
+    let site = Site::new();
+    let apps = Apps::new();
+    let port = free_port();
+    let slow = FaultyHaproxy::on_start(
+        site.path(),
+        r#"prev=
+for a do
+  shift
+  if [ "$prev" = -f ]; then
+    snap="$(dirname "$a")/../start-snapshot"
+    rm -rf "$snap" && mkdir "$snap" && cp -al "$(dirname "$a")/." "$snap/"
+    a="$snap/$(basename "$a")"
+  fi
+  set -- "$@" "$a"
+  prev=$a
+done
+sleep 3"#,
+    );
+    slow.arm();
+    let state = |timeout: &str| {
+        shop_state(&site, port, &apps, Some(&slow.bin))
+            .replace("reload_timeout: 10s", &format!("reload_timeout: {timeout}"))
+    };
+    site.write_state(&state("1s"));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    let status = daemon.wait_for(
+        "/status",
+        200,
+        "did not come up within 1s",
+        Duration::from_secs(30),
+    );
+    assert!(
+        status.contains("the HAProxy it started was stopped"),
+        "{status}\n{}",
+        daemon.log_text()
+    );
+    // Longer than the slow start takes: nothing serves, no master answers, no live files.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !serves(port, "shop.example.com", "shop"),
+        "a HAProxy serves a rolled-back configuration: {}",
+        daemon.log_text()
+    );
+    assert!(site.master().show_proc(Duration::from_millis(500)).is_err());
+    assert!(!site.path().join("live/haproxy.cfg").exists());
+
+    // The daemon reads its target's settings when it starts: the operator raises the timeout
+    // and restarts it.
+    drop(daemon);
+    site.write_state(&state("20s"));
+    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !serves(port, "shop.example.com", "shop") {
+        assert!(Instant::now() < deadline, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(10));
 }
 
 #[test]

@@ -21,8 +21,8 @@ pub struct Supervisor {
     stopping: AtomicBool,
     /// Restarts made (the daemon's metric reads the same counter).
     restarts: Arc<AtomicU64>,
-    /// Whether a master of this target ever ran while this daemon watched: until then the
-    /// first reconcile starts HAProxy, and a missing master is no restart.
+    /// Whether a master of this target ever answered while this daemon watched: until then the
+    /// reconciles start HAProxy, and a missing master is no restart.
     ever_ran: AtomicBool,
 }
 
@@ -117,28 +117,46 @@ impl Supervisor {
             .map_err(|e| format!("cannot start {}: {e}", target.haproxy_bin.display()))?;
         tracing::info!(pid = child.id(), "started HAProxy");
         process::record_master(target, child.id());
-        self.ever_ran.store(true, Ordering::SeqCst);
         *child_slot = Some(child);
         drop(child_slot);
-        let worker =
-            process::wait_ready_while(target, target.reload_timeout.as_std(), &mut || {
-                let status = match self.child.lock().expect("child lock").as_mut() {
-                    Some(child) => child.try_wait().ok().flatten(),
-                    None => None,
-                };
-                match status {
-                    // Killed from outside (a signal), it is restarted like any HAProxy that
-                    // dies: the wait goes on. Only its own failure to start ends it.
-                    Some(status) if status.code().is_some_and(|code| code != 0) => Err(format!(
-                        "HAProxy exited before it served ({status}): {}",
-                        log_since(&log_path, log_start)
-                    )),
-                    _ => Ok(()),
-                }
-            })?;
+        let worker = process::wait_ready_while(target, target.reload_timeout.as_std(), &mut || {
+            let status = match self.child.lock().expect("child lock").as_mut() {
+                Some(child) => child.try_wait().ok().flatten(),
+                None => None,
+            };
+            match status {
+                // Killed from outside (a signal), it is restarted like any HAProxy that
+                // dies: the wait goes on. Only its own failure to start ends it.
+                Some(status) if status.code().is_some_and(|code| code != 0) => Err(format!(
+                    "HAProxy exited before it served ({status}): {}",
+                    log_since(&log_path, log_start)
+                )),
+                _ => Ok(()),
+            }
+        })
+        .map_err(|e| self.stop_unready_child(e))?;
+        self.ever_ran.store(true, Ordering::SeqCst);
         // It read the files on disk: it runs them (an interrupted apply is finished by this).
         marker::started_on_disk(target);
         Ok(worker)
+    }
+
+    /// The child just started did not serve within `reload_timeout`: stopped (the apply that
+    /// started it rolls back), unless it already exited, whose reason `why` holds.
+    fn stop_unready_child(&self, why: String) -> String {
+        let mut child_slot = self.child.lock().expect("child lock");
+        let Some(child) = child_slot.as_mut() else {
+            return why;
+        };
+        if !matches!(child.try_wait(), Ok(None)) {
+            return why;
+        }
+        let why = process::stopped_after(why, child.id());
+        let _ = child.wait();
+        *child_slot = None;
+        process::forget_master(&self.target);
+        tracing::warn!("{why}");
+        why
     }
 
     /// Watches HAProxy until `stop`: restarts it (with a growing pause) when its master is gone.
@@ -152,8 +170,10 @@ impl Supervisor {
                     break;
                 }
                 if self.master_exists() {
-                    self.ever_ran.store(true, Ordering::SeqCst);
                     let answers = process::running(&self.target).is_some();
+                    if answers {
+                        self.ever_ran.store(true, Ordering::SeqCst);
+                    }
                     if !answers && !silent {
                         tracing::warn!(
                             "HAProxy's master does not answer; it still exists, so no other is started"

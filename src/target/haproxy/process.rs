@@ -173,12 +173,53 @@ pub fn start_background(target: &HaproxyTarget) -> Result<u32, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let worker = wait_ready(target, target.reload_timeout.as_std())?;
+    let worker = wait_ready(target, target.reload_timeout.as_std()).map_err(|e| {
+        // Left running, it would serve files the failed apply rolls back, recorded nowhere.
+        let master = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
+        match master {
+            Some(pid) => stopped_after(e, pid),
+            None => e,
+        }
+    })?;
     if let Some(proc) = running(target) {
         record_master(target, proc.master_pid);
     }
     super::marker::started_on_disk(target);
     Ok(worker)
+}
+
+/// A start that did not come up within `reload_timeout`: the HAProxy it started (`master`, the
+/// leader of its own process group with its workers) is stopped, since the apply that started
+/// it is rolled back and nothing would record what it serves. `why` completed with that.
+pub fn stopped_after(why: String, master: u32) -> String {
+    stop_group(master, Duration::from_secs(1));
+    format!(
+        "{why}; the HAProxy it started was stopped, so that it does not serve what the failed apply rolls back (a large configuration may need a longer reload_timeout)"
+    )
+}
+
+/// Stops process group `leader` (a HAProxy master started in its own group, and its workers):
+/// SIGTERM, then SIGKILL once `grace` has passed.
+fn stop_group(leader: u32, grace: Duration) {
+    let Some(process) = Process::of(leader) else {
+        return;
+    };
+    let signal = |signal: i32| {
+        for pid in [leader as libc::pid_t, -(leader as libc::pid_t)] {
+            // SAFETY: kill(2) on HAProxy's master (checked alive just before) and the process
+            // group it leads; no memory is shared.
+            unsafe { libc::kill(pid, signal) };
+        }
+    };
+    signal(libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while process.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its workers may outlive the master for a moment.
+    signal(libc::SIGKILL);
 }
 
 /// Creates the folders the sockets go in (say /run/haproxy on a machine where HAProxy's own
