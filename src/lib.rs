@@ -9,6 +9,7 @@
 //! of daemons follow one repository.
 
 pub mod acme;
+pub mod allocator;
 pub mod api;
 pub mod clock;
 pub mod daemon;

@@ -11,8 +11,8 @@
 //! `scripts/haproxy-3.0`): the topology scenario runs on each, the others on the first.
 //! `bench/run` installs what it needs and passes its arguments here.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The allocator `lunafront` ships with, so that the figures are the product's.
+lunafront::use_mimalloc!();
 
 mod api_change;
 mod change_to_live;
