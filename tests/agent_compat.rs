@@ -204,7 +204,12 @@ fn the_unchanged_agent_installs_deploys_redeploys_and_registers_mongodb_for_more
         last.iter().all(|b| b.starts_with("backend=shop-v2 ")),
         "{last:?}"
     );
-    assert_eq!(front.generation(), before, "the redeploy reloaded HAProxy");
+    assert_eq!(
+        front.generation(),
+        before,
+        "the redeploy reloaded HAProxy: {}",
+        front.daemon.log_text()
+    );
 
     // -- MongoDB: mongod presents the certificate the installer fetched; the agent registers
     // with its public address (from an IP-echo service), the front routes to the address it

@@ -21,9 +21,11 @@ pub struct Supervisor {
     stopping: AtomicBool,
     /// Restarts made (the daemon's metric reads the same counter).
     restarts: Arc<AtomicU64>,
-    /// Whether a master of this target ever answered while this daemon watched: until then the
-    /// reconciles start HAProxy, and a missing master is no restart.
-    ever_ran: AtomicBool,
+    /// Whether HAProxy is to be kept running: a master of this target answered while this
+    /// daemon watched, or one it started was killed from outside before it answered. Until
+    /// then the reconciles start HAProxy, and a missing master is no restart (a start that
+    /// never served and was stopped for it, say).
+    keep_up: AtomicBool,
 }
 
 impl Supervisor {
@@ -33,7 +35,7 @@ impl Supervisor {
             child: Mutex::new(None),
             stopping: AtomicBool::new(false),
             restarts,
-            ever_ran: AtomicBool::new(false),
+            keep_up: AtomicBool::new(false),
         })
     }
 
@@ -66,7 +68,7 @@ impl Supervisor {
         {
             // Adopted (or ours): recorded, so that it is stopped with the daemon.
             process::record_master(target, proc.master_pid);
-            self.ever_ran.store(true, Ordering::SeqCst);
+            self.keep_up.store(true, Ordering::SeqCst);
             return Ok(worker.pid);
         }
         // Our HAProxy, or one started before us, exists but does not answer (yet): a large
@@ -125,17 +127,23 @@ impl Supervisor {
                 None => None,
             };
             match status {
-                // Killed from outside (a signal), it is restarted like any HAProxy that
-                // dies: the wait goes on. Only its own failure to start ends it.
+                // Only its own failure to start ends the wait.
                 Some(status) if status.code().is_some_and(|code| code != 0) => Err(format!(
                     "HAProxy exited before it served ({status}): {}",
                     log_since(&log_path, log_start)
                 )),
-                _ => Ok(()),
+                // Killed or stopped from outside (it may have served already: a client saw
+                // it answer before this wait did), it is restarted like any HAProxy that
+                // dies, and the wait goes on for the restarted one.
+                Some(_) => {
+                    self.keep_up.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+                None => Ok(()),
             }
         })
         .map_err(|e| self.stop_unready_child(e))?;
-        self.ever_ran.store(true, Ordering::SeqCst);
+        self.keep_up.store(true, Ordering::SeqCst);
         // It read the files on disk: it runs them (an interrupted apply is finished by this).
         marker::started_on_disk(target);
         Ok(worker)
@@ -148,8 +156,10 @@ impl Supervisor {
         let Some(child) = child_slot.as_mut() else {
             return why;
         };
-        if !matches!(child.try_wait(), Ok(None)) {
-            return why;
+        match child.try_wait() {
+            Ok(None) => {}
+            Ok(Some(status)) => return format!("{why}; the HAProxy it started exited ({status})"),
+            Err(_) => return why,
         }
         let why = process::stopped_after(why, child.id());
         let _ = child.wait();
@@ -172,7 +182,7 @@ impl Supervisor {
                 if self.master_exists() {
                     let answers = process::running(&self.target).is_some();
                     if answers {
-                        self.ever_ran.store(true, Ordering::SeqCst);
+                        self.keep_up.store(true, Ordering::SeqCst);
                     }
                     if !answers && !silent {
                         tracing::warn!(
@@ -185,9 +195,9 @@ impl Supervisor {
                     pause = Duration::from_millis(500);
                     continue;
                 }
-                // Before HAProxy ever ran, starting it is the first reconcile's job: the files
-                // may be half way through being written, and it would be no restart.
-                if !self.target.config.exists() || !self.ever_ran.load(Ordering::SeqCst) {
+                // Before HAProxy ran, starting it is the first reconcile's job: the files may be
+                // half way through being written, and it would be no restart.
+                if !self.target.config.exists() || !self.keep_up.load(Ordering::SeqCst) {
                     continue;
                 }
                 tracing::warn!("HAProxy is not running: restarting it");

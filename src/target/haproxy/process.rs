@@ -260,19 +260,22 @@ pub fn wait_ready_while(
     let master = MasterCli::new(&target.master_socket);
     let runtime = RuntimeApi::new(&target.runtime_socket);
     loop {
-        if let Ok(proc) = master.show_proc(Duration::from_millis(100))
-            && let Ok(pid) = runtime.worker_pid()
-            && proc.current().any(|w| w.pid == pid)
-        {
-            return Ok(pid);
-        }
+        // What was last seen, for the error: which socket did not answer, and how.
+        let seen = match master.show_proc(Duration::from_millis(100)) {
+            Err(e) => format!("master socket {}: {e}", target.master_socket.display()),
+            Ok(proc) => match runtime.worker_pid() {
+                Err(e) => format!("runtime socket {}: {e}", target.runtime_socket.display()),
+                Ok(pid) if proc.current().any(|w| w.pid == pid) => return Ok(pid),
+                Ok(pid) => format!(
+                    "the runtime socket answers from worker {pid}, which the master does not list as current ({proc:?})"
+                ),
+            },
+        };
         exited()?;
         if Instant::now() >= deadline {
             return Err(format!(
-                "HAProxy did not come up within {}s (master socket {}, runtime socket {})",
+                "HAProxy did not come up within {}s (last seen: {seen})",
                 timeout.as_secs(),
-                target.master_socket.display(),
-                target.runtime_socket.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
