@@ -339,11 +339,20 @@ impl Reconciler {
                     outcome.message.clone().unwrap_or_default()
                 );
             }
+            // What asked for it and why it went as it did (a reload's reasons, a runtime change
+            // that became a reload, drift put back): a reload nobody expected must be explained
+            // by the log alone.
             result => tracing::info!(
                 result,
+                trigger = ?outcome.trigger,
                 how = outcome.how,
                 changes = outcome.changes.len(),
-                "reconcile"
+                "reconcile{}",
+                outcome
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
             ),
         }
         let mut status = self.status.lock().expect("status");

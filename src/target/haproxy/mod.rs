@@ -723,10 +723,9 @@ pub fn correct_runtime_drift(
         })
         .collect();
     execute(&api, &ops)?;
-    let servers_ok = verify(&api, files, options, Scope::Servers).is_ok();
-    if !servers_ok {
+    if let Err(differs) = verify(&api, files, options, Scope::Servers) {
         process::reload(target).map_err(|e| e.to_string())?;
-        fixed.push("servers (reloaded)".into());
+        fixed.push(format!("servers, by a reload ({differs})"));
     }
     Ok((!fixed.is_empty()).then(|| fixed.join(", ")))
 }
