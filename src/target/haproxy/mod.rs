@@ -502,6 +502,7 @@ fn run_patiently(
 }
 
 /// What `verify` reads back.
+#[derive(Clone, Copy)]
 pub enum Scope<'a> {
     /// Every map and backend (drift detection).
     Everything,
@@ -537,7 +538,7 @@ pub fn verify_state(
 ) -> Result<(), String> {
     let deadline = Instant::now() + SETTLE;
     loop {
-        let problems = differences(api, expected, &scope)?;
+        let problems = differences(api, expected, scope)?;
         if problems.is_empty() {
             return Ok(());
         }
@@ -553,7 +554,7 @@ pub fn verify_state(
 fn differences(
     api: &RuntimeApi,
     expected: &RuntimeState,
-    scope: &Scope<'_>,
+    scope: Scope<'_>,
 ) -> Result<Vec<String>, String> {
     let all_backends = || expected.servers.keys().map(|(b, _)| b.as_str()).collect();
     let (maps, backends): (BTreeSet<&str>, BTreeSet<&str>) = match scope {
@@ -565,7 +566,7 @@ fn differences(
         Scope::TouchedBy(ops) => {
             let mut maps = BTreeSet::new();
             let mut backends = BTreeSet::new();
-            for op in ops.iter() {
+            for op in ops {
                 match op {
                     Op::MapAdd { map, .. }
                     | Op::MapSet { map, .. }
