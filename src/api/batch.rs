@@ -260,7 +260,7 @@ impl Api {
             out.push((q.id, result));
         }
         if all_written {
-            self.prevalidated.keep(source.digest(), Arc::new(merged));
+            self.prevalidated.keep(source, Arc::new(merged));
         }
         timer.lap("write");
         tracing::debug!(changes = changes.len(), phases = %timer, "route changes checked together");

@@ -1538,7 +1538,7 @@ impl Api {
         // The state validated whole (not with entries held back): the reconcile that makes
         // the change live reads these same files and need not validate them again.
         if whole {
-            self.prevalidated.keep(source.digest(), Arc::new(merged));
+            self.prevalidated.keep(source, Arc::new(merged));
         }
         Ok(reload)
     }

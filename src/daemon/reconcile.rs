@@ -12,7 +12,7 @@ use crate::pipeline;
 use crate::plan::diff::{Change, Kind};
 use crate::render::{MANIFEST, RenderOptions};
 use crate::spec::diagnostics::Diagnostic;
-use crate::spec::load;
+use crate::spec::load::{self, Source};
 use crate::target::files;
 use crate::target::haproxy;
 use crate::target::history::History;
@@ -202,7 +202,7 @@ pub struct Converged {
 
 /// A digest of everything a reconcile reads from the state folder: the files' text, the
 /// certificate folders' digests and the commit.
-fn input_digest(source: &crate::spec::load::Source, git_commit: Option<&str>) -> u64 {
+fn input_digest(source: &Source, git_commit: Option<&str>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (source.digest(), git_commit).hash(&mut h);
@@ -211,26 +211,42 @@ fn input_digest(source: &crate::spec::load::Source, git_commit: Option<&str>) ->
 
 /// The whole state as the API's last accepted change made it, validated: the API validates the
 /// state as it will be with the change before writing the change, and the reconcile it then
-/// asks for reads those same files. That reconcile takes this validation instead of repeating
-/// it, when what it read has the same digest (`Source::digest`); anything else is validated.
+/// asks for reads those same files. That reconcile takes this source and its validation instead
+/// of loading and validating again, when the files on disk are still exactly the ones the source
+/// holds (`load::still_on_disk`: read and compared, not parsed), or when what it loaded has the
+/// same digest (`Source::digest`); anything else is loaded and validated.
 #[derive(Clone, Default)]
 pub struct Prevalidated(Arc<Mutex<Option<Kept>>>);
 
-/// A validated model and the digest of the source it was validated from.
-type Kept = (u64, Arc<crate::model::Model>);
+/// A source, the digest of its text, and the model validated from it.
+type Kept = (u64, Arc<Source>, Arc<crate::model::Model>);
 
 impl Prevalidated {
-    /// Keeps the model validated from a source of digest `digest` (replacing the one kept).
-    pub fn keep(&self, digest: u64, model: Arc<crate::model::Model>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, model));
+    /// Keeps the model validated from `source` (replacing the one kept).
+    pub fn keep(&self, source: Source, model: Arc<crate::model::Model>) {
+        let digest = source.digest();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, Arc::new(source), model));
     }
 
     /// The model kept for a source of digest `digest`, if that is the one kept; used once.
     pub fn take(&self, digest: u64) -> Option<crate::model::Model> {
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match kept.take() {
-            Some((d, model)) if d == digest => {
-                Some(Arc::try_unwrap(model).unwrap_or_else(|shared| (*shared).clone()))
+            Some((d, _, model)) if d == digest => Some(unshared(model)),
+            other => {
+                *kept = other;
+                None
+            }
+        }
+    }
+
+    /// The source kept and its model, if the state at `state` is still exactly what that
+    /// source was read from; used once.
+    pub fn take_on_disk(&self, state: &Path) -> Option<(Arc<Source>, crate::model::Model)> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match kept.take() {
+            Some((_, source, model)) if load::still_on_disk(state, &source) => {
+                Some((source, unshared(model)))
             }
             other => {
                 *kept = other;
@@ -238,6 +254,18 @@ impl Prevalidated {
             }
         }
     }
+}
+
+fn unshared(model: Arc<crate::model::Model>) -> crate::model::Model {
+    Arc::try_unwrap(model).unwrap_or_else(|shared| (*shared).clone())
+}
+
+/// Drops `value` on a thread of its own, off the path a change's caller waits on. Should no
+/// thread start, the closure is dropped at once, and the value with it.
+fn drop_later<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("lunafront-drop".into())
+        .spawn(move || drop(value));
 }
 
 /// Which manifest the target's folder holds (each apply replaces it by rename).
@@ -407,9 +435,13 @@ impl Reconciler {
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         let commit_before = git_head(&self.state_folder());
-        let source = match load::load_path(&self.state) {
-            Ok(source) => source,
-            Err(e) => return fail("invalid", e.to_string(), Vec::new()),
+        // The files an API change just wrote are the ones its check loaded and validated.
+        let (source, mut prevalidated) = match self.prevalidated.take_on_disk(&self.state) {
+            Some((source, model)) => (source, Some(model)),
+            None => match load::load_path(&self.state) {
+                Ok(source) => (Arc::new(source), None),
+                Err(e) => return fail("invalid", e.to_string(), Vec::new()),
+            },
         };
         let git_commit =
             commit_before.filter(|c| git_head(&self.state_folder()).as_ref() == Some(c));
@@ -431,7 +463,10 @@ impl Reconciler {
         }
         // Set again below once this reconcile leaves the target on the whole state.
         self.last_converged = None;
-        let validation = match self.prevalidated.take(source.digest()) {
+        let validation = match prevalidated
+            .take()
+            .or_else(|| self.prevalidated.take(source.digest()))
+        {
             Some(model) => crate::model::Validation {
                 model: Some(model),
                 diagnostics: Vec::new(),
@@ -476,6 +511,9 @@ impl Reconciler {
                 }
             }
         };
+        // Freeing a large state's source (every file's text, the parsed document when no model
+        // shares it) takes milliseconds the change's caller would wait for.
+        drop_later(source);
         // The certificates the ACME store holds are rendered like a certificate folder (a local
         // target's; a fleet's members are rendered by `fleet::prepare`, which does the same).
         let model = match (&self.drive, crate::acme::uses_acme(&model)) {
@@ -887,10 +925,62 @@ mod tests {
     /// and only once.
     #[test]
     fn a_kept_validation_serves_only_the_same_source_and_only_once() {
+        let source = |text: &str| {
+            crate::spec::load::Source::parse(vec![crate::spec::load::SourceFile::new(
+                "s.yaml".into(),
+                text.into(),
+            )])
+        };
+        let (kept_source, other) = (source("version: 1\n"), source("version: 2\n"));
+        let digest = kept_source.digest();
         let kept = Prevalidated::default();
-        kept.keep(7, Arc::new(crate::plan::empty_model()));
-        assert!(kept.take(8).is_none(), "another source's digest");
-        assert!(kept.take(7).is_some(), "the same source");
-        assert!(kept.take(7).is_none(), "used once");
+        kept.keep(kept_source, Arc::new(crate::plan::empty_model()));
+        assert!(
+            kept.take(other.digest()).is_none(),
+            "another source's digest"
+        );
+        assert!(kept.take(digest).is_some(), "the same source");
+        assert!(kept.take(digest).is_none(), "used once");
+    }
+
+    /// The source the API loaded is taken without loading only while the files on disk are
+    /// exactly what it read: a state file's text, a new state file or a certificate that
+    /// changed since sends the reconcile back to a full load.
+    #[test]
+    fn a_kept_source_serves_only_while_its_files_are_unchanged_on_disk() {
+        use crate::spec::load::load_path;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path();
+        std::fs::create_dir(state.join("certs")).unwrap();
+        std::fs::write(
+            state.join("main.yaml"),
+            "version: 1\nlisteners:\n  https: { bind: \":443\", certificates: certs }\n",
+        )
+        .unwrap();
+        std::fs::write(state.join("agent.yaml"), "domains: {}\n").unwrap();
+        std::fs::write(state.join("certs/a.pem"), "one").unwrap();
+        let keep = || {
+            let kept = Prevalidated::default();
+            let source = load_path(state).unwrap();
+            assert_eq!(source.certificates.len(), 1, "{:?}", source.certificates);
+            kept.keep(source, Arc::new(crate::plan::empty_model()));
+            kept
+        };
+        let kept = keep();
+        assert!(kept.take_on_disk(state).is_some(), "unchanged");
+        assert!(kept.take_on_disk(state).is_none(), "used once");
+
+        let changes: [&dyn Fn(); 3] = [
+            &|| std::fs::write(state.join("agent.yaml"), "domains: {} \n").unwrap(),
+            &|| std::fs::write(state.join("more.yaml"), "backends: {}\n").unwrap(),
+            &|| std::fs::write(state.join("certs/a.pem"), "two").unwrap(),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let kept = keep();
+            change();
+            assert!(kept.take_on_disk(state).is_none(), "change {i} not seen");
+            // Still kept for a reconcile whose full load gives the same digest.
+            assert!(kept.0.lock().unwrap().is_some(), "change {i}: dropped");
+        }
     }
 }

@@ -8,7 +8,7 @@ use super::spans::{SpanIndex, escape_pointer_token};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -75,8 +75,9 @@ pub struct Source {
     pub files: Vec<SourceFile>,
     /// The merged document (shared with the model built from it: it is recorded with each apply).
     pub document: Arc<Value>,
-    /// `/section/entry` (and `/section`) → index of the file that defined it.
-    origins: BTreeMap<String, usize>,
+    /// `/section/entry` (and `/section`) → index of the file that defined it. Hashed: only
+    /// ever looked up by pointer, never walked in order (one insert per entry of every load).
+    origins: HashMap<String, usize>,
     /// Listener name → its certificate folder.
     pub certificates: BTreeMap<String, CertDir>,
     pub diagnostics: Vec<Diagnostic>,
@@ -112,6 +113,31 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
 /// (None: as if it did not exist), whether or not they exist: the state as it would be once
 /// those files are written. The API checks changes this way before writing anything.
 pub fn load_path_with(path: &Path, replace: &[(&Path, Option<&str>)]) -> Result<Source, LoadError> {
+    let (files, folders) = read_state_files(path, replace)?;
+    let mut source = Source::parse_files(files, true);
+    // A folder where a state file was (say, a file replaced by an empty folder) took that
+    // file's entries with it: an error, never a state without them.
+    for folder in folders {
+        source.diagnostics.push(
+            Diagnostic::error("not-a-file", "a folder has the name of a state file")
+                .hint("a *.yaml or *.yml name in a state folder must be a file: put the file back, or rename the folder")
+                .at(Some(Location {
+                    file: folder,
+                    line: 1,
+                    column: 1,
+                })),
+        );
+    }
+    source.read_certificates();
+    Ok(source)
+}
+
+/// The state files at `path` with their texts (`replace` as in `load_path_with`), and the
+/// folders named like state files found among them.
+fn read_state_files(
+    path: &Path,
+    replace: &[(&Path, Option<&str>)],
+) -> Result<(Vec<SourceFile>, Vec<PathBuf>), LoadError> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
@@ -148,22 +174,28 @@ pub fn load_path_with(path: &Path, replace: &[(&Path, Option<&str>)]) -> Result<
         };
         files.push(SourceFile::new(p, text));
     }
-    let mut source = Source::parse_files(files, true);
-    // A folder where a state file was (say, a file replaced by an empty folder) took that
-    // file's entries with it: an error, never a state without them.
-    for folder in folders {
-        source.diagnostics.push(
-            Diagnostic::error("not-a-file", "a folder has the name of a state file")
-                .hint("a *.yaml or *.yml name in a state folder must be a file: put the file back, or rename the folder")
-                .at(Some(Location {
-                    file: folder,
-                    line: 1,
-                    column: 1,
-                })),
-        );
-    }
-    source.read_certificates();
-    Ok(source)
+    Ok((files, folders))
+}
+
+/// Whether a load of `path` now would read exactly what `source` was read from — the same
+/// state files with the same texts and the same certificate files — found without parsing
+/// anything. The daemon's reconcile takes the state the API validated before writing a change
+/// this way, instead of loading the files that change wrote (`daemon::reconcile::Prevalidated`).
+pub fn still_on_disk(path: &Path, source: &Source) -> bool {
+    let Ok((files, folders)) = read_state_files(path, &[]) else {
+        return false;
+    };
+    folders.is_empty()
+        && files.len() == source.files.len()
+        && files
+            .iter()
+            .zip(&source.files)
+            .all(|(a, b)| a.path == b.path && a.text == b.text)
+        // The folders are the ones the same document names: read them again.
+        && source
+            .certificates
+            .values()
+            .all(|dir| read_cert_dir(&dir.path) == dir.files)
 }
 
 fn is_yaml_name(name: &str) -> bool {
@@ -247,7 +279,7 @@ impl Source {
         let mut source = Source {
             files,
             document: Arc::new(Value::Object(Map::new())),
-            origins: BTreeMap::new(),
+            origins: HashMap::new(),
             certificates: BTreeMap::new(),
             diagnostics: Vec::new(),
         };
@@ -478,7 +510,7 @@ impl Source {
         let source = Source {
             files: vec![SourceFile::new(origin.to_path_buf(), String::new())],
             document: Arc::new(manifest.document),
-            origins: BTreeMap::new(),
+            origins: HashMap::new(),
             certificates,
             diagnostics: Vec::new(),
         };
