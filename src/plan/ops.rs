@@ -8,7 +8,7 @@ use crate::render::RenderOptions;
 use crate::render::layout::ServerLine;
 use crate::render::readback::{self, Servers};
 use crate::target::haproxy::socket::Expect;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// What HAProxy holds at runtime that the runtime API can change, read from a set of files.
@@ -27,6 +27,40 @@ pub use crate::target::files::Files;
 
 impl RuntimeState {
     pub fn from_files(files: &Files, options: &RenderOptions) -> RuntimeState {
+        RuntimeState::read(
+            files.iter().map(|(path, bytes)| (path, bytes.as_slice())),
+            options,
+        )
+    }
+
+    /// The part of the state `files` hold that `ops` touch: the maps they change and the
+    /// servers of the backends they change. What an apply re-bases its map operations on and
+    /// reads back after them, without parsing every map and server of a large state.
+    pub fn touched_by(files: &Files, options: &RenderOptions, ops: &[Op]) -> RuntimeState {
+        let maps: BTreeSet<&str> = ops.iter().filter_map(Op::map).collect();
+        let backends: BTreeSet<&str> = ops.iter().filter_map(Op::backend).collect();
+        let mut state = RuntimeState::default();
+        for map in maps {
+            if let Some(bytes) = files.get(map) {
+                let entries = readback::parse_map(&String::from_utf8_lossy(bytes));
+                state.maps.insert(map.to_string(), entries);
+            }
+        }
+        if !backends.is_empty()
+            && let Some(config) = files.get(&options.config_name)
+        {
+            state.servers = readback::parse_servers_of(&String::from_utf8_lossy(config), |b| {
+                backends.contains(b)
+            });
+        }
+        state
+    }
+
+    /// The state `files` (path, content) hold.
+    fn read<'a>(
+        files: impl Iterator<Item = (&'a String, &'a [u8])>,
+        options: &RenderOptions,
+    ) -> RuntimeState {
         let mut state = RuntimeState::default();
         let maps_prefix = format!("{}/", options.maps_dir);
         let certs_prefix = format!("{}/", options.certs_dir);
@@ -167,19 +201,21 @@ impl Execution {
 /// reload can (a configuration that differs beyond servers and maps; servers, for a target
 /// whose servers change only with its configuration: `RenderOptions::runtime_servers`).
 pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec<Op>, String> {
-    let config = |files: &Files| {
-        files
-            .get(&options.config_name)
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-    };
+    let config =
+        |files| Files::get(files, &options.config_name).map(|b| String::from_utf8_lossy(b));
     let (Some(old_config), Some(new_config)) = (config(old), config(new)) else {
         return Err("there is no running configuration to change".into());
     };
     if let Some(reason) = readback::runtime_blocker(&old_config, &new_config) {
         return Err(reason);
     }
-    let before = RuntimeState::from_files(old, options);
-    let after = RuntimeState::from_files(new, options);
+    // Only what differs is read: the configuration's changed sections (their servers), and the
+    // maps and certificates whose files differ. The rest is the same on both sides and would
+    // give no operation; reading it all cost most of a plan at 10k apps.
+    let (old_part, new_part) = readback::changed_sections(&old_config, &new_config);
+    let name = &options.config_name;
+    let before = RuntimeState::read(differing(old, (name, old_part), new), options);
+    let after = RuntimeState::read(differing(new, (name, new_part), old), options);
     if before.crt_lists.keys().ne(after.crt_lists.keys()) {
         return Err("a listener's certificate list appears or disappears".into());
     }
@@ -287,6 +323,22 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
         ));
     }
     Ok(ops)
+}
+
+/// The files of `files` that differ from `other`'s, with the configuration (`config`: its name,
+/// and the part of it to read) in place of the whole configuration.
+fn differing<'a>(
+    files: &'a Files,
+    config: (&'a String, &'a str),
+    other: &'a Files,
+) -> impl Iterator<Item = (&'a String, &'a [u8])> {
+    files.iter().filter_map(move |(path, bytes)| {
+        if path == config.0 {
+            Some((path, config.1.as_bytes()))
+        } else {
+            (other.get(path) != Some(bytes)).then_some((path, bytes.as_slice()))
+        }
+    })
 }
 
 /// The operations that turn the entries `old` of `map` into `new`: entry by entry for a few
@@ -713,6 +765,27 @@ mod tests {
     fn replay(old: &Files, new: &Files) -> RuntimeState {
         let options = RenderOptions::for_target(None);
         let ops = plan_ops(old, new, &options).expect("runtime-able");
+        // What an apply reads back after them is the new state where they touch it.
+        let (whole, touched) = (
+            RuntimeState::from_files(new, &options),
+            RuntimeState::touched_by(new, &options, &ops),
+        );
+        let maps: BTreeSet<&str> = ops.iter().filter_map(Op::map).collect();
+        assert_eq!(
+            touched
+                .maps
+                .keys()
+                .map(String::as_str)
+                .collect::<BTreeSet<_>>(),
+            maps
+        );
+        for (map, entries) in &touched.maps {
+            assert_eq!(entries, &whole.maps[map]);
+        }
+        let backends: BTreeSet<&str> = ops.iter().filter_map(Op::backend).collect();
+        let mut servers = whole.servers.clone();
+        servers.retain(|(b, _), _| backends.contains(b.as_str()));
+        assert_eq!(touched.servers, servers);
         let mut state = RuntimeState::from_files(old, &options);
         for op in &ops {
             op.apply_to(&mut state);

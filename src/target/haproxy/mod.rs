@@ -222,7 +222,7 @@ pub fn apply_with(
         // that replaces it starts from files `haproxy -c` accepted first, as any reload does.
         go_live()?;
         let api = RuntimeApi::new(&target.runtime_socket);
-        let expected = RuntimeState::from_files(&request.files, &request.options);
+        let expected = RuntimeState::touched_by(&request.files, &request.options, ops);
         let ops = runtime::rebase_map_ops(ops.clone(), &expected, |map| read_map(&api, map))
             .unwrap_or_else(|_| ops.clone());
         let runtime = execute(&api, &ops).and_then(|commands| {
@@ -563,29 +563,10 @@ fn differences(
             all_backends(),
         ),
         Scope::Servers => (BTreeSet::new(), all_backends()),
-        Scope::TouchedBy(ops) => {
-            let mut maps = BTreeSet::new();
-            let mut backends = BTreeSet::new();
-            for op in ops {
-                match op {
-                    Op::MapAdd { map, .. }
-                    | Op::MapSet { map, .. }
-                    | Op::MapDel { map, .. }
-                    | Op::MapReplace { map, .. } => {
-                        maps.insert(map.as_str());
-                    }
-                    Op::AddServer { backend, .. }
-                    | Op::SetAddr { backend, .. }
-                    | Op::SetWeight { backend, .. }
-                    | Op::SetState { backend, .. }
-                    | Op::DelServer { backend, .. } => {
-                        backends.insert(backend.as_str());
-                    }
-                    _ => {}
-                }
-            }
-            (maps, backends)
-        }
+        Scope::TouchedBy(ops) => (
+            ops.iter().filter_map(Op::map).collect(),
+            ops.iter().filter_map(Op::backend).collect(),
+        ),
     };
     let mut problems = Vec::new();
     for map in maps {
