@@ -139,25 +139,35 @@ pub struct MapDiff<'a, K, V> {
     pub changed: Vec<(&'a K, &'a V, &'a V)>,
 }
 
+/// Walks both maps side by side in key order (one comparison per step, not a tree lookup per
+/// key: at 10k domains and backends the lookups' string comparisons were most of a diff).
 pub fn diff_maps<'a, K: Ord, V: PartialEq>(
     old: &'a BTreeMap<K, V>,
     new: &'a BTreeMap<K, V>,
 ) -> MapDiff<'a, K, V> {
+    use std::cmp::Ordering;
     let mut d = MapDiff {
         added: Vec::new(),
         removed: Vec::new(),
         changed: Vec::new(),
     };
-    for (k, v) in old {
-        match new.get(k) {
-            None => d.removed.push((k, v)),
-            Some(nv) if nv != v => d.changed.push((k, v, nv)),
-            Some(_) => {}
-        }
-    }
-    for (k, v) in new {
-        if !old.contains_key(k) {
-            d.added.push((k, v));
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((ok, _)), Some((nk, _))) => ok.cmp(nk),
+        };
+        match order {
+            Ordering::Less => d.removed.extend(old.next()),
+            Ordering::Greater => d.added.extend(new.next()),
+            Ordering::Equal => {
+                let ((k, v), (_, nv)) = (old.next().expect("peeked"), new.next().expect("peeked"));
+                if nv != v {
+                    d.changed.push((k, v, nv));
+                }
+            }
         }
     }
     d
@@ -1287,5 +1297,34 @@ mod tests {
         assert!(diff_maps(&a, &empty).replay(&a).is_empty());
         let same = diff_maps(&a, &a);
         assert!(same.added.is_empty() && same.removed.is_empty() && same.changed.is_empty());
+    }
+
+    /// The side-by-side walk finds what looking every key up in the other map finds, in the
+    /// same order, over random pairs of maps.
+    #[test]
+    fn the_walk_finds_what_lookups_find() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut below = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let mut map = |len| -> BTreeMap<String, u64> {
+                (0..below(len))
+                    .map(|_| (format!("k{}", below(40)), below(3)))
+                    .collect()
+            };
+            let (a, b) = (map(30), map(30));
+            let d = diff_maps(&a, &b);
+            let removed: Vec<_> = a.iter().filter(|(k, _)| !b.contains_key(*k)).collect();
+            let changed: Vec<_> = a
+                .iter()
+                .filter_map(|(k, v)| b.get(k).filter(|nv| *nv != v).map(|nv| (k, v, nv)))
+                .collect();
+            let added: Vec<_> = b.iter().filter(|(k, _)| !a.contains_key(*k)).collect();
+            assert_eq!((d.removed, d.changed, d.added), (removed, changed, added));
+        }
     }
 }

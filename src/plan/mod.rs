@@ -110,16 +110,8 @@ impl MassDelete {
     /// The guard's verdict on going from `old` to `new` (the guard's settings are `new`'s).
     pub fn between(old: &Model, new: &Model) -> Option<MassDelete> {
         let guard = new.global.delete_guard;
-        let domains_removed = old
-            .domains
-            .keys()
-            .filter(|d| !new.domains.contains_key(*d))
-            .count();
-        let backends_removed = old
-            .backends
-            .keys()
-            .filter(|b| !new.backends.contains_key(*b))
-            .count();
+        let domains_removed = removed_keys(&old.domains, &new.domains);
+        let backends_removed = removed_keys(&old.backends, &new.backends);
         (guard.trips(domains_removed, old.domains.len())
             || guard.trips(backends_removed, old.backends.len()))
         .then_some(MassDelete {
@@ -154,6 +146,17 @@ impl MassDelete {
             self.percent
         )
     }
+}
+
+/// How many keys of `old` `new` lacks, walking both in key order (as `diff::diff_maps`).
+fn removed_keys<K: Ord, A, B>(old: &BTreeMap<K, A>, new: &BTreeMap<K, B>) -> usize {
+    let mut new = new.keys().peekable();
+    old.keys()
+        .filter(|k| {
+            while new.next_if(|n| n < k).is_some() {}
+            new.next_if(|n| n == k).is_none()
+        })
+        .count()
 }
 
 impl Plan {
@@ -399,6 +402,26 @@ mod tests {
         validation
             .model
             .unwrap_or_else(|| panic!("{:?}", validation.diagnostics))
+    }
+
+    #[test]
+    fn removed_keys_counts_the_keys_the_new_map_lacks() {
+        let map = |keys: &[u32]| keys.iter().map(|k| (*k, ())).collect::<BTreeMap<_, _>>();
+        let cases: [(&[u32], &[u32], usize); 6] = [
+            (&[], &[], 0),
+            (&[1, 2, 3], &[], 3),
+            (&[], &[1, 2], 0),
+            (&[1, 2, 3, 7], &[0, 2, 4, 7, 9], 2),
+            (&[5], &[1, 2, 3, 4], 1),
+            (&[1, 2, 3], &[1, 2, 3], 0),
+        ];
+        for (old, new, removed) in cases {
+            assert_eq!(
+                removed_keys(&map(old), &map(new)),
+                removed,
+                "{old:?} → {new:?}"
+            );
+        }
     }
 
     #[test]
