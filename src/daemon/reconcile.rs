@@ -212,47 +212,28 @@ fn input_digest(source: &Source, git_commit: Option<&str>) -> u64 {
 /// The whole state as the API's last accepted change made it, validated: the API validates the
 /// state as it will be with the change before writing the change, and the reconcile it then
 /// asks for reads those same files. That reconcile takes this source and its validation instead
-/// of loading and validating again, when the files on disk are still exactly the ones the source
-/// holds (`load::still_on_disk`: read and compared, not parsed), or when what it loaded has the
-/// same digest (`Source::digest`); anything else is loaded and validated.
+/// of loading and validating again when the files on disk are still exactly the ones the source
+/// holds (`load::still_on_disk`: read and compared, not parsed); anything else is loaded and
+/// validated.
 #[derive(Clone, Default)]
 pub struct Prevalidated(Arc<Mutex<Option<Kept>>>);
 
-/// A source, the digest of its text, and the model validated from it.
-type Kept = (u64, Arc<Source>, Arc<crate::model::Model>);
+/// A source and the model validated from it.
+type Kept = (Arc<Source>, Arc<crate::model::Model>);
 
 impl Prevalidated {
     /// Keeps the model validated from `source` (replacing the one kept).
     pub fn keep(&self, source: Source, model: Arc<crate::model::Model>) {
-        let digest = source.digest();
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((digest, Arc::new(source), model));
-    }
-
-    /// The model kept for a source of digest `digest`, if that is the one kept; used once.
-    pub fn take(&self, digest: u64) -> Option<crate::model::Model> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match kept.take() {
-            Some((d, _, model)) if d == digest => Some(unshared(model)),
-            other => {
-                *kept = other;
-                None
-            }
-        }
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(source), model));
     }
 
     /// The source kept and its model, if the state at `state` is still exactly what that
-    /// source was read from; used once.
+    /// source was read from. Taken either way: one that does not match now never will (the
+    /// files changed since, or the API writes elsewhere), and must not be compared again.
     pub fn take_on_disk(&self, state: &Path) -> Option<(Arc<Source>, crate::model::Model)> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match kept.take() {
-            Some((_, source, model)) if load::still_on_disk(state, &source) => {
-                Some((source, unshared(model)))
-            }
-            other => {
-                *kept = other;
-                None
-            }
-        }
+        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (source, model) = kept?;
+        load::still_on_disk(state, &source).then(|| (source, unshared(model)))
     }
 }
 
@@ -436,7 +417,7 @@ impl Reconciler {
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         let commit_before = git_head(&self.state_folder());
         // The files an API change just wrote are the ones its check loaded and validated.
-        let (source, mut prevalidated) = match self.prevalidated.take_on_disk(&self.state) {
+        let (source, prevalidated) = match self.prevalidated.take_on_disk(&self.state) {
             Some((source, model)) => (source, Some(model)),
             None => match load::load_path(&self.state) {
                 Ok(source) => (Arc::new(source), None),
@@ -463,10 +444,7 @@ impl Reconciler {
         }
         // Set again below once this reconcile leaves the target on the whole state.
         self.last_converged = None;
-        let validation = match prevalidated
-            .take()
-            .or_else(|| self.prevalidated.take(source.digest()))
-        {
+        let validation = match prevalidated {
             Some(model) => crate::model::Validation {
                 model: Some(model),
                 diagnostics: Vec::new(),
@@ -921,28 +899,6 @@ mod tests {
     use super::Prevalidated;
     use std::sync::Arc;
 
-    /// A validation the API kept is used only by a reconcile that read the very same files,
-    /// and only once.
-    #[test]
-    fn a_kept_validation_serves_only_the_same_source_and_only_once() {
-        let source = |text: &str| {
-            crate::spec::load::Source::parse(vec![crate::spec::load::SourceFile::new(
-                "s.yaml".into(),
-                text.into(),
-            )])
-        };
-        let (kept_source, other) = (source("version: 1\n"), source("version: 2\n"));
-        let digest = kept_source.digest();
-        let kept = Prevalidated::default();
-        kept.keep(kept_source, Arc::new(crate::plan::empty_model()));
-        assert!(
-            kept.take(other.digest()).is_none(),
-            "another source's digest"
-        );
-        assert!(kept.take(digest).is_some(), "the same source");
-        assert!(kept.take(digest).is_none(), "used once");
-    }
-
     /// The source the API loaded is taken without loading only while the files on disk are
     /// exactly what it read: a state file's text, a new state file or a certificate that
     /// changed since sends the reconcile back to a full load.
@@ -967,7 +923,8 @@ mod tests {
             kept
         };
         let kept = keep();
-        assert!(kept.take_on_disk(state).is_some(), "unchanged");
+        let (source, _) = kept.take_on_disk(state).expect("unchanged");
+        assert_eq!(source.digest(), load_path(state).unwrap().digest());
         assert!(kept.take_on_disk(state).is_none(), "used once");
 
         let changes: [&dyn Fn(); 3] = [
@@ -979,8 +936,8 @@ mod tests {
             let kept = keep();
             change();
             assert!(kept.take_on_disk(state).is_none(), "change {i} not seen");
-            // Still kept for a reconcile whose full load gives the same digest.
-            assert!(kept.0.lock().unwrap().is_some(), "change {i}: dropped");
+            // Never compared again: the reconcile loads the files.
+            assert!(kept.0.lock().unwrap().is_none(), "change {i}: still kept");
         }
     }
 }
