@@ -228,12 +228,25 @@ impl Prevalidated {
     }
 
     /// The source kept and its model, if the state at `state` is still exactly what that
-    /// source was read from. Taken either way: one that does not match now never will (the
-    /// files changed since, or the API writes elsewhere), and must not be compared again.
-    pub fn take_on_disk(&self, state: &Path) -> Option<(Arc<Source>, crate::model::Model)> {
-        let kept = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (source, model) = kept?;
-        load::still_on_disk(state, &source).then(|| (source, unshared(model)))
+    /// source was read from. One that does not match is forgotten when `for_api` (the reconcile
+    /// an API change asked for, after writing it: the files changed since, or the API writes
+    /// elsewhere, so it would never match) and kept otherwise (a reconcile of file events may
+    /// run between the API's check and its write, and must not take it from the reconcile
+    /// that change asks for next).
+    pub fn take_on_disk(
+        &self,
+        state: &Path,
+        for_api: bool,
+    ) -> Option<(Arc<Source>, crate::model::Model)> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let matches = kept
+            .as_ref()
+            .is_some_and(|(source, _)| load::still_on_disk(state, source));
+        if !matches && !for_api {
+            return None;
+        }
+        let (source, model) = kept.take()?;
+        matches.then(|| (source, unshared(model)))
     }
 }
 
@@ -417,7 +430,8 @@ impl Reconciler {
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         let commit_before = git_head(&self.state_folder());
         // The files an API change just wrote are the ones its check loaded and validated.
-        let (source, prevalidated) = match self.prevalidated.take_on_disk(&self.state) {
+        let (source, prevalidated) = match self.prevalidated.take_on_disk(&self.state, self.for_api)
+        {
             Some((source, model)) => (source, Some(model)),
             None => match load::load_path(&self.state) {
                 Ok(source) => (Arc::new(source), None),
@@ -922,10 +936,12 @@ mod tests {
             kept.keep(source, Arc::new(crate::plan::empty_model()));
             kept
         };
-        let kept = keep();
-        let (source, _) = kept.take_on_disk(state).expect("unchanged");
-        assert_eq!(source.digest(), load_path(state).unwrap().digest());
-        assert!(kept.take_on_disk(state).is_none(), "used once");
+        for for_api in [false, true] {
+            let kept = keep();
+            let (source, _) = kept.take_on_disk(state, for_api).expect("unchanged");
+            assert_eq!(source.digest(), load_path(state).unwrap().digest());
+            assert!(kept.take_on_disk(state, for_api).is_none(), "used once");
+        }
 
         let changes: [&dyn Fn(); 3] = [
             &|| std::fs::write(state.join("agent.yaml"), "domains: {} \n").unwrap(),
@@ -935,8 +951,17 @@ mod tests {
         for (i, change) in changes.iter().enumerate() {
             let kept = keep();
             change();
-            assert!(kept.take_on_disk(state).is_none(), "change {i} not seen");
-            // Never compared again: the reconcile loads the files.
+            // A reconcile of file events leaves it for the one the API change asks for.
+            assert!(
+                kept.take_on_disk(state, false).is_none(),
+                "change {i} not seen"
+            );
+            assert!(kept.0.lock().unwrap().is_some(), "change {i}: not left");
+            // That one forgets it: it would never match.
+            assert!(
+                kept.take_on_disk(state, true).is_none(),
+                "change {i} not seen"
+            );
             assert!(kept.0.lock().unwrap().is_none(), "change {i}: still kept");
         }
     }
