@@ -21,6 +21,8 @@ pub mod plan;
 pub mod render;
 pub mod spec;
 pub mod target;
+#[cfg(test)]
+mod test_rng;
 
 /// The package version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

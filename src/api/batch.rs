@@ -230,7 +230,8 @@ impl Api {
             .iter()
             .map(|(path, text)| (path.as_path(), text.as_deref()))
             .collect();
-        let source = load::load_path_with(root, &replace).ok()?;
+        let base = self.prevalidated.base();
+        let source = load::load_path_from(root, &replace, base.as_deref()).ok()?;
         timer.lap("load");
         let merged = validate(&source).model?;
         timer.lap("validate");

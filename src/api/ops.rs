@@ -1482,7 +1482,8 @@ impl Api {
         let file = self.store.path(agent);
         let text = fragment.text();
         let mut timer = crate::clock::PhaseTimer::new();
-        let source = load::load_path_with(root, &[(&file, text.as_deref())])
+        let base = self.prevalidated.base();
+        let source = load::load_path_from(root, &[(&file, text.as_deref())], base.as_deref())
             .map_err(|e| ApiError::internal(e.to_string()))?;
         timer.lap("load");
         let validation = validate(&source);

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub runtime_updates: AtomicU64,
     pub runtime_commands: AtomicU64,
     pub drift_corrections: AtomicU64,
+    /// Whole loads of the state folder by the reconcile (`lunafront_state_loads_total`).
+    pub state_loads: AtomicU64,
     /// HAProxy restarts by the supervisor (shared with it: counted when they happen, not at
     /// the next reconcile).
     pub haproxy_restarts: std::sync::Arc<AtomicU64>,
@@ -88,6 +90,12 @@ impl Metrics {
             "lunafront_reloads_total",
             "HAProxy reloads done by applies.",
             self.reloads.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "lunafront_state_loads_total",
+            "Loads (read, parse, merge) of the whole state folder by the reconcile. The change an API call made and checked, and a file event for files already applied, need none.",
+            self.state_loads.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

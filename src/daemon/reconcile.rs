@@ -184,7 +184,7 @@ pub struct Reconciler {
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
     /// What the last reconcile that left the target running the whole state read, and what
     /// the target's files were then: a file event that changed neither (the API's own write,
-    /// already applied by the reconcile it asked for) is answered without planning again.
+    /// already applied by the reconcile it asked for) is answered without loading the state.
     pub last_converged: Option<Converged>,
     /// The requests being served are all file events (an API change or an ACME certificate
     /// batched with them must be planned whatever the files say).
@@ -194,19 +194,13 @@ pub struct Reconciler {
 }
 
 /// See `Reconciler::last_converged`.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Converged {
-    input: u64,
+    /// The files and certificates read, by digest.
+    input: load::Fingerprint,
+    /// The commit they were read at.
+    commit: Option<String>,
     manifest: Option<(u64, u64, std::time::SystemTime)>,
-}
-
-/// A digest of everything a reconcile reads from the state folder: the files' text, the
-/// certificate folders' digests and the commit.
-fn input_digest(source: &Source, git_commit: Option<&str>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (source.digest(), git_commit).hash(&mut h);
-    h.finish()
 }
 
 /// The whole state as the API's last accepted change made it, validated: the API validates the
@@ -215,8 +209,13 @@ fn input_digest(source: &Source, git_commit: Option<&str>) -> u64 {
 /// of loading and validating again when the files on disk are still exactly the ones the source
 /// holds (`load::still_on_disk`: read and compared, not parsed); anything else is loaded and
 /// validated.
+/// The last source kept is also the API's base for the next check (`load::load_path_from`):
+/// only the files that differ from it are parsed again.
 #[derive(Clone, Default)]
-pub struct Prevalidated(Arc<Mutex<Option<Kept>>>);
+pub struct Prevalidated {
+    kept: Arc<Mutex<Option<Kept>>>,
+    base: Arc<Mutex<Option<Arc<Source>>>>,
+}
 
 /// A source and the model validated from it.
 type Kept = (Arc<Source>, Arc<crate::model::Model>);
@@ -224,7 +223,15 @@ type Kept = (Arc<Source>, Arc<crate::model::Model>);
 impl Prevalidated {
     /// Keeps the model validated from `source` (replacing the one kept).
     pub fn keep(&self, source: Source, model: Arc<crate::model::Model>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(source), model));
+        let source = Arc::new(source);
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((source, model));
+    }
+
+    /// The source last kept, whether or not a reconcile took it since: what the API's next
+    /// check is loaded from.
+    pub fn base(&self) -> Option<Arc<Source>> {
+        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The source kept and its model, if the state at `state` is still exactly what that
@@ -238,7 +245,7 @@ impl Prevalidated {
         state: &Path,
         for_api: bool,
     ) -> Option<(Arc<Source>, crate::model::Model)> {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let matches = kept
             .as_ref()
             .is_some_and(|(source, _)| load::still_on_disk(state, source));
@@ -429,12 +436,27 @@ impl Reconciler {
             .as_ref()
             .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
         let commit_before = git_head(&self.state_folder());
+        // A file event for files already applied (the API's own write, which the reconcile it
+        // asked for applied): answered from the files' digests, without loading the state.
+        if self.file_events_only
+            && self.holding.is_none()
+            && let (Drive::Local(target), Some(last)) = (&self.drive, &self.last_converged)
+            && last.commit == commit_before
+            && last.manifest == manifest_stamp(target)
+            && last.input.still_on_disk(&self.state)
+            && git_head(&self.state_folder()) == commit_before
+        {
+            return Self::outcome(trigger, "unchanged");
+        }
         // The files an API change just wrote are the ones its check loaded and validated.
         let (source, prevalidated) = match self.prevalidated.take_on_disk(&self.state, self.for_api)
         {
             Some((source, model)) => (source, Some(model)),
             None => match load::load_path(&self.state) {
-                Ok(source) => (Arc::new(source), None),
+                Ok(source) => {
+                    self.metrics.state_loads.fetch_add(1, Ordering::Relaxed);
+                    (Arc::new(source), None)
+                }
                 Err(e) => return fail("invalid", e.to_string(), Vec::new()),
             },
         };
@@ -444,18 +466,12 @@ impl Reconciler {
         timer.lap("load");
         let converged = match &self.drive {
             Drive::Local(target) => Some(Converged {
-                input: input_digest(&source, git_commit.as_deref()),
+                input: source.fingerprint(),
+                commit: git_commit.clone(),
                 manifest: manifest_stamp(target),
             }),
             Drive::Fleet(_) => None,
         };
-        if self.file_events_only
-            && self.holding.is_none()
-            && converged.is_some()
-            && self.last_converged == converged
-        {
-            return Self::outcome(trigger, "unchanged");
-        }
         // Set again below once this reconcile leaves the target on the whole state.
         self.last_converged = None;
         let validation = match prevalidated {
@@ -939,7 +955,10 @@ mod tests {
         for for_api in [false, true] {
             let kept = keep();
             let (source, _) = kept.take_on_disk(state, for_api).expect("unchanged");
-            assert_eq!(source.digest(), load_path(state).unwrap().digest());
+            assert_eq!(
+                source.fingerprint(),
+                load_path(state).unwrap().fingerprint()
+            );
             assert!(kept.take_on_disk(state, for_api).is_none(), "used once");
         }
 
@@ -956,13 +975,16 @@ mod tests {
                 kept.take_on_disk(state, false).is_none(),
                 "change {i} not seen"
             );
-            assert!(kept.0.lock().unwrap().is_some(), "change {i}: not left");
+            assert!(kept.kept.lock().unwrap().is_some(), "change {i}: not left");
             // That one forgets it: it would never match.
             assert!(
                 kept.take_on_disk(state, true).is_none(),
                 "change {i} not seen"
             );
-            assert!(kept.0.lock().unwrap().is_none(), "change {i}: still kept");
+            assert!(
+                kept.kept.lock().unwrap().is_none(),
+                "change {i}: still kept"
+            );
         }
     }
 }

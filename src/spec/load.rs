@@ -13,6 +13,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+mod derive;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the state at {path}: {source}")]
@@ -81,26 +83,72 @@ pub struct Source {
     /// Listener name → its certificate folder.
     pub certificates: BTreeMap<String, CertDir>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Each file's top-level names, by index (a section comes from the first file naming it);
+    /// empty for a source not parsed from files. What `derive` needs of the files it keeps.
+    sections: Vec<Vec<String>>,
 }
 
 impl Source {
-    /// A digest of everything the source was read from: each file's path and text, and each
-    /// certificate folder's files (by their SHA-256) or the error reading it. Sources with the
-    /// same digest validate the same.
-    pub fn digest(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for f in &self.files {
-            (&f.path, &f.text).hash(&mut h);
+    /// What this source was read from, by digest (see `Fingerprint`).
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint {
+            files: self
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), Sha256::digest(f.text.as_bytes()).into()))
+                .collect(),
+            certificates: self
+                .certificates
+                .values()
+                .map(|dir| (dir.path.clone(), cert_digests(&dir.files)))
+                .collect(),
         }
-        for (listener, dir) in &self.certificates {
-            (listener, &dir.path).hash(&mut h);
-            match &dir.files {
-                Ok(files) => files.iter().for_each(|f| (&f.name, &f.sha256).hash(&mut h)),
-                Err(e) => e.hash(&mut h),
-            }
-        }
-        h.finish()
+    }
+}
+
+/// Everything a source was read from, by digest: each state file's path and the SHA-256 of its
+/// text, and each certificate folder's files (name and SHA-256) or the error reading it. Two
+/// loads with the same fingerprint validate the same. A few bytes per file: the daemon keeps
+/// the one of the state it last applied, and learns that the files on disk are still those
+/// without parsing them (`still_on_disk`). SHA-256, not a fast hash: a file whose text was
+/// made to collide with the applied one would never be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    files: Vec<(PathBuf, [u8; 32])>,
+    certificates: Vec<(PathBuf, CertDigests)>,
+}
+
+/// A certificate folder's files as (name, SHA-256), or the error reading it.
+type CertDigests = Result<Vec<(String, String)>, String>;
+
+fn cert_digests(files: &Result<Vec<CertFile>, String>) -> CertDigests {
+    match files {
+        Ok(files) => Ok(files
+            .iter()
+            .map(|f| (f.name.clone(), f.sha256.clone()))
+            .collect()),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+impl Fingerprint {
+    /// Whether a load of `path` now would read exactly what this was taken from — the same
+    /// state files with the same texts and the same certificate files — found without parsing
+    /// anything. The certificate folders are the ones the same files name: read again.
+    pub fn still_on_disk(&self, path: &Path) -> bool {
+        let Ok((files, folders)) = read_state_files(path, &[]) else {
+            return false;
+        };
+        folders.is_empty()
+            && files.len() == self.files.len()
+            && files.iter().zip(&self.files).all(|(file, (path, digest))| {
+                file.path == *path
+                    && <[u8; 32]>::from(Sha256::digest(file.text.as_bytes())) == *digest
+            })
+            && self
+                .certificates
+                .iter()
+                .all(|(dir, digests)| cert_digests(&read_cert_dir(dir)) == *digests)
     }
 }
 
@@ -113,8 +161,22 @@ pub fn load_path(path: &Path) -> Result<Source, LoadError> {
 /// (None: as if it did not exist), whether or not they exist: the state as it would be once
 /// those files are written. The API checks changes this way before writing anything.
 pub fn load_path_with(path: &Path, replace: &[(&Path, Option<&str>)]) -> Result<Source, LoadError> {
+    load_path_from(path, replace, None)
+}
+
+/// `load_path_with`, made from `base` (an earlier load of the same path) when it can be: only
+/// the files that differ from it are parsed (`Source::derive`), with the same result.
+pub fn load_path_from(
+    path: &Path,
+    replace: &[(&Path, Option<&str>)],
+    base: Option<&Source>,
+) -> Result<Source, LoadError> {
     let (files, folders) = read_state_files(path, replace)?;
-    let mut source = Source::parse_files(files, true);
+    let derived = match base {
+        Some(base) => base.derive(files),
+        None => Err(files),
+    };
+    let mut source = derived.unwrap_or_else(|files| Source::parse_files(files, true));
     // A folder where a state file was (say, a file replaced by an empty folder) took that
     // file's entries with it: an error, never a state without them.
     for folder in folders {
@@ -177,25 +239,12 @@ fn read_state_files(
     Ok((files, folders))
 }
 
-/// Whether a load of `path` now would read exactly what `source` was read from — the same
-/// state files with the same texts and the same certificate files — found without parsing
-/// anything. The daemon's reconcile takes the state the API validated before writing a change
-/// this way, instead of loading the files that change wrote (`daemon::reconcile::Prevalidated`).
+/// Whether a load of `path` now would read exactly what `source` was read from (see
+/// `Fingerprint::still_on_disk`). The daemon's reconcile takes the state the API validated
+/// before writing a change this way, instead of loading the files that change wrote
+/// (`daemon::reconcile::Prevalidated`).
 pub fn still_on_disk(path: &Path, source: &Source) -> bool {
-    let Ok((files, folders)) = read_state_files(path, &[]) else {
-        return false;
-    };
-    folders.is_empty()
-        && files.len() == source.files.len()
-        && files
-            .iter()
-            .zip(&source.files)
-            .all(|(a, b)| a.path == b.path && a.text == b.text)
-        // The folders are the ones the same document names: read them again.
-        && source
-            .certificates
-            .values()
-            .all(|dir| read_cert_dir(&dir.path) == dir.files)
+    source.fingerprint().still_on_disk(path)
 }
 
 fn is_yaml_name(name: &str) -> bool {
@@ -282,7 +331,9 @@ impl Source {
             origins: HashMap::new(),
             certificates: BTreeMap::new(),
             diagnostics: Vec::new(),
+            sections: Vec::new(),
         };
+        source.sections = vec![Vec::new(); source.files.len()];
         for index in 0..source.files.len() {
             let file = &source.files[index];
             let parsed = match cached {
@@ -298,7 +349,10 @@ impl Source {
                 {
                     source.empty_file(index, "the file names sections but holds no entries")
                 }
-                Ok(Value::Object(sections)) => source.merge(index, sections),
+                Ok(Value::Object(sections)) => {
+                    source.sections[index] = sections.keys().cloned().collect();
+                    source.merge(index, sections)
+                }
                 Ok(_) => {
                     let location = source.file_location(index, 1, 1);
                     source.diagnostics.push(
@@ -321,9 +375,7 @@ impl Source {
             // Files gone from the state are forgotten.
             let present: std::collections::HashSet<&Path> =
                 source.files.iter().map(|f| f.path.as_path()).collect();
-            if let Some(kept) = KEPT.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                kept.retain(|path, _| present.contains(path.as_path()));
-            }
+            forget_kept(|path| present.contains(path));
         }
         source
     }
@@ -513,6 +565,7 @@ impl Source {
             origins: HashMap::new(),
             certificates,
             diagnostics: Vec::new(),
+            sections: Vec::new(),
         };
         Ok((
             source,
@@ -561,6 +614,7 @@ impl Source {
             origins: self.origins.clone(),
             certificates: self.certificates.clone(),
             diagnostics: Vec::new(),
+            sections: Vec::new(),
         }
     }
 
@@ -585,6 +639,7 @@ impl Source {
             origins: self.origins.clone(),
             certificates: BTreeMap::new(),
             diagnostics: Vec::new(),
+            sections: Vec::new(),
         }
     }
 
@@ -682,6 +737,13 @@ static KEPT: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
 
 /// Path → (SHA-256 of the text, what it parsed to: JSON text, or the error).
 type Kept = std::collections::HashMap<PathBuf, ([u8; 32], Result<String, (String, usize, usize)>)>;
+
+/// Forgets the kept parses of the paths `keep` says no.
+fn forget_kept(keep: impl Fn(&Path) -> bool) {
+    if let Some(kept) = KEPT.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        kept.retain(|path, _| keep(path));
+    }
+}
 
 /// From now on, state files loaded from disk are kept parsed (see `KEPT`).
 pub fn keep_parsed() {
