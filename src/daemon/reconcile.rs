@@ -228,8 +228,13 @@ impl Prevalidated {
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((source, model));
     }
 
-    /// The source last kept, whether or not a reconcile took it since: what the API's next
-    /// check is loaded from.
+    /// Makes `source`, a fresh load of the state, the API's next base.
+    pub fn rebase(&self, source: Arc<Source>) {
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// The source last kept or loaded, whether or not a reconcile took it since: what the
+    /// API's next check is loaded from.
     pub fn base(&self) -> Option<Arc<Source>> {
         self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -455,7 +460,11 @@ impl Reconciler {
             None => match load::load_path(&self.state) {
                 Ok(source) => {
                     self.metrics.state_loads.fetch_add(1, Ordering::Relaxed);
-                    (Arc::new(source), None)
+                    let source = Arc::new(source);
+                    // The API's next check starts from the newest state read (an edit, a
+                    // pull), which the running model will share, not from an older copy.
+                    self.prevalidated.rebase(source.clone());
+                    (source, None)
                 }
                 Err(e) => return fail("invalid", e.to_string(), Vec::new()),
             },
