@@ -209,12 +209,12 @@ pub struct Converged {
 /// of loading and validating again when the files on disk are still exactly the ones the source
 /// holds (`load::still_on_disk`: read and compared, not parsed); anything else is loaded and
 /// validated.
-/// The last source kept is also the API's base for the next check (`load::load_path_from`):
-/// only the files that differ from it are parsed again.
+/// The last source kept is also, compacted (`load::Base`), what the API's next check is loaded
+/// from (`load::load_path_from`): only the files that differ from it are parsed again.
 #[derive(Clone, Default)]
 pub struct Prevalidated {
     kept: Arc<Mutex<Option<Kept>>>,
-    base: Arc<Mutex<Option<Arc<Source>>>>,
+    base: Arc<Mutex<Option<Arc<load::Base>>>>,
 }
 
 /// A source and the model validated from it.
@@ -223,19 +223,15 @@ type Kept = (Arc<Source>, Arc<crate::model::Model>);
 impl Prevalidated {
     /// Keeps the model validated from `source` (replacing the one kept).
     pub fn keep(&self, source: Source, model: Arc<crate::model::Model>) {
-        let source = Arc::new(source);
-        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.clone());
-        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((source, model));
+        let base = load::Base::new(&source, model.document_text().shared()).map(Arc::new);
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = base;
+        *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(source), model));
     }
 
-    /// Makes `source`, a fresh load of the state, the API's next base.
-    pub fn rebase(&self, source: Arc<Source>) {
-        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
-    }
-
-    /// The source last kept or loaded, whether or not a reconcile took it since: what the
-    /// API's next check is loaded from.
-    pub fn base(&self) -> Option<Arc<Source>> {
+    /// The base of the source last kept, whether or not a reconcile took that source since:
+    /// what the API's next check is loaded from. Derived from it only where the files on disk
+    /// still match it, so a base older than an edit is safe (only slower).
+    pub fn base(&self) -> Option<Arc<load::Base>> {
         self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -460,11 +456,7 @@ impl Reconciler {
             None => match load::load_path(&self.state) {
                 Ok(source) => {
                     self.metrics.state_loads.fetch_add(1, Ordering::Relaxed);
-                    let source = Arc::new(source);
-                    // The API's next check starts from the newest state read (an edit, a
-                    // pull), which the running model will share, not from an older copy.
-                    self.prevalidated.rebase(source.clone());
-                    (source, None)
+                    (Arc::new(source), None)
                 }
                 Err(e) => return fail("invalid", e.to_string(), Vec::new()),
             },

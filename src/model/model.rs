@@ -39,6 +39,11 @@ impl StateDocument {
         StateDocument(serde_json::value::to_raw_value(value).expect("JSON").into())
     }
 
+    /// The JSON text itself, shared (`load::Base` keeps it).
+    pub fn shared(&self) -> std::sync::Arc<serde_json::value::RawValue> {
+        self.0.clone()
+    }
+
     /// The document as compact JSON (the text its revision digests).
     pub fn json(&self) -> &str {
         self.0.get()

@@ -15,6 +15,8 @@ use std::sync::{Arc, OnceLock};
 
 mod derive;
 
+pub use derive::Base;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the state at {path}: {source}")]
@@ -165,11 +167,11 @@ pub fn load_path_with(path: &Path, replace: &[(&Path, Option<&str>)]) -> Result<
 }
 
 /// `load_path_with`, made from `base` (an earlier load of the same path) when it can be: only
-/// the files that differ from it are parsed (`Source::derive`), with the same result.
+/// the files that differ from it are parsed (`Base::derive`), with the same result.
 pub fn load_path_from(
     path: &Path,
     replace: &[(&Path, Option<&str>)],
-    base: Option<&Source>,
+    base: Option<&Base>,
 ) -> Result<Source, LoadError> {
     let (files, folders) = read_state_files(path, replace)?;
     let derived = match base {
