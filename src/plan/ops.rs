@@ -206,13 +206,14 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
     let (Some(old_config), Some(new_config)) = (config(old), config(new)) else {
         return Err("there is no running configuration to change".into());
     };
-    if let Some(reason) = readback::runtime_blocker(&old_config, &new_config) {
+    // Only what differs is read: the configuration's changed sections (what may block a
+    // runtime change, and their servers), and the maps and certificates whose files differ.
+    // The rest is the same on both sides and would give no operation; reading it all cost
+    // most of a plan at 10k apps.
+    let (old_part, new_part) = readback::changed_sections(&old_config, &new_config);
+    if let Some(reason) = readback::runtime_blocker_in(old_part, new_part) {
         return Err(reason);
     }
-    // Only what differs is read: the configuration's changed sections (their servers), and the
-    // maps and certificates whose files differ. The rest is the same on both sides and would
-    // give no operation; reading it all cost most of a plan at 10k apps.
-    let (old_part, new_part) = readback::changed_sections(&old_config, &new_config);
     let name = &options.config_name;
     let before = RuntimeState::read(differing(old, (name, old_part), new), options);
     let after = RuntimeState::read(differing(new, (name, new_part), old), options);

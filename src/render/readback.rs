@@ -106,16 +106,14 @@ pub fn slot_pools(config: &str) -> SlotPools {
 /// `None` when it can: the one rule that `plan` (reload or not) and the haproxy target's
 /// runtime operations share. Borrows the texts (it runs on every plan of a large state).
 pub fn runtime_blocker(old: &str, new: &str) -> Option<String> {
-    if old == new {
-        return None;
-    }
     // What is outside these parts is the same sections in both: nothing there can block.
     let (old, new) = changed_sections(old, new);
-    blocker(old, new)
+    runtime_blocker_in(old, new)
 }
 
-/// `runtime_blocker`, reading the whole of both texts.
-fn blocker(old: &str, new: &str) -> Option<String> {
+/// `runtime_blocker`, reading the whole of both texts: given the parts `changed_sections`
+/// found, the same answer as `runtime_blocker` of the whole configurations.
+pub fn runtime_blocker_in(old: &str, new: &str) -> Option<String> {
     let is_server = |l: &&str| l.trim_start().starts_with("server ");
     if !old
         .lines()
@@ -514,7 +512,7 @@ mod tests {
             let blocked = runtime_blocker(&old, &new).is_some();
             assert_eq!(
                 blocked,
-                old != new && blocker(&old, &new).is_some(),
+                old != new && runtime_blocker_in(&old, &new).is_some(),
                 "{context}"
             );
             reload += usize::from(blocked);
