@@ -431,6 +431,10 @@ pub struct Shared {
     pub git: Option<Arc<crate::git::Repo>>,
     /// Where a change's validated state is handed to the reconcile it asks for.
     pub prevalidated: crate::daemon::reconcile::Prevalidated,
+    /// Held by the store while a change is checked and written, and by the reconcile while it
+    /// reads the state folder (with `--git`, the clone's lock): a reconcile never reads a batch
+    /// of fragments half written.
+    pub state_lock: Arc<Mutex<()>>,
 }
 
 /// Opens the API's stores (tokens, CA) and its router.
@@ -461,12 +465,9 @@ pub fn build(
         changes: auth::RateLimiter::new(10_000),
         reloads: auth::RateLimiter::new(10_000),
         ca: certs::Ca::open_or_create(&options.data_dir)?,
-        // With git, the store shares the clone's lock: a change is written, committed and
-        // pushed while the clone stays where it is.
-        store: match &shared.git {
-            Some(repo) => store::Store::with_lock(&state_path, repo.state_lock.clone()),
-            None => store::Store::new(&state_path),
-        },
+        // The store shares the reconcile's lock (with git, the clone's: a change is written,
+        // committed and pushed while the clone stays where it is).
+        store: store::Store::with_lock(&state_path, shared.state_lock),
         model: shared.model,
         prevalidated: shared.prevalidated,
         batches: Default::default(),

@@ -152,6 +152,13 @@ fn run_with(
     })));
     let (requests, receiver) = mpsc::channel::<Request>();
     let prevalidated = reconcile::Prevalidated::default();
+    // Whoever writes into the state folder holds this while the reconcile reads it: the API's
+    // store (a batch of agents' fragments is read whole or not at all) and, with git, whoever
+    // moves the clone.
+    let state_lock = repo
+        .as_ref()
+        .map(|r| r.state_lock.clone())
+        .unwrap_or_default();
 
     // Everything that can refuse to start does so before HAProxy is started: the listeners
     // are bound and the API is built first.
@@ -193,6 +200,7 @@ fn run_with(
                         daemon_listen,
                         git: repo.clone(),
                         prevalidated: prevalidated.clone(),
+                        state_lock: state_lock.clone(),
                     },
                 )?,
             ))
@@ -260,7 +268,7 @@ fn run_with(
         holding: None,
         last_reload: None,
         for_api: false,
-        state_lock: repo.as_ref().map(|r| r.state_lock.clone()),
+        state_lock: Some(state_lock),
         last_converged: None,
         file_events_only: false,
         prevalidated,

@@ -209,6 +209,7 @@ pub struct Converged {
 /// of loading and validating again when the files on disk are still exactly the ones the source
 /// holds (`load::still_on_disk`: read and compared, not parsed); anything else is loaded and
 /// validated.
+///
 /// The last source kept is also, compacted (`load::Base`), what the API's next check is loaded
 /// from (`load::load_path_from`): only the files that differ from it are parsed again.
 #[derive(Clone, Default)]
