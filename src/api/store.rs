@@ -178,8 +178,9 @@ impl Store {
         Store::with_lock(root, Arc::new(Mutex::new(())))
     }
 
-    /// A store whose changes also hold `lock` (a git clone's: nothing moves the checkout
-    /// between a change's check and its commit).
+    /// A store whose changes hold `lock`, shared with the daemon's reconcile (it reads the
+    /// state folder under it: never a batch half written) and, with git, with the clone
+    /// (nothing moves the checkout between a change's check and its commit).
     pub fn with_lock(root: &Path, lock: Arc<Mutex<()>>) -> Store {
         Store {
             root: root.to_path_buf(),
@@ -188,7 +189,8 @@ impl Store {
     }
 
     /// Held while a change is checked and written: changes to fragments are one at a time, so
-    /// two agents cannot claim the same name between a check and a write.
+    /// two agents cannot claim the same name between a check and a write, and the reconcile
+    /// reads the folder before or after, never between (see `with_lock`).
     pub fn lock(&self) -> MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }

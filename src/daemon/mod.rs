@@ -268,7 +268,7 @@ fn run_with(
         holding: None,
         last_reload: None,
         for_api: false,
-        state_lock: Some(state_lock),
+        state_lock,
         last_converged: None,
         file_events_only: false,
         prevalidated,

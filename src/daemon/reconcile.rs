@@ -177,9 +177,11 @@ pub struct Reconciler {
     pub last_reload: Option<Instant>,
     /// The reconcile being run serves an agent API change.
     pub for_api: bool,
-    /// Held while the state is read, by whoever moves or writes the folder too (the git
-    /// clone's owner): a reconcile never reads a checkout half moved.
-    pub state_lock: Option<Arc<Mutex<()>>>,
+    /// Held while the state is read, by whoever moves or writes the folder too (the API's
+    /// store while it checks and writes a change; with git, the clone's owner): a reconcile
+    /// never reads a batch of fragments half written or a checkout half moved. The reconcile
+    /// waits behind the API's check and writes (with `api.git_commit`, its commits too).
+    pub state_lock: Arc<Mutex<()>>,
     /// Issuance and renewal of ACME certificates, told what the applied state wants.
     pub acme: Option<Arc<crate::acme::manager::Shared>>,
     /// What the last reconcile that left the target running the whole state read, and what
@@ -434,9 +436,7 @@ impl Reconciler {
         // The commit the state is read at: recorded with what gets applied (a checkout that
         // moved while it was read is no one commit).
         let read_lock = self.state_lock.clone();
-        let read_guard = read_lock
-            .as_ref()
-            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+        let read_guard = read_lock.lock().unwrap_or_else(|e| e.into_inner());
         let commit_before = git_head(&self.state_folder());
         // A file event for files already applied (the API's own write, which the reconcile it
         // asked for applied): answered from the files' digests, without loading the state.
