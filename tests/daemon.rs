@@ -14,20 +14,32 @@ fn base_state(site: &Site, port: u16, shop: u16, blog: u16, domains: &str) -> St
     )
 }
 
-#[test]
-fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
+/// A daemon (started with `args`) on a one-file state with backends shop and blog, each on a
+/// test server, serving `shop.example.com`: ready, and that domain answering.
+struct ShopSite {
+    // Dropped in this order: the daemon (and its HAProxy) before the folder it runs in.
+    daemon: Daemon,
+    _backends: (Server, Server),
+    /// The state file's text.
+    state: String,
+    /// HAProxy's HTTP listener.
+    port: u16,
+    site: Site,
+}
+
+fn shop_site(args: &[&str]) -> ShopSite {
     let site = Site::new();
     let (shop, blog) = (http_backend("shop"), http_backend("blog"));
     let port = free_port();
-    let good = base_state(
+    let state = base_state(
         &site,
         port,
         shop.port,
         blog.port,
         "  shop.example.com: { backend: shop }\n",
     );
-    site.write_state(&good);
-    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
+    site.write_state(&state);
+    let daemon = Daemon::start(site.path(), "state.yaml", args);
     daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
     wait_for_route(
         port,
@@ -35,6 +47,25 @@ fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
         "backend=shop",
         Duration::from_secs(5),
     );
+    ShopSite {
+        daemon,
+        _backends: (shop, blog),
+        state,
+        port,
+        site,
+    }
+}
+
+#[test]
+fn converges_on_edits_keeps_the_last_good_state_on_bad_yaml_and_recovers() {
+    // Bound in this order, dropped in the reverse one: the daemon first.
+    let ShopSite {
+        site,
+        port,
+        state: good,
+        _backends,
+        daemon,
+    } = shop_site(&[]);
     let (_, workers) = site.generation();
 
     // An edit is live in well under a second, through the runtime API.
@@ -154,6 +185,17 @@ fn counter(daemon: &Daemon, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
+/// Reconciles the daemon ran so far with `result` (from /metrics; 0 before the first).
+fn reconciles_with(daemon: &Daemon, result: &str) -> u64 {
+    let series = format!("lunafront_reconciles_total{{result=\"{result}\"}} ");
+    daemon
+        .get("/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Reconciles the daemon ran so far, whatever their result (from /metrics).
 fn reconciles(daemon: &Daemon) -> u64 {
     daemon
@@ -172,45 +214,21 @@ fn reconciles(daemon: &Daemon) -> u64 {
 /// reconcile waited behind it).
 #[test]
 fn a_save_that_changes_nothing_is_answered_without_loading_the_state() {
-    let site = Site::new();
-    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
-    let port = free_port();
-    let state = base_state(
-        &site,
+    let ShopSite {
+        site,
         port,
-        shop.port,
-        blog.port,
-        "  shop.example.com: { backend: shop }\n",
-    );
-    site.write_state(&state);
-    let daemon = Daemon::start(site.path(), "state.yaml", &[]);
-    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
-    wait_for_route(
-        port,
-        "shop.example.com",
-        "backend=shop",
-        Duration::from_secs(5),
-    );
-    let unchanged = |daemon: &Daemon| {
-        daemon
-            .get("/metrics")
-            .1
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("lunafront_reconciles_total{result=\"unchanged\"} ")?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0)
-    };
+        state,
+        _backends,
+        daemon,
+    } = shop_site(&[]);
     let loads = counter(&daemon, "lunafront_state_loads_total");
     assert!(loads >= 1, "the first reconcile loads the state");
-    let before = unchanged(&daemon);
+    let before = reconciles_with(&daemon, "unchanged");
 
     // The same bytes saved again: a file event, nothing to do.
     site.write_state(&state);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while unchanged(&daemon) == before {
+    while reconciles_with(&daemon, "unchanged") == before {
         assert!(Instant::now() < deadline, "the save was not looked at");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -283,24 +301,13 @@ fn a_restarted_daemon_serves_the_last_applied_state_even_when_the_state_is_broke
 
 #[test]
 fn drift_in_files_and_in_the_runtime_state_is_put_back_and_counted() {
-    let site = Site::new();
-    let (shop, blog) = (http_backend("shop"), http_backend("blog"));
-    let port = free_port();
-    site.write_state(&base_state(
-        &site,
+    let ShopSite {
+        site,
         port,
-        shop.port,
-        blog.port,
-        "  shop.example.com: { backend: shop }\n",
-    ));
-    let daemon = Daemon::start(site.path(), "state.yaml", &["--interval", "1s"]);
-    daemon.wait_for("/ready", 200, "ok", Duration::from_secs(15));
-    wait_for_route(
-        port,
-        "shop.example.com",
-        "backend=shop",
-        Duration::from_secs(5),
-    );
+        _backends,
+        daemon,
+        ..
+    } = shop_site(&["--interval", "1s"]);
 
     let generation = site.generation();
     // Someone edits a map file by hand.
