@@ -12,7 +12,7 @@
 
 use super::ops::{Api, ApiError, Caller, Saved, Settings};
 use super::store::Fragment;
-use crate::model::{Model, validate};
+use crate::model::Model;
 use crate::spec::load;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -230,10 +230,13 @@ impl Api {
             .iter()
             .map(|(path, text)| (path.as_path(), text.as_deref()))
             .collect();
-        let base = self.prevalidated.base();
-        let source = load::load_path_from(root, &replace, base.as_deref()).ok()?;
+        let checked = self.prevalidated.checked();
+        let source =
+            load::load_path_from(root, &replace, checked.as_deref().map(|c| &c.base)).ok()?;
         timer.lap("load");
-        let merged = validate(&source).model?;
+        let validation =
+            crate::model::validate::validate_from_or_whole(checked.as_deref(), &source);
+        let merged = validation.model?;
         timer.lap("validate");
         let model = &changes[0].0.model;
         if crate::plan::MassDelete::between(model, &merged).is_some() {
@@ -261,7 +264,8 @@ impl Api {
             out.push((q.id, result));
         }
         if all_written {
-            self.prevalidated.keep(source, Arc::new(merged));
+            self.prevalidated
+                .keep(source, Arc::new(merged), validation.diagnostics);
         }
         timer.lap("write");
         tracing::debug!(changes = changes.len(), phases = %timer, "route changes checked together");

@@ -1482,11 +1482,16 @@ impl Api {
         let file = self.store.path(agent);
         let text = fragment.text();
         let mut timer = crate::clock::PhaseTimer::new();
-        let base = self.prevalidated.base();
-        let source = load::load_path_from(root, &[(&file, text.as_deref())], base.as_deref())
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let checked = self.prevalidated.checked();
+        let source = load::load_path_from(
+            root,
+            &[(&file, text.as_deref())],
+            checked.as_deref().map(|c| &c.base),
+        )
+        .map_err(|e| ApiError::internal(e.to_string()))?;
         timer.lap("load");
-        let validation = validate(&source);
+        let validation =
+            crate::model::validate::validate_from_or_whole(checked.as_deref(), &source);
         timer.lap("validate");
         let whole = validation.model.is_some();
         let new_errors = self.new_errors(&validation, root);
@@ -1539,7 +1544,8 @@ impl Api {
         // The state validated whole (not with entries held back): the reconcile that makes
         // the change live reads these same files and need not validate them again.
         if whole {
-            self.prevalidated.keep(source, Arc::new(merged));
+            self.prevalidated
+                .keep(source, Arc::new(merged), validation.diagnostics);
         }
         Ok(reload)
     }

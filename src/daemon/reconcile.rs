@@ -212,30 +212,42 @@ pub struct Converged {
 /// holds (`load::still_on_disk`: read and compared, not parsed); anything else is loaded and
 /// validated.
 ///
-/// The last source kept is also, compacted (`load::Base`), what the API's next check is loaded
-/// from (`load::load_path_from`): only the files that differ from it are parsed again.
+/// The last source kept is also, compacted with its validation (`validate::Checked`), what the
+/// API's next check is loaded from (`load::load_path_from`: only the files that differ from
+/// it are parsed again) and validated from (`validate::validate_from`: only the entries the
+/// change can affect are judged again).
 #[derive(Clone, Default)]
 pub struct Prevalidated {
     kept: Arc<Mutex<Option<Kept>>>,
-    base: Arc<Mutex<Option<Arc<load::Base>>>>,
+    checked: Arc<Mutex<Option<Arc<crate::model::validate::Checked>>>>,
 }
 
 /// A source and the model validated from it.
 type Kept = (Arc<Source>, Arc<crate::model::Model>);
 
 impl Prevalidated {
-    /// Keeps the model validated from `source` (replacing the one kept).
-    pub fn keep(&self, source: Source, model: Arc<crate::model::Model>) {
-        let base = load::Base::new(&source, model.document_text().shared()).map(Arc::new);
-        *self.base.lock().unwrap_or_else(|e| e.into_inner()) = base;
+    /// Keeps the model validated from `source` and the validation's `diagnostics` (warnings:
+    /// the state validated whole), replacing the ones kept.
+    pub fn keep(
+        &self,
+        source: Source,
+        model: Arc<crate::model::Model>,
+        diagnostics: Vec<crate::spec::diagnostics::Diagnostic>,
+    ) {
+        let checked =
+            crate::model::validate::Checked::new(&source, model.clone(), diagnostics).map(Arc::new);
+        *self.checked.lock().unwrap_or_else(|e| e.into_inner()) = checked;
         *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some((Arc::new(source), model));
     }
 
-    /// The base of the source last kept, whether or not a reconcile took that source since:
-    /// what the API's next check is loaded from. Derived from it only where the files on disk
-    /// still match it, so a base older than an edit is safe (only slower).
-    pub fn base(&self) -> Option<Arc<load::Base>> {
-        self.base.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The source last kept and its validation, whether or not a reconcile took that source
+    /// since: what the API's next check is loaded and validated from. Used only for the files
+    /// that differ from it on disk, so one older than an edit is safe (only slower).
+    pub fn checked(&self) -> Option<Arc<crate::model::validate::Checked>> {
+        self.checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The source kept and its model, if the state at `state` is still exactly what that
@@ -951,7 +963,7 @@ mod tests {
             let kept = Prevalidated::default();
             let source = load_path(state).unwrap();
             assert_eq!(source.certificates.len(), 1, "{:?}", source.certificates);
-            kept.keep(source, Arc::new(crate::plan::empty_model()));
+            kept.keep(source, Arc::new(crate::plan::empty_model()), Vec::new());
             kept
         };
         for for_api in [false, true] {

@@ -44,9 +44,29 @@ pub fn validate_targets(source: &Source) -> Validation {
 }
 
 pub fn validate(source: &Source) -> Validation {
-    let schema_diagnostics = schema::check(source);
+    validate_document(source, &source.document, &source.document)
+}
+
+/// `validate` of `document`, a part of `source`'s merged document (`delta`'s restricted
+/// document) or the whole of it: its entries are checked and located in `source`'s files;
+/// references are looked up among the names `names` (the whole document) defines.
+fn validate_document(source: &Source, document: &Value, names: &Value) -> Validation {
+    let (model, diagnostics) = check_document(source, document, names);
+    let has_errors = diagnostics.iter().any(Diagnostic::is_error);
+    Validation {
+        model: (!has_errors).then_some(model),
+        diagnostics,
+    }
+}
+
+/// What `validate_document` finds: the model built from the entries that passed (whole only
+/// when no diagnostic is an error) and every diagnostic, sorted.
+fn check_document(source: &Source, document: &Value, names: &Value) -> (Model, Vec<Diagnostic>) {
+    let schema_diagnostics = schema::check_document(source, document);
     let mut checker = Checker {
         source,
+        document,
+        names,
         diagnostics: Vec::new(),
         // When a file could not be parsed, names it defined are unknown: do not report
         // references to them as errors of their own.
@@ -71,13 +91,11 @@ pub fn validate(source: &Source) -> Validation {
     );
     diagnostics.extend(semantic.iter().cloned());
     sort_diagnostics(&mut diagnostics);
-    let has_errors = diagnostics.iter().any(Diagnostic::is_error);
-    Validation {
-        model: if has_errors { None } else { model },
-        diagnostics,
-    }
+    (model, diagnostics)
 }
 
+/// In file order; diagnostics at the same place by pointer, rule and message, so that the
+/// order depends only on the set (`delta` merges sets found in different runs).
 fn sort_diagnostics(diagnostics: &mut [Diagnostic]) {
     diagnostics.sort_by(|a, b| {
         let key = |d: &Diagnostic| {
@@ -86,7 +104,11 @@ fn sort_diagnostics(diagnostics: &mut [Diagnostic]) {
                 .map(|l| (0, l.file.clone(), l.line, l.column))
                 .unwrap_or((1, PathBuf::new(), 0, 0))
         };
-        key(a).cmp(&key(b))
+        key(a)
+            .cmp(&key(b))
+            .then_with(|| a.pointer.cmp(&b.pointer))
+            .then_with(|| a.code.cmp(b.code))
+            .then_with(|| a.message.cmp(&b.message))
     });
 }
 
@@ -250,6 +272,10 @@ struct RawDeleteGuard {
 
 struct Checker<'a> {
     source: &'a Source,
+    /// The document whose entries are checked: the source's merged document, or a part of it.
+    document: &'a Value,
+    /// The document whose names references may name: the source's merged document.
+    names: &'a Value,
     diagnostics: Vec<Diagnostic>,
     partial: bool,
 }
@@ -345,7 +371,7 @@ impl<'a> Checker<'a> {
     /// names are reported here and never reach the model.
     fn check_names(&mut self) {
         for section in ["listeners", "agents", "backends", "targets", "groups"] {
-            for (name, pointer, _) in all_entries(&self.source.document, section) {
+            for (name, pointer, _) in all_entries(self.document, section) {
                 if !names::is_identifier(name) {
                     self.error(
                         "invalid-name",
@@ -362,14 +388,16 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn build(&mut self) -> Option<Model> {
+    fn build(&mut self) -> Model {
         self.check_names();
-        let doc = &self.source.document;
-        let agent_names: BTreeSet<&str> = entries(doc, "agents").iter().map(|e| e.0).collect();
-        let backend_names: BTreeSet<&str> = entries(doc, "backends").iter().map(|e| e.0).collect();
+        let doc = self.document;
+        let names = self.names;
+        let agent_names: BTreeSet<&str> = entries(names, "agents").iter().map(|e| e.0).collect();
+        let backend_names: BTreeSet<&str> =
+            entries(names, "backends").iter().map(|e| e.0).collect();
         let listener_names: BTreeSet<&str> =
-            entries(doc, "listeners").iter().map(|e| e.0).collect();
-        let target_names: BTreeSet<&str> = entries(doc, "targets").iter().map(|e| e.0).collect();
+            entries(names, "listeners").iter().map(|e| e.0).collect();
+        let target_names: BTreeSet<&str> = entries(names, "targets").iter().map(|e| e.0).collect();
 
         let listeners = self.listeners();
         let agents = self.agents();
@@ -400,7 +428,7 @@ impl<'a> Checker<'a> {
         }
         self.api_settings();
 
-        Some(Model {
+        Model {
             listeners,
             agents,
             backends,
@@ -411,14 +439,14 @@ impl<'a> Checker<'a> {
             api: doc.get("api").cloned(),
             acme,
             issued: Issued::default(),
-            document: super::model::StateDocument::new(&self.source.document),
-        })
+            document: super::model::StateDocument::new(doc),
+        }
     }
 
     fn listeners(&mut self) -> BTreeMap<String, Listener> {
         let mut out = BTreeMap::new();
         let mut binds: Vec<(names::Bind, String, String)> = Vec::new();
-        for (name, pointer, value) in entries(&self.source.document, "listeners") {
+        for (name, pointer, value) in entries(self.document, "listeners") {
             let Some(raw) = Self::raw::<RawListener>(value) else {
                 continue;
             };
@@ -692,7 +720,7 @@ impl<'a> Checker<'a> {
 
     fn agents(&mut self) -> BTreeMap<String, Agent> {
         let mut out = BTreeMap::new();
-        for (name, pointer, value) in entries(&self.source.document, "agents") {
+        for (name, pointer, value) in entries(self.document, "agents") {
             let Some(raw) = Self::raw::<RawAgent>(value) else {
                 continue;
             };
@@ -743,7 +771,7 @@ impl<'a> Checker<'a> {
 
     fn backends(&mut self, agent_names: &BTreeSet<&str>) -> BTreeMap<String, Backend> {
         let mut out = BTreeMap::new();
-        for (name, pointer, value) in entries(&self.source.document, "backends") {
+        for (name, pointer, value) in entries(self.document, "backends") {
             let Some(raw) = Self::raw::<RawBackend>(value) else {
                 continue;
             };
@@ -1045,7 +1073,7 @@ impl<'a> Checker<'a> {
     ) -> BTreeMap<String, Domain> {
         let mut out = BTreeMap::new();
         let has_http_listener = listeners.values().any(Listener::is_http);
-        for (host, pointer, value) in entries(&self.source.document, "domains") {
+        for (host, pointer, value) in entries(self.document, "domains") {
             let host_ok = match names::check_host(host) {
                 Ok(()) => true,
                 Err(e) => {
@@ -1156,7 +1184,7 @@ impl<'a> Checker<'a> {
         listener_names: &BTreeSet<&str>,
         domains: &BTreeMap<String, Domain>,
     ) -> Option<Acme> {
-        let doc = &self.source.document;
+        let doc = self.document;
         let raw = doc.get("acme").and_then(Self::raw::<RawAcme>);
         let acme = raw.and_then(|raw| {
             let renew_before = self.duration(
@@ -1318,11 +1346,7 @@ impl<'a> Checker<'a> {
     }
 
     fn listener_lacks_tls(&self, listener: &str) -> bool {
-        let raw = self
-            .source
-            .document
-            .get("listeners")
-            .and_then(|l| l.get(listener));
+        let raw = self.document.get("listeners").and_then(|l| l.get(listener));
         let Some(raw) = raw.and_then(Self::raw::<RawListener>) else {
             return false;
         };
@@ -1565,7 +1589,7 @@ impl<'a> Checker<'a> {
         listener_names: &BTreeSet<&str>,
     ) -> BTreeMap<String, Target> {
         let mut out = BTreeMap::new();
-        for (name, pointer, value) in entries(&self.source.document, "targets") {
+        for (name, pointer, value) in entries(self.document, "targets") {
             let Some(raw) = Self::raw::<RawTarget>(value) else {
                 continue;
             };
@@ -1709,7 +1733,7 @@ impl<'a> Checker<'a> {
 
     fn groups(&mut self, target_names: &BTreeSet<&str>) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
-        for (name, pointer, value) in entries(&self.source.document, "groups") {
+        for (name, pointer, value) in entries(self.document, "groups") {
             let Some(members) = Self::raw::<Vec<String>>(value) else {
                 continue;
             };
@@ -1750,7 +1774,7 @@ impl<'a> Checker<'a> {
     /// The `api:` section's networks (`allowed_networks`, `trusted_proxies`): each a network
     /// with its prefix, or an error at its place (a typo must not silently match nothing).
     fn api_settings(&mut self) {
-        let doc = self.source.document.clone();
+        let doc = self.document;
         for key in ["allowed_networks", "trusted_proxies"] {
             let Some(list) = doc
                 .pointer(&format!("/api/{key}"))
@@ -1781,12 +1805,7 @@ impl<'a> Checker<'a> {
 
     fn global(&mut self) -> Global {
         let defaults = Global::default();
-        let Some(raw) = self
-            .source
-            .document
-            .get("global")
-            .and_then(Self::raw::<RawGlobal>)
-        else {
+        let Some(raw) = self.document.get("global").and_then(Self::raw::<RawGlobal>) else {
             return defaults;
         };
         let t = &defaults.timeouts;
@@ -1866,6 +1885,9 @@ impl<'a> Checker<'a> {
         }
     }
 }
+
+mod delta;
+pub use delta::{Checked, validate_from, validate_from_or_whole};
 
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 mod derive;
 
-pub use derive::Base;
+pub use derive::{Base, Changes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -29,12 +29,18 @@ fn validator() -> &'static Validator {
 
 /// Checks the merged document against the schema; one diagnostic per problem.
 pub fn check(source: &Source) -> Vec<Diagnostic> {
+    check_document(source, &source.document)
+}
+
+/// `check` of `document`, the source's merged document or a part of it, located in the
+/// source's files.
+pub fn check_document(source: &Source, document: &Value) -> Vec<Diagnostic> {
     let validator = validator();
-    if validator.is_valid(&source.document) {
+    if validator.is_valid(document) {
         return Vec::new();
     }
     let mut out = Vec::new();
-    for error in validator.iter_errors(&source.document) {
+    for error in validator.iter_errors(document) {
         translate(source, &error, &mut out);
     }
     out

@@ -41,17 +41,8 @@ impl Base {
         })
     }
 
-    /// The source a full parse of `files` (a state folder's files, sorted by path as the loader
-    /// lists them) gives — the same document, origins and sections, no diagnostic — made from
-    /// this base, a load of the same folder, by parsing only the files whose path or text
-    /// differs. `Err(files)`, given back, when that cannot be known without the full parse: a
-    /// changed file is empty, does not parse, or defines a name (or a `version`) another file
-    /// defines. Certificate folders are not read: see `load_path_from`.
-    pub(super) fn derive(&self, files: Vec<SourceFile>) -> Result<Source, Vec<SourceFile>> {
-        let Ok(Value::Object(mut document)) = serde_json::from_str::<Value>(self.document.get())
-        else {
-            return Err(files);
-        };
+    /// Which files of `files` (sorted by path) are this base's, which changed, came or went.
+    fn align(&self, files: &[SourceFile]) -> Alignment {
         // Each file of `self` → its index among `files` (None: gone); each file of `files` →
         // its index in `self` when its text is the same there.
         let mut moved = vec![None; self.files.len()];
@@ -86,6 +77,64 @@ impl Base {
                 (None, None) => break,
             }
         }
+        Alignment {
+            moved,
+            same,
+            gone,
+            came,
+        }
+    }
+
+    /// What differs between this base and `source`, a load of the same folder, by file: the
+    /// entries the files that changed (or came, or went) define before and after, and their
+    /// top-level names. Every entry of any other file is the same on both sides.
+    pub fn changes(&self, source: &Source) -> Changes {
+        let Alignment { gone, came, .. } = self.align(&source.files);
+        let entries_of = |origins: &HashMap<String, usize>, files: &[usize]| {
+            let files: std::collections::HashSet<usize> = files.iter().copied().collect();
+            origins
+                .iter()
+                .filter(|(_, index)| files.contains(index))
+                .filter_map(|(pointer, _)| entry_of(pointer))
+                .collect::<BTreeSet<_>>()
+        };
+        let mut sections: BTreeSet<String> = gone
+            .iter()
+            .flat_map(|&i| self.sections[i].iter().cloned())
+            .collect();
+        for &j in &came {
+            match source.sections.get(j) {
+                Some(names) => sections.extend(names.iter().cloned()),
+                // A source not parsed from files: nothing is known of its sections.
+                None => {
+                    sections.insert(String::new());
+                }
+            }
+        }
+        Changes {
+            before: entries_of(&self.origins, &gone),
+            after: entries_of(&source.origins, &came),
+            sections,
+        }
+    }
+
+    /// The source a full parse of `files` (a state folder's files, sorted by path as the loader
+    /// lists them) gives — the same document, origins and sections, no diagnostic — made from
+    /// this base, a load of the same folder, by parsing only the files whose path or text
+    /// differs. `Err(files)`, given back, when that cannot be known without the full parse: a
+    /// changed file is empty, does not parse, or defines a name (or a `version`) another file
+    /// defines. Certificate folders are not read: see `load_path_from`.
+    pub(super) fn derive(&self, files: Vec<SourceFile>) -> Result<Source, Vec<SourceFile>> {
+        let Ok(Value::Object(mut document)) = serde_json::from_str::<Value>(self.document.get())
+        else {
+            return Err(files);
+        };
+        let Alignment {
+            moved,
+            same,
+            gone,
+            came,
+        } = self.align(&files);
         let mut parsed = Vec::with_capacity(came.len());
         for &j in &came {
             match parse_kept(&files[j].path, &files[j].text) {
@@ -190,6 +239,24 @@ impl Base {
             sections,
         })
     }
+}
+
+/// See `Base::changes`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    /// (section, name) of each entry the changed files defined in the base.
+    pub before: BTreeSet<(String, String)>,
+    /// Likewise in the source.
+    pub after: BTreeSet<(String, String)>,
+    /// The top-level names the changed files hold, before or after.
+    pub sections: BTreeSet<String>,
+}
+
+struct Alignment {
+    moved: Vec<Option<usize>>,
+    same: Vec<Option<usize>>,
+    gone: Vec<usize>,
+    came: Vec<usize>,
 }
 
 /// `/section/entry` → (section, entry), unescaped; `None` for a section's own pointer.
