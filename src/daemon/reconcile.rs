@@ -260,7 +260,7 @@ impl Prevalidated {
         &self,
         state: &Path,
         for_api: bool,
-    ) -> Option<(Arc<Source>, crate::model::Model)> {
+    ) -> Option<(Arc<Source>, Arc<crate::model::Model>)> {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         let matches = kept
             .as_ref()
@@ -269,7 +269,7 @@ impl Prevalidated {
             return None;
         }
         let (source, model) = kept.take()?;
-        matches.then(|| (source, unshared(model)))
+        matches.then_some((source, model))
     }
 }
 
@@ -488,21 +488,30 @@ impl Reconciler {
         };
         // Set again below once this reconcile leaves the target on the whole state.
         self.last_converged = None;
-        let validation = match prevalidated {
-            Some(model) => crate::model::Validation {
-                model: Some(model),
-                diagnostics: Vec::new(),
-            },
-            None => validate(&source),
+        // The model the API validated is shared with what it keeps for its next check: used
+        // as it is, not copied (a copy of a 10k-domain model takes milliseconds).
+        let (mut validation, prevalidated) = match prevalidated {
+            Some(model) => (
+                crate::model::Validation {
+                    model: None,
+                    diagnostics: Vec::new(),
+                },
+                Some(model),
+            ),
+            None => (validate(&source), None),
         };
         timer.lap("validate");
         let mut held_back = Vec::new();
-        let model = match validation.model {
-            Some(model) => {
+        let model = match (prevalidated, validation.model.take()) {
+            (Some(model), _) => {
                 self.metrics.state_valid.store(1, Ordering::Relaxed);
                 model
             }
-            None => {
+            (None, Some(model)) => {
+                self.metrics.state_valid.store(1, Ordering::Relaxed);
+                Arc::new(model)
+            }
+            (None, None) => {
                 self.metrics.state_valid.store(0, Ordering::Relaxed);
                 let errors: Vec<Diagnostic> = validation
                     .diagnostics
@@ -521,7 +530,7 @@ impl Reconciler {
                 match isolate(&source, &validation, previous.as_deref()) {
                     Some(isolated) => {
                         held_back = isolated.held;
-                        isolated.model
+                        Arc::new(isolated.model)
                     }
                     None => {
                         return fail(
@@ -540,14 +549,13 @@ impl Reconciler {
         // target's; a fleet's members are rendered by `fleet::prepare`, which does the same).
         let model = match (&self.drive, crate::acme::uses_acme(&model)) {
             (Drive::Local(target), true) => {
-                match crate::acme::store::Store::new(&target.state_dir).overlay(model) {
-                    Ok(model) => model,
+                match crate::acme::store::Store::new(&target.state_dir).overlay(unshared(model)) {
+                    Ok(model) => Arc::new(model),
                     Err(e) => return fail("failed", e.to_string(), Vec::new()),
                 }
             }
             _ => model,
         };
-        let model = Arc::new(model);
         *self.valid_model.lock().expect("model") = Some(model.clone());
         let partial = !held_back.is_empty();
         let errors: Vec<Diagnostic> = validation

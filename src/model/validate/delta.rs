@@ -9,9 +9,9 @@
 use super::{Model, Validation, check_document, sort_diagnostics};
 use crate::model::names;
 use crate::spec::diagnostics::Diagnostic;
-use crate::spec::load::{Base, Source};
+use crate::spec::load::{Base, CertDir, Source};
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// A state that validated whole, kept to validate the next change from (`validate_from`): the
@@ -20,6 +20,10 @@ pub struct Checked {
     pub base: Base,
     pub model: Arc<Model>,
     pub warnings: Vec<Diagnostic>,
+    /// The listeners' certificate folders as read then: the rules judge domains by them too
+    /// (a wildcard on an ACME listener needs a certificate file that covers it), and a
+    /// folder changes without any state file changing.
+    certificates: BTreeMap<String, CertDir>,
 }
 
 impl Checked {
@@ -36,6 +40,7 @@ impl Checked {
             base: Base::new(source, model.document_text().shared())?,
             model,
             warnings: diagnostics,
+            certificates: source.certificates.clone(),
         })
     }
 }
@@ -47,10 +52,10 @@ const ENTRY_SECTIONS: [&str; 3] = ["agents", "backends", "domains"];
 
 /// `validate(source)`, made from `before` (see the module): `source` is a load of the same
 /// state folder. `None` when the change is not one this can follow — a changed file holding
-/// another section, agents added or removed, a source with problems of its own — and the
-/// caller validates the whole state.
+/// another section, agents added or removed, a certificate folder changed, a source with
+/// problems of its own — and the caller validates the whole state.
 pub fn validate_from(before: &Checked, source: &Source) -> Option<Validation> {
-    if !source.diagnostics.is_empty() {
+    if !source.diagnostics.is_empty() || source.certificates != before.certificates {
         return None;
     }
     let changes = before.base.changes(source);
@@ -126,7 +131,7 @@ pub fn validate_from(before: &Checked, source: &Source) -> Option<Validation> {
                 .cloned(),
         );
     }
-    // A domain is judged with the wildcard that covers it, and its backend must be there.
+    // A domain is judged with the wildcard that covers it (its backend is looked up by name).
     let covers: Vec<String> = rejudged_domains
         .iter()
         .filter_map(|h| cover(h))
@@ -242,7 +247,6 @@ mod tests {
     use crate::model::validate;
     use crate::spec::load::SourceFile;
     use crate::test_rng::Rng;
-    use std::collections::BTreeMap;
 
     /// One state file: the first is the administrator's (listeners, and entries of its own),
     /// the others an agent's fragment each.
@@ -544,5 +548,66 @@ mod tests {
         let derived = validate_from(&checked, &without).expect("a change of domains");
         assert_eq!(derived.diagnostics, validate(&without).diagnostics);
         assert!(derived.model == validate(&without).model);
+    }
+
+    /// A self-signed certificate and its key for `name`, as a listener's folder holds them.
+    fn pem_for(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("a name")
+            .self_signed(&key)
+            .expect("a certificate");
+        format!("{}{}", cert.pem(), key.serialize_pem())
+    }
+
+    /// The rules read the listeners' certificate folders too: a wildcard on an ACME listener
+    /// without a DNS hook needs a certificate file that covers it. A folder replaced between
+    /// two API changes (no state file changed) is seen: the change that follows is judged on
+    /// the whole state, not only on the entries it touches (a reviewer's counterexample).
+    #[test]
+    fn a_certificate_replaced_since_the_last_check_is_judged_on_the_whole_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(
+            root.join("admin.yaml"),
+            "version: 1\nacme: { directory: \"https://acme.test/dir\" }\nlisteners:\n  http: { bind: \"127.0.0.1:80\" }\n  https: { bind: \"127.0.0.1:443\", certificates: certs, acme: true }\nagents:\n  a: { address: 10.0.0.5 }\nbackends:\n  shop: { servers: [ { agent: a, port: 8080 } ] }\ndomains:\n  \"*.shop.test\": { backend: shop }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("agent-a.yaml"),
+            "backends:\n  blog: { servers: [ { agent: a, port: 8081 } ] }\ndomains:\n  blog.test: { backend: blog }\n",
+        )
+        .unwrap();
+        std::fs::create_dir(root.join("certs")).unwrap();
+        std::fs::write(root.join("certs/wild.pem"), pem_for("*.shop.test")).unwrap();
+        let before = crate::spec::load::load_path(root).unwrap();
+        let validation = validate(&before);
+        let model = validation
+            .model
+            .expect("the wildcard's certificate covers it");
+        let checked = Checked::new(&before, Arc::new(model), validation.diagnostics).unwrap();
+
+        std::fs::write(root.join("certs/wild.pem"), pem_for("other.test")).unwrap();
+        std::fs::write(
+            root.join("agent-a.yaml"),
+            "backends:\n  blog: { servers: [ { agent: a, port: 8081 } ] }\ndomains:\n  blog.test: { backend: blog }\n  api.blog.test: { backend: blog }\n",
+        )
+        .unwrap();
+        let after = crate::spec::load::load_path_from(root, &[], Some(&checked.base)).unwrap();
+        let whole = validate(&after);
+        assert!(
+            whole
+                .diagnostics
+                .iter()
+                .any(|d| d.code == "acme-wildcard-needs-dns"),
+            "{:?}",
+            whole.diagnostics
+        );
+        let derived = validate_from_or_whole(Some(&checked), &after);
+        assert_eq!(derived.diagnostics, whole.diagnostics);
+        assert!(
+            derived.model.is_none(),
+            "a state with an error was accepted"
+        );
     }
 }
