@@ -61,7 +61,8 @@ pub fn prepare_overlaid(
         render::output_paths(model, &options),
     )?;
     timer.lap("observe");
-    let rendered = render::render_onto(model, &options, &live.slot_pools(&options.config_name))?;
+    let slots_before = live.slot_pools(&options.config_name);
+    let rendered = render::render_onto(model, &options, &slots_before)?;
     timer.lap("render");
     // A Data Plane API gives no certificate back: it is known to hold one only against the
     // exact file expected (the API's fingerprint and the recorded apply). Read it again against
@@ -72,7 +73,11 @@ pub fn prepare_overlaid(
         }
         Target::Haproxy(_) => live,
     };
-    let plan = plan::make_plan(name, model, &rendered, &live);
+    let plan = match target {
+        Target::Dataplane(_) => plan::make_plan(name, model, &rendered, &live),
+        // The configuration read before rendering is the one planned against.
+        Target::Haproxy(_) => plan::make_plan_onto(name, model, &rendered, &live, &slots_before),
+    };
     timer.lap("plan");
     tracing::debug!(phases = %timer, "prepare timings");
     Ok(Prepared {

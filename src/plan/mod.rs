@@ -189,13 +189,29 @@ pub fn empty_model() -> Model {
 
 /// Builds the plan for `target` from the new model and its rendering, against `live`.
 pub fn make_plan(target: &str, model: &Model, rendered: &Rendered, live: &Live) -> Plan {
+    let before = live.slot_pools(&rendered.options.config_name);
+    make_plan_onto(target, model, rendered, live, &before)
+}
+
+/// `make_plan`, given the app slots `live`'s configuration holds (`Live::slot_pools`, which
+/// the rendering started from): read once for both (a parse of the whole configuration).
+pub fn make_plan_onto(
+    target: &str,
+    model: &Model,
+    rendered: &Rendered,
+    live: &Live,
+    slots_before: &SlotPools,
+) -> Plan {
     plan_with_slots(
         target,
         model,
         rendered.file_map(),
         &rendered.options,
         live,
-        &rendered.slots,
+        diff::Slots {
+            before: slots_before,
+            after: &rendered.slots,
+        },
     )
 }
 
@@ -207,29 +223,30 @@ pub fn plan_files(
     options: &RenderOptions,
     live: &Live,
 ) -> Plan {
-    let slots = new_files
+    let after = new_files
         .get(&options.config_name)
         .map(|c| readback::slot_pools(&String::from_utf8_lossy(c)))
         .unwrap_or_default();
-    plan_with_slots(target, model, new_files, options, live, &slots)
+    let before = live.slot_pools(&options.config_name);
+    let slots = diff::Slots {
+        before: &before,
+        after: &after,
+    };
+    plan_with_slots(target, model, new_files, options, live, slots)
 }
 
-/// `slots_after`: the app slots of `new_files`' configuration.
+/// `slots`: the app slots of `live`'s configuration and of `new_files`'.
 fn plan_with_slots(
     target: &str,
     model: &Model,
     new_files: Files,
     options: &RenderOptions,
     live: &Live,
-    slots_after: &SlotPools,
+    slots: diff::Slots,
 ) -> Plan {
     let empty = empty_model();
     let previous = live.previous.as_deref().unwrap_or(&empty);
     let model = &*model.with_binds(&options.binds);
-    let slots = diff::Slots {
-        before: &live.slot_pools(&options.config_name),
-        after: slots_after,
-    };
     let mut changes = diff::diff_models(previous, model, &slots);
     let mass_delete = MassDelete::between(previous, model);
 
