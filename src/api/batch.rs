@@ -251,13 +251,32 @@ impl Api {
             }
         }
         timer.lap("each");
+        let saved: Vec<Saved> = changes
+            .iter()
+            .map(|(q, current, _)| {
+                Saved::new(&q.caller, q.message.clone(), &q.settings, current.clone())
+            })
+            .collect();
+        // Without commits, the fragments are written together: each file synced, their
+        // folder once (a sync per file was most of a burst's write).
+        let written: Vec<Result<(), crate::api::store::StoreError>> =
+            if saved.iter().all(|s| s.commit().is_none()) {
+                let fragments: Vec<(&str, &Fragment)> = changes
+                    .iter()
+                    .map(|(q, _, new)| (q.agent.as_str(), new))
+                    .collect();
+                self.store.write_many(&fragments)
+            } else {
+                changes
+                    .iter()
+                    .zip(&saved)
+                    .map(|((q, _, new), saved)| self.store.write(&q.agent, new, saved.commit()))
+                    .collect()
+            };
         let mut out = Vec::with_capacity(changes.len());
         let mut all_written = true;
-        for (q, current, new) in changes {
-            let saved = Saved::new(&q.caller, q.message.clone(), &q.settings, current.clone());
-            let result = self
-                .store
-                .write(&q.agent, new, saved.commit())
+        for (((q, _, _), saved), result) in changes.iter().zip(saved).zip(written) {
+            let result = result
                 .map(|()| saved)
                 .map_err(|e| ApiError::internal(e.to_string()));
             all_written &= result.is_ok();

@@ -301,6 +301,51 @@ impl Store {
         Ok(())
     }
 
+    /// Writes (or removes) several agents' fragments, each as `write` does without a commit,
+    /// and syncs their folder once at the end rather than once per file (a burst of agents'
+    /// changes is written in one batch): one result per fragment, in order. Should the sync
+    /// fail, every fragment's result is that error — none is known to be on disk.
+    pub fn write_many(&self, fragments: &[(&str, &Fragment)]) -> Vec<Result<(), StoreError>> {
+        let mut results: Vec<Result<(), StoreError>> = fragments
+            .iter()
+            .map(|(agent, fragment)| {
+                let path = self.checked(agent)?;
+                let err = |message: String| StoreError {
+                    path: path.clone(),
+                    message,
+                };
+                match fragment.text() {
+                    None => match std::fs::remove_file(&path) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(err(e.to_string())),
+                    },
+                    Some(text) => crate::target::files::write_atomic_in_batch(
+                        &path,
+                        text.as_bytes(),
+                        FILE_MODE,
+                    )
+                    .map_err(|e| err(e.to_string())),
+                }
+            })
+            .collect();
+        // No folder: nothing was written into it (a write creates it), only removals found
+        // nothing to remove.
+        if let Err(e) = crate::target::files::sync_dir(&self.dir())
+            && e.source.kind() != std::io::ErrorKind::NotFound
+        {
+            for result in &mut results {
+                if result.is_ok() {
+                    *result = Err(StoreError {
+                        path: self.dir(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        results
+    }
+
     fn commit(&self, path: &Path, commit: &Commit) -> Result<(), String> {
         if crate::daemon::reconcile::git_head(&self.root).is_none()
             && !self.root.join(".git").exists()
@@ -356,6 +401,44 @@ pub struct Commit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch writes each fragment (an empty one removes its file), answers for each in
+    /// order, refuses a name that is not an agent id without writing it, and leaves no
+    /// temporary file behind.
+    #[test]
+    fn fragments_written_together_are_each_written_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let route = |port: u16| {
+            serde_yaml::from_str::<Fragment>(&format!(
+                "backends:\n  a--web: {{ servers: [ {{ agent: a, port: {port} }} ] }}\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            store
+                .write_many(&[("a", &route(1)), ("b", &route(2))])
+                .len(),
+            2
+        );
+        let results = store.write_many(&[
+            ("a", &Fragment::default()),
+            ("../x", &route(3)),
+            ("b", &route(4)),
+        ]);
+        assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok());
+        assert!(
+            !store.path("a").exists(),
+            "an empty fragment removes the file"
+        );
+        assert_eq!(store.read("b").unwrap(), Some(route(4)));
+        let names: Vec<String> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["b.yaml"]);
+        assert!(!dir.path().join("x.yaml").exists());
+    }
 
     #[test]
     fn fragments_round_trip_and_keep_hand_added_fields() {

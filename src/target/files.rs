@@ -48,7 +48,31 @@ pub fn write_atomic_unsynced(path: &Path, bytes: &[u8], mode: u32) -> Result<(),
     write_replacing(path, bytes, mode, false)
 }
 
+/// Like `write_atomic` for one file of several written into the same folder: the file is
+/// synced, its folder is not; the caller syncs the folder once after the last (`sync_dir`),
+/// before it tells anyone the files are written.
+pub fn write_atomic_in_batch(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    write_replacing_with(path, bytes, mode, true, false)
+}
+
+/// Syncs folder `dir` (its entries: the renames and removals made in it) to disk.
+pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err(dir))
+}
+
 fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), FileError> {
+    write_replacing_with(path, bytes, mode, sync, sync)
+}
+
+fn write_replacing_with(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    sync: bool,
+    sync_folder: bool,
+) -> Result<(), FileError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -73,7 +97,7 @@ fn write_replacing(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(
             file.sync_all()?;
         }
         fs::rename(&tmp, path)?;
-        if sync {
+        if sync_folder {
             fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
