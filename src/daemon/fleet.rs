@@ -239,7 +239,8 @@ impl Reconciler {
         o
     }
 
-    /// Records what each member holds; `commit` (when every member has it) is the commit the
+    /// Records what each member holds, for /status with this reconcile's outcome
+    /// (`Reconciler::fleet_targets`); `commit` (when every member has it) is the commit the
     /// fleet now runs.
     fn set_fleet_result(&mut self, statuses: Vec<MemberStatus>, commit: Option<String>) {
         if let super::reconcile::Drive::Fleet(fleet) = &mut self.drive
@@ -247,6 +248,6 @@ impl Reconciler {
         {
             fleet.applied_commit = commit;
         }
-        self.status.lock().expect("status").targets = statuses;
+        self.fleet_targets = Some(statuses);
     }
 }

@@ -272,6 +272,7 @@ fn run_with(
         last_converged: None,
         file_events_only: false,
         prevalidated,
+        fleet_targets: None,
     };
     let reconcile_thread = std::thread::spawn(move || reconciler.run(receiver));
     let stop = Arc::new(AtomicBool::new(false));

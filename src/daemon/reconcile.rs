@@ -193,6 +193,10 @@ pub struct Reconciler {
     pub file_events_only: bool,
     /// The state the API validated for its last change (see `Prevalidated`).
     pub prevalidated: Prevalidated,
+    /// A fleet's members' results of the reconcile running, published in /status together
+    /// with its outcome (in one lock): a reader never sees one reconcile's members beside the
+    /// outcome of the one before.
+    pub fleet_targets: Option<Vec<super::fleet::MemberStatus>>,
 }
 
 /// See `Reconciler::last_converged`.
@@ -414,6 +418,9 @@ impl Reconciler {
         status.drift_corrections = self.metrics.drift_corrections.load(Ordering::Relaxed);
         if !outcome.ok() {
             status.last_error = Some(outcome.clone());
+        }
+        if let Some(targets) = self.fleet_targets.take() {
+            status.targets = targets;
         }
         status.last_reconcile = Some(outcome.clone());
         status.recent.push_front(outcome.clone());
