@@ -1,6 +1,6 @@
 //! The one escaping filter of `render`. Every `{{ value }}` in a template goes through it (it
 //! is the template engine's formatter, so a template cannot forget it), and so does every line
-//! of a map file. It does not escape: it refuses. A value that is not a plain token of safe
+//! of a map file and every value of the slot backends (`render::slot_blocks`, `check_token`). It does not escape: it refuses. A value that is not a plain token of safe
 //! characters fails the render, so even a validation bug cannot inject configuration.
 //! The one exception, `extra:` lines, goes through the `raw_line` filter: a whole line, held
 //! to `check_raw_line` (one line, no new section, no variable expansion) when it is marked

@@ -1,7 +1,8 @@
 //! `render`: Model → Rendered {haproxy.cfg, map files, crt-lists, certificates, manifest}.
 //! A pure function: no clock, no file system, no network; the same model always gives the same
-//! bytes. The configuration comes from the templates in `templates/` (embedded in the binary);
-//! every value goes through the one escaping filter (`filters`).
+//! bytes. The configuration comes from the templates in `templates/` (embedded in the binary),
+//! but for the app slots' identical blocks (`slot_blocks`); every value goes through the one
+//! escaping filter's rule (`filters`).
 
 pub mod filters;
 pub mod layout;
