@@ -280,25 +280,42 @@ impl Store {
         fragment: &Fragment,
         commit: Option<&Commit>,
     ) -> Result<(), StoreError> {
-        let path = self.checked(agent)?;
-        let err = |message: String| StoreError {
-            path: path.clone(),
-            message,
-        };
-        match fragment.text() {
-            None => match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(e.to_string())),
-            },
-            Some(text) => {
-                write_atomic(&path, text.as_bytes(), FILE_MODE).map_err(|e| err(e.to_string()))?
-            }
-        }
+        let path = self.put(agent, fragment, true)?;
         if let Some(commit) = commit {
-            self.commit(&path, commit).map_err(err)?;
+            self.commit(&path, commit).map_err(|message| StoreError {
+                path: path.clone(),
+                message,
+            })?;
         }
         Ok(())
+    }
+
+    /// Writes the agent's fragment (synced; its folder too when `sync_folder`), or removes
+    /// its file when the fragment is empty; returns the file's path.
+    fn put(
+        &self,
+        agent: &str,
+        fragment: &Fragment,
+        sync_folder: bool,
+    ) -> Result<PathBuf, StoreError> {
+        let path = self.checked(agent)?;
+        let written = match fragment.text() {
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+            Some(text) if sync_folder => {
+                write_atomic(&path, text.as_bytes(), FILE_MODE).map_err(|e| e.to_string())
+            }
+            Some(text) => {
+                crate::target::files::write_atomic_in_batch(&path, text.as_bytes(), FILE_MODE)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match written {
+            Ok(()) => Ok(path),
+            Err(message) => Err(StoreError { path, message }),
+        }
     }
 
     /// Writes (or removes) several agents' fragments, each as `write` does without a commit,
@@ -308,26 +325,7 @@ impl Store {
     pub fn write_many(&self, fragments: &[(&str, &Fragment)]) -> Vec<Result<(), StoreError>> {
         let mut results: Vec<Result<(), StoreError>> = fragments
             .iter()
-            .map(|(agent, fragment)| {
-                let path = self.checked(agent)?;
-                let err = |message: String| StoreError {
-                    path: path.clone(),
-                    message,
-                };
-                match fragment.text() {
-                    None => match std::fs::remove_file(&path) {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                        Err(e) => Err(err(e.to_string())),
-                    },
-                    Some(text) => crate::target::files::write_atomic_in_batch(
-                        &path,
-                        text.as_bytes(),
-                        FILE_MODE,
-                    )
-                    .map_err(|e| err(e.to_string())),
-                }
-            })
+            .map(|(agent, fragment)| self.put(agent, fragment, false).map(|_| ()))
             .collect();
         // No folder: nothing was written into it (a write creates it), only removals found
         // nothing to remove.
