@@ -25,6 +25,14 @@ pub struct RuntimeState {
 
 pub use crate::target::files::Files;
 
+/// Whether the file at `path` is a map HAProxy reads (a route map, or the ACME challenges').
+fn is_map(path: &str, options: &RenderOptions) -> bool {
+    (path.starts_with(&options.maps_dir)
+        && path[options.maps_dir.len()..].starts_with('/')
+        && path.ends_with(".map"))
+        || path == crate::acme::CHALLENGE_MAP
+}
+
 impl RuntimeState {
     pub fn from_files(files: &Files, options: &RenderOptions) -> RuntimeState {
         RuntimeState::read(
@@ -33,11 +41,18 @@ impl RuntimeState {
         )
     }
 
-    /// The part of the state `files` hold that `ops` touch: the maps they change and the
-    /// servers of the backends they change. What an apply re-bases its map operations on and
-    /// reads back after them, without parsing every map and server of a large state.
+    /// The part of the state `files` hold that `ops` touch and that an apply reads whole: the
+    /// maps they replace and the servers of the backends they change. A map changed entry by
+    /// entry is not in it: those operations carry its new entries (`Op::map_entry`), and the
+    /// apply re-bases and reads back just those, without parsing every map of a large state.
     pub fn touched_by(files: &Files, options: &RenderOptions, ops: &[Op]) -> RuntimeState {
-        let maps: BTreeSet<&str> = ops.iter().filter_map(Op::map).collect();
+        let maps: BTreeSet<&str> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::MapReplace { map, .. } => Some(map.as_str()),
+                _ => None,
+            })
+            .collect();
         let backends: BTreeSet<&str> = ops.iter().filter_map(Op::backend).collect();
         let mut state = RuntimeState::default();
         for map in maps {
@@ -62,15 +77,12 @@ impl RuntimeState {
         options: &RenderOptions,
     ) -> RuntimeState {
         let mut state = RuntimeState::default();
-        let maps_prefix = format!("{}/", options.maps_dir);
         let certs_prefix = format!("{}/", options.certs_dir);
         for (path, bytes) in files {
             let text = || String::from_utf8_lossy(bytes);
             if *path == options.config_name {
                 state.servers = readback::parse_servers(&text());
-            } else if (path.starts_with(&maps_prefix) && path.ends_with(".map"))
-                || path == crate::acme::CHALLENGE_MAP
-            {
+            } else if is_map(path, options) {
                 state
                     .maps
                     .insert(path.clone(), readback::parse_map(&text()));
@@ -215,8 +227,16 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
         return Err(reason);
     }
     let name = &options.config_name;
-    let before = RuntimeState::read(differing(old, (name, old_part), new), options);
-    let after = RuntimeState::read(differing(new, (name, new_part), old), options);
+    // Maps are read below, by the lines that differ.
+    let not_map = |(path, _): &(&String, &[u8])| !is_map(path, options);
+    let before = RuntimeState::read(
+        differing(old, (name, old_part), new).filter(not_map),
+        options,
+    );
+    let after = RuntimeState::read(
+        differing(new, (name, new_part), old).filter(not_map),
+        options,
+    );
     if before.crt_lists.keys().ne(after.crt_lists.keys()) {
         return Err("a listener's certificate list appears or disappears".into());
     }
@@ -280,13 +300,16 @@ pub fn plan_ops(old: &Files, new: &Files, options: &RenderOptions) -> Result<Vec
         }
     }
     // 3. Routes.
-    let empty = BTreeMap::new();
-    for (map, entries) in &after.maps {
-        ops.extend(map_ops(
-            map,
-            before.maps.get(map).unwrap_or(&empty),
-            entries,
-        ));
+    for (map, bytes) in new.iter().filter(|(path, _)| is_map(path, options)) {
+        let before = old.get(map);
+        if before != Some(bytes) {
+            let before = before.map(|b| String::from_utf8_lossy(b));
+            ops.extend(map_text_ops(
+                map,
+                before.as_deref().unwrap_or(""),
+                &String::from_utf8_lossy(bytes),
+            ));
+        }
     }
     // 4. What nothing routes to any more.
     for (list, certs) in &before.crt_lists {
@@ -363,6 +386,66 @@ pub fn map_ops(
     map_entry_ops(map, old, new)
 }
 
+/// `map_ops` between two texts of a map file. Files that list their keys in strictly increasing
+/// order, as lunafront writes them, are compared line by line and only the entries that differ
+/// are read (a 10k-entry map parsed twice was a tenth of a plan); any other file (edited by hand,
+/// with a key twice) is read whole.
+pub fn map_text_ops(map: &str, old: &str, new: &str) -> Vec<Op> {
+    let (before, after) = sorted_differences(old, new)
+        .unwrap_or_else(|| (readback::parse_map(old), readback::parse_map(new)));
+    let ops = map_ops(map, &before, &after);
+    if let [Op::MapReplace { .. }] = ops.as_slice() {
+        // Only the differing entries were read: a replacement takes them all.
+        return vec![Op::MapReplace {
+            map: map.to_string(),
+            entries: readback::parse_map(new),
+        }];
+    }
+    ops
+}
+
+/// The entries of two map texts that differ (old values of the keys changed or removed, new
+/// values of the keys changed or added), by a merge of their lines; `None` unless each lists
+/// its keys in strictly increasing order.
+fn sorted_differences(old: &str, new: &str) -> Option<(MapEntries, MapEntries)> {
+    let (old, new) = (readback::map_entries(old), readback::map_entries(new));
+    let increasing = |entries: &[(&str, &str)]| entries.windows(2).all(|w| w[0].0 < w[1].0);
+    if !increasing(&old) || !increasing(&new) {
+        return None;
+    }
+    let (mut before, mut after) = (MapEntries::new(), MapEntries::new());
+    let owned = |(k, v): &(&str, &str)| (k.to_string(), v.to_string());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) if a.0 == b.0 => {
+                if a.1 != b.1 {
+                    before.extend([owned(a)]);
+                    after.extend([owned(b)]);
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a.0 < b.0 => {
+                before.extend([owned(a)]);
+                i += 1;
+            }
+            (Some(a), None) => {
+                before.extend([owned(a)]);
+                i += 1;
+            }
+            (_, Some(b)) => {
+                after.extend([owned(b)]);
+                j += 1;
+            }
+            (None, None) => unreachable!("the loop ends first"),
+        }
+    }
+    Some((before, after))
+}
+
+type MapEntries = BTreeMap<String, String>;
+
 /// The same change, always entry by entry (for APIs without an atomic replacement).
 pub fn map_entry_ops(
     map: &str,
@@ -387,30 +470,50 @@ pub fn map_entry_ops(
     ops
 }
 
-/// Recomputes the map operations against what HAProxy holds now (`live_map` reads a map from
-/// the runtime API), so that a map file edited by hand, or a map changed through the socket,
-/// is still brought to the new entries exactly.
+/// Recomputes the map operations against what HAProxy holds now, so that a map file edited by
+/// hand, or a map changed through the socket, is still brought to the new entries: a replaced
+/// map against the whole map HAProxy holds (`live_map`), a map changed entry by entry (at most
+/// `MAP_BATCH` entries: `map_ops`) against just the entries it touches (`live_entry`, HAProxy's
+/// value for one key), each key set, added or removed as HAProxy's value requires. `new` holds
+/// the replaced maps' new entries (`RuntimeState::touched_by`). A change by hand to another entry
+/// of a map changed entry by entry is left to the daemon's runtime drift check: reading a
+/// 10k-entry map back cost more than the rest of the apply.
 pub fn rebase_map_ops<E>(
     ops: Vec<Op>,
     new: &RuntimeState,
     mut live_map: impl FnMut(&str) -> Result<BTreeMap<String, String>, E>,
+    mut live_entry: impl FnMut(&str, &str) -> Result<Option<String>, E>,
 ) -> Result<Vec<Op>, E> {
     let mut out = Vec::with_capacity(ops.len());
     let mut done = std::collections::BTreeSet::new();
     for op in ops {
-        let map = match &op {
-            Op::MapAdd { map, .. }
-            | Op::MapSet { map, .. }
-            | Op::MapDel { map, .. }
-            | Op::MapReplace { map, .. } => map.clone(),
-            _ => {
-                out.push(op);
-                continue;
+        if let Some((map, key, value)) = op.map_entry() {
+            let live = live_entry(map, key)?;
+            let (map, key) = (map.to_string(), key.to_string());
+            match (live, value) {
+                (None, Some(value)) => out.push(Op::MapAdd {
+                    map,
+                    key,
+                    value: value.to_string(),
+                }),
+                (Some(live), Some(value)) if live != value => out.push(Op::MapSet {
+                    map,
+                    key,
+                    value: value.to_string(),
+                }),
+                (Some(_), None) => out.push(Op::MapDel { map, key }),
+                _ => {}
             }
-        };
-        if done.insert(map.clone()) {
-            let live = live_map(&map)?;
-            out.extend(map_ops(&map, &live, &new.maps[&map]));
+            continue;
+        }
+        match &op {
+            Op::MapReplace { map, .. } => {
+                if done.insert(map.clone()) {
+                    let live = live_map(map)?;
+                    out.extend(map_ops(map, &live, &new.maps[map]));
+                }
+            }
+            _ => out.push(op),
         }
     }
     Ok(out)
@@ -481,6 +584,18 @@ impl Op {
             | Op::MapSet { map, .. }
             | Op::MapDel { map, .. }
             | Op::MapReplace { map, .. } => Some(map),
+            _ => None,
+        }
+    }
+
+    /// The map entry this operation changes, as (map, key, new value; `None`: removed), if it
+    /// changes one entry of a map.
+    pub fn map_entry(&self) -> Option<(&str, &str, Option<&str>)> {
+        match self {
+            Op::MapAdd { map, key, value } | Op::MapSet { map, key, value } => {
+                Some((map, key, Some(value)))
+            }
+            Op::MapDel { map, key } => Some((map, key, None)),
             _ => None,
         }
     }
@@ -771,17 +886,34 @@ mod tests {
             RuntimeState::from_files(new, &options),
             RuntimeState::touched_by(new, &options, &ops),
         );
-        let maps: BTreeSet<&str> = ops.iter().filter_map(Op::map).collect();
+        // Maps replaced are read whole; a map changed entry by entry is read back by the entries
+        // its operations carry, which are the new state's.
+        let replaced: BTreeSet<&str> = ops
+            .iter()
+            .filter(|op| matches!(op, Op::MapReplace { .. }))
+            .filter_map(Op::map)
+            .collect();
         assert_eq!(
             touched
                 .maps
                 .keys()
                 .map(String::as_str)
                 .collect::<BTreeSet<_>>(),
-            maps
+            replaced
         );
         for (map, entries) in &touched.maps {
             assert_eq!(entries, &whole.maps[map]);
+        }
+        for (map, key, value) in ops.iter().filter_map(Op::map_entry) {
+            assert!(
+                !replaced.contains(map),
+                "{map} is replaced and changed by entry"
+            );
+            assert_eq!(
+                whole.maps[map].get(key).map(String::as_str),
+                value,
+                "{map} {key}"
+            );
         }
         let backends: BTreeSet<&str> = ops.iter().filter_map(Op::backend).collect();
         let mut servers = whole.servers.clone();
@@ -792,6 +924,136 @@ mod tests {
             op.apply_to(&mut state);
         }
         state
+    }
+
+    #[test]
+    fn map_operations_from_the_lines_that_differ_are_those_of_the_whole_maps() {
+        let mut rng = crate::test_rng::Rng(0x005e_ed0f_11a9);
+        let (mut merged, mut replaced) = (0, 0);
+        for round in 0..2_000 {
+            // Two maps of up to 300 keys from a pool of 400, with a few values changed; some
+            // written as lunafront writes them (sorted, each key once), others as a hand may:
+            // out of order, a key twice, comments, blank lines, a line without a value.
+            let size = rng.below(300);
+            let mut old: BTreeMap<String, String> = BTreeMap::new();
+            for _ in 0..size {
+                old.insert(format!("h{:03}.example.com", rng.below(400)), "be_a".into());
+            }
+            let mut new = old.clone();
+            let changes = if rng.one_in(4) { 250 } else { 6 };
+            for _ in 0..rng.below(changes) {
+                let key = format!("h{:03}.example.com", rng.below(400));
+                match rng.below(3) {
+                    0 => drop(new.remove(&key)),
+                    1 => drop(new.insert(key, "be_b".into())),
+                    _ => drop(new.insert(key, "be_a".into())),
+                }
+            }
+            let text = |entries: &BTreeMap<String, String>, rng: &mut crate::test_rng::Rng| {
+                let mut lines: Vec<String> =
+                    entries.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                if rng.one_in(5) && !lines.is_empty() {
+                    let (a, b) = (rng.below(lines.len()), rng.below(lines.len()));
+                    lines.swap(a, b);
+                }
+                if rng.one_in(5) && !lines.is_empty() {
+                    let k = lines[rng.below(lines.len())].clone();
+                    let key = k.split(' ').next().unwrap().to_string();
+                    lines.insert(rng.below(lines.len()), format!("{key} be_c"));
+                }
+                if rng.one_in(5) {
+                    lines.insert(rng.below(lines.len() + 1), "# by hand".into());
+                    lines.insert(rng.below(lines.len() + 1), "   ".into());
+                    lines.insert(rng.below(lines.len() + 1), "novalue".into());
+                }
+                lines.join("\n") + "\n"
+            };
+            let (old_text, new_text) = (text(&old, &mut rng), text(&new, &mut rng));
+            let whole = map_ops(
+                "m.map",
+                &readback::parse_map(&old_text),
+                &readback::parse_map(&new_text),
+            );
+            assert_eq!(
+                map_text_ops("m.map", &old_text, &new_text),
+                whole,
+                "round {round}:\n{old_text}\n--\n{new_text}"
+            );
+            merged += usize::from(sorted_differences(&old_text, &new_text).is_some());
+            replaced += usize::from(matches!(whole.as_slice(), [Op::MapReplace { .. }]));
+        }
+        // Both ways were taken, and replacements were among them.
+        assert!(merged > 500 && merged < 1_900, "{merged} of 2000 merged");
+        assert!(replaced > 50, "{replaced} replacements");
+    }
+
+    #[test]
+    fn map_operations_are_rebased_on_the_entries_haproxy_holds() {
+        let entry = |op: &str, key: &str, value: Option<&str>| {
+            let (map, key) = ("maps/hosts.map".to_string(), key.to_string());
+            match (op, value) {
+                ("add", Some(v)) => Op::MapAdd {
+                    map,
+                    key,
+                    value: v.into(),
+                },
+                ("set", Some(v)) => Op::MapSet {
+                    map,
+                    key,
+                    value: v.into(),
+                },
+                _ => Op::MapDel { map, key },
+            }
+        };
+        // What HAProxy holds for the keys, changed by hand since the files were written.
+        let live: BTreeMap<&str, &str> =
+            [("added.example.com", "x"), ("same.example.com", "b")].into();
+        let ops = vec![
+            entry("add", "added.example.com", Some("b")),
+            entry("set", "deleted.example.com", Some("b")),
+            entry("set", "same.example.com", Some("b")),
+            entry("del", "gone.example.com", None),
+        ];
+        let mut asked = Vec::new();
+        let rebased = rebase_map_ops::<()>(
+            ops,
+            &RuntimeState::default(),
+            |_| panic!("a map changed entry by entry is not read whole"),
+            |_, key| {
+                asked.push(key.to_string());
+                Ok(live.get(key).map(|v| v.to_string()))
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            rebased,
+            vec![
+                entry("set", "added.example.com", Some("b")),
+                entry("add", "deleted.example.com", Some("b")),
+            ]
+        );
+        assert_eq!(asked.len(), 4);
+        // A replaced map is still re-based on the whole map.
+        let new = RuntimeState {
+            maps: [(
+                "maps/hosts.map".to_string(),
+                [("a".to_string(), "1".to_string())].into(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let replace = Op::MapReplace {
+            map: "maps/hosts.map".into(),
+            entries: new.maps["maps/hosts.map"].clone(),
+        };
+        let rebased = rebase_map_ops::<()>(
+            vec![replace],
+            &new,
+            |_| Ok([("a".to_string(), "0".to_string())].into()),
+            |_, _| panic!("a replaced map is read whole"),
+        )
+        .unwrap();
+        assert_eq!(rebased, vec![entry("set", "a", Some("1"))]);
     }
 
     #[test]

@@ -292,6 +292,15 @@ fn server_texts(config: &str) -> ServerTexts<'_> {
 
 /// Entries of a map file (`key value` per line; blank lines and `#` comments skipped).
 pub fn parse_map(text: &str) -> BTreeMap<String, String> {
+    map_entries(text)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `parse_map`'s entries in the file's order, borrowed from it (a key listed twice is there
+/// twice; `parse_map` keeps the last).
+pub fn map_entries(text: &str) -> Vec<(&str, &str)> {
     text.lines()
         .filter_map(|l| {
             let l = l.trim();
@@ -299,7 +308,7 @@ pub fn parse_map(text: &str) -> BTreeMap<String, String> {
                 return None;
             }
             let (k, v) = l.split_once(char::is_whitespace)?;
-            Some((k.to_string(), v.trim().to_string()))
+            Some((k, v.trim()))
         })
         .collect()
 }

@@ -223,8 +223,13 @@ pub fn apply_with(
         go_live()?;
         let api = RuntimeApi::new(&target.runtime_socket);
         let expected = RuntimeState::touched_by(&request.files, &request.options, ops);
-        let ops = runtime::rebase_map_ops(ops.clone(), &expected, |map| read_map(&api, map))
-            .unwrap_or_else(|_| ops.clone());
+        let ops = runtime::rebase_map_ops(
+            ops.clone(),
+            &expected,
+            |map| read_map(&api, map),
+            |map, key| read_map_entry(&api, map, key),
+        )
+        .unwrap_or_else(|_| ops.clone());
         let runtime = execute(&api, &ops).and_then(|commands| {
             verify_state(&api, &expected, Scope::TouchedBy(&ops)).map(|()| commands)
         });
@@ -570,11 +575,24 @@ fn differences(
     };
     let mut problems = Vec::new();
     for map in maps {
+        // A map changed entry by entry is read back by those entries (the operations carry
+        // their new values); only a map expected whole is read whole.
+        let Some(want) = expected.maps.get(map) else {
+            if let Scope::TouchedBy(ops) = scope {
+                for (_, key, value) in ops.iter().filter_map(Op::map_entry).filter(|e| e.0 == map) {
+                    let live = read_map_entry(api, map, key).map_err(|e| e.to_string())?;
+                    if live.as_deref() != value {
+                        problems.push(format!("map {map} holds {live:?} for {key}, not {value:?}"));
+                    }
+                }
+            }
+            continue;
+        };
         let live = read_map(api, map).map_err(|e| e.to_string())?;
-        if live != expected.maps[map] {
+        if live != *want {
             problems.push(format!(
                 "map {map} holds {} entries that differ from the file",
-                differing(&live, &expected.maps[map])
+                differing(&live, want)
             ));
         }
     }
@@ -641,6 +659,37 @@ pub fn read_map(api: &RuntimeApi, map: &str) -> Result<BTreeMap<String, String>,
         }
     }
     Ok(out)
+}
+
+/// `get map <map> <key>`: the value HAProxy finds for `key` in `map`, `None` when it finds none.
+/// Our maps are matched as strings (`map()`), so this is the entry for exactly `key`, the one
+/// requests get when the map holds the key twice (`show map` lists both).
+pub fn read_map_entry(
+    api: &RuntimeApi,
+    map: &str,
+    key: &str,
+) -> Result<Option<String>, SocketError> {
+    let command = format!("get map {map} {key}");
+    let answer = api.run(&command, Expect::Any)?;
+    let refused = || SocketError::Refused {
+        command: command.clone(),
+        answer: answer.trim().to_string(),
+    };
+    // `type=str, case=sensitive, found=yes, idx=tree, key="k", value="v", type="str"`, or
+    // `type=str, case=sensitive, found=no`.
+    let line = answer.trim();
+    if !line.starts_with("type=") {
+        return Err(refused());
+    }
+    if line.ends_with("found=no") {
+        return Ok(None);
+    }
+    let found = line
+        .split_once(", found=yes, ")
+        .and_then(|(_, rest)| rest.split_once(&format!("key=\"{key}\", value=\"")))
+        .and_then(|(_, rest)| rest.rsplit_once("\", type="))
+        .map(|(value, _)| value.to_string());
+    found.map(Some).ok_or_else(refused)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
