@@ -16,7 +16,7 @@ use crate::model::{
     Backend, Balance, HealthCheck, ListenerKind, Mode, Model, ServerTarget, UpstreamTls,
 };
 use std::collections::BTreeMap;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 /// The map file of HTTP domains served on every HTTP listener.
@@ -221,37 +221,41 @@ fn assign_pool(apps: &[&str], previous: &SlotPool) -> SlotPool {
             .collect();
         return pool;
     }
-    let wanted: BTreeSet<&str> = apps.iter().copied().collect();
-    let was_taken: BTreeSet<u32> = previous
-        .apps
-        .values()
-        .copied()
-        .filter(|s| *s <= previous.capacity)
-        .collect();
+    // Slot numbers index these (slot 0 is never one); apps are looked up by hash: at 10k apps
+    // the ordered sets this used were most of a rendering's slot assignment.
+    let wanted: HashSet<&str> = apps.iter().copied().collect();
+    let mut was_taken = vec![false; previous.capacity as usize + 1];
+    for &slot in previous.apps.values() {
+        if slot <= previous.capacity {
+            was_taken[slot as usize] = true;
+        }
+    }
     // Apps keep their slots (the lowest, should a configuration edited by hand list one twice).
-    let mut taken = BTreeSet::new();
+    let mut taken = vec![false; previous.capacity as usize + 1];
+    let mut kept: HashMap<&str, u32> = HashMap::with_capacity(apps.len());
     let mut by_slot: Vec<(u32, &str)> = previous
         .apps
         .iter()
         .map(|(a, s)| (*s, a.as_str()))
         .collect();
-    by_slot.sort();
+    by_slot.sort_unstable();
     for (slot, app) in by_slot {
         if slot <= previous.capacity
             && wanted.contains(app)
-            && !pool.apps.contains_key(app)
-            && taken.insert(slot)
+            && !kept.contains_key(app)
+            && !taken[slot as usize]
         {
-            pool.apps.insert(app.to_string(), slot);
+            taken[slot as usize] = true;
+            kept.insert(app, slot);
         }
     }
     let new: Vec<&str> = apps
         .iter()
         .copied()
-        .filter(|a| !pool.apps.contains_key(*a))
+        .filter(|a| !kept.contains_key(a))
         .collect();
     let free_before: Vec<u32> = (1..=previous.capacity)
-        .filter(|s| !was_taken.contains(s))
+        .filter(|s| !was_taken[*s as usize])
         .collect();
     pool.capacity = previous.capacity;
     let mut free: Vec<u32> = if new.len() <= free_before.len() {
@@ -268,32 +272,32 @@ fn assign_pool(apps: &[&str], previous: &SlotPool) -> SlotPool {
     if pool.capacity > 2 * target && pool.capacity - target >= 4 * SLOT_STEP {
         // Shrink: apps above the new size move into the lowest free slots below it.
         pool.capacity = target;
-        let moved: Vec<String> = pool
-            .apps
+        let moved: Vec<&str> = kept
             .iter()
             .filter(|(_, s)| **s > target)
-            .map(|(a, _)| a.clone())
+            .map(|(a, _)| *a)
             .collect();
         for app in &moved {
-            taken.remove(&pool.apps[app]);
-            pool.apps.remove(app);
+            taken[kept[app] as usize] = false;
+            kept.remove(app);
         }
-        let mut free = (1..=target).filter(|s| !taken.contains(s));
-        let mut placing: Vec<&str> = moved.iter().map(String::as_str).chain(new).collect();
-        placing.sort();
+        let mut free = (1..=target).filter(|s| !taken[*s as usize]);
+        let mut placing: Vec<&str> = moved.into_iter().chain(new).collect();
+        placing.sort_unstable();
         for app in placing {
             let slot = free
                 .next()
                 .expect("the target size leaves room for every app");
-            pool.apps.insert(app.to_string(), slot);
+            kept.insert(app, slot);
         }
-        return pool;
+    } else {
+        free.reverse();
+        for app in new {
+            let slot = free.pop().expect("free slots cover the new apps");
+            kept.insert(app, slot);
+        }
     }
-    free.reverse();
-    for app in new {
-        let slot = free.pop().expect("free slots cover the new apps");
-        pool.apps.insert(app.to_string(), slot);
-    }
+    pool.apps = kept.into_iter().map(|(a, s)| (a.to_string(), s)).collect();
     pool
 }
 
