@@ -20,6 +20,15 @@ pub enum PipelineError {
     Render(#[from] render::RenderError),
 }
 
+/// Drops `value` on a thread of its own, off the path a change's caller waits on: freeing a
+/// large state's rendering, files or parsed source takes milliseconds. Should no thread start,
+/// the closure is dropped at once, and the value with it.
+pub fn drop_later<T: Send + 'static>(value: T) {
+    let _ = std::thread::Builder::new()
+        .name("lunafront-drop".into())
+        .spawn(move || drop(value));
+}
+
 /// One target's plan, with what it was made from.
 pub struct Prepared {
     pub name: String,
@@ -80,6 +89,7 @@ pub fn prepare_overlaid(
     };
     timer.lap("plan");
     tracing::debug!(phases = %timer, "prepare timings");
+    drop_later((rendered, slots_before));
     Ok(Prepared {
         name: name.to_string(),
         target: target.clone(),

@@ -281,14 +281,6 @@ fn unshared(model: Arc<crate::model::Model>) -> crate::model::Model {
     Arc::try_unwrap(model).unwrap_or_else(|shared| (*shared).clone())
 }
 
-/// Drops `value` on a thread of its own, off the path a change's caller waits on. Should no
-/// thread start, the closure is dropped at once, and the value with it.
-fn drop_later<T: Send + 'static>(value: T) {
-    let _ = std::thread::Builder::new()
-        .name("lunafront-drop".into())
-        .spawn(move || drop(value));
-}
-
 /// Which manifest the target's folder holds (each apply replaces it by rename).
 fn manifest_stamp(target: &HaproxyTarget) -> Option<(u64, u64, std::time::SystemTime)> {
     use std::os::unix::fs::MetadataExt;
@@ -551,7 +543,7 @@ impl Reconciler {
         };
         // Freeing a large state's source (every file's text, the parsed document when no model
         // shares it) takes milliseconds the change's caller would wait for.
-        drop_later(source);
+        pipeline::drop_later(source);
         // The certificates the ACME store holds are rendered like a certificate folder (a local
         // target's; a fleet's members are rendered by `fleet::prepare`, which does the same).
         let model = match (&self.drive, crate::acme::uses_acme(&model)) {
@@ -743,6 +735,9 @@ impl Reconciler {
                         ..c
                     });
                 }
+                // The plan holds the target's files twice (before and after): freed off the
+                // path of the callers this reconcile answers.
+                pipeline::drop_later(prepared);
                 finish(o)
             }
             Err(e) => {
