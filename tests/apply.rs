@@ -167,12 +167,11 @@ fn apply_serves_then_changes_routes_at_runtime_and_reloads_only_for_a_listener()
 /// A check run against the live HAProxy after an apply.
 type Check<'a> = Box<dyn Fn() + 'a>;
 
-/// Every route-change kind the apply issue names, applied to a live HAProxy: how many need no
-/// reload. The worker PIDs and the master's reload counter are the proof.
 /// An apply reads back only the map entries it changes (not a 10k-entry map, twice): entries
 /// someone changed by hand through the runtime API before it are still brought to the new
-/// files — a key added by hand (twice) that the apply adds, a key deleted by hand that it moves —
-/// with no reload, and an entry it does not touch is left to the daemon's drift check.
+/// files — a key the apply adds, added by hand twice to the wrong backend; a key it moves,
+/// deleted by hand; a key it removes, already deleted by hand — with no reload, and an entry it
+/// does not touch is left to the daemon's drift check.
 #[test]
 fn map_entries_changed_by_hand_before_an_apply_are_brought_to_the_new_files() {
     let site = Site::new();
@@ -183,11 +182,14 @@ fn map_entries_changed_by_hand_before_an_apply_are_brought_to_the_new_files() {
         routes.extend_from_slice(more);
         state(&site, port, &apps, &routes, "")
     };
-    site.write_state(&routes(&[("moved.example.com", "shop")]));
+    site.write_state(&routes(&[
+        ("moved.example.com", "shop"),
+        ("gone.example.com", "shop"),
+    ]));
     site.apply();
     wait_for_route(
         port,
-        "shop.example.com",
+        "gone.example.com",
         "backend=shop",
         Duration::from_secs(5),
     );
@@ -198,11 +200,10 @@ fn map_entries_changed_by_hand_before_an_apply_are_brought_to_the_new_files() {
         api.run(&command, lunafront::target::haproxy::socket::Expect::Empty)
             .unwrap()
     };
-    // By hand: the key the apply adds, twice, to the wrong backend; the key it moves, deleted;
-    // a key it does not touch, pointed elsewhere.
     hand(format!("add map maps/hosts.map new.example.com {shop}"));
     hand(format!("add map maps/hosts.map new.example.com {shop}"));
     hand("del map maps/hosts.map moved.example.com".to_string());
+    hand("del map maps/hosts.map gone.example.com".to_string());
     hand(format!("set map maps/hosts.map keep.example.com {blog}"));
 
     site.write_state(&routes(&[
@@ -212,27 +213,43 @@ fn map_entries_changed_by_hand_before_an_apply_are_brought_to_the_new_files() {
     let out = site.apply();
     assert!(out.contains("through the runtime API"), "{out}");
     let served = |host: &str| {
-        http_get(port, host, "/")
-            .unwrap()
-            .1
-            .split(' ')
-            .next()
-            .map(str::to_string)
+        let (status, body) = http_get(port, host, "/").unwrap();
+        (
+            status,
+            body.split(' ').next().unwrap_or_default().to_string(),
+        )
     };
-    assert_eq!(served("new.example.com").as_deref(), Some("backend=blog"));
-    assert_eq!(served("moved.example.com").as_deref(), Some("backend=blog"));
-    assert_eq!(served("shop.example.com").as_deref(), Some("backend=shop"));
+    assert_eq!(served("new.example.com"), (200, "backend=blog".into()));
+    assert_eq!(served("moved.example.com"), (200, "backend=blog".into()));
+    assert_eq!(served("shop.example.com"), (200, "backend=shop".into()));
+    assert_eq!(served("gone.example.com").0, 404);
+    // Both copies of the key added twice by hand now route to the new backend.
+    let dump = api
+        .run(
+            "show map maps/hosts.map",
+            lunafront::target::haproxy::socket::Expect::Any,
+        )
+        .unwrap();
+    let copies: Vec<&str> = dump
+        .lines()
+        .filter(|l| l.split(' ').nth(1) == Some("new.example.com"))
+        .collect();
+    assert_eq!(copies.len(), 2, "{dump}");
+    assert!(
+        copies.iter().all(|l| l.ends_with(&format!(" {blog}"))),
+        "{dump}"
+    );
     let entry = |key: &str| {
         lunafront::target::haproxy::read_map_entry(&api, "maps/hosts.map", key).unwrap()
     };
-    assert_eq!(entry("new.example.com"), Some(blog.clone()));
-    assert_eq!(entry("moved.example.com"), Some(blog.clone()));
     assert_eq!(entry("gone.example.com"), None);
     // Untouched by the change: still as the hand left it (the daemon's drift check puts it back).
     assert_eq!(entry("keep.example.com"), Some(blog.clone()));
     assert_eq!(site.generation(), generation, "a reload happened");
 }
 
+/// Every route-change kind the apply issue names, applied to a live HAProxy: how many need no
+/// reload. The worker PIDs and the master's reload counter are the proof.
 #[test]
 fn route_changes_apply_without_a_reload() {
     let site = Site::new();

@@ -671,25 +671,66 @@ pub fn read_map_entry(
 ) -> Result<Option<String>, SocketError> {
     let command = format!("get map {map} {key}");
     let answer = api.run(&command, Expect::Any)?;
-    let refused = || SocketError::Refused {
-        command: command.clone(),
+    parse_map_entry(&answer, key).ok_or_else(|| SocketError::Refused {
+        command,
         answer: answer.trim().to_string(),
-    };
+    })
+}
+
+/// `get map`'s answer for `key`: `Some(None)` when not found, `None` when it is not one answer
+/// of a string map.
+fn parse_map_entry(answer: &str, key: &str) -> Option<Option<String>> {
     // `type=str, case=sensitive, found=yes, idx=tree, key="k", value="v", type="str"`, or
-    // `type=str, case=sensitive, found=no`.
-    let line = answer.trim();
-    if !line.starts_with("type=") {
-        return Err(refused());
+    // `type=str, case=sensitive, found=no`: one line per kind of lookup the map is used with.
+    // Ours are all `map()`; a map a raw `extra:` line also looks up another way answers with
+    // more than one line, which is not read as an answer for requests (the apply reloads).
+    let mut lines = answer.lines().filter(|l| !l.trim().is_empty());
+    let (Some(line), None) = (lines.next(), lines.next()) else {
+        return None;
+    };
+    let line = line.trim();
+    if !line.starts_with("type=str,") {
+        return None;
     }
     if line.ends_with("found=no") {
-        return Ok(None);
+        return Some(None);
     }
-    let found = line
-        .split_once(", found=yes, ")
+    line.split_once(", found=yes, ")
         .and_then(|(_, rest)| rest.split_once(&format!("key=\"{key}\", value=\"")))
         .and_then(|(_, rest)| rest.rsplit_once("\", type="))
-        .map(|(value, _)| value.to_string());
-    found.map(Some).ok_or_else(refused)
+        .map(|(value, _)| Some(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_map_entry;
+
+    #[test]
+    fn a_get_map_answer_is_read_only_when_it_is_one_string_lookup() {
+        let found = "type=str, case=sensitive, found=yes, idx=tree, key=\"a.example.com\", value=\"slot:http:3\", type=\"str\"\n\n";
+        assert_eq!(
+            parse_map_entry(found, "a.example.com"),
+            Some(Some("slot:http:3".into()))
+        );
+        let missing = "type=str, case=sensitive, found=no\n\n";
+        assert_eq!(parse_map_entry(missing, "a.example.com"), Some(None));
+        // The same map also looked up another way (a raw line's `map_dom`): two answers, neither
+        // trusted, even when the last says "not found".
+        let two = format!(
+            "{}\ntype=dom, case=sensitive, found=no\n\n",
+            found.trim_end()
+        );
+        assert_eq!(parse_map_entry(&two, "a.example.com"), None);
+        let two = format!("{}\n{found}", missing.trim_end());
+        assert_eq!(parse_map_entry(&two, "a.example.com"), None);
+        for other in [
+            "Unknown map identifier. Please use #<id> or <file>.\n",
+            "",
+            "type=str, case=sensitive, found=yes, idx=tree, key=\"b.example.com\", value=\"x\", type=\"str\"\n",
+        ] {
+            assert_eq!(parse_map_entry(other, "a.example.com"), None, "{other}");
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
