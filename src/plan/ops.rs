@@ -46,13 +46,7 @@ impl RuntimeState {
     /// entry is not in it: those operations carry its new entries (`Op::map_entry`), and the
     /// apply re-bases and reads back just those, without parsing every map of a large state.
     pub fn touched_by(files: &Files, options: &RenderOptions, ops: &[Op]) -> RuntimeState {
-        let maps: BTreeSet<&str> = ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::MapReplace { map, .. } => Some(map.as_str()),
-                _ => None,
-            })
-            .collect();
+        let maps: BTreeSet<&str> = ops.iter().filter_map(Op::replaced_map).collect();
         let backends: BTreeSet<&str> = ops.iter().filter_map(Op::backend).collect();
         let mut state = RuntimeState::default();
         for map in maps {
@@ -390,7 +384,7 @@ pub fn map_ops(
 /// order, as lunafront writes them, are compared line by line and only the entries that differ
 /// are read (a 10k-entry map parsed twice was a tenth of a plan); any other file (edited by hand,
 /// with a key twice) is read whole.
-pub fn map_text_ops(map: &str, old: &str, new: &str) -> Vec<Op> {
+fn map_text_ops(map: &str, old: &str, new: &str) -> Vec<Op> {
     let (before, after) = sorted_differences(old, new)
         .unwrap_or_else(|| (readback::parse_map(old), readback::parse_map(new)));
     let ops = map_ops(map, &before, &after);
@@ -584,6 +578,14 @@ impl Op {
             | Op::MapSet { map, .. }
             | Op::MapDel { map, .. }
             | Op::MapReplace { map, .. } => Some(map),
+            _ => None,
+        }
+    }
+
+    /// The map this operation replaces whole, if it replaces one.
+    pub fn replaced_map(&self) -> Option<&str> {
+        match self {
+            Op::MapReplace { map, .. } => Some(map),
             _ => None,
         }
     }
@@ -888,11 +890,7 @@ mod tests {
         );
         // Maps replaced are read whole; a map changed entry by entry is read back by the entries
         // its operations carry, which are the new state's.
-        let replaced: BTreeSet<&str> = ops
-            .iter()
-            .filter(|op| matches!(op, Op::MapReplace { .. }))
-            .filter_map(Op::map)
-            .collect();
+        let replaced: BTreeSet<&str> = ops.iter().filter_map(Op::replaced_map).collect();
         assert_eq!(
             touched
                 .maps
